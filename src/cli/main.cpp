@@ -1,0 +1,42 @@
+// pgolf: one program for the whole Parameter Golf job (tokenize, train, pack, evaluate).
+#include <fmt/core.h>
+
+#include <exception>
+
+#include "cli/commands.h"
+#include "core/error.h"
+
+namespace pgolf::cli {
+
+void PresetOptions::add_to(CLI::App* cmd, bool required) {
+  auto* o = cmd->add_option("--preset", preset, "preset name (configs/NAME.toml) or path to a .toml file");
+  if (required) o->required();
+  cmd->add_option("--set", sets, "override a configuration key: --set key=value (repeatable)")->take_all();
+}
+
+Config PresetOptions::resolve() const {
+  Config c = Config::load(preset.empty() ? std::string("baseline") : preset);
+  for (auto& s : sets) c.set_from_string(s);
+  return c;
+}
+
+}  // namespace pgolf::cli
+
+int main(int argc, char** argv) {
+  CLI::App app{"pgolf: train, pack and evaluate Parameter Golf language models (C++20/CUDA)"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("pgolf ") + PGOLF_VERSION);
+  pgolf::cli::register_inspect(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const pgolf::Error& e) {
+    fmt::print(stderr, "pgolf: error: {}\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "pgolf: error: {}\n", e.what());
+    return 1;
+  }
+  return 0;
+}
