@@ -17,6 +17,7 @@ export LD_LIBRARY_PATH="$bin/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LI
 logs="${OUT:-$work/logs}"
 mkdir -p "$logs"
 
+echo "== bundle of commit $(cat "$work/pgolf/COMMIT")"
 echo "== device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,power.limit,temperature.gpu \
   --format=csv || echo "nvidia-smi failed"

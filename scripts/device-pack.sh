@@ -27,6 +27,7 @@ trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/pgolf/bin/lib"
 cp "${programs[@]}" "$stage/pgolf/bin/"
 cp -r configs "$stage/pgolf/configs"
+git describe --always --dirty >"$stage/pgolf/COMMIT" 2>/dev/null || echo unknown >"$stage/pgolf/COMMIT"
 
 # Libraries: everything ldd resolves, minus glibc (libc, libm, ld-linux, ...), the driver
 # (libcuda, libnvidia-*) and the toolkit (anything under /usr/local/cuda*).
