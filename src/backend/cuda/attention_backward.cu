@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps) attention_backward_ke
           const int query = q_start + qi;
           const int key = warp_key0 + (lane >> 2) + (e >> 1) * 8;
           const bool visible = key <= query && query < seg.length;
-          const float prob = visible ? exp2f(fmaf(s[nt][e], kScaleLog2, -lse_s[qi] * kLog2e)) : 0.f;
+          const float prob = visible ? exp2_approx(fmaf(s[nt][e], kScaleLog2, -lse_s[qi] * kLog2e)) : 0.f;
           s[nt][e] = prob;
           dp[nt][e] = prob * (dp[nt][e] - delta_s[qi]) * kSoftmaxScale;
         }

@@ -30,9 +30,9 @@ constexpr int forward_smem_bytes() {
   return (16 * kWarps + 4 * kForwardBlockN) * 128;  // Q tile, then K and V tiles, two buffers each
 }
 
-// 16 warps per multiprocessor (two blocks of 8 warps or four of 4): at most 128 registers a thread.
+// At least two blocks per multiprocessor (for 8 warps: at most 128 registers a thread).
 template <int kWarps>
-__global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) attention_forward_kernel(const ForwardParams p) {
+__global__ void __launch_bounds__(kWarps * 32, 2) attention_forward_kernel(const ForwardParams p) {
   constexpr int kThreads = kWarps * 32, kBlockM = 16 * kWarps, kBlockN = kForwardBlockN;
   constexpr float kScaleLog2 = kSoftmaxScale * kLog2e;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -121,15 +121,15 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) attention_forward_ke
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float base = mx == -INFINITY ? 0.f : mx;  // a row with no visible key yet stays empty
-        const float correction = exp2f(row_max[r] - base);
+        const float correction = exp2_approx(row_max[r] - base);
         row_max[r] = mx;
         row_sum[r] *= correction;
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
           o_acc[nt][2 * r] *= correction;
           o_acc[nt][2 * r + 1] *= correction;
-          const float p0 = exp2f(fmaf(s[nt][2 * r], kScaleLog2, -base));
-          const float p1 = exp2f(fmaf(s[nt][2 * r + 1], kScaleLog2, -base));
+          const float p0 = exp2_approx(fmaf(s[nt][2 * r], kScaleLog2, -base));
+          const float p1 = exp2_approx(fmaf(s[nt][2 * r + 1], kScaleLog2, -base));
           s[nt][2 * r] = p0;
           s[nt][2 * r + 1] = p1;
           row_sum[r] += p0 + p1;
