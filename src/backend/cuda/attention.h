@@ -33,7 +33,7 @@ struct AttentionShape {
 // the backward kernel gives each warp 16 keys. Both accept 4 or 8. The defaults are the fastest
 // measured on an H100 (bench_cuda compares them).
 struct AttentionTuning {
-  int forward_warps = 8;
+  int forward_warps = 4;
   int backward_warps = 8;
 };
 
