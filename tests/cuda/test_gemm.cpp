@@ -144,7 +144,7 @@ TEST_F(GemmTest, BiasEpilogue) {
   check_gemm(runner, s, 1.0f, 0.0f, 32, "bias_f32", true);
 }
 
-// The three products of a linear layer through the helpers, with an odd token count, and the
+// The three products of a linear layer through linear_forward / linear_backward_*, with an odd token count, and the
 // weight gradient accumulated over two micro-steps (beta = 0, then beta = 1).
 TEST_F(GemmTest, LinearLayerProductsAndWeightGradientAccumulation) {
   const int tokens = 197, in = 96, out = 40;
