@@ -1,0 +1,213 @@
+// bench_cuda: times the GPU kernels of a training step on the current device, in TFLOP/s — the
+// cuBLASLt products of the linear layers (forward, input gradient, fp32 weight gradient) at
+// M = tokens per step, and flash attention forward and backward (dense rows and variable-length
+// documents). CUDA events around each call; warm-up, then the median of the repeats.
+//
+//   bench_cuda [--tokens N] [--seq T] [--reps R]      (defaults: 98304 tokens, T 2048, 20 repeats)
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/arena.h"
+#include "backend/cuda/attention.h"
+#include "backend/cuda/device.h"
+#include "backend/cuda/gemm.h"
+#include "core/error.h"
+#include "core/half.h"
+#include "core/rng.h"
+
+namespace pgolf::cuda {
+namespace {
+
+struct Options {
+  int tokens = 98304;
+  int seq = 2048;
+  int reps = 20;
+};
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&]() -> int {
+      PG_CHECK(i + 1 < argc, "bench_cuda: {} needs a value", a);
+      return std::atoi(argv[++i]);
+    };
+    if (a == "--tokens") o.tokens = value();
+    else if (a == "--seq") o.seq = value();
+    else if (a == "--reps") o.reps = value();
+    else fail("bench_cuda: unknown argument '{}' (expected --tokens N, --seq T, --reps R)", a);
+  }
+  PG_CHECK(o.tokens > 0 && o.seq > 0 && o.tokens % o.seq == 0 && o.reps > 0,
+           "bench_cuda: --tokens must be a positive multiple of --seq, --reps positive");
+  return o;
+}
+
+// Uniform values in [-1, 1) rounded to bf16 (random data: zeros would run faster than real data).
+DeviceBuffer<__nv_bfloat16> random_bf16(size_t count, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<__nv_bfloat16> host(count);
+  for (auto& x : host) {
+    __nv_bfloat16_raw raw;
+    raw.x = f32_to_bf16_bits(static_cast<float>(rng.uniform(-1.0, 1.0)));
+    x = raw;
+  }
+  return DeviceBuffer<__nv_bfloat16>(host, "benchmark input");
+}
+
+struct Timer {
+  cudaStream_t stream;
+  int reps;
+  template <typename F>
+  double median_ms(F&& launch) const {
+    for (int i = 0; i < 3; ++i) launch();
+    cudaEvent_t start, stop;
+    PG_CUDA_CHECK(cudaEventCreate(&start));
+    PG_CUDA_CHECK(cudaEventCreate(&stop));
+    std::vector<float> ms(reps);
+    for (int i = 0; i < reps; ++i) {
+      PG_CUDA_CHECK(cudaEventRecord(start, stream));
+      launch();
+      PG_CUDA_CHECK(cudaEventRecord(stop, stream));
+      PG_CUDA_CHECK(cudaEventSynchronize(stop));
+      PG_CUDA_CHECK(cudaEventElapsedTime(&ms[i], start, stop));
+    }
+    PG_CUDA_CHECK(cudaEventDestroy(start));
+    PG_CUDA_CHECK(cudaEventDestroy(stop));
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+  }
+};
+
+void row(const std::string& name, const std::string& shape, double ms, double flops) {
+  fmt::print("{:<34} {:<34} {:>9.3f} {:>9.1f}\n", name, shape, ms, flops / (ms * 1e-3) / 1e12);
+}
+
+void bench_gemms(const Options& o, const Timer& timer) {
+  GemmRunner runner;
+  const int m = o.tokens;
+  {  // the library's ceiling on a large square product
+    const int n = 8192;
+    auto a = random_bf16(size_t(n) * n, 1), b = random_bf16(size_t(n) * n, 2);
+    DeviceBuffer<__nv_bfloat16> d(size_t(n) * n);
+    GemmShape s;
+    s.m = s.n = s.k = n, s.trans_b = true;
+    double ms = timer.median_ms([&] { runner.run(s, a.data(), b.data(), d.data(), 1.f, 0.f, timer.stream); });
+    row("gemm ceiling (x·Wᵀ, bf16)", "8192x8192x8192", ms, 2.0 * n * n * double(n));
+  }
+  const int max_features = 1536;
+  auto x = random_bf16(size_t(m) * max_features, 3), dy = random_bf16(size_t(m) * max_features, 4);
+  auto w = random_bf16(size_t(max_features) * max_features, 5);
+  DeviceBuffer<__nv_bfloat16> y(size_t(m) * max_features);
+  DeviceBuffer<float> dw(size_t(max_features) * max_features);
+  dw.fill_bytes(0);
+  const int layers[][2] = {{512, 512}, {512, 256}, {512, 1536}, {1536, 512}};  // {in, out}
+  for (const auto& layer : layers) {
+    const int in = layer[0], out = layer[1];
+    const double flops = 2.0 * m * in * double(out);
+    const std::string shape = fmt::format("M={} in={} out={}", m, in, out);
+    row("linear forward  y = x·Wᵀ", shape,
+        timer.median_ms([&] { linear_forward(runner, x.data(), w.data(), y.data(), m, in, out, timer.stream); }),
+        flops);
+    row("linear dX = dY·W", shape,
+        timer.median_ms(
+            [&] { linear_backward_input(runner, dy.data(), w.data(), y.data(), m, in, out, timer.stream); }),
+        flops);
+    row("linear dW += dYᵀ·X (fp32)", shape,
+        timer.median_ms([&] {
+          linear_backward_weight(runner, dy.data(), x.data(), dw.data(), m, in, out, 1.f, timer.stream);
+        }),
+        flops);
+  }
+}
+
+// Causal attention FLOPs of one pass: 4 · Σ_segments L²/2 · H · 64 (two products of L²/2 · 64 each).
+double attention_pass_flops(const std::vector<int32_t>& cu, int heads) {
+  double pairs = 0;
+  for (size_t i = 0; i + 1 < cu.size(); ++i) pairs += 0.5 * double(cu[i + 1] - cu[i]) * double(cu[i + 1] - cu[i]);
+  return 4.0 * pairs * heads * kAttentionHeadDim;
+}
+
+void bench_attention(const std::string& label, const std::vector<int32_t>& cu_host, const Timer& timer) {
+  const int n = cu_host.back(), heads = 8, kv_heads = 4;
+  DeviceBuffer<int32_t> cu(cu_host);
+  AttentionShape shape;
+  shape.total_tokens = n, shape.num_heads = heads, shape.num_kv_heads = kv_heads;
+  shape.cu_seqlens = cu.data(), shape.num_segments = static_cast<int>(cu_host.size()) - 1;
+  auto q = random_bf16(size_t(n) * heads * 64, 11), k = random_bf16(size_t(n) * kv_heads * 64, 12);
+  auto v = random_bf16(size_t(n) * kv_heads * 64, 13), d_o = random_bf16(size_t(n) * heads * 64, 14);
+  DeviceBuffer<__nv_bfloat16> o(q.size()), dq(q.size()), dk(k.size()), dv(v.size());
+  DeviceBuffer<float> lse(size_t(n) * heads);
+  const size_t ws_bytes = attention_backward_workspace_bytes(shape);
+  DeviceBuffer<unsigned char> ws(ws_bytes);
+  const double fwd_flops = attention_pass_flops(cu_host, heads);
+  const std::string shape_text = fmt::format("N={} H=8 Hkv=4 segs={}", n, shape.num_segments);
+
+  auto forward = [&](const AttentionTuning& t) {
+    attention_forward(shape, q.data(), k.data(), v.data(), o.data(), lse.data(), timer.stream, t);
+  };
+  auto backward = [&](const AttentionTuning& t) {
+    attention_backward(shape, q.data(), k.data(), v.data(), o.data(), lse.data(), d_o.data(), dq.data(), dk.data(),
+                       dv.data(), ws.data(), ws_bytes, timer.stream, t);
+  };
+  for (int warps : {4, 8}) {
+    const AttentionTuning t{warps, warps};
+    row(fmt::format("attn {} fwd ({} warps)", label, warps), shape_text, timer.median_ms([&] { forward(t); }),
+        fwd_flops);
+    forward(t);  // the backward reads this tuning's O and LSE
+    row(fmt::format("attn {} bwd ({} warps)", label, warps), shape_text, timer.median_ms([&] { backward(t); }),
+        2.5 * fwd_flops);
+  }
+  const AttentionTuning defaults{};
+  row(fmt::format("attn {} fwd+bwd (w{}/w{})", label, defaults.forward_warps, defaults.backward_warps), shape_text,
+      timer.median_ms([&] {
+        forward(defaults);
+        backward(defaults);
+      }),
+      3.5 * fwd_flops);
+}
+
+int run(int argc, char** argv) {
+  const Options o = parse(argc, argv);
+  PG_CHECK(device_count() > 0, "bench_cuda: no CUDA device");
+  const DeviceInfo dev = device_info(0);
+  fmt::print("device: {} ({} SMs, {:.1f} GiB, L2 {:.0f} MiB)\n", dev.name, dev.sm_count,
+             dev.total_memory / 1073741824.0, dev.l2_bytes / 1048576.0);
+  cudaStream_t stream;
+  PG_CUDA_CHECK(cudaStreamCreate(&stream));
+  const Timer timer{stream, o.reps};
+  fmt::print("{:<34} {:<34} {:>9} {:>9}\n", "kernel", "shape", "ms", "TFLOP/s");
+  bench_gemms(o, timer);
+
+  std::vector<int32_t> dense;
+  for (int t = 0; t <= o.tokens; t += o.seq) dense.push_back(t);
+  bench_attention(fmt::format("dense T={}", o.seq), dense, timer);
+
+  // Documents of uniformly random length 1..T packed into the same number of tokens.
+  Rng rng(7);
+  std::vector<int32_t> docs{0};
+  while (docs.back() < o.tokens)
+    docs.push_back(std::min(o.tokens, docs.back() + 1 + static_cast<int>(rng.below(uint64_t(o.seq)))));
+  bench_attention("varlen 1..T", docs, timer);
+  PG_CUDA_CHECK(cudaStreamDestroy(stream));
+  return 0;
+}
+
+}  // namespace
+}  // namespace pgolf::cuda
+
+int main(int argc, char** argv) {
+  try {
+    return pgolf::cuda::run(argc, argv);
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "bench_cuda: error: {}\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Builds pgolf (release preset) and packs what a bare GPU machine (CUDA toolkit and driver, no
+# Debian development packages) needs to run the GPU tests and benchmarks without building: the GPU
+# test programs, bench_cuda, pgolf, configs/, and every shared library they load except glibc's,
+# the CUDA driver's and the CUDA toolkit's (the GPU machine has its own /usr/local/cuda/lib64).
+#
+#   scripts/device-pack.sh [OUTPUT_DIR]        (default: .devpack in the repository root)
+#
+# Writes OUTPUT_DIR/pgolf-devpack.tar.xz (tar + xz) and copies scripts/device-check.sh beside it;
+# on the GPU machine, `bash OUTPUT_DIR/device-check.sh` unpacks and runs everything.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+out="$(mkdir -p "${1:-$root/.devpack}" && cd "${1:-$root/.devpack}" && pwd)"
+cd "$root"
+
+cmake --preset release >/dev/null
+cmake --build --preset release -j "${PGOLF_BUILD_JOBS:-2}"
+
+# The GPU test programs are those of tests/cuda (CTest label gpu).
+programs=(build/pgolf build/bench_cuda build/test_cuda)
+for p in "${programs[@]}"; do
+  [ -x "$p" ] || { echo "device-pack: $p was not built (is nvcc in /usr/local/cuda?)" >&2; exit 1; }
+done
+
+stage="$(mktemp -d)"
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage/pgolf/bin/lib"
+cp "${programs[@]}" "$stage/pgolf/bin/"
+cp -r configs "$stage/pgolf/configs"
+git describe --always --dirty >"$stage/pgolf/COMMIT" 2>/dev/null || echo unknown >"$stage/pgolf/COMMIT"
+
+# Libraries: everything ldd resolves, minus glibc (libc, libm, ld-linux, ...), the driver
+# (libcuda, libnvidia-*) and the toolkit (anything under /usr/local/cuda*).
+is_system_lib() {
+  case "$(basename "$1")" in
+    libc.so.* | libm.so.* | libmvec.so.* | libpthread.so.* | libdl.so.* | librt.so.* | libresolv.so.* | \
+      libutil.so.* | libanl.so.* | libnsl.so.* | ld-linux*.so.* | libcuda.so.* | libnvidia-*) return 0 ;;
+  esac
+  case "$1" in /usr/local/cuda*) return 0 ;; esac
+  return 1
+}
+missing=0
+while read -r name path; do
+  if [ "$path" = "not" ]; then
+    echo "device-pack: $name is not found by ldd" >&2
+    missing=1
+    continue
+  fi
+  is_system_lib "$path" || cp -L "$path" "$stage/pgolf/bin/lib/$name"
+done < <(for p in "${programs[@]}"; do ldd "$p"; done | awk '$2 == "=>" {print $1, $3}' | sort -u)
+[ "$missing" = 0 ] || exit 1
+
+tmp="$out/pgolf-devpack.tar.xz.tmp.$$"
+tar -C "$stage" -cf - pgolf | xz -T2 -6 >"$tmp"
+mv "$tmp" "$out/pgolf-devpack.tar.xz"
+cp scripts/device-check.sh "$out/device-check.sh"
+
+echo "device-pack: $(du -h "$out/pgolf-devpack.tar.xz" | cut -f1) in $out/pgolf-devpack.tar.xz"
+echo "  programs:  ${programs[*]}"
+echo "  libraries: $(ls "$stage/pgolf/bin/lib" | tr '\n' ' ')"

@@ -1,0 +1,55 @@
+// Causal flash attention on tensor cores: bf16 q/k/v/o, fp32 softmax statistics, head dim 64,
+// grouped-query heads, variable-length segments (FlashAttention's varlen layout), forward and
+// backward. Scale 1/√64.
+//
+// Layouts (token-major, as everywhere in pgolf):
+//   q, o, dq [N, H, 64]   k, v, dk, dv [N, Hkv, 64]   (bf16)
+//   lse      [H, N]       natural-log sum of exp(scale · q·k) over the keys each query sees (fp32)
+// Query head h reads KV head h / (H / Hkv). cu_seqlens (device, int32, num_segments + 1 entries)
+// holds the segment starts and then N: cu[0] = 0, non-decreasing, cu[num_segments] = N. Each token
+// attends to the tokens of its own segment at or before it. Empty segments are allowed (FlashAttention
+// pads cu_seqlens with the total). B dense rows of length T are cu = [0, T, 2T, ..., BT].
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace pgolf::cuda {
+
+constexpr int kAttentionHeadDim = 64;
+
+struct AttentionShape {
+  int total_tokens = 0;  // N
+  int num_heads = 0;     // H
+  int num_kv_heads = 0;  // Hkv, divides H
+  const int32_t* cu_seqlens = nullptr;  // device
+  int num_segments = 0;
+};
+
+// Kernel shapes. The forward kernel gives each warp 16 query rows (a block has 16 · forward_warps);
+// the backward kernel gives each warp 16 keys. Both accept 4 or 8. The defaults are the fastest
+// measured on an H100 (bench_cuda compares them).
+struct AttentionTuning {
+  int forward_warps = 4;
+  int backward_warps = 8;
+};
+
+void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                       const __nv_bfloat16* v, __nv_bfloat16* o, float* lse, cudaStream_t stream,
+                       const AttentionTuning& tuning = {});
+
+// Device scratch the backward needs (fp32 dq accumulator and the per-row D = rowsum(dO ∘ O)).
+size_t attention_backward_workspace_bytes(const AttentionShape& shape);
+
+// dq, dk, dv from the forward's o and lse and the output gradient d_o. Every element of dq, dk and
+// dv is written (no accumulation into them).
+void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                        const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse,
+                        const __nv_bfloat16* d_o, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv,
+                        void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                        const AttentionTuning& tuning = {});
+
+}  // namespace pgolf::cuda

@@ -1,0 +1,368 @@
+// Flash attention backward. Three kernels:
+//   prepare:  D = rowsum(dO ∘ O) per (token, head) and a zeroed fp32 dQ accumulator;
+//   main:     one block per (key tile, KV head); each warp owns 16 keys, holds their K and V as
+//             mma A fragments and their dK, dV accumulators in registers, and walks every query
+//             tile at or after its keys for each query head of the group. It computes the
+//             transposed products (keys as rows) so that Pᵀ and dSᵀ feed dV += Pᵀ dO and
+//             dK += dSᵀ Q straight from registers:
+//               Sᵀ = K Qᵀ, Pᵀ = exp(scale·Sᵀ − LSE), dPᵀ = V dOᵀ, dSᵀ = scale · Pᵀ ∘ (dPᵀ − D);
+//             dSᵀ also goes to shared memory, from where the block computes dQ_tile = dS K and adds
+//             it to the fp32 accumulator with vector atomics;
+//   finish:   dQ = bf16(accumulator).
+#include <cmath>
+
+#include "backend/cuda/attention_common.cuh"
+#include "backend/cuda/mma.cuh"
+
+namespace pgolf::cuda {
+namespace {
+
+using namespace attention_detail;
+
+constexpr int kBackwardBlockM = 64;  // queries per tile
+
+struct BackwardParams {
+  const __nv_bfloat16* __restrict__ q;
+  const __nv_bfloat16* __restrict__ k;
+  const __nv_bfloat16* __restrict__ v;
+  const __nv_bfloat16* __restrict__ d_o;
+  const float* __restrict__ lse;    // [H, N]
+  const float* __restrict__ delta;  // [H, N]
+  float* __restrict__ dq_accum;     // [N, H, 64]
+  __nv_bfloat16* __restrict__ dk;
+  __nv_bfloat16* __restrict__ dv;
+  const int32_t* __restrict__ cu;
+  int num_segments, total_tokens, group;
+  int64_t q_row_stride, kv_row_stride;
+};
+
+// Eight threads per (token, head) row, 8 elements (16 bytes) each.
+__global__ void attention_backward_prepare_kernel(const __nv_bfloat16* __restrict__ o,
+                                                  const __nv_bfloat16* __restrict__ d_o, float* __restrict__ delta,
+                                                  float* __restrict__ dq_accum, int total_tokens, int num_heads) {
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t row = thread >> 3;
+  const int part = static_cast<int>(thread & 7);
+  const bool active = row < static_cast<int64_t>(total_tokens) * num_heads;
+  float sum = 0.f;
+  if (active) {
+    const int64_t offset = row * kHeadDim + part * 8;
+    const uint4 ov = *reinterpret_cast<const uint4*>(o + offset);
+    const uint4 gv = *reinterpret_cast<const uint4*>(d_o + offset);
+    const __nv_bfloat162* op = reinterpret_cast<const __nv_bfloat162*>(&ov);
+    const __nv_bfloat162* gp = reinterpret_cast<const __nv_bfloat162*>(&gv);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 a = __bfloat1622float2(op[i]), b = __bfloat1622float2(gp[i]);
+      sum = fmaf(a.x, b.x, fmaf(a.y, b.y, sum));
+    }
+    float4* acc = reinterpret_cast<float4*>(dq_accum + offset);
+    acc[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+    acc[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+  if (active && part == 0) {
+    const int64_t token = row / num_heads, head = row % num_heads;
+    delta[head * total_tokens + token] = sum;
+  }
+}
+
+__global__ void attention_backward_finish_kernel(const float* __restrict__ dq_accum, __nv_bfloat16* __restrict__ dq,
+                                                 int64_t count) {
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
+  if (i >= count) return;
+  const float4 a = *reinterpret_cast<const float4*>(dq_accum + i);
+  const float4 b = *reinterpret_cast<const float4*>(dq_accum + i + 4);
+  const uint4 packed{pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w)};
+  *reinterpret_cast<uint4*>(dq + i) = packed;
+}
+
+template <int kWarps>
+constexpr int backward_smem_bytes() {
+  // K, V (later dSᵀ) tiles of 16·kWarps keys; Q and dO tiles of 64 queries, two buffers each;
+  // LSE and D for 64 queries, two buffers each.
+  return 2 * 16 * kWarps * 128 + 4 * kBackwardBlockM * 128 + 4 * kBackwardBlockM * 4;
+}
+
+__device__ __forceinline__ void store_shared_u32(uint32_t address, uint32_t value) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(address), "r"(value));
+}
+
+// 8 warps per multiprocessor (one block of 8 warps or two of 4): up to 255 registers a thread, as
+// K, V, dK and dV stay in registers.
+template <int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps) attention_backward_kernel(const BackwardParams p) {
+  constexpr int kThreads = kWarps * 32, kBlockN = 16 * kWarps, kBlockM = kBackwardBlockM;
+  constexpr float kScaleLog2 = kSoftmaxScale * kLog2e;
+  static_assert(kThreads >= 2 * kBlockM, "LSE and D rows are copied by one thread each");
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int kv_head = blockIdx.y;
+
+  const SegmentTile seg = find_segment_tile(p.cu, p.num_segments, blockIdx.x, kBlockN);
+  if (!seg.valid) return;
+  const int key_start = seg.tile * kBlockN;  // segment-local
+  const int first_q_tile = key_start / kBlockM;
+  const int q_tiles_per_head = (seg.length + kBlockM - 1) / kBlockM - first_q_tile;
+  const int iterations = p.group * q_tiles_per_head;
+
+  const uint32_t smem_base = smem_address(smem);
+  const SwizzledTile64 k_tile{smem_base};
+  const SwizzledTile64 ds_tile{smem_base + kBlockN * 128};  // V until its fragments are in registers
+  const uint32_t q_base = smem_base + 2 * kBlockN * 128;
+  auto q_tile = [&](int buf) { return SwizzledTile64{q_base + static_cast<uint32_t>(buf * 2 * kBlockM * 128)}; };
+  auto do_tile = [&](int buf) {
+    return SwizzledTile64{q_base + static_cast<uint32_t>((buf * 2 + 1) * kBlockM * 128)};
+  };
+  float* const stats = reinterpret_cast<float*>(smem + 2 * kBlockN * 128 + 4 * kBlockM * 128);
+  auto lse_rows = [&](int buf) { return stats + buf * 2 * kBlockM; };
+  auto delta_rows = [&](int buf) { return stats + (buf * 2 + 1) * kBlockM; };
+
+  auto head_of = [&](int it) { return kv_head * p.group + it / q_tiles_per_head; };
+  auto q_start_of = [&](int it) { return (first_q_tile + it % q_tiles_per_head) * kBlockM; };
+  auto load_queries = [&](int it, int buf) {
+    const int head = head_of(it), q_start = q_start_of(it);
+    const int rows = min(kBlockM, seg.length - q_start);
+    const int64_t token0 = seg.start + q_start;
+    const int64_t offset = token0 * p.q_row_stride + head * kHeadDim;
+    q_tile(buf).template load_async<kBlockM, kThreads>(p.q + offset, p.q_row_stride, rows, tid);
+    do_tile(buf).template load_async<kBlockM, kThreads>(p.d_o + offset, p.q_row_stride, rows, tid);
+    const int64_t stat0 = static_cast<int64_t>(head) * p.total_tokens + token0;
+    if (tid < kBlockM) {
+      cp_async_4(smem_address(lse_rows(buf) + tid), p.lse + (tid < rows ? stat0 + tid : 0), tid < rows);
+    } else if (tid < 2 * kBlockM) {
+      const int i = tid - kBlockM;
+      cp_async_4(smem_address(delta_rows(buf) + i), p.delta + (i < rows ? stat0 + i : 0), i < rows);
+    }
+  };
+
+  {
+    const int64_t offset = static_cast<int64_t>(seg.start + key_start) * p.kv_row_stride + kv_head * kHeadDim;
+    const int rows = seg.length - key_start;
+    k_tile.load_async<kBlockN, kThreads>(p.k + offset, p.kv_row_stride, rows, tid);
+    ds_tile.load_async<kBlockN, kThreads>(p.v + offset, p.kv_row_stride, rows, tid);
+    cp_async_commit();
+  }
+  load_queries(0, 0);
+  cp_async_commit();
+  cp_async_wait<1>();  // K and V have landed
+  __syncthreads();
+
+  // The warp's 16 keys as A fragments (rows = keys, k = head dim).
+  uint32_t k_frag[4][4], v_frag[4][4];
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    ldmatrix_x4(k_frag[kk], a_fragment_address(k_tile, warp * 16, kk * 16, lane));
+    ldmatrix_x4(v_frag[kk], a_fragment_address(ds_tile, warp * 16, kk * 16, lane));
+  }
+  float dk_acc[8][4] = {}, dv_acc[8][4] = {};
+  const int warp_key0 = key_start + warp * 16;  // segment-local first key of this warp
+
+  // dQ: warp w computes query rows 16·(w % 4) .. +15 and kDqCols head-dim columns from col0.
+  constexpr int kDqCols = 64 / (kWarps / 4);
+  const int dq_row0 = (warp & 3) * 16, dq_col0 = (warp >> 2) * kDqCols;
+
+  for (int it = 0; it < iterations; ++it) {
+    const int buf = it & 1;
+    if (it + 1 < iterations) load_queries(it + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // this iteration's queries have landed
+    __syncthreads();     // ... for every thread; and the previous dQ is done reading dSᵀ
+    const int head = head_of(it), q_start = q_start_of(it);
+    const SwizzledTile64 qt = q_tile(buf), dot = do_tile(buf);
+
+    if (warp_key0 <= q_start + kBlockM - 1) {  // some query of the tile sees a key of this warp
+      // Sᵀ and dPᵀ: 16 keys x 64 queries.
+      float s[8][4] = {}, dp[8][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          uint32_t b[4];
+          ldmatrix_x4(b, b_pair_address(qt, np * 16, kk * 16, lane));
+          mma_bf16(s[2 * np], k_frag[kk], b[0], b[1]);
+          mma_bf16(s[2 * np + 1], k_frag[kk], b[2], b[3]);
+          ldmatrix_x4(b, b_pair_address(dot, np * 16, kk * 16, lane));
+          mma_bf16(dp[2 * np], v_frag[kk], b[0], b[1]);
+          mma_bf16(dp[2 * np + 1], v_frag[kk], b[2], b[3]);
+        }
+      }
+      // Pᵀ (in s) and dSᵀ (in dp); keys after a query, and queries past the segment, give 0.
+      const float* lse_s = lse_rows(buf);
+      const float* delta_s = delta_rows(buf);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = nt * 8 + 2 * (lane & 3) + (e & 1);
+          const int query = q_start + qi;
+          const int key = warp_key0 + (lane >> 2) + (e >> 1) * 8;
+          const bool visible = key <= query && query < seg.length;
+          const float prob = visible ? exp2_approx(fmaf(s[nt][e], kScaleLog2, -lse_s[qi] * kLog2e)) : 0.f;
+          s[nt][e] = prob;
+          dp[nt][e] = prob * (dp[nt][e] - delta_s[qi]) * kSoftmaxScale;
+        }
+      }
+      // dV += Pᵀ dO, dK += dSᵀ Q (A from registers: rows = keys, k = queries).
+#pragma unroll
+      for (int kq = 0; kq < 4; ++kq) {
+        const uint32_t pa[4] = {pack_bf16(s[2 * kq][0], s[2 * kq][1]), pack_bf16(s[2 * kq][2], s[2 * kq][3]),
+                                pack_bf16(s[2 * kq + 1][0], s[2 * kq + 1][1]),
+                                pack_bf16(s[2 * kq + 1][2], s[2 * kq + 1][3])};
+        const uint32_t da[4] = {pack_bf16(dp[2 * kq][0], dp[2 * kq][1]), pack_bf16(dp[2 * kq][2], dp[2 * kq][3]),
+                                pack_bf16(dp[2 * kq + 1][0], dp[2 * kq + 1][1]),
+                                pack_bf16(dp[2 * kq + 1][2], dp[2 * kq + 1][3])};
+#pragma unroll
+        for (int dpair = 0; dpair < 4; ++dpair) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, b_pair_trans_address(dot, kq * 16, dpair * 16, lane));
+          mma_bf16(dv_acc[2 * dpair], pa, b[0], b[1]);
+          mma_bf16(dv_acc[2 * dpair + 1], pa, b[2], b[3]);
+          ldmatrix_x4_trans(b, b_pair_trans_address(qt, kq * 16, dpair * 16, lane));
+          mma_bf16(dk_acc[2 * dpair], da, b[0], b[1]);
+          mma_bf16(dk_acc[2 * dpair + 1], da, b[2], b[3]);
+        }
+      }
+      // dSᵀ rows of this warp → shared memory (bf16, the same rounding as the dK product used).
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          store_shared_u32(ds_tile.pair_address(warp * 16 + (lane >> 2) + r * 8, nt * 8 + 2 * (lane & 3)),
+                           pack_bf16(dp[nt][2 * r], dp[nt][2 * r + 1]));
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          store_shared_u32(ds_tile.pair_address(warp * 16 + (lane >> 2) + r * 8, nt * 8 + 2 * (lane & 3)), 0u);
+      }
+    }
+    __syncthreads();
+
+    // dQ_tile[64 x 64] = dS [queries x keys] · K [keys x head dim]; dS read transposed from dSᵀ.
+    float dq[kDqCols / 8][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, a_fragment_trans_address(ds_tile, kk * 16, dq_row0, lane));
+#pragma unroll
+      for (int np = 0; np < kDqCols / 16; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, b_pair_trans_address(k_tile, kk * 16, dq_col0 + np * 16, lane));
+        mma_bf16(dq[2 * np], a, b[0], b[1]);
+        mma_bf16(dq[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int query = q_start + dq_row0 + (lane >> 2) + r * 8;
+      if (query >= seg.length) continue;
+      float* dst = p.dq_accum + static_cast<int64_t>(seg.start + query) * p.q_row_stride + head * kHeadDim +
+                   dq_col0 + 2 * (lane & 3);
+#pragma unroll
+      for (int nt = 0; nt < kDqCols / 8; ++nt)
+        atomicAdd(reinterpret_cast<float2*>(dst + nt * 8), make_float2(dq[nt][2 * r], dq[nt][2 * r + 1]));
+    }
+  }
+
+  // dK (scale already in dS) and dV of the warp's keys.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = warp_key0 + (lane >> 2) + r * 8;
+    if (key >= seg.length) continue;
+    const int64_t offset = static_cast<int64_t>(seg.start + key) * p.kv_row_stride + kv_head * kHeadDim + 2 * (lane & 3);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      *reinterpret_cast<uint32_t*>(p.dk + offset + nt * 8) = pack_bf16(dk_acc[nt][2 * r], dk_acc[nt][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(p.dv + offset + nt * 8) = pack_bf16(dv_acc[nt][2 * r], dv_acc[nt][2 * r + 1]);
+    }
+  }
+}
+
+template <int kWarps>
+void launch_backward(const BackwardParams& p, const AttentionShape& shape, cudaStream_t stream) {
+  constexpr int bytes = backward_smem_bytes<kWarps>();
+  static const bool configured = [] {
+    PG_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kernel<kWarps>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    return true;
+  }();
+  (void)configured;
+  dim3 grid(segment_tile_grid(shape, 16 * kWarps), shape.num_kv_heads);
+  attention_backward_kernel<kWarps><<<grid, kWarps * 32, bytes, stream>>>(p);
+  PG_CUDA_LAUNCH_CHECK();
+}
+
+size_t dq_accum_bytes(const AttentionShape& s) {
+  return static_cast<size_t>(s.total_tokens) * s.num_heads * kHeadDim * sizeof(float);
+}
+
+}  // namespace
+
+size_t attention_backward_workspace_bytes(const AttentionShape& shape) {
+  return dq_accum_bytes(shape) + static_cast<size_t>(shape.total_tokens) * shape.num_heads * sizeof(float);
+}
+
+void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                        const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse, const __nv_bfloat16* d_o,
+                        __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning) {
+  check_attention_shape(shape);
+  if (shape.total_tokens == 0) return;
+  check_aligned16(q, "attention_backward: q must be a 16-byte aligned device pointer");
+  check_aligned16(k, "attention_backward: k must be a 16-byte aligned device pointer");
+  check_aligned16(v, "attention_backward: v must be a 16-byte aligned device pointer");
+  check_aligned16(o, "attention_backward: o must be a 16-byte aligned device pointer");
+  check_aligned16(d_o, "attention_backward: d_o must be a 16-byte aligned device pointer");
+  check_aligned16(dq, "attention_backward: dq must be a 16-byte aligned device pointer");
+  check_aligned16(dk, "attention_backward: dk must be a 16-byte aligned device pointer");
+  check_aligned16(dv, "attention_backward: dv must be a 16-byte aligned device pointer");
+  check_aligned16(workspace, "attention_backward: workspace must be a 16-byte aligned device pointer");
+  PG_CUDA_REQUIRE(lse != nullptr, "attention_backward: lse must be given");
+  PG_CUDA_REQUIRE(workspace_bytes >= attention_backward_workspace_bytes(shape),
+                  "attention_backward: workspace smaller than attention_backward_workspace_bytes(shape)");
+
+  float* dq_accum = static_cast<float*>(workspace);
+  float* delta = reinterpret_cast<float*>(static_cast<char*>(workspace) + dq_accum_bytes(shape));
+  const int64_t rows = static_cast<int64_t>(shape.total_tokens) * shape.num_heads;
+  {
+    const int threads = 256;
+    const int64_t blocks = (rows * 8 + threads - 1) / threads;
+    attention_backward_prepare_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+        o, d_o, delta, dq_accum, shape.total_tokens, shape.num_heads);
+    PG_CUDA_LAUNCH_CHECK();
+  }
+  BackwardParams p{q,
+                   k,
+                   v,
+                   d_o,
+                   lse,
+                   delta,
+                   dq_accum,
+                   dk,
+                   dv,
+                   shape.cu_seqlens,
+                   shape.num_segments,
+                   shape.total_tokens,
+                   shape.num_heads / shape.num_kv_heads,
+                   static_cast<int64_t>(shape.num_heads) * kHeadDim,
+                   static_cast<int64_t>(shape.num_kv_heads) * kHeadDim};
+  switch (tuning.backward_warps) {
+    case 4: launch_backward<4>(p, shape, stream); break;
+    case 8: launch_backward<8>(p, shape, stream); break;
+    default: PG_CUDA_REQUIRE(false, "attention_backward: tuning.backward_warps must be 4 or 8");
+  }
+  {
+    const int threads = 256;
+    const int64_t count = rows * kHeadDim;
+    const int64_t blocks = (count / 8 + threads - 1) / threads;
+    attention_backward_finish_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(dq_accum, dq, count);
+    PG_CUDA_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace pgolf::cuda

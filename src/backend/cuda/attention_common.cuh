@@ -1,0 +1,72 @@
+// Pieces shared by the attention kernels: constants, parameter checks, and the mapping of a flat
+// block index to (segment, tile) for variable-length segments.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "backend/cuda/attention.h"
+#include "backend/cuda/check.h"
+
+namespace pgolf::cuda::attention_detail {
+
+constexpr int kHeadDim = kAttentionHeadDim;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kSoftmaxScale = 0.125f;  // 1 / sqrt(64)
+
+// Flat tiling of variable-length segments without a prefix sum: segment s owns the block indices
+// [base(s), base(s + 1)) with base(s) = s + cu[s] / tile. base(s + 1) - base(s) is at least
+// ceil(length / tile), so every tile of every segment has an index; the few spare indices (at most
+// one per segment) belong to no tile and their blocks exit at once. The grid has base(num_segments)
+// = num_segments + N / tile blocks along x.
+struct SegmentTile {
+  int start;   // first token of the segment
+  int length;  // tokens in the segment
+  int tile;    // tile index within the segment
+  bool valid;  // tile * tile_size < length
+};
+
+__device__ __forceinline__ SegmentTile find_segment_tile(const int32_t* __restrict__ cu, int num_segments,
+                                                         int block, int tile_size) {
+  int lo = 0, hi = num_segments - 1;  // the last segment whose base is <= block
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if (mid + __ldg(cu + mid) / tile_size <= block) lo = mid;
+    else hi = mid - 1;
+  }
+  SegmentTile t;
+  t.start = __ldg(cu + lo);
+  t.length = __ldg(cu + lo + 1) - t.start;
+  t.tile = block - (lo + t.start / tile_size);
+  t.valid = t.tile * tile_size < t.length;
+  return t;
+}
+
+// 2^x as one MUFU.EX2 (ex2.approx.ftz, about 2 ulp). exp2f compiles to the same instruction plus
+// denormal handling, which cost about 10% of the attention kernels' time on an H100. Flushing
+// results below 2^-126 to zero is harmless here: every softmax row has a term equal to 1.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+inline int segment_tile_grid(const AttentionShape& s, int tile_size) {
+  return s.num_segments + s.total_tokens / tile_size;
+}
+
+// Host-side checks shared by forward and backward (sizes, head grouping, pointer alignment).
+inline void check_attention_shape(const AttentionShape& s) {
+  PG_CUDA_REQUIRE(s.total_tokens >= 0, "attention: total_tokens must be non-negative");
+  PG_CUDA_REQUIRE(s.num_heads > 0 && s.num_kv_heads > 0 && s.num_heads % s.num_kv_heads == 0,
+                  "attention: num_kv_heads must be positive and divide num_heads");
+  PG_CUDA_REQUIRE(s.num_segments >= 1 && s.cu_seqlens != nullptr,
+                  "attention: cu_seqlens must be given with at least one segment");
+}
+
+inline void check_aligned16(const void* p, const char* what) {
+  PG_CUDA_REQUIRE(p != nullptr && (reinterpret_cast<uintptr_t>(p) & 15) == 0, what);
+}
+
+}  // namespace pgolf::cuda::attention_detail

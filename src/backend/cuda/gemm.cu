@@ -1,0 +1,234 @@
+#include <string>
+#include <unordered_map>
+
+#include "backend/cuda/arena.h"
+#include "backend/cuda/check.h"
+#include "backend/cuda/gemm.h"
+
+// cuBLASLt is column-major. A row-major [r, c] matrix is the column-major [c, r] matrix (its
+// transpose) with the same memory, so the row-major product D = op(A) op(B) is computed as the
+// column-major product Dᵀ = op(B)ᵀ op(A)ᵀ: cuBLAS's first operand is our B, its second our A, its
+// m is our n and its n our m; the transpose flags carry over unchanged.
+
+namespace pgolf::cuda {
+namespace {
+
+std::string shape_text(const GemmShape& s) {
+  return "GEMM m=" + std::to_string(s.m) + " n=" + std::to_string(s.n) + " k=" + std::to_string(s.k) +
+         " trans_a=" + std::to_string(s.trans_a) + " trans_b=" + std::to_string(s.trans_b) +
+         " output=" + (s.output == GemmOutput::kBf16 ? "bf16" : "fp32") + " batch=" + std::to_string(s.batch);
+}
+
+void check_cublas(cublasStatus_t status, const char* expr, const GemmShape& shape, int line) {
+  if (status == CUBLAS_STATUS_SUCCESS) return;
+  std::string msg = std::string("cuBLAS error ") + cublasLtGetStatusName(status) + " (" +
+                    cublasLtGetStatusString(status) + ") in " + expr + " for " + shape_text(shape);
+  raise_error(msg.c_str(), __FILE__, line);
+}
+#define PG_CUBLAS_CHECK(expr, shape) check_cublas((expr), #expr, (shape), __LINE__)
+
+// The largest power of two (at most 256) dividing the address of every matrix of a batch.
+uint16_t alignment_of(const void* p, int batch, int64_t stride_elems, size_t elem_bytes) {
+  uint64_t bits = reinterpret_cast<uint64_t>(p) | 256;
+  if (batch > 1) bits |= static_cast<uint64_t>(stride_elems) * elem_bytes;
+  return static_cast<uint16_t>(bits & (~bits + 1));  // lowest set bit
+}
+
+struct PlanKey {
+  GemmShape shape;
+  uint16_t align_a = 0, align_b = 0, align_d = 0;
+
+  bool operator==(const PlanKey& o) const {
+    const GemmShape &x = shape, &y = o.shape;
+    return x.m == y.m && x.n == y.n && x.k == y.k && x.trans_a == y.trans_a && x.trans_b == y.trans_b &&
+           x.output == y.output && x.epilogue == y.epilogue && x.batch == y.batch && x.stride_a == y.stride_a &&
+           x.stride_b == y.stride_b && x.stride_d == y.stride_d && align_a == o.align_a &&
+           align_b == o.align_b && align_d == o.align_d;
+  }
+};
+
+struct PlanKeyHash {
+  size_t operator()(const PlanKey& key) const {
+    const GemmShape& s = key.shape;
+    uint64_t h = 0xcbf29ce484222325ull;
+    auto mix = [&h](uint64_t v) { h = (h ^ v) * 0x100000001b3ull; };
+    mix(static_cast<uint64_t>(s.m));
+    mix(static_cast<uint64_t>(s.n));
+    mix(static_cast<uint64_t>(s.k));
+    mix((uint64_t{s.trans_a} << 1) | uint64_t{s.trans_b} | (uint64_t(s.output) << 2) | (uint64_t(s.epilogue) << 4));
+    mix(static_cast<uint64_t>(s.batch));
+    mix(static_cast<uint64_t>(s.stride_a));
+    mix(static_cast<uint64_t>(s.stride_b));
+    mix(static_cast<uint64_t>(s.stride_d));
+    mix((uint64_t{key.align_a} << 32) | (uint64_t{key.align_b} << 16) | key.align_d);
+    return static_cast<size_t>(h);
+  }
+};
+
+// Descriptor, layouts (cuBLAS's first operand = our B, second = our A) and the chosen algorithm.
+struct Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t layout_first = nullptr, layout_second = nullptr, layout_d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+
+  Plan() = default;
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
+  ~Plan() {
+    if (desc) cublasLtMatmulDescDestroy(desc);
+    if (layout_first) cublasLtMatrixLayoutDestroy(layout_first);
+    if (layout_second) cublasLtMatrixLayoutDestroy(layout_second);
+    if (layout_d) cublasLtMatrixLayoutDestroy(layout_d);
+  }
+};
+
+// Column-major layout of a row-major [rows, cols] matrix (seen by cuBLAS as [cols, rows], ld = cols).
+cublasLtMatrixLayout_t make_layout(cudaDataType_t type, int rows, int cols, int batch, int64_t stride,
+                                   const GemmShape& shape) {
+  cublasLtMatrixLayout_t layout = nullptr;
+  PG_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, type, static_cast<uint64_t>(cols),
+                                             static_cast<uint64_t>(rows), static_cast<int64_t>(cols)),
+                  shape);
+  if (batch > 1) {
+    int32_t count = batch;
+    PG_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
+                                                     sizeof(count)),
+                    shape);
+    PG_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
+                                                     sizeof(stride)),
+                    shape);
+  }
+  return layout;
+}
+
+}  // namespace
+
+struct GemmRunner::Impl {
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  std::unordered_map<PlanKey, std::unique_ptr<Plan>, PlanKeyHash> plans;
+
+  const Plan& plan_for(const PlanKey& key);
+};
+
+const Plan& GemmRunner::Impl::plan_for(const PlanKey& key) {
+  auto it = plans.find(key);
+  if (it != plans.end()) return *it->second;
+
+  const GemmShape& s = key.shape;
+  const cudaDataType_t d_type = s.output == GemmOutput::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
+  auto plan = std::make_unique<Plan>();
+  PG_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), s);
+  cublasOperation_t op_first = s.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  cublasOperation_t op_second = s.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  PG_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof(op_first)), s);
+  PG_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof(op_second)), s);
+  if (s.epilogue == GemmEpilogue::kBias) {
+    cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+    PG_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
+                                                   sizeof(epilogue)),
+                    s);
+    PG_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &d_type,
+                                                   sizeof(d_type)),
+                    s);
+  }
+  // Stored shapes: B is [k, n] or [n, k]; A is [m, k] or [k, m]; D is [m, n].
+  plan->layout_first = s.trans_b ? make_layout(CUDA_R_16BF, s.n, s.k, s.batch, s.stride_b, s)
+                                 : make_layout(CUDA_R_16BF, s.k, s.n, s.batch, s.stride_b, s);
+  plan->layout_second = s.trans_a ? make_layout(CUDA_R_16BF, s.k, s.m, s.batch, s.stride_a, s)
+                                  : make_layout(CUDA_R_16BF, s.m, s.k, s.batch, s.stride_a, s);
+  plan->layout_d = make_layout(d_type, s.m, s.n, s.batch, s.stride_d, s);
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  PG_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref), s);
+  auto set_pref = [&](cublasLtMatmulPreferenceAttributes_t attr, const void* value, size_t bytes) {
+    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, attr, value, bytes);
+    if (st != CUBLAS_STATUS_SUCCESS) cublasLtMatmulPreferenceDestroy(pref);
+    PG_CUBLAS_CHECK(st, s);
+  };
+  uint64_t ws = workspace_bytes;
+  uint32_t align_first = key.align_b, align_second = key.align_a, align_d = key.align_d;
+  set_pref(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+  set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_first, sizeof(align_first));
+  set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_second, sizeof(align_second));
+  set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d));
+  set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d));
+
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->layout_first, plan->layout_second,
+                                                     plan->layout_d, plan->layout_d, pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  PG_CUBLAS_CHECK(st, s);
+  if (found == 0) {
+    std::string msg = "cuBLASLt has no algorithm for " + shape_text(s);
+    raise_error(msg.c_str(), __FILE__, __LINE__);
+  }
+  plan->algo = result.algo;
+  return *plans.emplace(key, std::move(plan)).first->second;
+}
+
+GemmRunner::GemmRunner(size_t workspace_bytes) : impl_(std::make_unique<Impl>()) {
+  PG_CUBLAS_CHECK(cublasLtCreate(&impl_->handle), GemmShape{});
+  impl_->workspace_bytes = workspace_bytes;
+  impl_->workspace = device_malloc(workspace_bytes, "the cuBLASLt workspace");
+}
+
+GemmRunner::~GemmRunner() {
+  impl_->plans.clear();
+  if (impl_->workspace) cudaFree(impl_->workspace);
+  if (impl_->handle) cublasLtDestroy(impl_->handle);
+}
+
+size_t GemmRunner::cached_plans() const { return impl_->plans.size(); }
+
+void GemmRunner::run(const GemmShape& shape, const __nv_bfloat16* a, const __nv_bfloat16* b, void* d, float alpha,
+                     float beta, cudaStream_t stream, const void* bias) {
+  if (shape.m <= 0 || shape.n <= 0 || shape.k <= 0 || shape.batch <= 0) {
+    std::string msg = "invalid " + shape_text(shape) + ": every size must be positive";
+    raise_error(msg.c_str(), __FILE__, __LINE__);
+  }
+  PG_CUDA_REQUIRE(a && b && d, "GemmRunner::run: null operand");
+  PG_CUDA_REQUIRE((shape.epilogue == GemmEpilogue::kBias) == (bias != nullptr),
+                  "GemmRunner::run: a bias pointer is given exactly when the epilogue is kBias");
+  PG_CUDA_REQUIRE(shape.epilogue == GemmEpilogue::kNone || shape.batch == 1,
+                  "GemmRunner::run: the bias epilogue is for unbatched products");
+  const size_t d_bytes = shape.output == GemmOutput::kBf16 ? 2 : 4;
+  PlanKey key{shape, alignment_of(a, shape.batch, shape.stride_a, 2), alignment_of(b, shape.batch, shape.stride_b, 2),
+              alignment_of(d, shape.batch, shape.stride_d, d_bytes)};
+  const Plan& plan = impl_->plan_for(key);
+  if (bias) {
+    PG_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), shape);
+  }
+  PG_CUBLAS_CHECK(cublasLtMatmul(impl_->handle, plan.desc, &alpha, b, plan.layout_first, a, plan.layout_second, &beta,
+                                 d, plan.layout_d, d, plan.layout_d, &plan.algo, impl_->workspace,
+                                 impl_->workspace_bytes, stream),
+                  shape);
+}
+
+void linear_forward(GemmRunner& g, const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, int tokens,
+                    int in_features, int out_features, cudaStream_t stream) {
+  GemmShape s;
+  s.m = tokens, s.n = out_features, s.k = in_features, s.trans_b = true;
+  g.run(s, x, w, y, 1.0f, 0.0f, stream);
+}
+
+void linear_backward_input(GemmRunner& g, const __nv_bfloat16* dy, const __nv_bfloat16* w, __nv_bfloat16* dx,
+                           int tokens, int in_features, int out_features, cudaStream_t stream) {
+  GemmShape s;
+  s.m = tokens, s.n = in_features, s.k = out_features;
+  g.run(s, dy, w, dx, 1.0f, 0.0f, stream);
+}
+
+void linear_backward_weight(GemmRunner& g, const __nv_bfloat16* dy, const __nv_bfloat16* x, float* dw, int tokens,
+                            int in_features, int out_features, float beta, cudaStream_t stream) {
+  GemmShape s;
+  s.m = out_features, s.n = in_features, s.k = tokens, s.trans_a = true, s.output = GemmOutput::kF32;
+  g.run(s, dy, x, dw, 1.0f, beta, stream);
+}
+
+}  // namespace pgolf::cuda

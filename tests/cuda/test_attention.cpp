@@ -1,0 +1,240 @@
+// Flash attention (forward and backward) against an fp64 host reference, bounded by a naive
+// same-precision host computation (ENGINEERING §4, FlashAttention's own rule): bf16 inputs, fp32
+// arithmetic, and bf16 rounding of every intermediate a bf16 implementation stores — P, O, dP, dS —
+// and of the outputs. The kernels round P, dS and the outputs at the same points and keep S and dP
+// in fp32, so their error should not exceed the naive one; k = 2 leaves room for a different
+// rounding of near-ties (FlashAttention's tests use 2). The LSE is fp32 in both; the kernel's comes
+// from the hardware exp2/log2 approximations (about 2 ulp) and tensor-core fp32 accumulation where
+// the naive loop uses libm and sequential sums: k = 4.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/attention.h"
+#include "core/error.h"
+#include "cuda_test_util.h"
+
+namespace pgolf::test {
+namespace {
+
+using cuda::AttentionShape;
+using cuda::AttentionTuning;
+using cuda::DeviceBuffer;
+constexpr int kDh = cuda::kAttentionHeadDim;
+
+struct AttentionInputs {
+  int tokens = 0, heads = 0, kv_heads = 0;
+  std::vector<int32_t> cu;
+  std::vector<float> q, k, v, d_o;  // bf16 values; q [N, H, 64], k/v [N, Hkv, 64], d_o like q
+};
+
+template <typename Acc>
+struct AttentionOutputs {
+  std::vector<Acc> o, lse, dq, dk, dv;  // lse [H, N]
+};
+
+AttentionInputs make_inputs(std::vector<int32_t> cu, int heads, int kv_heads, uint64_t seed) {
+  AttentionInputs in;
+  in.tokens = cu.back(), in.heads = heads, in.kv_heads = kv_heads, in.cu = std::move(cu);
+  Rng rng(seed);
+  in.q = random_bf16_values(size_t(in.tokens) * heads * kDh, rng, 1.5);  // 1.5: pgolf's initial q gain
+  in.k = random_bf16_values(size_t(in.tokens) * kv_heads * kDh, rng);
+  in.v = random_bf16_values(size_t(in.tokens) * kv_heads * kDh, rng);
+  in.d_o = random_bf16_values(size_t(in.tokens) * heads * kDh, rng);
+  return in;
+}
+
+std::vector<int32_t> cu_from_lengths(const std::vector<int>& lengths) {
+  std::vector<int32_t> cu{0};
+  for (int len : lengths) cu.push_back(cu.back() + len);
+  return cu;
+}
+
+// Causal attention per segment, forward and backward, with Acc arithmetic; kRound rounds the stored
+// intermediates and the outputs to bf16 (the naive computation), otherwise nothing is rounded.
+template <typename Acc, bool kRound>
+AttentionOutputs<Acc> host_attention(const AttentionInputs& in) {
+  const int n = in.tokens, h_count = in.heads, kv_count = in.kv_heads, group = h_count / kv_count;
+  auto round = [](Acc x) -> Acc { return kRound ? static_cast<Acc>(round_to_bf16(static_cast<float>(x))) : x; };
+  auto qp = [&](int t, int h) { return &in.q[(size_t(t) * h_count + h) * kDh]; };
+  auto dop = [&](int t, int h) { return &in.d_o[(size_t(t) * h_count + h) * kDh]; };
+  auto kp = [&](int t, int g) { return &in.k[(size_t(t) * kv_count + g) * kDh]; };
+  auto vp = [&](int t, int g) { return &in.v[(size_t(t) * kv_count + g) * kDh]; };
+  const Acc scale = Acc(1) / std::sqrt(Acc(kDh));
+
+  AttentionOutputs<Acc> out;
+  out.o.assign(size_t(n) * h_count * kDh, 0), out.dq.assign(out.o.size(), 0);
+  out.lse.assign(size_t(n) * h_count, 0);
+  out.dk.assign(size_t(n) * kv_count * kDh, 0), out.dv.assign(out.dk.size(), 0);
+  const int segments = static_cast<int>(in.cu.size()) - 1;
+
+#pragma omp parallel for schedule(dynamic)
+  for (int item = 0; item < segments * kv_count; ++item) {
+    const int seg = item / kv_count, g = item % kv_count;
+    const int start = in.cu[seg], len = in.cu[seg + 1] - start;
+    std::vector<Acc> s(len), p(len), o(kDh), dq(kDh);
+    std::vector<Acc> dk(size_t(len) * kDh, 0), dv(size_t(len) * kDh, 0);
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      for (int i = 0; i < len; ++i) {
+        const int t = start + i;
+        Acc mx = -INFINITY;
+        for (int j = 0; j <= i; ++j) {
+          Acc dot = 0;
+          for (int d = 0; d < kDh; ++d) dot += Acc(qp(t, h)[d]) * Acc(kp(start + j, g)[d]);
+          s[j] = dot * scale;
+          mx = std::max(mx, s[j]);
+        }
+        Acc sum = 0;
+        for (int j = 0; j <= i; ++j) sum += std::exp(s[j] - mx);
+        const Acc lse = mx + std::log(sum);
+        std::fill(o.begin(), o.end(), Acc(0));
+        for (int j = 0; j <= i; ++j) {
+          p[j] = round(std::exp(s[j] - lse));
+          for (int d = 0; d < kDh; ++d) o[d] += p[j] * Acc(vp(start + j, g)[d]);
+        }
+        Acc row_delta = 0;  // D = rowsum(dO ∘ O), from the O this computation produced
+        for (int d = 0; d < kDh; ++d) {
+          o[d] = round(o[d]);
+          out.o[(size_t(t) * h_count + h) * kDh + d] = o[d];
+          row_delta += Acc(dop(t, h)[d]) * o[d];
+        }
+        out.lse[size_t(h) * n + t] = lse;
+        std::fill(dq.begin(), dq.end(), Acc(0));
+        for (int j = 0; j <= i; ++j) {
+          Acc dp = 0;
+          for (int d = 0; d < kDh; ++d) dp += Acc(dop(t, h)[d]) * Acc(vp(start + j, g)[d]);
+          const Acc ds = round(p[j] * (round(dp) - row_delta) * scale);
+          for (int d = 0; d < kDh; ++d) {
+            dq[d] += ds * Acc(kp(start + j, g)[d]);
+            dk[size_t(j) * kDh + d] += ds * Acc(qp(t, h)[d]);
+            dv[size_t(j) * kDh + d] += p[j] * Acc(dop(t, h)[d]);
+          }
+        }
+        for (int d = 0; d < kDh; ++d) out.dq[(size_t(t) * h_count + h) * kDh + d] = round(dq[d]);
+      }
+    }
+    for (int j = 0; j < len; ++j) {
+      for (int d = 0; d < kDh; ++d) {
+        out.dk[(size_t(start + j) * kv_count + g) * kDh + d] = round(dk[size_t(j) * kDh + d]);
+        out.dv[(size_t(start + j) * kv_count + g) * kDh + d] = round(dv[size_t(j) * kDh + d]);
+      }
+    }
+  }
+  return out;
+}
+
+// The device inputs of one case and a forward + backward run into freshly poisoned outputs.
+struct DeviceAttention {
+  const AttentionInputs& in;
+  DeviceBuffer<int32_t> cu;
+  DeviceBuffer<__nv_bfloat16> q, k, v, d_o;
+  AttentionShape shape;
+
+  explicit DeviceAttention(const AttentionInputs& inputs)
+      : in(inputs),
+        cu(inputs.cu),
+        q(to_device_bf16(inputs.q)),
+        k(to_device_bf16(inputs.k)),
+        v(to_device_bf16(inputs.v)),
+        d_o(to_device_bf16(inputs.d_o)) {
+    shape.total_tokens = in.tokens, shape.num_heads = in.heads, shape.num_kv_heads = in.kv_heads;
+    shape.cu_seqlens = cu.data(), shape.num_segments = static_cast<int>(in.cu.size()) - 1;
+  }
+
+  AttentionOutputs<float> run(const AttentionTuning& tuning) {
+    auto o = poisoned_buffer<__nv_bfloat16>(in.q.size());
+    auto lse = poisoned_buffer<float>(size_t(in.tokens) * in.heads);
+    auto dq = poisoned_buffer<__nv_bfloat16>(in.q.size());
+    auto dk = poisoned_buffer<__nv_bfloat16>(in.k.size());
+    auto dv = poisoned_buffer<__nv_bfloat16>(in.v.size());
+    const size_t ws_bytes = cuda::attention_backward_workspace_bytes(shape);
+    auto ws = poisoned_buffer<unsigned char>(ws_bytes);
+    cuda::attention_forward(shape, q.data(), k.data(), v.data(), o.data(), lse.data(), nullptr, tuning);
+    cuda::attention_backward(shape, q.data(), k.data(), v.data(), o.data(), lse.data(), d_o.data(), dq.data(),
+                             dk.data(), dv.data(), ws.data(), ws_bytes, nullptr, tuning);
+    PG_CUDA_CHECK(cudaDeviceSynchronize());
+    return {from_device_bf16(o), lse.download(), from_device_bf16(dq), from_device_bf16(dk), from_device_bf16(dv)};
+  }
+};
+
+void check_case(const std::string& name, const AttentionInputs& in) {
+  std::printf("  case %s: %d tokens, %zu segments, H %d, Hkv %d\n", name.c_str(), in.tokens, in.cu.size() - 1,
+              in.heads, in.kv_heads);
+  const AttentionOutputs<double> ref = host_attention<double, false>(in);
+  const AttentionOutputs<float> naive = host_attention<float, true>(in);
+  DeviceAttention dev(in);
+  for (const AttentionTuning tuning : {AttentionTuning{4, 4}, AttentionTuning{8, 8}}) {
+    SCOPED_TRACE("forward_warps " + std::to_string(tuning.forward_warps) + ", backward_warps " +
+                 std::to_string(tuning.backward_warps));
+    const std::string tag = name + "/w" + std::to_string(tuning.forward_warps) + "_";
+    const AttentionOutputs<float> got = dev.run(tuning);
+    expect_within_naive(tag + "o", got.o, naive.o, ref.o, 2.0);
+    expect_within_naive(tag + "lse", got.lse, naive.lse, ref.lse, 4.0);
+    expect_within_naive(tag + "dq", got.dq, naive.dq, ref.dq, 2.0);
+    expect_within_naive(tag + "dk", got.dk, naive.dk, ref.dk, 2.0);
+    expect_within_naive(tag + "dv", got.dv, naive.dv, ref.dv, 2.0);
+
+    // A second run gives the same bits, except dq, whose fp32 atomic sums may come in another order.
+    const AttentionOutputs<float> again = dev.run(tuning);
+    EXPECT_EQ(again.o, got.o) << "forward output differs between two runs (a race?)";
+    EXPECT_EQ(again.lse, got.lse) << "LSE differs between two runs (a race?)";
+    EXPECT_EQ(again.dk, got.dk) << "dk differs between two runs (a race?)";
+    EXPECT_EQ(again.dv, got.dv) << "dv differs between two runs (a race?)";
+  }
+}
+
+class AttentionTest : public CudaTest {};
+
+TEST_F(AttentionTest, DenseRowsOfOddLength) {
+  check_case("dense_3x257", make_inputs(cu_from_lengths({257, 257, 257}), 8, 4, 101));
+}
+
+// Boundaries anywhere, segments of length 1 and 0, lengths just off the tile sizes, and the
+// FlashAttention padding of cu_seqlens with the total.
+TEST_F(AttentionTest, VarlenAwkwardSegments) {
+  std::vector<int32_t> cu = cu_from_lengths({1, 130, 7, 1, 64, 65, 0, 300, 1, 129, 500, 2, 127});
+  for (int i = 0; i < 3; ++i) cu.push_back(cu.back());
+  check_case("varlen_awkward", make_inputs(cu, 8, 4, 102));
+}
+
+TEST_F(AttentionTest, LongSegmentsUpToSequenceLength) {
+  check_case("long_2048_999", make_inputs(cu_from_lengths({2048, 999}), 8, 4, 103));
+}
+
+TEST_F(AttentionTest, ManyShortDocuments) {
+  Rng rng(104);
+  std::vector<int> lengths;
+  for (int total = 0; total < 3000;) lengths.push_back(1 + static_cast<int>(rng.below(40))), total += lengths.back();
+  check_case("many_short_docs", make_inputs(cu_from_lengths(lengths), 8, 4, 105));
+}
+
+TEST_F(AttentionTest, OtherHeadGroupings) {
+  check_case("h4_kv1", make_inputs(cu_from_lengths({100, 37, 200}), 4, 1, 106));
+  check_case("h2_kv2", make_inputs(cu_from_lengths({100, 37, 200}), 2, 2, 107));
+}
+
+TEST_F(AttentionTest, SmallWorkspaceAndBadHeadsAreErrors) {
+  AttentionInputs in = make_inputs(cu_from_lengths({64}), 8, 4, 108);
+  DeviceAttention dev(in);
+  DeviceBuffer<__nv_bfloat16> o(in.q.size()), dq(in.q.size()), dk(in.k.size()), dv(in.v.size());
+  DeviceBuffer<float> lse(size_t(in.tokens) * in.heads);
+  const size_t ws_bytes = cuda::attention_backward_workspace_bytes(dev.shape);
+  DeviceBuffer<unsigned char> ws(ws_bytes);
+  EXPECT_THROW(cuda::attention_backward(dev.shape, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(),
+                                        dev.d_o.data(), dq.data(), dk.data(), dv.data(), ws.data(), ws_bytes - 4,
+                                        nullptr),
+               Error);
+  AttentionShape bad = dev.shape;
+  bad.num_kv_heads = 3;
+  EXPECT_THROW(cuda::attention_forward(bad, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(), nullptr),
+               Error);
+  EXPECT_THROW(cuda::attention_forward(dev.shape, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(),
+                                       nullptr, AttentionTuning{6, 8}),
+               Error);
+}
+
+}  // namespace
+}  // namespace pgolf::test
