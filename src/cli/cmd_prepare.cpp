@@ -44,6 +44,8 @@ void register_prepare(CLI::App& app) {
   cmd->add_option("--heldout-docs", opt.heldout_docs,
                   "hold out N documents spread evenly over all inputs (every (total/N)-th) into "
                   "DIR/NAME_heldout_000000.bin, ...");
+  cmd->add_option("--shuffle-seed", opt.shuffle_seed,
+                  "write the training documents in a random order from this seed (keeps them all in memory)");
   cmd->add_option("--threads", opt.threads, "encoding threads (0 = every core)");
   cmd->add_option("inputs", inputs, "JSONL(.zst) files with a \"text\" key per line, or plain text files")
       ->required();
@@ -66,6 +68,7 @@ void register_prepare(CLI::App& app) {
     for (auto& in : s.inputs) print_counts(in.path.filename().string(), in.counts, 0.0);
     print_counts("total", s.total, s.seconds);
     fmt::print("wrote {} training shards {}/{}_NNNNNN.bin", s.shards.size(), opt.out_dir.string(), opt.name);
+    if (opt.shuffle_seed >= 0) fmt::print(" (documents shuffled, seed {})", opt.shuffle_seed);
     if (!s.heldout_shards.empty())
       fmt::print(" and {} held-out shards {}/{}_heldout_NNNNNN.bin\n  (glob the training shards as {}_[0-9]*.bin)",
                  s.heldout_shards.size(), opt.out_dir.string(), opt.name, opt.name);

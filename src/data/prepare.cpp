@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "core/rng.h"
 #include "data/shard.h"
 #include "data/text_reader.h"
 
@@ -252,17 +253,23 @@ PrepareSummary prepare_shards(const PrepareOptions& o, const Tokenizer& tok,
 
   ShardSeries train(o.out_dir, o.name, false, o.shard_tokens);
   ShardSeries heldout(o.out_dir, o.name, true, o.shard_tokens);
+  std::vector<std::vector<uint16_t>> held_back;  // training documents waiting to be shuffled
   guarded([&] {
     DocBatch batch;
     int64_t doc_index = 0;
     while (pipe.next_encoded(batch)) {
       PrepareCounts& in = summary.inputs[batch.input_index].counts;
       for (size_t k = 0; k < batch.tokens.size(); ++k, ++doc_index) {
-        const auto& toks = batch.tokens[k];
+        auto& toks = batch.tokens[k];
         const auto n = static_cast<int64_t>(toks.size());
         const bool hold = heldout_stride > 0 && doc_index % heldout_stride == 0 &&
                           summary.total.heldout_documents < o.heldout_docs;
-        (hold ? heldout : train).append(toks);
+        if (hold)
+          heldout.append(toks);
+        else if (o.shuffle_seed >= 0)
+          held_back.push_back(std::move(toks));
+        else
+          train.append(toks);
         for (PrepareCounts* c : {&in, &summary.total}) {
           c->documents += 1;
           c->tokens += n;
@@ -280,6 +287,11 @@ PrepareSummary prepare_shards(const PrepareOptions& o, const Tokenizer& tok,
            "prepare: counted {} documents in the inputs but read {} (did an input change meanwhile?)", total_docs,
            summary.total.documents);
 
+  if (o.shuffle_seed >= 0) {
+    Rng rng(static_cast<uint64_t>(o.shuffle_seed));
+    for (size_t i = held_back.size(); i > 1; --i) std::swap(held_back[i - 1], held_back[rng.below(i)]);  // Fisher-Yates
+    for (auto& doc : held_back) train.append(doc);
+  }
   train.finish();
   heldout.finish();
   summary.shards = train.written();

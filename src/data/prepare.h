@@ -23,6 +23,9 @@ struct PrepareOptions {
   // all inputs in order) is held out when g % (total / N) == 0, until N are taken — into the
   // separate shards NAME_heldout_000000.bin, ... (a held-out slice of the training text).
   int64_t heldout_docs = 0;
+  // >= 0: the training documents are written in a random order drawn from Rng(shuffle_seed)
+  // (every encoded document is kept in memory until the end); < 0: in input order.
+  int64_t shuffle_seed = -1;
   int threads = 0;  // encoding threads; 0 = every core
 };
 
