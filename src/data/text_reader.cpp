@@ -182,7 +182,7 @@ bool TextReader::next(std::string& text) {
     auto it = j.find("text");
     PG_CHECK(it != j.end() && it->is_string(), "{}:{}: expected a \"text\" string, got {}", path_.string(), line_,
              it == j.end() ? std::string("no \"text\" key") : std::string("a ") + it->type_name());
-    text = it->get_ref<const std::string&>();
+    text = std::move(it->get_ref<std::string&>());
     return true;
   }
   return false;

@@ -27,7 +27,7 @@ std::vector<uint8_t> shard_bytes(int32_t magic, int32_t version, int32_t count, 
   std::vector<uint8_t> b(1024 + 2 * ids.size(), 0);
   int32_t h[3] = {magic, version, count};
   std::memcpy(b.data(), h, sizeof(h));
-  std::memcpy(b.data() + 1024, ids.data(), 2 * ids.size());
+  if (!ids.empty()) std::memcpy(b.data() + 1024, ids.data(), 2 * ids.size());
   return b;
 }
 
