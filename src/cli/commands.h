@@ -19,5 +19,7 @@ struct PresetOptions {
 };
 
 void register_inspect(CLI::App& app);
+void register_prepare(CLI::App& app);
+void register_tokenizer(CLI::App& app);
 
 }  // namespace pgolf::cli
