@@ -22,11 +22,12 @@ struct StoreAs {
 // Elementwise loops are parallel only when the work pays for the threads.
 constexpr int64_t kParallelElems = 1 << 15;
 
-// C[m,n] = A[m,k] · B[n,k]ᵀ
-void gemm_abt(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n),
-              static_cast<int>(k), 1.0f, a, static_cast<int>(k), b, static_cast<int>(k), 0.0f, c,
-              static_cast<int>(n));
+// C[n,n] = A[n,k] · A[n,k]ᵀ (symmetric: half the flops of a GEMM, then the upper triangle mirrored).
+void gram(const float* a, float* c, int64_t n, int64_t k) {
+  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, static_cast<int>(n), static_cast<int>(k), 1.0f, a,
+              static_cast<int>(k), 0.0f, c, static_cast<int>(n));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < i; ++j) c[i * n + j] = c[j * n + i];
 }
 
 // C[m,n] = A[m,k] · B[k,n]
@@ -71,15 +72,15 @@ void orthogonalize_one(float* g, int64_t rows, int64_t cols, int steps, StoreAs 
   map_store(x, n * m, store, [&](int64_t i) { return x[i] / denom; });
 
   for (int it = 0; it < steps; ++it) {
-    gemm_abt(x, x, ws.gram.data(), n, n, m);  // A = X·Xᵀ
+    gram(x, ws.gram.data(), n, m);  // A = X·Xᵀ
     map_store(ws.gram.data(), n * n, store, [&](int64_t i) { return ws.gram[i]; });
     const float* A = ws.gram.data();
     if (form == NsForm::ScaleThenSquare) {  // (c·A)·A
       map_store(ws.scaled.data(), n * n, store, [&](int64_t i) { return c * A[i]; });
       gemm_ab(ws.scaled.data(), A, ws.square.data(), n, n, n);
       map_store(ws.square.data(), n * n, store, [&](int64_t i) { return ws.square[i]; });
-    } else {  // c·(A·A)
-      gemm_ab(A, A, ws.square.data(), n, n, n);
+    } else {  // c·(A·A), A·A = A·Aᵀ as A is symmetric
+      gram(A, ws.square.data(), n, n);
       map_store(ws.square.data(), n * n, store, [&](int64_t i) { return c * store(ws.square[i]); });
     }
     // B = b·A + (c·A·A)
