@@ -22,8 +22,6 @@ MuonNumerics numerics_from_name(const std::string& name) {
   fail("muon_ns_dtype '{}' is not one of bf16, fp32", name);
 }
 
-const std::string kPrefix = "optim/";
-
 }  // namespace
 
 OptimizerConfig OptimizerConfig::from_config(const Config& c) {
@@ -90,23 +88,23 @@ TensorMap Optimizer::state_tensors() const {
   visit_state(*this, [&](const std::string& name, const Shape& shape, const std::vector<float>& values) {
     put_f32(out, name, shape, values);
   });
-  put_i64(out, kPrefix + "step", steps_taken_);
+  put_i64(out, kStatePrefix + "step", steps_taken_);
   return out;
 }
 
 void Optimizer::load_state_tensors(const TensorMap& t, const std::string& what) {
   // Check everything before changing anything, so a failed load leaves the optimizer as it was.
-  std::set<std::string> expected{kPrefix + "step"};
+  std::set<std::string> expected{kStatePrefix + "step"};
   visit_state(*this, [&](const std::string& name, const Shape&, const std::vector<float>&) { expected.insert(name); });
   for (const std::string& name : t.names())
-    PG_CHECK(name.rfind(kPrefix, 0) != 0 || expected.count(name),
+    PG_CHECK(name.rfind(kStatePrefix, 0) != 0 || expected.count(name),
              "{}: '{}' is not optimizer state of this model (another preset or model size?)", what, name);
   std::vector<float> scratch;
   visit_state(*this, [&](const std::string& name, const Shape& shape, const std::vector<float>& values) {
     scratch.resize(values.size());
     get_f32(t, name, shape, scratch, what);
   });
-  const int64_t steps = get_i64(t, kPrefix + "step", what);
+  const int64_t steps = get_i64(t, kStatePrefix + "step", what);
   PG_CHECK(steps >= 0, "{}: optim/step is {}", what, steps);
   visit_state(*this, [&](const std::string& name, const Shape& shape, std::vector<float>& values) {
     get_f32(t, name, shape, values, what);

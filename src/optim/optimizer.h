@@ -51,19 +51,21 @@ class Optimizer {
   void load_state_tensors(const TensorMap& t, const std::string& what);
 
  private:
+  inline static const std::string kStatePrefix = "optim/";
+
   // Calls f(name, shape, values) for every state array; Self is Optimizer or const Optimizer.
   template <typename Self, typename F>
   static void visit_state(Self& self, F&& f) {
     for (auto* adam : {&self.embed_, &self.scalar_}) {
       for (size_t k = 0; k < adam->members().size(); ++k) {
         const ParamSpec& s = self.layout_.spec(adam->members()[k]);
-        f("optim/" + s.name + "/exp_avg", s.shape, adam->exp_avg(k));
-        f("optim/" + s.name + "/exp_avg_sq", s.shape, adam->exp_avg_sq(k));
+        f(kStatePrefix + s.name + "/exp_avg", s.shape, adam->exp_avg(k));
+        f(kStatePrefix + s.name + "/exp_avg_sq", s.shape, adam->exp_avg_sq(k));
       }
     }
     for (size_t k = 0; k < self.muon_.members().size(); ++k) {
       const ParamSpec& s = self.layout_.spec(self.muon_.members()[k]);
-      f("optim/" + s.name + "/momentum_buffer", s.shape, self.muon_.momentum_buffer(k));
+      f(kStatePrefix + s.name + "/momentum_buffer", s.shape, self.muon_.momentum_buffer(k));
     }
   }
 
