@@ -44,11 +44,11 @@ void map_store(float* out, int64_t n, StoreAs store, F f) {
   for (int64_t i = 0; i < n; ++i) out[i] = store(f(i));
 }
 
-// Buffers of one wide matrix X [n, m] (n <= m) and its Gram-side temporaries [n, n].
+// Buffers of one wide matrix X [n, m] (n <= m), B·X [n, m], and the [n, n] temporaries
+// A = X·Xᵀ, c·A, the c·A·A term and B = b·A + c·A·A.
 struct Workspace {
-  std::vector<float> x, ax, bx, gram, scaled, square, poly;
-  Workspace(int64_t n, int64_t m)
-      : x(n * m), ax(n * m), bx(n * m), gram(n * n), scaled(n * n), square(n * n), poly(n * n) {}
+  std::vector<float> x, bx, a, scaled, square, poly;
+  Workspace(int64_t n, int64_t m) : x(n * m), bx(n * m), a(n * n), scaled(n * n), square(n * n), poly(n * n) {}
 };
 
 void orthogonalize_one(float* g, int64_t rows, int64_t cols, int steps, StoreAs store, NsForm form,
@@ -72,9 +72,9 @@ void orthogonalize_one(float* g, int64_t rows, int64_t cols, int steps, StoreAs 
   map_store(x, n * m, store, [&](int64_t i) { return x[i] / denom; });
 
   for (int it = 0; it < steps; ++it) {
-    gram(x, ws.gram.data(), n, m);  // A = X·Xᵀ
-    map_store(ws.gram.data(), n * n, store, [&](int64_t i) { return ws.gram[i]; });
-    const float* A = ws.gram.data();
+    gram(x, ws.a.data(), n, m);  // A = X·Xᵀ
+    map_store(ws.a.data(), n * n, store, [&](int64_t i) { return ws.a[i]; });
+    const float* A = ws.a.data();
     if (form == NsForm::ScaleThenSquare) {  // (c·A)·A
       map_store(ws.scaled.data(), n * n, store, [&](int64_t i) { return c * A[i]; });
       gemm_ab(ws.scaled.data(), A, ws.square.data(), n, n, n);
