@@ -30,6 +30,9 @@ Schedule Schedule::from_config(const Config& c) {
   s.swa_start_frac = c.get_double("swa_start_frac");
   s.swa_every = c.get_int("swa_every");
   PG_CHECK(!s.swa_enabled || s.swa_every > 0, "swa_every must be positive when swa_enabled, got {}", s.swa_every);
+  PG_CHECK(!(s.swa_enabled && c.get_bool("ema_enabled")),
+           "swa_enabled and ema_enabled are both set; a run applies one average (S562 skips SWA under EMA, "
+           "the #414 family's SWA is never applied)");
   return s;
 }
 

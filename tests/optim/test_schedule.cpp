@@ -49,6 +49,8 @@ TEST(Schedule, SwaConditionUsesTheStepCountAfterTheIncrement) {
   Config c = Config::load("s691");
   c.set("swa_enabled", true);
   c.set("swa_start_frac", 0.2);
+  EXPECT_THROW(Schedule::from_config(c), Error);  // with EMA on, SWA would never be applied
+  c.set("ema_enabled", false);
   const Schedule s = Schedule::from_config(c);
   const int64_t first = first_step(1, [&](int64_t done) {
     const int64_t k = done - 1;  // the step that just ran
