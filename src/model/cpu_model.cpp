@@ -10,6 +10,7 @@
 #include "backend/cpu/lora.h"
 #include "backend/cpu/mixing.h"
 #include "backend/cpu/ngram_hash.h"
+#include "backend/cpu/parallel.h"
 #include "backend/cpu/rmsnorm.h"
 #include "backend/cpu/smear.h"
 #include "backend/cpu/softcap_ce.h"
@@ -30,6 +31,7 @@ int64_t CpuModel<T>::offset_if(const std::string& name) const {
 template <typename T>
 CpuModel<T>::CpuModel(const ModelConfig& config)
     : cfg_(config), params_(ParamLayout(param_specs(config))), grads_(params_.layout()) {
+  cpu::configure_cpu_threads();
   const ModelConfig& m = cfg_;
   const int64_t L = m.num_layers, d = m.model_dim, qd = m.q_dim(), kvd = m.kv_dim(), hid = m.mlp_hidden;
   PG_CHECK(!(m.branch_gates && m.parallel_start_layer > 0),

@@ -1,4 +1,5 @@
 #include "backend/cpu/attention.h"
+#include "backend/cpu/parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -45,7 +46,7 @@ void attention_forward(const T* q, const T* k, const T* v, T* y, T* lse, const i
   PG_CHECK(Hkv > 0 && H % Hkv == 0, "attention: {} heads are not a multiple of {} KV heads", H, Hkv);
   // One work item per (segment, KV head): the KV rows are gathered once and serve the whole group.
   const int64_t items = num_segments * Hkv;
-#pragma omp parallel
+#pragma omp parallel if (items > 1 && parallel_worth(s.tokens * s.heads * s.head_dim))
   {
     std::vector<T> kb, vb, p;
 #pragma omp for schedule(dynamic)
@@ -99,7 +100,7 @@ void attention_backward(const T* dy, const T* q, const T* k, const T* v, const T
   // Work items own (segment, KV head): dk/dv rows of one KV head in one segment are written by one
   // thread only, and so are the dq rows of the group's query heads.
   const int64_t items = num_segments * Hkv;
-#pragma omp parallel
+#pragma omp parallel if (items > 1 && parallel_worth(s.tokens * s.heads * s.head_dim))
   {
     std::vector<T> kb, vb, dkb, dvb;
 #pragma omp for schedule(dynamic)

@@ -1,4 +1,5 @@
 #include "backend/cpu/embedding.h"
+#include "backend/cpu/parallel.h"
 
 #include <omp.h>
 
@@ -12,7 +13,7 @@ void embedding_forward(const int32_t* ids, int64_t N, const T* table, int64_t ro
   for (int64_t i = 0; i < N; ++i)
     PG_CHECK(ids[i] >= 0 && ids[i] < rows, "embedding: id {} at position {} is outside the table's {} rows", ids[i],
              i, rows);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * dim))
   for (int64_t i = 0; i < N; ++i) {
     const T* src = table + static_cast<int64_t>(ids[i]) * dim;
     T* dst = out + i * dim;
@@ -27,7 +28,7 @@ template <typename T>
 void embedding_backward(const int32_t* ids, int64_t N, const T* dout, int64_t dim, T* dtable) {
   // Each thread owns a slice of the feature columns of every row, so no two threads write the same
   // element and the summation order per element stays the serial one.
-#pragma omp parallel
+#pragma omp parallel if (parallel_worth(N * dim))
   {
     const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t j0 = dim * t / nt, j1 = dim * (t + 1) / nt;

@@ -1,4 +1,5 @@
 #include "backend/cpu/fake_quant.h"
+#include "backend/cpu/parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -7,7 +8,7 @@ namespace pgolf::cpu {
 
 template <typename T>
 void fake_quant_int6_rows(const T* w, T* out, int64_t rows, int64_t cols) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(rows * cols))
   for (int64_t r = 0; r < rows; ++r) {
     const T* wr = w + r * cols;
     float row_max = 0.0f;

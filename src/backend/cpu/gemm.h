@@ -1,5 +1,10 @@
 // Row-major GEMM on the CPU through OpenBLAS (cblas_sgemm / cblas_dgemm): the one place where the
 // CPU backend multiplies matrices.
+//
+// Threading: OpenBLAS runs single-threaded and large products are split into panels across the
+// OpenMP threads here, so one thread pool serves every CPU op (parallel.h). OpenBLAS's own pthread
+// pool and the OpenMP pool both spin while idle; alternating between them made the model ~15x slower
+// on 2 cores.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,5 @@
 #include "backend/cpu/head_gate.h"
+#include "backend/cpu/parallel.h"
 
 #include <cmath>
 
@@ -6,7 +7,7 @@ namespace pgolf::cpu {
 
 template <typename T>
 void head_gate_forward(const T* y_in, const T* logits, const T* bias, T* gate, T* y_out, int64_t N, int H, int Dh) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * H * Dh))
   for (int64_t r = 0; r < N * H; ++r) {
     const T z = logits[r] + (bias ? bias[r % H] : T(0));
     const T g = T(1) / (T(1) + std::exp(-z));
@@ -18,7 +19,7 @@ void head_gate_forward(const T* y_in, const T* logits, const T* bias, T* gate, T
 template <typename T>
 void head_gate_backward(const T* dy_out, const T* y_in, const T* gate, T* dy_in, T* dlogits, T* dbias, int64_t N,
                         int H, int Dh) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * H * Dh))
   for (int64_t r = 0; r < N * H; ++r) {
     const T g = gate[r];
     T dg = 0;

@@ -1,4 +1,5 @@
 #include "backend/cpu/mixing.h"
+#include "backend/cpu/parallel.h"
 
 #include <omp.h>
 
@@ -18,7 +19,7 @@ T sigmoid(T x) {
 // set of columns, so the order of the sum over rows is the serial one whatever the thread count.
 template <typename T, typename F>
 void add_column_sums(int64_t N, int64_t d, T* out, F f) {
-#pragma omp parallel
+#pragma omp parallel if (parallel_worth(N * d))
   {
     const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t j0 = d * t / nt, j1 = d * (t + 1) / nt;
@@ -43,7 +44,7 @@ template <typename T>
 void resid_mix_forward(const T* x, const T* x0, const T* mix, T* out, int64_t N, int64_t d) {
   const T* m0 = mix;
   const T* m1 = mix + d;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * d))
   for (int64_t i = 0; i < N; ++i)
     for (int64_t j = 0; j < d; ++j) out[i * d + j] = m0[j] * x[i * d + j] + m1[j] * x0[i * d + j];
 }
@@ -53,7 +54,7 @@ void resid_mix_backward(const T* dout, const T* x, const T* x0, const T* mix, T*
                         int64_t d) {
   const T* m0 = mix;
   const T* m1 = mix + d;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * d))
   for (int64_t i = 0; i < N; ++i)
     for (int64_t j = 0; j < d; ++j) {
       dx[i * d + j] += m0[j] * dout[i * d + j];
@@ -69,7 +70,7 @@ void branch_add_forward(const T* x, const T* a, const T* scale, const T* gate, T
   std::vector<T> g(static_cast<size_t>(d), T(1));
   if (gate)
     for (int64_t j = 0; j < d; ++j) g[j] = sigmoid(gate[j]);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * d))
   for (int64_t i = 0; i < N; ++i)
     for (int64_t j = 0; j < d; ++j) out[i * d + j] = (x ? x[i * d + j] : T(0)) + scale[j] * (g[j] * a[i * d + j]);
 }
@@ -81,7 +82,7 @@ void branch_add_backward(const T* dout, const T* a, const T* scale, const T* gat
   if (gate)
     for (int64_t j = 0; j < d; ++j) g[j] = sigmoid(gate[j]);
   if (da) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * d))
     for (int64_t i = 0; i < N; ++i)
       for (int64_t j = 0; j < d; ++j) da[i * d + j] += scale[j] * g[j] * dout[i * d + j];
   }
@@ -100,7 +101,7 @@ void skip_add_forward(const T* x, const T* s, const T* w, const T* gate, T* out,
   std::vector<T> g(static_cast<size_t>(d));
   if (gate)
     for (int64_t j = 0; j < d; ++j) g[j] = sigmoid(gate[j]);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * d))
   for (int64_t i = 0; i < N; ++i)
     for (int64_t j = 0; j < d; ++j) {
       const T ws = w[j] * s[i * d + j];
@@ -118,7 +119,7 @@ void skip_add_backward(const T* dout, const T* x, const T* s, const T* w, const 
       g[j] = sigmoid(gate[j]);
       keep[j] = T(1) - g[j];
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * d))
   for (int64_t i = 0; i < N; ++i)
     for (int64_t j = 0; j < d; ++j) {
       dx[i * d + j] += g[j] * dout[i * d + j];
@@ -138,7 +139,7 @@ template <typename T>
 void lane_update_forward(const T* lane0, const T* lane1, const T* a, const T* m, const T* resid, const T* post,
                          T* out0, T* out1, int64_t N, int64_t d) {
   const T r0 = resid[0], r1 = resid[1], p00 = post[0], p01 = post[1], p10 = post[2], p11 = post[3];
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * d))
   for (int64_t k = 0; k < N * d; ++k) {
     out0[k] = r0 * lane0[k] + p00 * a[k] + p10 * m[k];
     out1[k] = r1 * lane1[k] + p01 * a[k] + p11 * m[k];
@@ -151,7 +152,7 @@ void lane_update_backward(const T* dout0, const T* dout1, const T* lane0, const 
                           int64_t N, int64_t d) {
   const T r0 = resid[0], r1 = resid[1], p00 = post[0], p01 = post[1], p10 = post[2], p11 = post[3];
   const int64_t n = N * d;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(n))
   for (int64_t k = 0; k < n; ++k) {
     dlane0[k] += r0 * dout0[k];
     dlane1[k] += r1 * dout1[k];
@@ -207,7 +208,7 @@ void value_mix_backward(const T* dout, const T* v, const T* v0, const T* lambda,
 
 template <typename T>
 void head_scale_forward(const T* x, const T* gain, T* out, int64_t N, int H, int Dh) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * H * Dh))
   for (int64_t r = 0; r < N * H; ++r) {
     const T g = gain[r % H];
     for (int d = 0; d < Dh; ++d) out[r * Dh + d] = x[r * Dh + d] * g;
@@ -217,7 +218,7 @@ void head_scale_forward(const T* x, const T* gain, T* out, int64_t N, int H, int
 template <typename T>
 void head_scale_backward(const T* dout, const T* x, const T* gain, T* dx, T* dgain, int64_t N, int H, int Dh) {
   if (dx) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * H * Dh))
     for (int64_t r = 0; r < N * H; ++r) {
       const T g = gain[r % H];
       for (int d = 0; d < Dh; ++d) dx[r * Dh + d] += g * dout[r * Dh + d];

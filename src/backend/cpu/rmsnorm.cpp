@@ -1,4 +1,5 @@
 #include "backend/cpu/rmsnorm.h"
+#include "backend/cpu/parallel.h"
 
 #include <cmath>
 
@@ -7,7 +8,7 @@ namespace pgolf::cpu {
 template <typename T>
 void rmsnorm_forward(const T* x, T* y, T* rstd, int64_t rows, int64_t dim, T scale) {
   const T eps = static_cast<T>(kRmsNormEps);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(rows * dim))
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * dim;
     T ss = 0;
@@ -25,7 +26,7 @@ void rmsnorm_forward(const T* x, T* y, T* rstd, int64_t rows, int64_t dim, T sca
 // dx_i = s·r·(dy_i - x_i · r² · (Σ_j dy_j x_j) / dim).
 template <typename T>
 void rmsnorm_backward(const T* dy, const T* x, const T* rstd, T* dx, int64_t rows, int64_t dim, T scale) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(rows * dim))
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * dim;
     const T* dyr = dy + r * dim;

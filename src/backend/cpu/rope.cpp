@@ -1,4 +1,5 @@
 #include "backend/cpu/rope.h"
+#include "backend/cpu/parallel.h"
 
 #include <cmath>
 
@@ -41,7 +42,7 @@ void rotate(T* x, const int32_t* positions, const RopeTable& table, int64_t N, i
     PG_CHECK(positions[i] >= 0 && positions[i] < table.max_positions,
              "rope: position {} of token {} is outside the table (max {})", positions[i], i, table.max_positions);
   const T sign = transpose ? T(-1) : T(1);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * heads * head_dim))
   for (int64_t i = 0; i < N; ++i) {
     const float* c = table.cos.data() + static_cast<int64_t>(positions[i]) * half;
     const float* s = table.sin.data() + static_cast<int64_t>(positions[i]) * half;

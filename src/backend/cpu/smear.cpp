@@ -1,4 +1,5 @@
 #include "backend/cpu/smear.h"
+#include "backend/cpu/parallel.h"
 
 #include <cmath>
 #include <vector>
@@ -17,7 +18,7 @@ std::vector<T> sigmoid_of(const T* gate, int64_t dim) {
 template <typename T>
 void smear_forward(const T* x, const T* gate, T* y, int64_t rows, int64_t seq_len, int64_t dim) {
   const std::vector<T> g = sigmoid_of(gate, dim);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(rows * seq_len * dim))
   for (int64_t i = 0; i < rows * seq_len; ++i) {
     const bool first = i % seq_len == 0;
     for (int64_t j = 0; j < dim; ++j) {
@@ -32,7 +33,7 @@ void smear_backward(const T* dy, const T* x, const T* gate, T* dx, T* dgate, int
                     int64_t dim) {
   const std::vector<T> g = sigmoid_of(gate, dim);
   const int64_t N = rows * seq_len;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * dim))
   for (int64_t i = 0; i < N; ++i) {
     const bool last = (i + 1) % seq_len == 0;
     for (int64_t j = 0; j < dim; ++j) {
@@ -42,7 +43,7 @@ void smear_backward(const T* dy, const T* x, const T* gate, T* dx, T* dgate, int
   }
   if (!dgate) return;
   // The gate gradient is a reduction over tokens: serial per column, so the sum order is fixed.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * dim))
   for (int64_t j = 0; j < dim; ++j) {
     T acc = 0;
     for (int64_t i = 0; i < N; ++i) {

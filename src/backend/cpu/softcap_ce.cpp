@@ -1,4 +1,5 @@
 #include "backend/cpu/softcap_ce.h"
+#include "backend/cpu/parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -14,7 +15,7 @@ void softcap_ce_forward(const T* z, T* capped, const int32_t* targets, T* losses
     for (int64_t i = 0; i < N; ++i)
       PG_CHECK(targets[i] >= 0 && targets[i] < V, "cross-entropy: target {} at position {} is outside the vocab {}",
                targets[i], i, V);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * V))
   for (int64_t i = 0; i < N; ++i) {
     const T* zi = z + i * V;
     T* ci = capped + i * V;
@@ -34,7 +35,7 @@ void softcap_ce_forward(const T* z, T* capped, const int32_t* targets, T* losses
 template <typename T>
 void softcap_ce_backward(const T* capped, const T* lse, const int32_t* targets, const T* dloss, T* dz, int64_t N,
                          int64_t V, T cap) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * V))
   for (int64_t i = 0; i < N; ++i) {
     const T* ci = capped + i * V;
     T* di = dz + i * V;

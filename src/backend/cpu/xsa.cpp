@@ -1,4 +1,5 @@
 #include "backend/cpu/xsa.h"
+#include "backend/cpu/parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -21,7 +22,7 @@ T dot(const T* a, const T* b, int n) {
 template <typename T>
 void xsa_forward(const T* y_in, const T* v, T* y_out, int64_t N, int H, int Hkv, int Dh) {
   const int group = H / Hkv;
-#pragma omp parallel
+#pragma omp parallel if (parallel_worth(N * H * Dh))
   {
     std::vector<T> vhat(static_cast<size_t>(Dh));
 #pragma omp for schedule(static)
@@ -46,7 +47,7 @@ void xsa_forward(const T* y_in, const T* v, T* y_out, int64_t N, int H, int Hkv,
 template <typename T>
 void xsa_backward(const T* dy_out, const T* y_in, const T* v, T* dy_in, T* dv, int64_t N, int H, int Hkv, int Dh) {
   const int group = H / Hkv;
-#pragma omp parallel
+#pragma omp parallel if (parallel_worth(N * H * Dh))
   {
     std::vector<T> vhat(static_cast<size_t>(Dh)), dvhat(static_cast<size_t>(Dh));
 #pragma omp for schedule(static)
