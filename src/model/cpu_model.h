@@ -31,6 +31,8 @@ template <typename T>
 class CpuModel {
  public:
   explicit CpuModel(const ModelConfig& config);
+  CpuModel(const CpuModel&) = delete;  // holds pointers into itself (RoPE table) and to attached adapters
+  CpuModel& operator=(const CpuModel&) = delete;
 
   const ModelConfig& config() const { return cfg_; }
   ParamSet<T>& params() { return params_; }

@@ -1,8 +1,9 @@
 // Causal grouped-query attention over variable-length segments (FlashAttention's varlen contract):
 // token-major q [N, H, Dh], k and v [N, Hkv, Dh]; query head h reads KV head h / (H / Hkv); token i
 // attends to tokens j ≤ i of its own segment [cu[s], cu[s+1]). Softmax scale 1/sqrt(Dh) unless given.
-// Naive O(len²) per segment and head; the forward saves the log-sum-exp per (token, head) and the
-// backward recomputes the probabilities from it (no [len, len] tensor is kept).
+// Exact O(len²) per segment and head, as blocks of GEMMs over query rows; the forward saves the
+// log-sum-exp per (token, head) and the backward recomputes the probabilities from it (no
+// [len, len] tensor is kept between the calls).
 #pragma once
 
 #include <cstdint>
