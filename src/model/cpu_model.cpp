@@ -275,22 +275,22 @@ T CpuModel<T>::forward(const Batch& batch) {
   positions_.resize(static_cast<size_t>(N_));
   for (int64_t i = 0; i < N_; ++i) positions_[i] = static_cast<int32_t>(i % T_);  // RoPE positions restart per row
   rope_ = &rope_table(T_);
-  const int P_ = num_virtual_layers();
+  const int num_virtual = num_virtual_layers();
   if (lora_) {
     PG_CHECK(lora_->rows() == B_, "LoRA adapters have {} rows, the batch has {}", lora_->rows(), B_);
-    PG_CHECK(lora_->slots() == P_, "LoRA adapters have {} slots, the layer plan has {} virtual layers",
-             lora_->slots(), P_);
+    PG_CHECK(lora_->slots() == num_virtual, "LoRA adapters have {} slots, the layer plan has {} virtual layers",
+             lora_->slots(), num_virtual);
   }
   prepare_qat();
   forward_embedding();
 
   const int E = static_cast<int>(plan_.encoder.size());
   const int64_t d = m.model_dim;
-  layers_.resize(static_cast<size_t>(P_));
+  layers_.resize(static_cast<size_t>(num_virtual));
   const std::vector<T>* x = &x0_;  // the residual stream (plain layers)
   const std::vector<T>* lane0 = nullptr;
   const std::vector<T>* lane1 = nullptr;
-  for (int v = 0; v < P_; ++v) {
+  for (int v = 0; v < num_virtual; ++v) {
     LayerActs& L = layers_[static_cast<size_t>(v)];
     const bool enc = v < E;
     const int k = v - E;
@@ -379,14 +379,14 @@ void CpuModel<T>::backward_from(std::span<const T> dloss) {
   dx0_.assign(static_cast<size_t>(N_ * d), T(0));
   dve_.assign(ve_.size(), T(0));
   dv0_.assign(layers_.empty() ? 0 : layers_[0].attn.v_raw.size(), T(0));
-  const int P_ = num_virtual_layers(), E = static_cast<int>(plan_.encoder.size());
+  const int num_virtual = num_virtual_layers(), E = static_cast<int>(plan_.encoder.size());
   if (layers_.back().parallel) {
     for (auto& x : g) x *= T(0.5);
     g1 = g;
   }
   // Gradients reaching the encoder outputs through the skip connections.
   std::vector<std::vector<T>> d_enc(static_cast<size_t>(E));
-  for (int v = P_ - 1; v >= 0; --v) {
+  for (int v = num_virtual - 1; v >= 0; --v) {
     LayerActs& L = layers_[static_cast<size_t>(v)];
     if (v < E && !d_enc[static_cast<size_t>(v)].empty())
       for (size_t i = 0; i < g.size(); ++i) g[i] += d_enc[static_cast<size_t>(v)][i];

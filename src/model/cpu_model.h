@@ -13,7 +13,6 @@
 // Gradients accumulate into grads() (PyTorch's .grad semantics): call zero_grad() between steps.
 #pragma once
 
-#include <array>
 #include <map>
 #include <span>
 #include <string>

@@ -1,11 +1,13 @@
 // Forward values of the CPU ops against hand-computed or independently computed references.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 
 #include "backend/cpu/activation.h"
 #include "backend/cpu/attention.h"
 #include "backend/cpu/fake_quant.h"
+#include "backend/cpu/gemm.h"
 #include "backend/cpu/ngram_hash.h"
 #include "backend/cpu/rmsnorm.h"
 #include "backend/cpu/rope.h"
@@ -16,6 +18,33 @@
 
 using namespace pgolf;
 using namespace pgolf::cpu;
+
+// Large enough to be split into panels across threads (both the row and the column split, every
+// transpose combination, strided operands); checked against a naive triple loop in fp64.
+TEST(OpValues, GemmAllTransposesAndPanelSplits) {
+  Rng rng(4);
+  for (auto [M, N, K] : {std::array<int64_t, 3>{300, 70, 90}, {70, 300, 90}}) {
+    for (bool ta : {false, true})
+      for (bool tb : {false, true}) {
+        const int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
+        auto A = test::random_vector(rng, static_cast<size_t>((ta ? K : M) * lda));
+        auto B = test::random_vector(rng, static_cast<size_t>((tb ? N : K) * ldb));
+        auto C = test::random_vector(rng, static_cast<size_t>(M * ldc));
+        std::vector<double> ref = C;
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t j = 0; j < N; ++j) {
+            double acc = 0;
+            for (int64_t k = 0; k < K; ++k)
+              acc += (ta ? A[k * lda + i] : A[i * lda + k]) * (tb ? B[j * ldb + k] : B[k * ldb + j]);
+            ref[i * ldc + j] = 0.5 * acc + 2.0 * ref[i * ldc + j];
+          }
+        gemm<double>(ta, tb, M, N, K, 0.5, A.data(), lda, B.data(), ldb, 2.0, C.data(), ldc);
+        // Every element, the stride padding included (ref keeps C's padding: it must stay untouched).
+        for (size_t i = 0; i < C.size(); ++i)
+          ASSERT_NEAR(C[i], ref[i], 1e-11) << M << "x" << N << " ta " << ta << " tb " << tb << " at " << i;
+      }
+  }
+}
 
 // Expected values computed with Python's int arithmetic emulating int32 wrap (the references'
 // torch.int32 tensors) and floor modulo; 36313·65535 wraps to −1915194841.
