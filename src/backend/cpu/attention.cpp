@@ -1,12 +1,12 @@
 #include "backend/cpu/attention.h"
-#include "backend/cpu/gemm.h"
-#include "backend/cpu/parallel.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "backend/cpu/gemm.h"
+#include "backend/cpu/parallel.h"
 #include "core/error.h"
 
 namespace pgolf::cpu {

@@ -1,8 +1,8 @@
 #include "backend/cpu/embedding.h"
-#include "backend/cpu/parallel.h"
 
 #include <omp.h>
 
+#include "backend/cpu/parallel.h"
 #include "core/error.h"
 
 namespace pgolf::cpu {

@@ -1,8 +1,9 @@
 #include "backend/cpu/fake_quant.h"
-#include "backend/cpu/parallel.h"
 
 #include <algorithm>
 #include <cmath>
+
+#include "backend/cpu/parallel.h"
 
 namespace pgolf::cpu {
 

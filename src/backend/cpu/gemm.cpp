@@ -1,10 +1,10 @@
 #include "backend/cpu/gemm.h"
-#include "backend/cpu/parallel.h"
 
+#include <algorithm>
 #include <cblas.h>
 #include <omp.h>
 
-#include <algorithm>
+#include "backend/cpu/parallel.h"
 
 namespace pgolf::cpu {
 

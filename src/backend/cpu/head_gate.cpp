@@ -1,7 +1,8 @@
 #include "backend/cpu/head_gate.h"
-#include "backend/cpu/parallel.h"
 
 #include <cmath>
+
+#include "backend/cpu/parallel.h"
 
 namespace pgolf::cpu {
 

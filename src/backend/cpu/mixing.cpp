@@ -1,10 +1,10 @@
 #include "backend/cpu/mixing.h"
-#include "backend/cpu/parallel.h"
-
-#include <omp.h>
 
 #include <cmath>
+#include <omp.h>
 #include <vector>
+
+#include "backend/cpu/parallel.h"
 
 namespace pgolf::cpu {
 

@@ -1,7 +1,8 @@
 #include "backend/cpu/rmsnorm.h"
-#include "backend/cpu/parallel.h"
 
 #include <cmath>
+
+#include "backend/cpu/parallel.h"
 
 namespace pgolf::cpu {
 

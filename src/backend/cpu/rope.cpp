@@ -1,8 +1,8 @@
 #include "backend/cpu/rope.h"
-#include "backend/cpu/parallel.h"
 
 #include <cmath>
 
+#include "backend/cpu/parallel.h"
 #include "core/error.h"
 
 namespace pgolf::cpu {

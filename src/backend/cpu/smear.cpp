@@ -1,8 +1,9 @@
 #include "backend/cpu/smear.h"
-#include "backend/cpu/parallel.h"
 
 #include <cmath>
 #include <vector>
+
+#include "backend/cpu/parallel.h"
 
 namespace pgolf::cpu {
 

@@ -1,9 +1,9 @@
 #include "backend/cpu/softcap_ce.h"
-#include "backend/cpu/parallel.h"
 
 #include <algorithm>
 #include <cmath>
 
+#include "backend/cpu/parallel.h"
 #include "core/error.h"
 
 namespace pgolf::cpu {

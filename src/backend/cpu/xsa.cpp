@@ -1,9 +1,10 @@
 #include "backend/cpu/xsa.h"
-#include "backend/cpu/parallel.h"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+#include "backend/cpu/parallel.h"
 
 namespace pgolf::cpu {
 
