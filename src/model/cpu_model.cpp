@@ -266,6 +266,12 @@ T CpuModel<T>::forward(const Batch& batch) {
   const ModelConfig& m = cfg_;
   batch.validate(m.vocab_size);
   build_plan();
+  const int num_virtual = num_virtual_layers();
+  if (lora_) {
+    PG_CHECK(lora_->rows() == batch.rows, "LoRA adapters have {} rows, the batch has {}", lora_->rows(), batch.rows);
+    PG_CHECK(lora_->slots() == num_virtual, "LoRA adapters have {} slots, the layer plan has {} virtual layers",
+             lora_->slots(), num_virtual);
+  }
   B_ = batch.rows;
   T_ = batch.seq_len;
   N_ = batch.tokens();
@@ -275,12 +281,6 @@ T CpuModel<T>::forward(const Batch& batch) {
   positions_.resize(static_cast<size_t>(N_));
   for (int64_t i = 0; i < N_; ++i) positions_[i] = static_cast<int32_t>(i % T_);  // RoPE positions restart per row
   rope_ = &rope_table(T_);
-  const int num_virtual = num_virtual_layers();
-  if (lora_) {
-    PG_CHECK(lora_->rows() == B_, "LoRA adapters have {} rows, the batch has {}", lora_->rows(), B_);
-    PG_CHECK(lora_->slots() == num_virtual, "LoRA adapters have {} slots, the layer plan has {} virtual layers",
-             lora_->slots(), num_virtual);
-  }
   prepare_qat();
   forward_embedding();
 
