@@ -2,6 +2,7 @@
 // the layer plan switch, row independence (position-0 rules per row), segment isolation, LoRA per
 // row, and batch validation.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <cstring>
@@ -226,4 +227,48 @@ TEST(ModelModes, BatchValidationNamesTheProblem) {
   EXPECT_EQ(model.forward(b), 0.0f);
   EXPECT_EQ(model.logits().size(), static_cast<size_t>(24 * 64));
   EXPECT_THROW(model.backward(), Error);
+}
+
+// Every op splits its work by shape, never by team size (gemm panels, attention work items,
+// fixed-order column sums), so one or two threads give bit-identical results — also when OpenMP's
+// dynamic teams shrink under load.
+TEST(ModelModes, ResultsDoNotDependOnThreadCount) {
+  // Large enough for every parallel path: GEMM panels and attention work items (N·q_dim ≥ 32k).
+  Config c = Config::load("s1560");
+  c.set("vocab_size", int64_t{256});
+  c.set("model_dim", int64_t{64});
+  c.set("num_heads", int64_t{4});
+  c.set("num_kv_heads", int64_t{2});
+  c.set("num_layers", int64_t{5});
+  c.set("xsa_last_n", int64_t{5});
+  c.set("loop_start", int64_t{1});
+  c.set("loop_end", int64_t{2});
+  c.set("parallel_start_layer", int64_t{3});
+  CpuModel<float> model(ModelConfig::from_config(c));
+  test::perturbed_init(model, 41);
+  model.set_looping(true);
+  Batch batch;
+  batch.rows = 2;
+  batch.seq_len = 256;
+  Rng rng(3);
+  for (int64_t i = 0; i < batch.tokens(); ++i) {
+    batch.inputs.push_back(static_cast<int32_t>(rng.below(256)));
+    batch.targets.push_back(static_cast<int32_t>(rng.below(256)));
+  }
+  batch.cu_seqlens = {0, 100, 256, 300, 512};
+  const int dynamic = omp_get_dynamic(), threads = omp_get_max_threads();
+  omp_set_dynamic(0);
+  auto run = [&](int n) {
+    omp_set_num_threads(n);
+    model.zero_grad();
+    const float loss = model.forward(batch);
+    model.backward();
+    return std::make_pair(loss, std::vector<float>(model.grads().all().begin(), model.grads().all().end()));
+  };
+  const auto one = run(1), two = run(2);
+  omp_set_num_threads(threads);
+  omp_set_dynamic(dynamic);
+  EXPECT_EQ(std::memcmp(&one.first, &two.first, sizeof(float)), 0) << one.first << " vs " << two.first;
+  ASSERT_EQ(one.second.size(), two.second.size());
+  EXPECT_EQ(std::memcmp(one.second.data(), two.second.data(), one.second.size() * sizeof(float)), 0);
 }

@@ -26,6 +26,10 @@ void blas(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const
               static_cast<blasint>(ldc));
 }
 
+// Panels of one product: at most kGemmPanels, each at least kGemmMinPanel rows (or columns).
+constexpr int64_t kGemmPanels = 8;
+constexpr int64_t kGemmMinPanel = 32;
+
 }  // namespace
 
 template <typename T>
@@ -33,27 +37,27 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
           int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   configure_cpu_threads();
-  const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
-  if (threads <= 1 || !parallel_worth(M * N * K / 8)) {
+  // Inside any parallel region (active or not: omp_get_level counts both) the caller owns the
+  // threads and the product runs whole; the choice depends on the call site, never the team size.
+  if (omp_get_level() > 0 || !parallel_worth(M * N * K / 8)) {
     blas(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
-  // Split the larger output dimension into one panel per thread: rows of C take rows of op(A),
-  // columns of C take columns of op(B).
+  // Split the larger output dimension into panels whose count and bounds depend on the shape only,
+  // never on the number of threads, so every result is bit-identical whatever the team size: rows of
+  // C take rows of op(A), columns of C take columns of op(B).
   const bool split_rows = M >= N;
   const int64_t extent = split_rows ? M : N;
-#pragma omp parallel num_threads(threads)
-  {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t b = extent * t / nt, e = extent * (t + 1) / nt;
-    if (e > b) {
-      if (split_rows) {
-        const T* a = trans_a ? A + b : A + b * lda;
-        blas(trans_a, trans_b, e - b, N, K, alpha, a, lda, B, ldb, beta, C + b * ldc, ldc);
-      } else {
-        const T* bb = trans_b ? B + b * ldb : B + b;
-        blas(trans_a, trans_b, M, e - b, K, alpha, A, lda, bb, ldb, beta, C + b, ldc);
-      }
+  const int64_t panels = std::min<int64_t>(kGemmPanels, (extent + kGemmMinPanel - 1) / kGemmMinPanel);
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < panels; ++t) {
+    const int64_t b = extent * t / panels, e = extent * (t + 1) / panels;
+    if (split_rows) {
+      const T* a = trans_a ? A + b : A + b * lda;
+      blas(trans_a, trans_b, e - b, N, K, alpha, a, lda, B, ldb, beta, C + b * ldc, ldc);
+    } else {
+      const T* bb = trans_b ? B + b * ldb : B + b;
+      blas(trans_a, trans_b, M, e - b, K, alpha, A, lda, bb, ldb, beta, C + b, ldc);
     }
   }
 }

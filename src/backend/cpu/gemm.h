@@ -2,7 +2,8 @@
 // CPU backend multiplies matrices.
 //
 // Threading: OpenBLAS runs single-threaded and large products are split into panels across the
-// OpenMP threads here, so one thread pool serves every CPU op (parallel.h). OpenBLAS's own pthread
+// OpenMP threads here, so one thread pool serves every CPU op (parallel.h). The panels depend on the
+// shape only, so results are bit-identical for any number of threads. OpenBLAS's own pthread
 // pool and the OpenMP pool both spin while idle; alternating between them made the model ~15x slower
 // on 2 cores.
 #pragma once
