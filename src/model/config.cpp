@@ -148,33 +148,34 @@ std::vector<ParamSpec> param_specs(const ModelConfig& m) {
   auto add = [&](std::string name, Shape s, ParamGroup g, InitKind k, double v = 0.0) {
     out.push_back({std::move(name), std::move(s), g, k, v});
   };
-  add("tok_emb.weight", {m.vocab_size, d}, ParamGroup::Embed, InitKind::Normal, m.tied_embed_init_std);
-  if (m.bigram_vocab_size > 0) {
-    add("bigram.embed.weight", {m.bigram_vocab_size, m.bigram_dim}, ParamGroup::Embed, InitKind::Zeros);
-    add("bigram.proj.weight", {d, m.bigram_dim}, ParamGroup::Matrix, side_init, side_scale);
-    add("bigram.scale", {}, ParamGroup::Scalar, InitKind::Constant, 0.05);
-  }
-  if (m.bigram_direct_size > 0)
-    add("bigram_emb.weight", {m.bigram_direct_size, d}, ParamGroup::Embed, InitKind::Normal, 1.0);
-  if (m.smear_gate) add("smear.gate", {d}, ParamGroup::Scalar, InitKind::Zeros);
-  if (m.ve_enabled) {
-    add("ve_shared.embed.weight", {m.vocab_size, m.ve_dim}, ParamGroup::Embed, InitKind::Normal, 0.01);
-    add("ve_shared.proj.weight", {kvd, m.ve_dim}, ParamGroup::Matrix, side_init, side_scale);
-    add("ve_shared.scale", {}, ParamGroup::Scalar, InitKind::Constant, 0.1);
-    for (size_t i = 0; i < m.ve_layers.size(); ++i)
-      add("ve_layer_scales." + std::to_string(i), {1}, ParamGroup::Scalar, InitKind::Ones);
-  }
-  const int64_t n_skip = m.num_skip_params();
-  if (n_skip > 0) add("skip_weights", {n_skip, d}, ParamGroup::Scalar, InitKind::Ones);
-  if (m.skip_gates && n_skip > 0) add("skip_gates", {n_skip, d}, ParamGroup::Scalar, InitKind::Zeros);
+  // The order is the reference scripts' named_parameters() order: the GPT module's own parameters
+  // first (banks, skip vectors, lane lambdas), then its submodules in construction order
+  // (tok_emb, bigram, smear, blocks, value embedding); inside a block its own parameters come first.
   if (m.param_banks) {
+    PG_CHECK(qd == d, "param_banks needs num_heads * head_dim == model_dim (qo_bank holds Q and O as [d, d])");
     // qo_bank: Q slices [0, L) orthogonal, O slices [L, 2L) zero.
     out.push_back({"qo_bank", {2 * L, d, qd}, ParamGroup::Matrix, InitKind::Orthogonal, 1.0, L});
     out.push_back({"kv_bank", {2 * L, kvd, d}, ParamGroup::Matrix, InitKind::Orthogonal, 1.0});
     out.push_back({"mlp_up_bank", {L, hid, d}, ParamGroup::Matrix, InitKind::Orthogonal, 1.0});
     out.push_back({"mlp_down_bank", {L, d, hid}, ParamGroup::Matrix, InitKind::Zeros, 0.0});
-    PG_CHECK(qd == d, "param_banks needs num_heads * head_dim == model_dim (qo_bank holds Q and O as [d, d])");
   }
+  const int64_t n_skip = m.num_skip_params();
+  if (n_skip > 0) add("skip_weights", {n_skip, d}, ParamGroup::Scalar, InitKind::Ones);
+  if (m.skip_gates && n_skip > 0) add("skip_gates", {n_skip, d}, ParamGroup::Scalar, InitKind::Zeros);
+  if (m.parallel_start_layer >= 0) {
+    add("parallel_post_lambdas", {L, 2, 2}, ParamGroup::Scalar, InitKind::Ones);
+    add("parallel_resid_lambdas", {L, 2}, ParamGroup::Scalar, InitKind::Constant, 1.1);
+  }
+  add("tok_emb.weight", {m.vocab_size, d}, ParamGroup::Embed, InitKind::Normal, m.tied_embed_init_std);
+  if (m.bigram_vocab_size > 0) {
+    add("bigram.scale", {}, ParamGroup::Scalar, InitKind::Constant, 0.05);
+    add("bigram.embed.weight", {m.bigram_vocab_size, m.bigram_dim}, ParamGroup::Embed, InitKind::Zeros);
+    add("bigram.proj.weight", {d, m.bigram_dim}, ParamGroup::Matrix, side_init, side_scale);
+  }
+  // s600's direct table is an nn.Embedding with its default N(0, 1) init.
+  if (m.bigram_direct_size > 0)
+    add("bigram_emb.weight", {m.bigram_direct_size, d}, ParamGroup::Embed, InitKind::Normal, 1.0);
+  if (m.smear_gate) add("smear.gate", {d}, ParamGroup::Scalar, InitKind::Zeros);
   for (int64_t i = 0; i < L; ++i) {
     std::string b = "blocks." + std::to_string(i) + ".";
     add(b + "attn_scale", {d}, ParamGroup::Scalar, InitKind::Ones);
@@ -186,22 +187,27 @@ std::vector<ParamSpec> param_specs(const ModelConfig& m) {
     }
     add(b + "attn.q_gain", {H}, ParamGroup::Scalar, InitKind::Constant, m.qk_gain_init);
     if (m.value_residual) add(b + "attn.vr_lambda", {2}, ParamGroup::Scalar, InitKind::Constant, 0.5);
-    if (m.gated_attention) {
-      add(b + "attn.attn_gate.weight", {H, d}, ParamGroup::Matrix, InitKind::Zeros);
-      add(b + "attn.attn_gate.bias", {H}, ParamGroup::Scalar, InitKind::Constant, m.gated_attention_bias_init);
-    }
     if (!m.param_banks) {
       add(b + "attn.c_q.weight", {qd, d}, ParamGroup::Matrix, in_proj, in_proj_v);
       add(b + "attn.c_k.weight", {kvd, d}, ParamGroup::Matrix, in_proj, in_proj_v);
       add(b + "attn.c_v.weight", {kvd, d}, ParamGroup::Matrix, in_proj, in_proj_v);
       add(b + "attn.proj.weight", {d, qd}, ParamGroup::Matrix, InitKind::Zeros);
+    }
+    if (m.gated_attention) {
+      add(b + "attn.attn_gate.weight", {H, d}, ParamGroup::Matrix, InitKind::Zeros);
+      add(b + "attn.attn_gate.bias", {H}, ParamGroup::Scalar, InitKind::Constant, m.gated_attention_bias_init);
+    }
+    if (!m.param_banks) {
       add(b + "mlp.fc.weight", {hid, d}, ParamGroup::Matrix, in_proj, in_proj_v);
       add(b + "mlp.proj.weight", {d, hid}, ParamGroup::Matrix, InitKind::Zeros);
     }
   }
-  if (m.parallel_start_layer >= 0) {
-    add("parallel_post_lambdas", {L, 2, 2}, ParamGroup::Scalar, InitKind::Ones);
-    add("parallel_resid_lambdas", {L, 2}, ParamGroup::Scalar, InitKind::Constant, 1.1);
+  if (m.ve_enabled) {
+    add("ve_shared.scale", {}, ParamGroup::Scalar, InitKind::Constant, 0.1);
+    add("ve_shared.embed.weight", {m.vocab_size, m.ve_dim}, ParamGroup::Embed, InitKind::Normal, 0.01);
+    add("ve_shared.proj.weight", {kvd, m.ve_dim}, ParamGroup::Matrix, side_init, side_scale);
+    for (size_t i = 0; i < m.ve_layers.size(); ++i)
+      add("ve_layer_scales." + std::to_string(i), {1}, ParamGroup::Scalar, InitKind::Ones);
   }
   return out;
 }

@@ -98,8 +98,10 @@ struct ModelConfig {
   };
   LayerPlan layer_plan(bool looping) const;
   int num_skip_params() const;  // rows of skip_weights (= skips of the looped plan when looping exists)
+  // Parallel residual lanes for decoder layers at or after parallel_start_layer; the reference
+  // tests `i >= psl and psl > 0`, so 0 (like -1) means off.
   bool parallel_on(int physical_layer) const {
-    return parallel_start_layer >= 0 && physical_layer >= parallel_start_layer;
+    return parallel_start_layer > 0 && physical_layer >= parallel_start_layer;
   }
 };
 

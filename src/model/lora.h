@@ -1,0 +1,66 @@
+// Per-document LoRA adapters for test-time training (SPEC §6.5): every batch row (one document) has
+// its own rank-r pair A [r, in], B [out, r] per target and per virtual layer (one slot per entry of
+// the layer plan), plus one LM-head pair. Attachment points (#1530/S1560):
+//   q, k, v += LoRA(n)        n = the normed attention input RMSNorm(x_in)·s
+//   attn_out += LoRA_o(n)     (reads n, not the attention output)
+//   mlp_out += LoRA_mlp(m)    m = the normed MLP input (a parallel d → d adapter)
+//   logits_raw += LoRA_head(h_final) before the soft cap.
+// Parameters and gradients live in two flat arrays of one layout, so an optimizer walks them together.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "core/rng.h"
+#include "model/config.h"
+
+namespace pgolf {
+
+enum class LoraTarget { Q, K, V, O, Mlp, Head };
+inline constexpr int kNumLoraTargets = 6;
+
+struct LoraConfig {
+  int rank = 8;
+  // Which targets carry adapters (indexed by LoraTarget).
+  std::array<bool, kNumLoraTargets> targets = {true, false, true, false, false, true};
+  bool on(LoraTarget t) const { return targets[static_cast<size_t>(t)]; }
+};
+
+template <typename T>
+class LoraAdapters {
+ public:
+  struct Adapter {
+    int64_t in = 0, out = 0;
+    int64_t a_offset = -1;  // A [rows, rank, in]
+    int64_t b_offset = -1;  // B [rows, out, rank]
+  };
+
+  // `rows` = batch rows (documents), `slots` = virtual layers of the plan the model runs.
+  LoraAdapters(const ModelConfig& model, const LoraConfig& config, int64_t rows, int slots);
+
+  const LoraConfig& config() const { return config_; }
+  int64_t rows() const { return rows_; }
+  int slots() const { return slots_; }
+  int64_t rank() const { return config_.rank; }
+  // The adapter of `target` at virtual layer `slot` (slot ignored for the head), or null if absent.
+  const Adapter* find(LoraTarget target, int slot) const;
+
+  std::span<T> params() { return params_; }
+  std::span<const T> params() const { return params_; }
+  std::span<T> grads() { return grads_; }
+  std::span<const T> grads() const { return grads_; }
+  void zero_grad();
+  // BatchedLinearLoRA.reset: A ~ U(±1/sqrt(in)), B = 0, for every adapter and row.
+  void reset(Rng& rng);
+
+ private:
+  LoraConfig config_;
+  int64_t rows_ = 0;
+  int slots_ = 0;
+  std::vector<Adapter> adapters_;  // [target][slot], head at slot 0 only
+  std::vector<T> params_, grads_;
+};
+
+}  // namespace pgolf
