@@ -59,4 +59,3 @@ void BM_CpuModelS1560(benchmark::State& state) { run(state, "s1560"); }
 BENCHMARK(BM_CpuModelBaseline)->Args({128, 4, 256})->Args({256, 6, 256})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_CpuModelS1560)->Args({128, 6, 256})->Unit(benchmark::kMillisecond)->UseRealTime();
 
-BENCHMARK_MAIN();

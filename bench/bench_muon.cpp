@@ -44,4 +44,3 @@ BENCHMARK(BM_MuonStep)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTi
 
 }  // namespace
 
-BENCHMARK_MAIN();

@@ -35,8 +35,8 @@ void fill_shifted(Batch& b, std::span<const uint16_t> span, int64_t rows, int64_
   PG_CHECK(span.size() == n + 1, "fill_shifted: span of {} tokens for {} inputs", span.size(), n);
   b.rows = rows;
   b.seq_len = seq_len;
-  b.x.assign(span.begin(), span.end() - 1);
-  b.y.assign(span.begin() + 1, span.end());
+  b.inputs.assign(span.begin(), span.end() - 1);
+  b.targets.assign(span.begin() + 1, span.end());
 }
 
 }  // namespace
@@ -275,13 +275,13 @@ Batch ShuffledSequenceLoader::next(int64_t batch_tokens, int grad_accum) {
   Batch b;
   b.rows = rows;
   b.seq_len = seq_len_;
-  b.x.resize(static_cast<size_t>(rows * seq_len_));
-  b.y.resize(b.x.size());
+  b.inputs.resize(static_cast<size_t>(rows * seq_len_));
+  b.targets.resize(b.inputs.size());
   for (int64_t r = 0; r < rows; ++r) {
     auto [si, start] = draw();
     auto window = shards_[si].tokens().subspan(static_cast<size_t>(start), static_cast<size_t>(seq_len_ + 1));
-    std::copy(window.begin(), window.end() - 1, b.x.begin() + r * seq_len_);
-    std::copy(window.begin() + 1, window.end(), b.y.begin() + r * seq_len_);
+    std::copy(window.begin(), window.end() - 1, b.inputs.begin() + r * seq_len_);
+    std::copy(window.begin() + 1, window.end(), b.targets.begin() + r * seq_len_);
   }
   b.cu_seqlens = dense_cu_seqlens(rows, seq_len_);
   b.max_seqlen = static_cast<int32_t>(seq_len_);

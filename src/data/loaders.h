@@ -14,27 +14,12 @@
 #include "core/fs.h"
 #include "core/rng.h"
 #include "data/shard.h"
+#include "model/batch.h"
 
 namespace pgolf {
 
-// One micro-batch of one rank: what a training step consumes.
-//   x, y        int32 input ids and target ids (y[i] is the token after x[i]), row-major [rows, seq_len].
-//               Dense loaders (a), (c): rows = n_local / T sequences of T tokens.
-//               Document packing (b): one flat row, rows = 1, seq_len = n_local.
-//   cu_seqlens  attention segments as FlashAttention's varlen API takes them: segment starts, then
-//               the total. Always filled. Dense rows: [0, T, 2T, ..., rows*T]. Document packing: the
-//               segments of doc_segments(), padded with the total to a multiple of 64 entries
-//               (zero-length segments).
-//   max_seqlen  the longest segment (T for dense rows).
-struct Batch {
-  std::vector<int32_t> x, y;
-  int64_t rows = 0;
-  int64_t seq_len = 0;
-  std::vector<int32_t> cu_seqlens;
-  int32_t max_seqlen = 0;
-
-  int64_t tokens() const { return rows * seq_len; }
-};
+// Every loader returns a `Batch` (model/batch.h): int32 inputs/targets (targets[i] is the token
+// after inputs[i]), rows, seq_len, cu_seqlens (always filled here) and max_seqlen.
 
 // Tokens per rank and micro-step: batch_tokens / (world_size * grad_accum), rounded down as the
 // references do; throws when that is zero.

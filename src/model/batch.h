@@ -1,6 +1,10 @@
 // One batch of the model: B rows of T tokens (the references' [B, T] input), their targets, and the
 // attention segments. Position-0 rules (bigram reserved bucket, SmearGate's zero predecessor) and
 // RoPE positions are per row; attention is causal within each segment of `cu_seqlens`.
+// The training loaders (data/loaders.h) produce it: dense loaders give rows = n_local / T sequences
+// of T tokens with cu_seqlens [0, T, ..., rows·T]; document packing gives one flat row (rows = 1,
+// seq_len = n_local) whose segments start at every BOS, are cut every max_doc_len tokens and are
+// padded with the total to a multiple of 64 entries (zero-length segments).
 #pragma once
 
 #include <cstdint>
@@ -14,6 +18,7 @@ struct Batch {
   std::vector<int32_t> inputs;      // [B·T] token ids
   std::vector<int32_t> targets;     // [B·T] next-token ids; empty = forward without a loss
   std::vector<int32_t> cu_seqlens;  // segment starts + total (FlashAttention varlen); empty = one segment per row
+  int32_t max_seqlen = 0;           // the longest segment (T for dense rows); 0 = not computed
 
   int64_t tokens() const { return rows * seq_len; }
   // The segments attention uses: cu_seqlens, or [0, T, 2T, ..., B·T] when it is empty.

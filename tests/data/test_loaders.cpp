@@ -30,8 +30,8 @@ std::vector<int32_t> iota_vec(int32_t from, int n) {
 }
 
 void expect_same(const Batch& a, const Batch& b) {
-  EXPECT_EQ(a.x, b.x);
-  EXPECT_EQ(a.y, b.y);
+  EXPECT_EQ(a.inputs, b.inputs);
+  EXPECT_EQ(a.targets, b.targets);
   EXPECT_EQ(a.rows, b.rows);
   EXPECT_EQ(a.seq_len, b.seq_len);
   EXPECT_EQ(a.cu_seqlens, b.cu_seqlens);
@@ -64,10 +64,10 @@ TEST(SequentialLoader, RanksTakeTheirSpansOfTheSharedChunk) {
   Batch a = r0.next(16, 1, 4), b = r1.next(16, 1, 4);
   EXPECT_EQ(a.rows, 2);
   EXPECT_EQ(a.seq_len, 4);
-  EXPECT_EQ(a.x, iota_vec(1000, 8));  // rank 0: tokens 0..8 of the stream
-  EXPECT_EQ(a.y, iota_vec(1001, 8));
-  EXPECT_EQ(b.x, iota_vec(1009, 8));  // rank 1: tokens 9..17 (its first token is rank 0's last target)
-  EXPECT_EQ(b.y, iota_vec(1010, 8));
+  EXPECT_EQ(a.inputs, iota_vec(1000, 8));  // rank 0: tokens 0..8 of the stream
+  EXPECT_EQ(a.targets, iota_vec(1001, 8));
+  EXPECT_EQ(b.inputs, iota_vec(1009, 8));  // rank 1: tokens 9..17 (its first token is rank 0's last target)
+  EXPECT_EQ(b.targets, iota_vec(1010, 8));
   EXPECT_EQ(a.cu_seqlens, (std::vector<int32_t>{0, 4, 8}));
   EXPECT_EQ(a.max_seqlen, 4);
   EXPECT_EQ(r0.state().pos, 18);
@@ -89,8 +89,8 @@ TEST(SequentialLoader, StreamWrapsOverShards) {
       Batch b = l.next(16, 1, 4);
       for (int i = 0; i < 8; ++i) {
         const int64_t q = 18 * step + 9 * rank + i;
-        ASSERT_EQ(b.x[i], stream_at(q)) << "rank " << rank << " step " << step << " i " << i;
-        ASSERT_EQ(b.y[i], stream_at(q + 1)) << "rank " << rank << " step " << step << " i " << i;
+        ASSERT_EQ(b.inputs[i], stream_at(q)) << "rank " << rank << " step " << step << " i " << i;
+        ASSERT_EQ(b.targets[i], stream_at(q + 1)) << "rank " << rank << " step " << step << " i " << i;
       }
     }
   }
@@ -99,8 +99,8 @@ TEST(SequentialLoader, StreamWrapsOverShards) {
   l.next(16, 1, 4);
   l.next(16, 1, 4);
   Batch c = l.next(16, 1, 4);
-  EXPECT_EQ(c.x, (std::vector<int32_t>{1036, 1037, 1038, 1039, 2000, 2001, 2002, 2003}));
-  EXPECT_EQ(c.y, (std::vector<int32_t>{1037, 1038, 1039, 2000, 2001, 2002, 2003, 2004}));
+  EXPECT_EQ(c.inputs, (std::vector<int32_t>{1036, 1037, 1038, 1039, 2000, 2001, 2002, 2003}));
+  EXPECT_EQ(c.targets, (std::vector<int32_t>{1037, 1038, 1039, 2000, 2001, 2002, 2003, 2004}));
 }
 
 TEST(SequentialLoader, GradientAccumulationSplitsTheBatch) {
@@ -109,8 +109,8 @@ TEST(SequentialLoader, GradientAccumulationSplitsTheBatch) {
   SequentialLoader l({s0}, 0, 1);
   // 32 tokens, 1 rank, 4 micro-steps: n_local 8, each micro-step reads 9 tokens.
   Batch m0 = l.next(32, 4, 4), m1 = l.next(32, 4, 4);
-  EXPECT_EQ(m0.x, iota_vec(1000, 8));
-  EXPECT_EQ(m1.x, iota_vec(1009, 8));
+  EXPECT_EQ(m0.inputs, iota_vec(1000, 8));
+  EXPECT_EQ(m1.inputs, iota_vec(1009, 8));
   EXPECT_THROW(l.next(32, 4, 3), Error);  // 8 tokens are not rows of 3
 }
 
@@ -198,9 +198,9 @@ TEST(DocPackingLoader, SpansStartAtFirstBosAndSkipShardTails) {
   Batch a0 = r0.next(16, 1, 4), a1 = r1.next(16, 1, 4);
   EXPECT_EQ(a0.rows, 1);
   EXPECT_EQ(a0.seq_len, 8);
-  EXPECT_EQ(a0.x, d.slice(d.ta, 3, 8));
-  EXPECT_EQ(a0.y, d.slice(d.ta, 4, 8));
-  EXPECT_EQ(a1.x, d.slice(d.ta, 12, 8));
+  EXPECT_EQ(a0.inputs, d.slice(d.ta, 3, 8));
+  EXPECT_EQ(a0.targets, d.slice(d.ta, 4, 8));
+  EXPECT_EQ(a1.inputs, d.slice(d.ta, 12, 8));
   // Rank 0: BOS at buffer positions 0 and 7 -> [0,4) [4,7) [7,8).
   EXPECT_EQ(std::vector<int32_t>(a0.cu_seqlens.begin(), a0.cu_seqlens.begin() + 4), (std::vector<int32_t>{0, 4, 7, 8}));
   EXPECT_EQ(a0.cu_seqlens.size(), 64u);
@@ -210,20 +210,20 @@ TEST(DocPackingLoader, SpansStartAtFirstBosAndSkipShardTails) {
   // Step 2: cursor 21, 21 + 18 = 39 <= 40 fits. Rank 0 reads A[21..30): BOS at 25 -> buffer 4.
   Batch b0 = r0.next(16, 1, 4);
   r1.next(16, 1, 4);
-  EXPECT_EQ(b0.x, d.slice(d.ta, 21, 8));
+  EXPECT_EQ(b0.inputs, d.slice(d.ta, 21, 8));
   EXPECT_EQ(std::vector<int32_t>(b0.cu_seqlens.begin(), b0.cu_seqlens.begin() + 3), (std::vector<int32_t>{0, 4, 8}));
   // Step 3: cursor 39 + 18 > 40: the rest of A is skipped; shard B from its first BOS (0).
   Batch c0 = r0.next(16, 1, 4), c1 = r1.next(16, 1, 4);
-  EXPECT_EQ(c0.x, d.slice(d.tb, 0, 8));
-  EXPECT_EQ(c1.x, d.slice(d.tb, 9, 8));
-  EXPECT_EQ(c1.y, d.slice(d.tb, 10, 8));
+  EXPECT_EQ(c0.inputs, d.slice(d.tb, 0, 8));
+  EXPECT_EQ(c1.inputs, d.slice(d.tb, 9, 8));
+  EXPECT_EQ(c1.targets, d.slice(d.tb, 10, 8));
   // Rank 1's buffer B[9..17) has the BOS at 12 -> buffer position 3.
   EXPECT_EQ(std::vector<int32_t>(c1.cu_seqlens.begin(), c1.cu_seqlens.begin() + 4), (std::vector<int32_t>{0, 3, 7, 8}));
   EXPECT_EQ(r0.state().shard, 1);
   EXPECT_EQ(r0.state().cursor, 18);
   // Step 4: 18 + 18 > 30: wrap to shard A at its first BOS.
   Batch e0 = r0.next(16, 1, 4);
-  EXPECT_EQ(e0.x, d.slice(d.ta, 3, 8));
+  EXPECT_EQ(e0.inputs, d.slice(d.ta, 3, 8));
   EXPECT_EQ(r0.state().shard, 0);
 }
 
@@ -282,11 +282,11 @@ TEST(ShuffledSequenceLoader, AnEpochServesEveryWindowOfTheOwnedShardsOnce) {
     ASSERT_LT(served, 100) << "no epoch end";
     ASSERT_EQ(b.rows, 1);
     ASSERT_EQ(b.cu_seqlens, (std::vector<int32_t>{0, T}));
-    const int shard = b.x[0] / 1000, start = b.x[0] % 1000;
+    const int shard = b.inputs[0] / 1000, start = b.inputs[0] % 1000;
     ASSERT_TRUE(shard == 0 || shard == 2) << "rank 0 read shard " << shard;
     for (int i = 0; i < T; ++i) {
-      ASSERT_EQ(b.x[i], 1000 * shard + start + i);  // a contiguous window
-      ASSERT_EQ(b.y[i], 1000 * shard + start + i + 1);
+      ASSERT_EQ(b.inputs[i], 1000 * shard + start + i);  // a contiguous window
+      ASSERT_EQ(b.targets[i], 1000 * shard + start + i + 1);
     }
     ASSERT_TRUE(starts[shard].insert(start).second) << "window " << start << " of shard " << shard << " served twice";
   }
@@ -309,8 +309,8 @@ TEST(ShuffledSequenceLoader, DeterministicPerSeedAndRank) {
     for (int i = 0; i < 6; ++i) {
       Batch b = l.next(16, 1);  // 2 rows of 4
       EXPECT_EQ(b.rows, 2);
-      firsts.push_back(b.x[0]);
-      firsts.push_back(b.x[4]);
+      firsts.push_back(b.inputs[0]);
+      firsts.push_back(b.inputs[4]);
     }
     return firsts;
   };
