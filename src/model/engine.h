@@ -1,0 +1,104 @@
+// Engine: what training and evaluation need from a model backend — the CPU reference (CpuEngine,
+// fp32) or the CUDA engine. One engine per rank. Parameters and gradients are fp32 in ParamLayout
+// order; host copies move through ParamSet<float>. The engine owns the training optimizer (so the
+// whole step can run on the device and be captured as one CUDA graph), the EMA copy, and the
+// auxiliary optimizers of test-time training. Distributed reductions go through the Communicator
+// given at construction (host buffers for the CPU engine, device buffers for NCCL).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/batch.h"
+#include "model/config.h"
+#include "model/lora.h"
+#include "model/params.h"
+
+namespace pgolf {
+
+class Communicator;
+
+// Controls of one optimizer step, computed by the trainer from its schedules (optim/schedule.h).
+struct StepControl {
+  int64_t step = 0;            // optimizer steps taken before this one
+  double lr_scale = 1.0;       // schedule multiplier of every group's LR
+  double muon_momentum = 0.95;
+  bool update_ema = false;     // fold the new weights into the EMA after the step
+  double ema_decay = 0.997;
+};
+
+struct StepResult {
+  double loss = 0.0;       // mean training loss of the step (micro-batches averaged, then ranks averaged)
+  double grad_norm = 0.0;  // global L2 norm before clipping (the local one when clipping is local)
+};
+
+// Optimizer of score-first TTT over the base weights (SPEC §6.3 / §6.4 / §6.7).
+struct TttOptimizerConfig {
+  enum class Kind { Sgd, AdamW } kind = Kind::Sgd;
+  double lr = 0.002;            // base LR; ttt_step's lr_scale multiplies it (cosine schedules)
+  double momentum = 0.9;        // SGD
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;  // AdamW
+  double proj_lr_mult = 1.0;    // AdamW per-group LRs (s562): names containing ".proj." ...
+  double fc_lr_mult = 1.0;      // ... and ".fc."
+  double grad_clip = 1.0;       // global L2 clip (0 = off)
+  int freeze_blocks = 0;        // blocks 0..k-1 (and nothing else) stay frozen
+};
+
+// Optimizer of the per-document LoRA adapters (SPEC §6.5).
+struct LoraOptimizerConfig {
+  double lr = 0.01;
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-10, weight_decay = 0.0;  // Adam (wd 0) or AdamW
+};
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+
+  virtual const ModelConfig& model_config() const = 0;
+  virtual const ParamLayout& layout() const = 0;
+  virtual const char* backend_name() const = 0;  // "cpu" or "cuda"
+
+  // ---- parameters and state -------------------------------------------------------------------
+  virtual void load_params(const ParamSet<float>& params) = 0;   // host -> engine (also resets nothing else)
+  virtual void store_params(ParamSet<float>& params) const = 0;  // engine -> host
+  // Optimizer moments, step counter and EMA copy under the names of optim/ (optim/<p>/..., ema/<p>).
+  virtual TensorMap optimizer_state() const = 0;
+  virtual void load_optimizer_state(const TensorMap& state, const std::string& what) = 0;
+  virtual void init_ema() = 0;                          // EMA := current weights
+  virtual void store_ema(ParamSet<float>& out) const = 0;  // the EMA weights (host)
+
+  // ---- modes ----------------------------------------------------------------------------------
+  virtual void set_looping(bool on) = 0;  // s1560 depth recurrence (layer plan)
+  virtual void set_qat(bool on) = 0;      // late-QAT fake quantization in training forwards
+
+  // ---- training -------------------------------------------------------------------------------
+  // One optimizer step over the micro-batches of this rank (gradient accumulation: each micro-batch's
+  // mean loss weighted by 1/n): zero grads, forward + backward each, average the gradients across
+  // ranks, clip (global or local as the preset says), the optimizer groups, then the EMA.
+  virtual StepResult train_step(std::span<const Batch> micro_batches, const StepControl& control) = 0;
+
+  // ---- evaluation -----------------------------------------------------------------------------
+  // Eval-mode forward: the per-token NLL (natural log, fp32) of every position of the batch, [tokens].
+  virtual void token_losses(const Batch& batch, std::vector<float>& nll) = 0;
+
+  // ---- score-first TTT over the base weights --------------------------------------------------
+  virtual void ttt_begin(const TttOptimizerConfig& config) = 0;  // fresh optimizer state
+  // Train-mode forward + backward of the batch's mean loss, gradients averaged across ranks, clipped,
+  // one step at lr · lr_scale. Returns the loss (this rank's).
+  virtual double ttt_step(const Batch& batch, double lr_scale) = 0;
+  virtual void ttt_end() = 0;  // frees the TTT optimizer state
+
+  // ---- per-document LoRA TTT (SPEC §6.5) ------------------------------------------------------
+  // Adapters for `rows` documents per batch, one set per virtual layer of the current plan.
+  virtual void lora_begin(const LoraConfig& lora, int64_t rows, const LoraOptimizerConfig& opt) = 0;
+  virtual void lora_reset(uint64_t seed) = 0;  // re-draw A, zero B, zero the optimizer state
+  // Forward with the adapters (base frozen): per-token NLL of the batch into `nll` [tokens]; then,
+  // when `token_weights` is non-empty, backward of Σ w_i·nll_i into the adapters and one optimizer step.
+  virtual void lora_score_and_train(const Batch& batch, std::span<const float> token_weights,
+                                    std::vector<float>& nll) = 0;
+  virtual void lora_end() = 0;
+};
+
+}  // namespace pgolf
