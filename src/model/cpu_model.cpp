@@ -168,6 +168,15 @@ void CpuModel<T>::lora_backward(LoraTarget t, int slot, const T* dy, const T* x,
 }
 
 template <typename T>
+typename CpuModel<T>::LinearInputs CpuModel<T>::linear_inputs(int v) const {
+  PG_CHECK(v >= 0 && v < static_cast<int>(layers_.size()), "linear_inputs: no virtual layer {} in the last forward", v);
+  const LayerActs& L = layers_[static_cast<size_t>(v)];
+  const AttnActs& A = L.attn;
+  const std::vector<T>& wo_in = !A.y_out.empty() ? A.y_out : (!A.y_xsa.empty() ? A.y_xsa : A.y);
+  return {L.n, wo_in, L.mlp.m, L.mlp.post};
+}
+
+template <typename T>
 std::span<const T> CpuModel<T>::layer_output(int v, int lane) const {
   const LayerActs& L = layers_.at(static_cast<size_t>(v));
   PG_CHECK(lane == 0 || (lane == 1 && L.parallel), "layer_output: virtual layer {} has no lane {}", v, lane);

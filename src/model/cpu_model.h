@@ -75,6 +75,14 @@ class CpuModel {
   bool is_parallel(int v) const { return layers_.at(static_cast<size_t>(v)).parallel; }
   // Output of virtual layer v (lane 1 exists only for parallel layers).
   std::span<const T> layer_output(int v, int lane = 0) const;
+  // Inputs of the quantized matrices of virtual layer v in the last forward (GPTQ calibration, SPEC
+  // §5.7): the normed attention input n [N, d] (c_q, c_k, c_v), the attention output entering the
+  // output projection [N, q_dim] (after XSA and the gate), the normed MLP input m [N, d] (fc) and the
+  // MLP hidden after the activation [N, hidden] (mlp.proj).
+  struct LinearInputs {
+    std::span<const T> attn_in, proj_in, fc_in, mlp_hidden;
+  };
+  LinearInputs linear_inputs(int v) const;
 
  private:
   // Offsets into the parameter layout of one physical layer's tensors (-1: absent in this stack).

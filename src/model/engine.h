@@ -25,8 +25,7 @@ struct StepControl {
   int64_t step = 0;            // optimizer steps taken before this one
   double lr_scale = 1.0;       // schedule multiplier of every group's LR
   double muon_momentum = 0.95;
-  bool update_ema = false;     // fold the new weights into the EMA after the step
-  double ema_decay = 0.997;
+  bool update_ema = false;     // fold the new weights into the EMA (decay from the preset) after the step
 };
 
 struct StepResult {
@@ -98,7 +97,16 @@ class Engine {
   // when `token_weights` is non-empty, backward of Σ w_i·nll_i into the adapters and one optimizer step.
   virtual void lora_score_and_train(const Batch& batch, std::span<const float> token_weights,
                                     std::vector<float>& nll) = 0;
+  // One more optimizer step on the same batch with a fresh forward (several steps per chunk, s600's plan).
+  virtual void lora_train_step(const Batch& batch, std::span<const float> token_weights) = 0;
   virtual void lora_end() = 0;
+
+  // ---- GPTQ calibration (SPEC §5.7) -----------------------------------------------------------
+  // Eval-mode forward of `batch` with the current layer plan; for every quantized matrix adds XᵀX of
+  // its input rows to hessians[<unbanked weight name>] (F32 [in, in], created on first use; looped
+  // layers add once per pass) and, for "tok_emb.weight" (the tied head), XᵀX of the final-norm
+  // output. The caller divides by the number of batches.
+  virtual void accumulate_hessians(const Batch& batch, TensorMap& hessians) = 0;
 };
 
 }  // namespace pgolf

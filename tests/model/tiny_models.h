@@ -14,8 +14,8 @@
 
 namespace pgolf::test {
 
-// Stacks: baseline, s691, s562 (+ trigram: s562_trigram), s600, s1560.
-inline ModelConfig tiny_config(const std::string& stack) {
+// Stacks: baseline, s691, s562 (+ trigram: s562_trigram), s600, s1560. The preset with small dimensions.
+inline Config tiny_preset(const std::string& stack) {
   const bool trigram = stack == "s562_trigram";
   Config c = Config::load(trigram ? "s562" : stack);
   c.set("vocab_size", int64_t{64});
@@ -55,8 +55,10 @@ inline ModelConfig tiny_config(const std::string& stack) {
     c.set("loop_end", int64_t{2});
     c.set("parallel_start_layer", int64_t{3});
   }
-  return ModelConfig::from_config(c);
+  return c;
 }
+
+inline ModelConfig tiny_config(const std::string& stack) { return ModelConfig::from_config(tiny_preset(stack)); }
 
 // Reference init plus a perturbation (as the golden files do), so that no gradient is identically
 // zero: zero-initialised output projections would make every block the identity.
