@@ -19,5 +19,7 @@ struct PresetOptions {
 };
 
 void register_inspect(CLI::App& app);
+void register_pack(CLI::App& app);
+void register_unpack(CLI::App& app);
 
 }  // namespace pgolf::cli

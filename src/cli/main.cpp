@@ -27,6 +27,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("pgolf ") + PGOLF_VERSION);
   pgolf::cli::register_inspect(app);
+  pgolf::cli::register_pack(app);
+  pgolf::cli::register_unpack(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
