@@ -14,6 +14,10 @@ namespace {
 constexpr float kClipQuantiles[] = {0.999f, 0.9995f, 0.9999f, 0.99999f};
 constexpr int kNumClipCandidates = 5;
 
+// Tensors smaller than this are quantized on one thread: waking a thread team costs more than the work
+// (and much more when the machine is busy).
+constexpr int64_t kParallelMinElements = 1 << 18;
+
 float candidate_clip(std::span<const float> sorted_abs_row, int k) {
   return k < 4 ? quantile_sorted(sorted_abs_row, kClipQuantiles[k]) : sorted_abs_row.back();
 }
@@ -89,7 +93,7 @@ ScaledCodes quantize_percentile_clip(std::span<const float> w, const Shape& shap
   const auto [rows, cols] = rows_of(shape, w.size());
   std::vector<float> scales(static_cast<size_t>(rows));
   const float floor = static_cast<float>(1.0 / levels);
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 16) if (rows * cols >= kParallelMinElements)
   for (int64_t r = 0; r < rows; ++r) {
     auto row = w.subspan(static_cast<size_t>(r * cols), static_cast<size_t>(cols));
     const float clip = cols > 0 ? quantile_sorted(sorted_abs(row), clip_q) : 0.0f;
@@ -114,7 +118,7 @@ ScaledCodes quantize_rowmax(std::span<const float> w, const Shape& shape, int cl
   ScaledCodes out;
   out.codes.resize(w.size());
   std::vector<float> scales(static_cast<size_t>(rows));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * cols >= kParallelMinElements)
   for (int64_t r = 0; r < rows; ++r) {
     auto row = w.subspan(static_cast<size_t>(r * cols), static_cast<size_t>(cols));
     scales[r] = round_to_f16(std::max(max_abs(row) / static_cast<float>(clip_range), scale_floor));
@@ -136,7 +140,7 @@ ScaledCodes quantize_gptq_lite(std::span<const float> w, const Shape& shape, int
   // scales[k][r]: fp16-rounded scale of row r under candidate k; row_err[k][r]: its squared error.
   std::vector<std::vector<float>> scales(kNumClipCandidates, std::vector<float>(static_cast<size_t>(rows)));
   std::vector<std::vector<double>> row_err(kNumClipCandidates, std::vector<double>(static_cast<size_t>(rows)));
-#pragma omp parallel
+#pragma omp parallel if (rows * cols >= kParallelMinElements)
   {
     std::vector<int8_t> scratch(static_cast<size_t>(cols));
 #pragma omp for schedule(dynamic, 16)
@@ -159,7 +163,7 @@ ScaledCodes quantize_gptq_lite(std::span<const float> w, const Shape& shape, int
   }
   ScaledCodes out;
   out.codes.resize(w.size());
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * cols >= kParallelMinElements)
   for (int64_t r = 0; r < rows; ++r)
     quantize_row(w.subspan(static_cast<size_t>(r * cols), static_cast<size_t>(cols)), scales[best][r],
                  -clip_range, clip_range, out.codes.data() + r * cols);
@@ -180,7 +184,7 @@ ScaledCodes quantize_row_search(std::span<const float> w, const Shape& shape, in
   ScaledCodes out;
   out.codes.resize(w.size());
   std::vector<float> scales(static_cast<size_t>(rows));
-#pragma omp parallel
+#pragma omp parallel if (rows * cols >= kParallelMinElements)
   {
     std::vector<int8_t> scratch(static_cast<size_t>(cols));
 #pragma omp for schedule(dynamic, 16)
