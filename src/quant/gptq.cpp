@@ -109,10 +109,8 @@ ScaledCodes quantize_gptq(std::span<const float> w, const Shape& shape, std::spa
       const float d = u[j * cols + j];
       float* e = err.data() + (j - i1) * rows;
       for (int64_t r = 0; r < rows; ++r) {
-        const float q = std::min(std::max(std::nearbyint(col[r] / scale[r]), static_cast<float>(-cr)),
-                                 static_cast<float>(cr));
-        qt[j * rows + r] = static_cast<int8_t>(q);
-        e[r] = (col[r] - q * scale[r]) / d;
+        qt[j * rows + r] = round_to_code(col[r] / scale[r], -cr, cr);
+        e[r] = (col[r] - static_cast<float>(qt[j * rows + r]) * scale[r]) / d;
       }
       // W_block[:, j:] -= e ⊗ Hinv[j, j:i2]: the product rounded to fp32, then subtracted (as in PyTorch).
       for (int64_t k = j; k < i2; ++k) {

@@ -22,13 +22,6 @@ float candidate_clip(std::span<const float> sorted_abs_row, int k) {
   return k < 4 ? quantile_sorted(sorted_abs_row, kClipQuantiles[k]) : sorted_abs_row.back();
 }
 
-// torch.clamp(torch.round(x), lo, hi).to(int8): round half to even.
-int8_t round_clamp(float x, int lo, int hi) {
-  float r = std::nearbyint(x);
-  r = std::min(std::max(r, static_cast<float>(lo)), static_cast<float>(hi));
-  return static_cast<int8_t>(r);
-}
-
 HostTensor f16_tensor(Shape shape, std::span<const float> values) {
   HostTensor t(DType::F16, std::move(shape));
   auto* bits = reinterpret_cast<uint16_t*>(t.bytes.data());
@@ -48,7 +41,7 @@ Rows rows_of(const Shape& shape, size_t numel) {
 double quantize_row(std::span<const float> w, float scale, int lo, int hi, int8_t* codes) {
   double err = 0.0;
   for (size_t j = 0; j < w.size(); ++j) {
-    codes[j] = round_clamp(w[j] / scale, lo, hi);
+    codes[j] = round_to_code(w[j] / scale, lo, hi);
     const float d = w[j] - static_cast<float>(codes[j]) * scale;
     err += static_cast<double>(d) * d;
   }
@@ -74,6 +67,12 @@ ScaledCodes per_tensor_f16(std::span<const float> w, float scale16, int lo, int 
 
 int64_t quant_rows(const Shape& shape) { return shape.size() == 2 ? shape[0] : 1; }
 
+int8_t round_to_code(float x, int lo, int hi) {
+  const float r = std::nearbyint(x);
+  if (std::isnan(r)) return 0;
+  return static_cast<int8_t>(std::min(std::max(r, static_cast<float>(lo)), static_cast<float>(hi)));
+}
+
 ScaledCodes quantize_percentile_clip(std::span<const float> w, const Shape& shape, int levels, int code_min,
                                      int code_max) {
   // INT8_CLIP_Q = 99.99984 / 100.0 in Python, handed to torch.quantile as an fp32 tensor.
@@ -86,7 +85,7 @@ ScaledCodes quantize_percentile_clip(std::span<const float> w, const Shape& shap
     // Python: clip_abs / levels in double, stored as an fp32 tensor.
     const float scale = clip > 0.0f ? static_cast<float>(static_cast<double>(clip) / levels) : 1.0f;
     for (size_t i = 0; i < w.size(); ++i)
-      out.codes[i] = round_clamp(std::max(std::min(w[i], clip), -clip) / scale, code_min, code_max);
+      out.codes[i] = round_to_code(std::max(std::min(w[i], clip), -clip) / scale, code_min, code_max);
     out.scale = HostTensor::from<float>({}, std::span<const float>(&scale, 1));
     return out;
   }
@@ -100,7 +99,7 @@ ScaledCodes quantize_percentile_clip(std::span<const float> w, const Shape& shap
     const float scale = std::max(clip / flevels, floor);
     int8_t* codes = out.codes.data() + r * cols;
     for (int64_t j = 0; j < cols; ++j)
-      codes[j] = round_clamp(std::max(std::min(row[j], clip), -clip) / scale, code_min, code_max);
+      codes[j] = round_to_code(std::max(std::min(row[j], clip), -clip) / scale, code_min, code_max);
     scales[r] = scale;  // rounded to fp16 only for storage
   }
   out.scale = f16_tensor({rows}, scales);

@@ -53,4 +53,8 @@ std::vector<float> scale_values(const HostTensor& scale);
 // Rows of a tensor for per-row quantization: shape[0] for 2-D tensors, 1 otherwise.
 int64_t quant_rows(const Shape& shape);
 
+// torch.clamp(torch.round(x), lo, hi).to(int8): round half to even; +-inf (a zero fp16 scale) clamp to
+// the range's ends, NaN (0 / 0) gives 0.
+int8_t round_to_code(float x, int lo, int hi);
+
 }  // namespace pgolf

@@ -95,6 +95,13 @@ TEST(Rowmax, ScaleFromRowMaxWithFloorAndRange) {
   ScaledCodes i6 = quantize_rowmax(w, {2, 4}, 31, -32, 1e-12f);
   EXPECT_EQ(scale_values(i6.scale)[1], round_to_f16(0.02f / 31));
   EXPECT_EQ(as_ints(i6.codes), (std::vector<int>{-31, 16, 8, 0, 16, -31, 0, 0}));
+  // A row so small that its fp16 scale is 0: codes go to the ends of the range (both int6 ranges).
+  const std::vector<float> tiny = {-1e-7f, 1e-7f, 0.0f, 0.0f};
+  for (int lo : {-32, -31}) {
+    ScaledCodes t = quantize_rowmax(tiny, {1, 4}, 31, lo, 1e-12f);
+    EXPECT_EQ(scale_values(t.scale)[0], 0.0f);
+    EXPECT_EQ(as_ints(t.codes), (std::vector<int>{lo, 31, 0, 0}));
+  }
 }
 
 TEST(GptqLite, OnePercentilePerMatrixMinimizesMatrixError) {
