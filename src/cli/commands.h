@@ -21,5 +21,7 @@ struct PresetOptions {
 void register_inspect(CLI::App& app);
 void register_prepare(CLI::App& app);
 void register_tokenizer(CLI::App& app);
+void register_pack(CLI::App& app);
+void register_unpack(CLI::App& app);
 
 }  // namespace pgolf::cli

@@ -29,6 +29,8 @@ int main(int argc, char** argv) {
   pgolf::cli::register_inspect(app);
   pgolf::cli::register_prepare(app);
   pgolf::cli::register_tokenizer(app);
+  pgolf::cli::register_pack(app);
+  pgolf::cli::register_unpack(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
