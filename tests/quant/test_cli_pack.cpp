@@ -100,9 +100,16 @@ TEST_F(PackCli, InspectDescribesTheArtifact) {
   ASSERT_EQ(text.status, 0) << text.output;
   EXPECT_THAT(text.output, HasSubstr("scheme gptq_lite, compressor zstd-22"));
   EXPECT_THAT(text.output, HasSubstr("blocks.10.mlp.proj.weight"));
-  const auto bad = test::run_pgolf("inspect " + (dir_ / "ck.safetensors").string());
+  // A checkpoint is described as one (its parameters and optimizer state), not as an artifact.
+  const auto ck = test::run_pgolf("inspect " + (dir_ / "ck.safetensors").string());
+  ASSERT_EQ(ck.status, 0) << ck.output;
+  EXPECT_THAT(ck.output, HasSubstr("checkpoint "));
+  EXPECT_THAT(ck.output, HasSubstr("params"));
+  // Any other file is read as a token shard and refused with the shard's own message.
+  write_text_file_atomic(dir_ / "notes.txt", "not a shard, not an artifact");
+  const auto bad = test::run_pgolf("inspect " + (dir_ / "notes.txt").string());
   EXPECT_NE(bad.status, 0);
-  EXPECT_THAT(bad.output, HasSubstr("is not a pgolf artifact"));
+  EXPECT_THAT(bad.output, HasSubstr("notes.txt"));
 }
 
 TEST_F(PackCli, DamagedArtifactsAndMissingInputsAreRefused) {
