@@ -4,7 +4,9 @@
 //    of Newton–Schulz then has a single non-zero term, exact in fp32 whatever the accumulation order,
 //    so the GPU must reproduce the CPU's bits through three full steps — momentum, row and Frobenius
 //    normalisation, every bf16 rounding point of both forms, transposition of tall matrices and bank
-//    slices, batching of equal shapes, shape scales, weight decay — of matrices and banks together.
+//    slices, batching of equal shapes, zero-padding of rare shapes into a larger batch (e into the
+//    [64, 192] batch, bank3 into the [64, 128] one), shape scales, weight decay — of matrices and
+//    banks together.
 // 2. Random gradients: the products' fp32 sums differ in order from OpenBLAS's, which moves some bf16
 //    roundings, so the bound is ENGINEERING §4's: the GPU's distance to an fp64 Newton–Schulz is at
 //    most k = 2 times the CPU emulation's. Both are the same sequence of bf16-rounded ops with fp32
@@ -82,8 +84,9 @@ TEST_P(GpuMuonMonomial, ThreeStepsReproduceTheCpuBits) {
   const bool row_normalize = GetParam();
   const ParamLayout layout({spec("emb", {10, 16}, ParamGroup::Embed), spec("a", {64, 192}, ParamGroup::Matrix),
                             spec("s", {7}, ParamGroup::Scalar), spec("b", {192, 64}, ParamGroup::Matrix),
-                            spec("c", {64, 192}, ParamGroup::Matrix), spec("d", {96, 96}, ParamGroup::Matrix),
-                            spec("e", {40, 24}, ParamGroup::Matrix), spec("bank1", {3, 64, 128}, ParamGroup::Matrix),
+                            spec("c", {64, 192}, ParamGroup::Matrix), spec("f", {64, 192}, ParamGroup::Matrix),
+                            spec("d", {96, 96}, ParamGroup::Matrix), spec("e", {40, 24}, ParamGroup::Matrix),
+                            spec("bank1", {3, 64, 128}, ParamGroup::Matrix),
                             spec("bank2", {2, 128, 64}, ParamGroup::Matrix),
                             spec("bank3", {2, 32, 32}, ParamGroup::Matrix)});
   const optim::OptimizerConfig config = muon_config(0.025, 0.04, row_normalize);

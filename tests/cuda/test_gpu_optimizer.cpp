@@ -29,8 +29,10 @@ optim::OptimizerConfig optimizer_config(const Config& c, const std::string& ns_d
 
 class GpuOptimizerPreset : public CudaTest, public ::testing::WithParamInterface<std::string> {};
 
-// Two steps (lr scales 1 and 0.6, momenta 0.92 and 0.93) with fresh gradients that the 0.3 clip scales.
-TEST_P(GpuOptimizerPreset, FullSizeStepsMatchTheCpuOptimizer) {
+// One step (lr scale 0.6, momentum 0.93) with random gradients that the 0.3 clip scales (several
+// steps are checked bit for bit on smaller layouts; the CPU's bf16 emulation of a full-size step
+// takes about 20 s).
+TEST_P(GpuOptimizerPreset, FullSizeStepMatchesTheCpuOptimizer) {
   const Config config = preset_config(GetParam(), false);
   const ParamLayout layout = preset_layout(config);
   const double clip = config.get_double("grad_clip_norm");
@@ -44,18 +46,15 @@ TEST_P(GpuOptimizerPreset, FullSizeStepsMatchTheCpuOptimizer) {
   cuda::GpuOptimizer gpu(layout, optimizer_config(config, "bf16"), clip);
   cuda::DeviceBuffer<float> device_params = upload(initial.all());
 
-  const double lr_scales[] = {1.0, 0.6}, momenta[] = {0.92, 0.93};
-  for (int64_t k = 0; k < 2; ++k) {
-    ParamSet<float> grads(layout);
-    fill_normal(grads.all(), rng, 1e-3);
-    cuda::DeviceBuffer<float> device_grads = upload(grads.all());
-    gpu.step(device_params.data(), device_grads.data(), k, lr_scales[k], momenta[k], nullptr);
-    const double norm = optim::clip_grad_norm(grads.all(), clip);
-    ASSERT_LT(optim::clip_coefficient(norm, clip), 1.0f);
-    EXPECT_NEAR(gpu.grad_norm(nullptr), norm, static_cast<double>(layout.total()) * std::ldexp(1.0, -53) * norm);
-    cpu.step(emulated, grads, k, lr_scales[k], momenta[k]);
-    cpu_fp32.step(reference, grads, k, lr_scales[k], momenta[k]);
-  }
+  ParamSet<float> grads(layout);
+  fill_normal(grads.all(), rng, 1e-3);
+  cuda::DeviceBuffer<float> device_grads = upload(grads.all());
+  gpu.step(device_params.data(), device_grads.data(), 0, 0.6, 0.93, nullptr);
+  const double norm = optim::clip_grad_norm(grads.all(), clip);
+  ASSERT_LT(optim::clip_coefficient(norm, clip), 1.0f);
+  EXPECT_NEAR(gpu.grad_norm(nullptr), norm, static_cast<double>(layout.total()) * std::ldexp(1.0, -53) * norm);
+  cpu.step(emulated, grads, 0, 0.6, 0.93);
+  cpu_fp32.step(reference, grads, 0, 0.6, 0.93);
   const ParamSet<float> got = download_params(layout, device_params);
   for (size_t i = 0; i < layout.size(); ++i) {
     const ParamSpec& s = layout.spec(i);

@@ -13,6 +13,7 @@ constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = kThreads / 32;  // phase 1: a warp per row
 constexpr int kTile = 32;                     // phases 3 and 5: 32×32 tiles, 32×8 threads
 constexpr int kTileRowsPerPass = 8;
+constexpr int kTilesPerBlock = 4;
 
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
@@ -27,7 +28,7 @@ __device__ __forceinline__ void store_float(__nv_bfloat16* p, float v) { *p = __
 
 // Index of the last table entry whose `begin` is <= idx (entries sorted by begin, the first at 0).
 template <typename T>
-__device__ int find_entry(const T* entries, int count, int64_t idx, int64_t T::*begin) {
+__device__ __forceinline__ int find_entry(const T* entries, int count, int64_t idx, int64_t T::*begin) {
   int lo = 0, hi = count - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
@@ -108,75 +109,92 @@ struct TileOrigin {
   int r0, c0;  // first row and column of the tile in the stored orientation
 };
 
-__device__ TileOrigin tile_origin(const MuonSlot* slots, int slot_count) {
+__device__ __forceinline__ TileOrigin tile_origin(const MuonSlot* slots, int slot_count, int64_t tile) {
   TileOrigin t;
-  t.slot_index = find_entry(slots, slot_count, static_cast<int64_t>(blockIdx.x), &MuonSlot::tile_begin);
+  t.slot_index = find_entry(slots, slot_count, tile, &MuonSlot::tile_begin);
   t.slot = slots[t.slot_index];
-  const int64_t tile = blockIdx.x - t.slot.tile_begin;
+  const int64_t local = tile - t.slot.tile_begin;
   const int tiles_per_row = (t.slot.cols + kTile - 1) / kTile;
-  t.r0 = static_cast<int>(tile / tiles_per_row) * kTile;
-  t.c0 = static_cast<int>(tile % tiles_per_row) * kTile;
+  t.r0 = static_cast<int>(local / tiles_per_row) * kTile;
+  t.c0 = static_cast<int>(local % tiles_per_row) * kTile;
   return t;
+}
+
+// Each block walks kTilesPerBlock consecutive tiles (mostly of one slot, whose table entry then
+// stays in L1), so its setup is amortised over more than 1024 values.
+template <typename TileOp>
+__device__ __forceinline__ void for_each_tile(const MuonSlot* slots, int slot_count, int64_t total_tiles, TileOp op) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kTilesPerBlock;
+  const int64_t last = first + kTilesPerBlock < total_tiles ? first + kTilesPerBlock : total_tiles;
+  for (int64_t tile = first; tile < last; ++tile) {
+    op(tile_origin(slots, slot_count, tile));
+    __syncthreads();  // the next tile reuses the shared-memory tile
+  }
 }
 
 // X = bf16(bf16(u) / denominator) in the slot's wide orientation (a tall slot is written transposed
 // through shared memory, so both the reads and the writes are coalesced).
 __global__ void __launch_bounds__(kTile* kTileRowsPerPass)
-    muon_pack(const float* __restrict__ update, const MuonSlot* __restrict__ slots, int slot_count,
+    muon_pack(const float* __restrict__ update, const MuonSlot* __restrict__ slots, int slot_count, int64_t total_tiles,
               const float* __restrict__ denominators) {
   __shared__ float tile[kTile][kTile + 1];
-  const TileOrigin t = tile_origin(slots, slot_count);
-  const MuonSlot& s = t.slot;
-  const float denom = denominators[t.slot_index];
-  const float* u = update + s.update_offset;
-  const bool transposed = s.rows > s.cols;
+  for_each_tile(slots, slot_count, total_tiles, [&](const TileOrigin& t) {
+    const MuonSlot& s = t.slot;
+    const float denom = denominators[t.slot_index];
+    const float* u = update + s.update_offset;
+    const bool transposed = s.rows > s.cols;  // the same for the whole block
 #pragma unroll 1  // unrolled, the IEEE division's slow-path call spills the other iterations' registers
-  for (int i = threadIdx.y; i < kTile; i += kTileRowsPerPass) {
-    const int r = t.r0 + i, c = t.c0 + threadIdx.x;
-    if (r >= s.rows || c >= s.cols) continue;
-    const float x = bf16_round(bf16_round(u[static_cast<int64_t>(r) * s.cols + c]) / denom);
-    if (transposed)
-      tile[i][threadIdx.x] = x;
-    else
-      s.x[static_cast<int64_t>(r) * s.cols + c] = __float2bfloat16_rn(x);
-  }
-  if (!transposed) return;  // the same branch for the whole block (one slot per block)
-  __syncthreads();
-  for (int i = threadIdx.y; i < kTile; i += kTileRowsPerPass) {
-    const int c = t.c0 + i, r = t.r0 + threadIdx.x;  // X is [cols, rows]
-    if (r < s.rows && c < s.cols) s.x[static_cast<int64_t>(c) * s.rows + r] = __float2bfloat16_rn(tile[threadIdx.x][i]);
-  }
+    for (int i = threadIdx.y; i < kTile; i += kTileRowsPerPass) {
+      const int r = t.r0 + i, c = t.c0 + threadIdx.x;
+      if (r >= s.rows || c >= s.cols) continue;
+      const float x = bf16_round(bf16_round(u[static_cast<int64_t>(r) * s.cols + c]) / denom);
+      if (transposed)
+        tile[i][threadIdx.x] = x;
+      else
+        s.x[static_cast<int64_t>(r) * s.x_ld + c] = __float2bfloat16_rn(x);
+    }
+    if (!transposed) return;
+    __syncthreads();
+    for (int i = threadIdx.y; i < kTile; i += kTileRowsPerPass) {
+      const int c = t.c0 + i, r = t.r0 + threadIdx.x;  // X is [cols, rows]
+      if (r < s.rows && c < s.cols)
+        s.x[static_cast<int64_t>(c) * s.x_ld + r] = __float2bfloat16_rn(tile[threadIdx.x][i]);
+    }
+  });
 }
 
 // p ← decayed_step(p, u, 1 − lr·wd, alpha) with the orthogonalised u read back from the batch:
 // matrices u = bf16(u · scale), alpha = −lr; banks alpha = −lr · scale (update_math.h, muon.cpp).
-__global__ void __launch_bounds__(kTile* kTileRowsPerPass)
-    muon_apply(float* __restrict__ params, const MuonSlot* __restrict__ slots, int slot_count,
+// (At least 6 blocks per SM: 42 registers, which the loop needs without spilling.)
+__global__ void __launch_bounds__(kTile* kTileRowsPerPass, 6)
+    muon_apply(float* __restrict__ params, const MuonSlot* __restrict__ slots, int slot_count, int64_t total_tiles,
                const OptimizerStepScalars* __restrict__ scalars) {
   __shared__ float tile[kTile][kTile + 1];
-  const TileOrigin t = tile_origin(slots, slot_count);
-  const MuonSlot& s = t.slot;
-  const bool transposed = s.rows > s.cols;
-  if (transposed) {
-    for (int i = threadIdx.y; i < kTile; i += kTileRowsPerPass) {
-      const int c = t.c0 + i, r = t.r0 + threadIdx.x;
-      if (r < s.rows && c < s.cols) tile[i][threadIdx.x] = __bfloat162float(s.x[static_cast<int64_t>(c) * s.rows + r]);
-    }
-    __syncthreads();
-  }
   const double lr = scalars->muon_lr;
   const float decay = scalars->muon_decay;
-  const float alpha = static_cast<float>(s.bank ? -optim::mul_rounded(lr, s.shape_scale) : -lr);
-  const float update_scale = static_cast<float>(s.shape_scale);
-  float* p = params + s.param_offset;
-  for (int i = threadIdx.y; i < kTile; i += kTileRowsPerPass) {
-    const int r = t.r0 + i, c = t.c0 + threadIdx.x;
-    if (r >= s.rows || c >= s.cols) continue;
-    const int64_t idx = static_cast<int64_t>(r) * s.cols + c;
-    float u = transposed ? tile[threadIdx.x][i] : __bfloat162float(s.x[idx]);
-    if (!s.bank) u = bf16_round(u * update_scale);
-    p[idx] = optim::decayed_step(p[idx], u, decay, alpha);
-  }
+  for_each_tile(slots, slot_count, total_tiles, [&](const TileOrigin& t) {
+    const MuonSlot& s = t.slot;
+    const bool transposed = s.rows > s.cols;  // the same for the whole block
+    if (transposed) {
+      for (int i = threadIdx.y; i < kTile; i += kTileRowsPerPass) {
+        const int c = t.c0 + i, r = t.r0 + threadIdx.x;
+        if (r < s.rows && c < s.cols)
+          tile[i][threadIdx.x] = __bfloat162float(s.x[static_cast<int64_t>(c) * s.x_ld + r]);
+      }
+      __syncthreads();
+    }
+    const float alpha = static_cast<float>(s.bank ? -optim::mul_rounded(lr, s.shape_scale) : -lr);
+    const float update_scale = static_cast<float>(s.shape_scale);
+    float* p = params + s.param_offset;
+    for (int i = threadIdx.y; i < kTile; i += kTileRowsPerPass) {
+      const int r = t.r0 + i, c = t.c0 + threadIdx.x;
+      if (r >= s.rows || c >= s.cols) continue;
+      const int64_t idx = static_cast<int64_t>(r) * s.cols + c;
+      float u = transposed ? tile[threadIdx.x][i] : __bfloat162float(s.x[static_cast<int64_t>(r) * s.x_ld + c]);
+      if (!s.bank) u = bf16_round(u * update_scale);
+      p[idx] = optim::decayed_step(p[idx], u, decay, alpha);
+    }
+  });
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -186,15 +204,15 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 GpuMuon::GpuMuon(const std::vector<MuonTensor>& tensors, int ns_steps, bool row_normalize)
     : ns_steps_(ns_steps), row_normalize_(row_normalize) {
   PG_CUDA_REQUIRE(ns_steps >= 0, "GpuMuon: muon_backend_steps must be >= 0");
-  struct GroupKey {
+  struct ShapeKey {  // the wide shape [n, m] and form of a set of slots
     int64_t n, m;
     NsForm form;
     int count;
   };
-  std::vector<GroupKey> keys;
+  std::vector<ShapeKey> keys;
+  std::vector<size_t> slot_key;
   std::vector<MuonRowSpan> spans;
   std::vector<MuonSlot> slots;
-  std::vector<std::pair<size_t, int>> slot_place;  // (group, index in the group's batch)
   int64_t update_size = 0, momentum_f32_size = 0, momentum_bf16_size = 0;
   for (const MuonTensor& t : tensors) {
     PG_CUDA_REQUIRE(t.slices >= 1 && t.rows >= 1 && t.cols >= 1 && (t.bank || t.slices == 1),
@@ -208,28 +226,55 @@ GpuMuon::GpuMuon(const std::vector<MuonTensor>& tensors, int ns_steps, bool row_
 
     const int64_t n = std::min(t.rows, t.cols), m = std::max(t.rows, t.cols);
     const NsForm form = t.bank ? NsForm::kSquareThenScale : NsForm::kScaleThenSquare;
-    size_t g = 0;
-    while (g < keys.size() && !(keys[g].n == n && keys[g].m == m && keys[g].form == form)) ++g;
-    if (g == keys.size()) keys.push_back(GroupKey{n, m, form, 0});
+    size_t k = 0;
+    while (k < keys.size() && !(keys[k].n == n && keys[k].m == m && keys[k].form == form)) ++k;
+    if (k == keys.size()) keys.push_back(ShapeKey{n, m, form, 0});
     const double shape_scale = std::sqrt(std::max(1.0, static_cast<double>(t.rows) / static_cast<double>(t.cols)));
     for (int64_t s = 0; s < t.slices; ++s) {
       const int64_t slice_offset = s * t.rows * t.cols;
       slots.push_back(MuonSlot{total_tiles_, total_rows_ + s * t.rows, update_size + slice_offset,
                                t.param_offset + slice_offset, static_cast<int32_t>(t.rows),
-                               static_cast<int32_t>(t.cols), t.bank ? 1 : 0, shape_scale, nullptr});
-      slot_place.emplace_back(g, keys[g].count++);
+                               static_cast<int32_t>(t.cols), 0, t.bank ? 1 : 0, shape_scale, nullptr});
+      slot_key.push_back(k);
+      ++keys[k].count;
       total_tiles_ += ceil_div(t.rows, kTile) * ceil_div(t.cols, kTile);
     }
     total_rows_ += t.slices * t.rows;
     update_size += numel;
     momentum_size += numel;
   }
-  for (const GroupKey& k : keys)
-    groups_.push_back(
-        std::make_unique<BatchedNewtonSchulz>(k.count, static_cast<int>(k.n), static_cast<int>(k.m), k.form));
+
+  // A batch of a few matrices costs the latency of its launches (six per iteration) rather than its
+  // work: its matrices join the smallest batch of the same form with at least kOwnBatch matrices whose
+  // shape covers theirs, zero-padded. Zero rows and columns stay exactly zero through every op of the
+  // iteration and add only zero terms to the other products, so the result is the unpadded one up to
+  // the order of the fp32 sums (as between any two GEMM implementations).
+  constexpr int kOwnBatch = 4;
+  std::vector<size_t> batch_key(keys.size());
+  for (size_t k = 0; k < keys.size(); ++k) {
+    batch_key[k] = k;
+    if (keys[k].count >= kOwnBatch) continue;
+    for (size_t h = 0; h < keys.size(); ++h) {
+      const ShapeKey& host = keys[h];
+      if (host.count < kOwnBatch || host.form != keys[k].form || host.n < keys[k].n || host.m < keys[k].m) continue;
+      const ShapeKey& best = keys[batch_key[k]];
+      if (batch_key[k] == k || host.n * host.m < best.n * best.m) batch_key[k] = h;
+    }
+  }
+  std::vector<int> batch_size(keys.size(), 0), group_of(keys.size(), -1);
+  for (size_t k = 0; k < keys.size(); ++k) batch_size[batch_key[k]] += keys[k].count;
+  for (size_t k = 0; k < keys.size(); ++k) {
+    if (batch_key[k] != k) continue;
+    group_of[k] = static_cast<int>(groups_.size());
+    groups_.push_back(std::make_unique<BatchedNewtonSchulz>(batch_size[k], static_cast<int>(keys[k].n),
+                                                            static_cast<int>(keys[k].m), keys[k].form));
+  }
+  std::vector<int> filled(groups_.size(), 0);
   for (size_t i = 0; i < slots.size(); ++i) {
-    const auto [g, index] = slot_place[i];
-    slots[i].x = groups_[g]->x() + static_cast<int64_t>(index) * keys[g].n * keys[g].m;
+    const int g = group_of[batch_key[slot_key[i]]];
+    const int64_t index = filled[g]++;
+    slots[i].x = groups_[g]->x() + index * groups_[g]->n() * groups_[g]->m();
+    slots[i].x_ld = groups_[g]->m();
   }
   if (tensors.empty()) return;
 
@@ -269,8 +314,9 @@ void GpuMuon::enqueue_prepare(const float* grads, const OptimizerStepScalars* sc
   muon_frobenius<<<static_cast<unsigned>(slots_.size()), kThreads, 0, stream>>>(row_sumsq_.data(), slots_.data(),
                                                                                 denominators_.data());
   PG_CUDA_LAUNCH_CHECK();
-  muon_pack<<<static_cast<unsigned>(total_tiles_), dim3(kTile, kTileRowsPerPass), 0, stream>>>(
-      update_.data(), slots_.data(), static_cast<int>(slots_.size()), denominators_.data());
+  muon_pack<<<static_cast<unsigned>(ceil_div(total_tiles_, kTilesPerBlock)), dim3(kTile, kTileRowsPerPass), 0,
+              stream>>>(update_.data(), slots_.data(), static_cast<int>(slots_.size()), total_tiles_,
+                        denominators_.data());
   PG_CUDA_LAUNCH_CHECK();
 }
 
@@ -280,8 +326,8 @@ void GpuMuon::enqueue_newton_schulz(cudaStream_t stream) {
 
 void GpuMuon::enqueue_apply(float* params, const OptimizerStepScalars* scalars, cudaStream_t stream) {
   if (tensors_.empty()) return;
-  muon_apply<<<static_cast<unsigned>(total_tiles_), dim3(kTile, kTileRowsPerPass), 0, stream>>>(
-      params, slots_.data(), static_cast<int>(slots_.size()), scalars);
+  muon_apply<<<static_cast<unsigned>(ceil_div(total_tiles_, kTilesPerBlock)), dim3(kTile, kTileRowsPerPass), 0,
+               stream>>>(params, slots_.data(), static_cast<int>(slots_.size()), total_tiles_, scalars);
   PG_CUDA_LAUNCH_CHECK();
 }
 

@@ -1,7 +1,8 @@
 // Muon on the device (SPEC §4.2), the twin of optim/muon.h with bf16 Newton–Schulz: every matrix
 // (a 2-D parameter, or one slice of a 3-D bank) is a slot in the Newton–Schulz batch of its wide
-// shape and form, so the 66 matrices of s691 run as five batches and the four banks of s1560 as
-// three. One step is five stream-ordered phases, none of which waits for the host:
+// shape and form (a shape with fewer than 4 matrices is zero-padded into a larger batch), so the 68
+// Muon matrices of s691 run as three batches and the four banks of s1560 as three. One step is five
+// stream-ordered phases, none of which waits for the host:
 //
 //   1. momentum  (a warp per row) g·clip → Nesterov momentum (fp32 buffer for matrices, bf16 for
 //      banks) → optional row normalisation → update u (fp32 scratch) and Σ bf16(u)² per row
@@ -53,9 +54,10 @@ struct MuonSlot {
   int64_t update_offset;  // in the u scratch
   int64_t param_offset;   // in params
   int32_t rows, cols;     // stored orientation; rows > cols is transposed into the batch
+  int32_t x_ld;           // row stride of its wide matrix in the batch (> max(rows, cols) when zero-padded)
   int32_t bank;           // shape scale on the lr (banks) or on the update (matrices)
   double shape_scale;     // sqrt(max(1, rows / cols))
-  __nv_bfloat16* x;       // its wide [min, max] matrix in the batch
+  __nv_bfloat16* x;       // its wide [min, max] matrix at the top left of its batch entry
 };
 
 class GpuMuon {
