@@ -30,8 +30,8 @@ optim::OptimizerConfig optimizer_config(const Config& c, const std::string& ns_d
 class GpuOptimizerPreset : public CudaTest, public ::testing::WithParamInterface<std::string> {};
 
 // One step (lr scale 0.6, momentum 0.93) with random gradients that the 0.3 clip scales (several
-// steps are checked bit for bit on smaller layouts; the CPU's bf16 emulation of a full-size step
-// takes about 20 s).
+// steps are checked bit for bit on smaller layouts; each full-size CPU reference step takes about
+// 15-20 s on 16 cores).
 TEST_P(GpuOptimizerPreset, FullSizeStepMatchesTheCpuOptimizer) {
   const Config config = preset_config(GetParam(), false);
   const ParamLayout layout = preset_layout(config);
