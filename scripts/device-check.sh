@@ -63,6 +63,6 @@ for t in "$bin"/test_*; do
 done
 if [ -f "$logs/bench_cuda.log" ]; then
   echo
-  grep -E '^(device|kernel|gemm|linear|attn)' "$logs/bench_cuda.log"
+  grep -E '^(device|kernel|gemm|linear|attn|optim)' "$logs/bench_cuda.log"
 fi
 exit "$status"

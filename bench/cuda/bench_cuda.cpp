@@ -1,9 +1,11 @@
 // bench_cuda: times the GPU kernels of a training step on the current device, in TFLOP/s — the
 // cuBLASLt products of the linear layers (forward, input gradient, fp32 weight gradient) at
-// M = tokens per step, and flash attention forward and backward (dense rows and variable-length
-// documents). CUDA events around each call; warm-up, then the median of the repeats.
+// M = tokens per step, flash attention forward and backward (dense rows and variable-length
+// documents), and the optimizer step of the s691 and s1560 layouts with its parts. CUDA events
+// around each call; warm-up, then the median of the repeats.
 //
-//   bench_cuda [--tokens N] [--seq T] [--reps R]      (defaults: 98304 tokens, T 2048, 20 repeats)
+//   bench_cuda [--tokens N] [--seq T] [--reps R] [--only gemm|attention|optim]
+//   (defaults: 98304 tokens, T 2048, 20 repeats, every section)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <fmt/core.h>
@@ -22,6 +24,7 @@
 #include "core/error.h"
 #include "core/half.h"
 #include "core/rng.h"
+#include "bench_util.h"
 
 namespace pgolf::cuda {
 namespace {
@@ -30,6 +33,7 @@ struct Options {
   int tokens = 98304;
   int seq = 2048;
   int reps = 20;
+  std::string only;  // one section, or every section when empty
 };
 
 Options parse(int argc, char** argv) {
@@ -43,10 +47,13 @@ Options parse(int argc, char** argv) {
     if (a == "--tokens") o.tokens = value();
     else if (a == "--seq") o.seq = value();
     else if (a == "--reps") o.reps = value();
-    else fail("bench_cuda: unknown argument '{}' (expected --tokens N, --seq T, --reps R)", a);
+    else if (a == "--only" && i + 1 < argc) o.only = argv[++i];
+    else fail("bench_cuda: unknown argument '{}' (expected --tokens N, --seq T, --reps R, --only SECTION)", a);
   }
   PG_CHECK(o.tokens > 0 && o.seq > 0 && o.tokens % o.seq == 0 && o.reps > 0,
            "bench_cuda: --tokens must be a positive multiple of --seq, --reps positive");
+  PG_CHECK(o.only.empty() || o.only == "gemm" || o.only == "attention" || o.only == "optim",
+           "bench_cuda: --only takes gemm, attention or optim, got '{}'", o.only);
   return o;
 }
 
@@ -60,34 +67,6 @@ DeviceBuffer<__nv_bfloat16> random_bf16(size_t count, uint64_t seed) {
     x = raw;
   }
   return DeviceBuffer<__nv_bfloat16>(host, "benchmark input");
-}
-
-struct Timer {
-  cudaStream_t stream;
-  int reps;
-  template <typename F>
-  double median_ms(F&& launch) const {
-    for (int i = 0; i < 3; ++i) launch();
-    cudaEvent_t start, stop;
-    PG_CUDA_CHECK(cudaEventCreate(&start));
-    PG_CUDA_CHECK(cudaEventCreate(&stop));
-    std::vector<float> ms(reps);
-    for (int i = 0; i < reps; ++i) {
-      PG_CUDA_CHECK(cudaEventRecord(start, stream));
-      launch();
-      PG_CUDA_CHECK(cudaEventRecord(stop, stream));
-      PG_CUDA_CHECK(cudaEventSynchronize(stop));
-      PG_CUDA_CHECK(cudaEventElapsedTime(&ms[i], start, stop));
-    }
-    PG_CUDA_CHECK(cudaEventDestroy(start));
-    PG_CUDA_CHECK(cudaEventDestroy(stop));
-    std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2];
-  }
-};
-
-void row(const std::string& name, const std::string& shape, double ms, double flops) {
-  fmt::print("{:<34} {:<34} {:>9.3f} {:>9.1f}\n", name, shape, ms, flops / (ms * 1e-3) / 1e12);
 }
 
 void bench_gemms(const Options& o, const Timer& timer) {
@@ -184,18 +163,22 @@ int run(int argc, char** argv) {
   PG_CUDA_CHECK(cudaStreamCreate(&stream));
   const Timer timer{stream, o.reps};
   fmt::print("{:<34} {:<34} {:>9} {:>9}\n", "kernel", "shape", "ms", "TFLOP/s");
-  bench_gemms(o, timer);
+  auto section = [&](const char* name) { return o.only.empty() || o.only == name; };
+  if (section("gemm")) bench_gemms(o, timer);
 
-  std::vector<int32_t> dense;
-  for (int t = 0; t <= o.tokens; t += o.seq) dense.push_back(t);
-  bench_attention(fmt::format("dense T={}", o.seq), dense, timer);
+  if (section("attention")) {
+    std::vector<int32_t> dense;
+    for (int t = 0; t <= o.tokens; t += o.seq) dense.push_back(t);
+    bench_attention(fmt::format("dense T={}", o.seq), dense, timer);
 
-  // Documents of uniformly random length 1..T packed into the same number of tokens.
-  Rng rng(7);
-  std::vector<int32_t> docs{0};
-  while (docs.back() < o.tokens)
-    docs.push_back(std::min(o.tokens, docs.back() + 1 + static_cast<int>(rng.below(uint64_t(o.seq)))));
-  bench_attention("varlen 1..T", docs, timer);
+    // Documents of uniformly random length 1..T packed into the same number of tokens.
+    Rng rng(7);
+    std::vector<int32_t> docs{0};
+    while (docs.back() < o.tokens)
+      docs.push_back(std::min(o.tokens, docs.back() + 1 + static_cast<int>(rng.below(uint64_t(o.seq)))));
+    bench_attention("varlen 1..T", docs, timer);
+  }
+  if (section("optim")) bench_optimizer(timer);
   PG_CUDA_CHECK(cudaStreamDestroy(stream));
   return 0;
 }

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "optim/update_math.h"
 
 namespace pgolf::optim {
 
@@ -28,8 +29,7 @@ double global_l2_norm(std::span<const float> values) {
 
 float clip_coefficient(double total_norm, double max_norm) {
   PG_CHECK(max_norm > 0.0, "clip_coefficient: max_norm must be positive, got {}", max_norm);
-  const float denom = static_cast<float>(total_norm) + 1e-6f;
-  return std::min((1.0f / denom) * static_cast<float>(max_norm), 1.0f);
+  return clip_coefficient_f32(static_cast<float>(total_norm), static_cast<float>(max_norm));
 }
 
 double clip_grad_norm(std::span<float> grads, double max_norm) {

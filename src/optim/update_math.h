@@ -18,6 +18,25 @@
 
 namespace pgolf::optim {
 
+// A product rounded on its own before it is added to something. nvcc contracts `a * b + c` into one
+// fused multiply-add in device code (the host build does not), which would round once where the
+// rules below round twice; the rounding intrinsics are never contracted, so the CUDA engine computes
+// the same bits as the CPU.
+PG_HD float mul_rounded(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+PG_HD double mul_rounded(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // Identity rounding for the fp32 paths; the bf16 paths pass a bf16 round-to-nearest-even instead
 // (core/half.h's round_to_bf16 on the CPU, __float2bfloat16_rn in CUDA).
 struct KeepF32 {
@@ -52,8 +71,10 @@ inline AdamCoeffs adam_coeffs(double lr, double beta1, double beta2, double weig
 PG_HD void adamw_update(float& p, float g, float& exp_avg, float& exp_avg_sq, const AdamCoeffs& c) {
   if (c.weight_decay != 0.0f) p = fmaf(-(c.lr * c.weight_decay), p, p);
   const double beta1 = c.beta1, beta2 = c.beta2;
-  exp_avg = static_cast<float>(beta1 * exp_avg + (1.0 - beta1) * g);
-  exp_avg_sq = static_cast<float>(beta2 * exp_avg_sq + (1.0 - beta2) * g * g);
+  exp_avg = static_cast<float>(mul_rounded(beta1, static_cast<double>(exp_avg)) +
+                               mul_rounded(1.0 - beta1, static_cast<double>(g)));
+  exp_avg_sq = static_cast<float>(mul_rounded(beta2, static_cast<double>(exp_avg_sq)) +
+                                  mul_rounded((1.0 - beta2) * g, static_cast<double>(g)));
   const float step_size = c.lr / c.bias_correction1;
   const float denom = sqrtf(exp_avg_sq) / c.bias_correction2_sqrt + c.eps;
   p -= step_size * exp_avg / denom;
@@ -65,8 +86,8 @@ PG_HD void adamw_update(float& p, float g, float& exp_avg, float& exp_avg_sq, co
 // Parallel-Muon path whose gradient and buffer are bf16). Returns the update u = g + mu·buf.
 template <typename Round>
 PG_HD float muon_nesterov(float g, float& buf, float mu, Round round) {
-  buf = round(round(buf * mu) + g);
-  return round(g + mu * buf);
+  buf = round(round(mul_rounded(buf, mu)) + g);
+  return round(g + mul_rounded(mu, buf));
 }
 
 // Decoupled weight decay then the step: `p.mul_(decay)` then `p.add_(u, alpha=alpha)` with
@@ -82,6 +103,15 @@ PG_HD float decayed_step(float p, float u, float decay, float alpha) {
 PG_HD float ema_update(float ema, float theta, float decay, float one_minus_decay) {
   const float scaled = ema * decay;
   return fmaf(one_minus_decay, theta, scaled);
+}
+
+// ---- Gradient clipping ----------------------------------------------------------------------------
+// clip_grad_norm_'s coefficient min(1, max_norm / (norm + 1e-6)) in fp32, as PyTorch computes it
+// (the fp32 norm plus 1e-6, its reciprocal, times max_norm, clamped at 1).
+PG_HD float clip_coefficient_f32(float total_norm, float max_norm) {
+  const float denom = total_norm + 1e-6f;
+  const float coef = (1.0f / denom) * max_norm;
+  return coef > 1.0f ? 1.0f : coef;  // a NaN norm gives a NaN coefficient, as std::min would
 }
 
 // ---- Late-QAT fake quantization (SPEC §4.7) ---------------------------------------------------------
