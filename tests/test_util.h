@@ -4,12 +4,17 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 
 namespace pgolf::test {
 
-inline std::filesystem::path shared_dir() { return PGOLF_SHARED_DIR; }
+// The build's shared data directory, or $PGOLF_SHARED_DIR when set (a bundle run on another machine).
+inline std::filesystem::path shared_dir() {
+  const char* env = std::getenv("PGOLF_SHARED_DIR");
+  return env && *env ? std::filesystem::path(env) : std::filesystem::path(PGOLF_SHARED_DIR);
+}
 inline std::filesystem::path golden_dir() { return shared_dir() / "golden"; }
 inline std::filesystem::path data_dir() { return shared_dir() / "data"; }
 inline std::filesystem::path sp1024_model() { return data_dir() / "tokenizers" / "fineweb_1024_bpe.model"; }
