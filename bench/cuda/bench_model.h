@@ -1,5 +1,5 @@
 // bench_cuda --model PRESET: one forward + backward of GpuModel on a full-size preset (random tokens,
-// randomly perturbed initial weights), timed with CUDA events: ms, tokens/s, MFU (ENGINEERING §5),
+// random weights), timed with CUDA events: ms, tokens/s, MFU (ENGINEERING §5),
 // device memory, and with --profile the per-kernel time breakdown (CUPTI).
 #pragma once
 

@@ -98,10 +98,11 @@ struct TinyCase {
   bool head_dim_64, looping, packed;
 };
 
-std::string tiny_name(const ::testing::TestParamInfo<TinyCase>& info) {
-  const TinyCase& c = info.param;
+std::string tiny_case_name(const TinyCase& c) {
   return c.stack + (c.head_dim_64 ? "_dh64" : "_dh8") + (c.looping ? "_looping" : "") + (c.packed ? "_packed" : "");
 }
+std::string tiny_name(const ::testing::TestParamInfo<TinyCase>& info) { return tiny_case_name(info.param); }
+void PrintTo(const TinyCase& c, std::ostream* os) { *os << tiny_case_name(c); }
 
 class GpuTiny : public GpuModelTest, public ::testing::WithParamInterface<TinyCase> {};
 
@@ -111,7 +112,7 @@ TEST_P(GpuTiny, MatchesCpuModel) {
   const Batch batch = c.head_dim_64 ? batch64(cfg.vocab_size, c.packed, 17) : tiny_batch(cfg.vocab_size, c.packed);
   ModelRunOptions opt;
   opt.looping = c.looping;
-  expect_gpu_matches_cpu(tiny_name({c, 0}), cfg, perturbed_params(cfg, 21), batch, opt);
+  expect_gpu_matches_cpu(tiny_case_name(c), cfg, perturbed_params(cfg, 21), batch, opt);
 }
 
 INSTANTIATE_TEST_SUITE_P(
