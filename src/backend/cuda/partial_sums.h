@@ -27,7 +27,8 @@ constexpr int kMaxSumTargets = 8;
 // Throws unless the workspace holds blocks · width floats.
 void check_reduce_workspace(const ReduceWorkspace& ws, int blocks, int width, const char* what);
 
-// targets, in the order of their columns in each partial row (total width = Σ widths).
+// targets, in the order of their columns in each partial row; their widths must add up to the row's
+// width (the stride between the blocks' partial rows): columns to skip are null targets.
 void finish_partial_sums(const float* partials, int blocks, std::initializer_list<SumTarget> targets,
                          cudaStream_t stream);
 

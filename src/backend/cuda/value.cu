@@ -149,10 +149,11 @@ void value_backward(const bf16* dv_attn, const float* dv_extra, const bf16* v_ra
                                                          want_vr || want_ve ? ws.data : nullptr, s);
   PG_CUDA_LAUNCH_CHECK();
   if (!want_vr && !want_ve) return;
-  // Without v0 both lambdas receive Σ dv⊙v_raw (the first layer's (λ0+λ1) scale).
+  // Without v0 both lambdas receive Σ dv⊙v_raw (the first layer's (λ0+λ1) scale). Every target list
+  // spans the whole partial row (3 columns): its total width is the row stride.
   if (want_vr && !v0) {
     finish_partial_sums(ws.data, blocks, {{nullptr, 1}, {dvr_lambda, 1}, {want_ve ? dve_lambda : nullptr, 1}}, stream);
-    finish_partial_sums(ws.data, blocks, {{nullptr, 1}, {dvr_lambda + 1, 1}}, stream);
+    finish_partial_sums(ws.data, blocks, {{nullptr, 1}, {dvr_lambda + 1, 1}, {nullptr, 1}}, stream);
   } else {
     finish_partial_sums(ws.data, blocks, {{want_vr ? dvr_lambda : nullptr, 2}, {want_ve ? dve_lambda : nullptr, 1}},
                         stream);
