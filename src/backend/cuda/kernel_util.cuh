@@ -52,12 +52,6 @@ void dispatch_row_vec(int dim, F&& launch) {
   else launch(std::integral_constant<int, 4>{});
 }
 
-// Eight parameters (fp32, any alignment: parameter tensors start at arbitrary offsets) from p.
-__device__ __forceinline__ void load8_any(const float* p, float (&v)[8]) {
-#pragma unroll
-  for (int e = 0; e < 8; ++e) v[e] = p[e];
-}
-
 __device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
 __device__ __forceinline__ void load8(const bf16* p, float (&v)[8]) {

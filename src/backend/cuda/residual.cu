@@ -14,7 +14,8 @@ namespace {
   _Pragma("unroll") for (int k = 0; k < kVec; ++k) \
     if (const int f0 = (lane + 32 * k) * 8; f0 < (dim))
 
-// A per-feature parameter vector for the lane's features (fill where absent).
+// A per-feature parameter vector for the lane's features (fill where absent), read element by element:
+// parameter tensors start at arbitrary offsets of the fp32 layout (no 16-byte alignment).
 template <int kVec>
 __device__ __forceinline__ void lane_params(const float* p, int dim, int lane, float fill, float (&out)[kVec][8]) {
 #pragma unroll
