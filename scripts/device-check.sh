@@ -5,14 +5,18 @@
 #   bash device-check.sh [BUNDLE]      (default: pgolf-devpack.tar.xz beside this script)
 #
 # Environment: OUT — when set, gtest XML reports and full logs are written there;
-# GTEST_FILTER — passed to the test programs by gtest itself; BENCH_ARGS — extra bench_cuda
-# arguments; SKIP_BENCH=1 — tests only. Exit status: 0 when every program succeeded.
+# GTEST_FILTER — passed to the test programs by gtest itself; BENCH_ARGS — arguments of the kernel
+# benchmark (the model benchmarks run after it); SKIP_BENCH=1 — tests only. Exit status: 0 when every
+# program succeeded.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bundle="${1:-$here/pgolf-devpack.tar.xz}"
 work="$(mktemp -d)"
 tar -C "$work" -xJf "$bundle" || { echo "device-check: cannot unpack $bundle" >&2; exit 1; }
 bin="$work/pgolf/bin"
+# The tests find the bundled shared data (golden dumps, FineWeb prefix) through PGOLF_SHARED_DIR.
+[ -d "$work/pgolf/shared" ] && export PGOLF_SHARED_DIR="$work/pgolf/shared"
+export PGOLF_CONFIG_DIR="$work/pgolf/configs"
 export LD_LIBRARY_PATH="$bin/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 logs="${OUT:-$work/logs}"
 mkdir -p "$logs"
@@ -32,37 +36,51 @@ done
 
 status=0
 rows=()
+# Each test suite runs in its own process: a sticky CUDA error (an illegal address) ends only its suite.
+# With GTEST_FILTER set, the filtered tests run in one process (gtest reads the variable itself).
 for t in "$bin"/test_*; do
   name="$(basename "$t")"
-  echo "== $name"
-  start=$SECONDS
-  timeout 400 "$t" --gtest_output="xml:$logs/$name.xml" 2>&1 | tee "$logs/$name.log"
-  rc=${PIPESTATUS[0]}
-  passed="$(sed -n 's/^\[  PASSED  \] \([0-9]*\) tests\{0,1\}\..*/\1/p' "$logs/$name.log" | tail -n 1)"
-  failed="$(sed -n 's/^\[  FAILED  \] \([0-9]*\) tests\{0,1\}, listed below.*/\1/p' "$logs/$name.log" | tail -n 1)"
-  rows+=("$(printf '%-14s %6s %7s %7s %7ss' "$name" "$rc" "${passed:-0}" "${failed:-0}" "$((SECONDS - start))")")
-  [ "$rc" = 0 ] || status=1
+  : >"$logs/$name.log"
+  suites="$("$t" --gtest_list_tests | sed -n 's/^\([^ #][^ ]*\)\.$/\1/p')"
+  [ -n "${GTEST_FILTER:-}" ] && suites="filtered"
+  for suite in $suites; do
+    echo "== $name $suite"
+    start=$SECONDS
+    filter=()
+    [ "$suite" = filtered ] || filter=(--gtest_filter="$suite.*")
+    timeout 400 "$t" "${filter[@]}" --gtest_output="xml:$logs/$name.${suite//\//_}.xml" 2>&1 | tee -a "$logs/$name.log"
+    rc=${PIPESTATUS[0]}
+    passed="$(sed -n 's/^\[  PASSED  \] \([0-9]*\) tests\{0,1\}\..*/\1/p' "$logs/$name.log" | tail -n 1)"
+    failed="$(sed -n 's/^\[  FAILED  \] \([0-9]*\) tests\{0,1\}, listed below.*/\1/p' "$logs/$name.log" | tail -n 1)"
+    rows+=("$(printf '%-40s %6s %7s %7s %7ss' "$name $suite" "$rc" "${passed:-0}" "${failed:-0}" "$((SECONDS - start))")")
+    [ "$rc" = 0 ] || status=1
+  done
 done
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  echo "== bench_cuda"
-  start=$SECONDS
-  # shellcheck disable=SC2086
-  timeout 300 "$bin/bench_cuda" ${BENCH_ARGS:-} 2>&1 | tee "$logs/bench_cuda.log"
-  rc=${PIPESTATUS[0]}
-  rows+=("$(printf '%-14s %6s %7s %7s %7ss' bench_cuda "$rc" - - "$((SECONDS - start))")")
-  [ "$rc" = 0 ] || status=1
+  # The kernels (GEMMs, attention), then one forward + backward of the full-size s691 (98,304 tokens
+  # of 2048) and baseline (65,536 tokens of 1024) models with their per-kernel breakdown.
+  : >"$logs/bench_cuda.log"
+  for args in "${BENCH_ARGS:-}" "--model s691 --profile" "--model baseline --tokens 65536 --seq 1024 --profile"; do
+    echo "== bench_cuda $args"
+    start=$SECONDS
+    # shellcheck disable=SC2086
+    timeout 300 "$bin/bench_cuda" $args 2>&1 | tee -a "$logs/bench_cuda.log"
+    rc=${PIPESTATUS[0]}
+    rows+=("$(printf '%-40s %6s %7s %7s %7ss' "bench_cuda ${args:-kernels}" "$rc" - - "$((SECONDS - start))")")
+    [ "$rc" = 0 ] || status=1
+  done
 fi
 
 echo
 echo "== summary"
-printf '%-14s %6s %7s %7s %8s\n' program exit passed failed time
+printf '%-40s %6s %7s %7s %8s\n' program exit passed failed time
 printf '%s\n' "${rows[@]}"
 for t in "$bin"/test_*; do
   grep '^\[  FAILED  \] [A-Za-z]' "$logs/$(basename "$t").log" | grep -v ' ms)$' | sort -u
 done
 if [ -f "$logs/bench_cuda.log" ]; then
   echo
-  grep -E '^(device|kernel|gemm|linear|attn|optim)' "$logs/bench_cuda.log"
+  grep -E '^ *(device|kernel|gemm|linear|attn|optim|model)' "$logs/bench_cuda.log"
 fi
 exit "$status"

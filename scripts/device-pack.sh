@@ -7,7 +7,9 @@
 #   scripts/device-pack.sh [OUTPUT_DIR]        (default: .devpack in the repository root)
 #
 # Writes OUTPUT_DIR/pgolf-devpack.tar.xz (tar + xz) and copies scripts/device-check.sh beside it;
-# on the GPU machine, `bash OUTPUT_DIR/device-check.sh` unpacks and runs everything.
+# on the GPU machine, `bash OUTPUT_DIR/device-check.sh` unpacks and runs everything. The shared data the
+# GPU tests read (the golden dumps of the five stacks, the FineWeb validation prefix) travel in the
+# bundle's shared/ folder, taken from PGOLF_SHARED_DIR (default: ../shared beside the repository).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$(mkdir -p "${1:-$root/.devpack}" && cd "${1:-$root/.devpack}" && pwd)"
@@ -27,6 +29,12 @@ trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/pgolf/bin/lib"
 cp "${programs[@]}" "$stage/pgolf/bin/"
 cp -r configs "$stage/pgolf/configs"
+shared="${PGOLF_SHARED_DIR:-$root/../shared}"
+mkdir -p "$stage/pgolf/shared/golden" "$stage/pgolf/shared/data/fineweb_val_prefix"
+for stack in base s691 s562 s600 s1560; do
+  cp "$shared/golden/$stack.json" "$shared/golden/$stack.safetensors" "$stage/pgolf/shared/golden/"
+done
+cp "$shared"/data/fineweb_val_prefix/*.bin "$stage/pgolf/shared/data/fineweb_val_prefix/"
 git describe --always --dirty >"$stage/pgolf/COMMIT" 2>/dev/null || echo unknown >"$stage/pgolf/COMMIT"
 
 # Libraries: everything ldd resolves, minus glibc (libc, libm, ld-linux, ...), the driver
@@ -51,7 +59,7 @@ done < <(for p in "${programs[@]}"; do ldd "$p"; done | awk '$2 == "=>" {print $
 [ "$missing" = 0 ] || exit 1
 
 tmp="$out/pgolf-devpack.tar.xz.tmp.$$"
-tar -C "$stage" -cf - pgolf | xz -T2 -6 >"$tmp"
+tar -C "$stage" -cf - pgolf | xz -T2 -3 >"$tmp"
 mv "$tmp" "$out/pgolf-devpack.tar.xz"
 cp scripts/device-check.sh "$out/device-check.sh"
 

@@ -6,6 +6,7 @@
 //
 //   bench_cuda [--tokens N] [--seq T] [--reps R] [--only gemm|attention|optim]
 //   (defaults: 98304 tokens, T 2048, 20 repeats, every section)
+//   bench_cuda --model PRESET [--tokens N] [--seq T] [--reps R] [--profile]   (bench_model.h)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <fmt/core.h>
@@ -21,6 +22,7 @@
 #include "backend/cuda/attention.h"
 #include "backend/cuda/device.h"
 #include "backend/cuda/gemm.h"
+#include "bench_model.h"
 #include "core/error.h"
 #include "core/half.h"
 #include "core/rng.h"
@@ -34,6 +36,8 @@ struct Options {
   int seq = 2048;
   int reps = 20;
   std::string only;  // one section, or every section when empty
+  std::string model;  // a preset: time GpuModel's forward + backward instead of the kernels
+  bool profile = false;
 };
 
 Options parse(int argc, char** argv) {
@@ -48,7 +52,9 @@ Options parse(int argc, char** argv) {
     else if (a == "--seq") o.seq = value();
     else if (a == "--reps") o.reps = value();
     else if (a == "--only" && i + 1 < argc) o.only = argv[++i];
-    else fail("bench_cuda: unknown argument '{}' (expected --tokens N, --seq T, --reps R, --only SECTION)", a);
+    else if (a == "--model" && i + 1 < argc) o.model = argv[++i];
+    else if (a == "--profile") o.profile = true;
+    else fail("bench_cuda: unknown argument '{}' (expected --tokens N, --seq T, --reps R, --only SECTION, --model PRESET, --profile)", a);
   }
   PG_CHECK(o.tokens > 0 && o.seq > 0 && o.tokens % o.seq == 0 && o.reps > 0,
            "bench_cuda: --tokens must be a positive multiple of --seq, --reps positive");
@@ -156,6 +162,10 @@ void bench_attention(const std::string& label, const std::vector<int32_t>& cu_ho
 int run(int argc, char** argv) {
   const Options o = parse(argc, argv);
   PG_CHECK(device_count() > 0, "bench_cuda: no CUDA device");
+  if (!o.model.empty()) {
+    bench_model(ModelBenchOptions{o.model, o.tokens, o.seq, o.reps, o.profile});
+    return 0;
+  }
   const DeviceInfo dev = device_info(0);
   fmt::print("device: {} ({} SMs, {:.1f} GiB, L2 {:.0f} MiB)\n", dev.name, dev.sm_count,
              dev.total_memory / 1073741824.0, dev.l2_bytes / 1048576.0);

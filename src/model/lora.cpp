@@ -6,21 +6,20 @@
 
 namespace pgolf {
 
-template <typename T>
-LoraAdapters<T>::LoraAdapters(const ModelConfig& m, const LoraConfig& c, int64_t rows, int slots)
-    : config_(c), rows_(rows), slots_(slots) {
+int64_t lora_layout(const ModelConfig& m, const LoraConfig& c, int64_t rows, int slots,
+                    std::vector<LoraAdapterLayout>& adapters) {
   PG_CHECK(c.rank > 0, "LoRA rank must be positive, got {}", c.rank);
   PG_CHECK(rows > 0 && slots > 0, "LoRA needs rows and slots, got {} rows and {} slots", rows, slots);
   const int64_t d = m.model_dim, r = c.rank;
   // Output dims per target: q [d -> q_dim], k and v [d -> kv_dim], o and mlp [d -> d], head [d -> V].
   const std::array<int64_t, kNumLoraTargets> out_dims = {m.q_dim(), m.kv_dim(), m.kv_dim(), d, d, m.vocab_size};
-  adapters_.resize(static_cast<size_t>(kNumLoraTargets) * slots);
+  adapters.assign(static_cast<size_t>(kNumLoraTargets) * slots, LoraAdapterLayout{});
   int64_t total = 0;
   for (int t = 0; t < kNumLoraTargets; ++t) {
     if (!c.targets[static_cast<size_t>(t)]) continue;
     const int n_slots = static_cast<LoraTarget>(t) == LoraTarget::Head ? 1 : slots;
     for (int s = 0; s < n_slots; ++s) {
-      Adapter& a = adapters_[static_cast<size_t>(t) * slots + s];
+      LoraAdapterLayout& a = adapters[static_cast<size_t>(t) * slots + s];
       a.in = d;
       a.out = out_dims[static_cast<size_t>(t)];
       a.a_offset = total;
@@ -29,6 +28,13 @@ LoraAdapters<T>::LoraAdapters(const ModelConfig& m, const LoraConfig& c, int64_t
       total += rows * a.out * r;
     }
   }
+  return total;
+}
+
+template <typename T>
+LoraAdapters<T>::LoraAdapters(const ModelConfig& m, const LoraConfig& c, int64_t rows, int slots)
+    : config_(c), rows_(rows), slots_(slots) {
+  const int64_t total = lora_layout(m, c, rows, slots, adapters_);
   params_.assign(static_cast<size_t>(total), T(0));
   grads_.assign(static_cast<size_t>(total), T(0));
 }

@@ -28,14 +28,23 @@ struct LoraConfig {
   bool on(LoraTarget t) const { return targets[static_cast<size_t>(t)]; }
 };
 
+// Where one adapter (one target at one virtual layer) lives in the flat parameter array.
+struct LoraAdapterLayout {
+  int64_t in = 0, out = 0;
+  int64_t a_offset = -1;  // A [rows, rank, in]
+  int64_t b_offset = -1;  // B [rows, out, rank]
+};
+
+// The flat layout of all adapters ([target][slot], the head at slot 0 only; absent targets keep
+// offsets -1) for `rows` documents and `slots` virtual layers; returns the total number of values.
+// LoraAdapters and the CUDA backend's GpuLora share it.
+int64_t lora_layout(const ModelConfig& model, const LoraConfig& config, int64_t rows, int slots,
+                    std::vector<LoraAdapterLayout>& adapters);
+
 template <typename T>
 class LoraAdapters {
  public:
-  struct Adapter {
-    int64_t in = 0, out = 0;
-    int64_t a_offset = -1;  // A [rows, rank, in]
-    int64_t b_offset = -1;  // B [rows, out, rank]
-  };
+  using Adapter = LoraAdapterLayout;
 
   // `rows` = batch rows (documents), `slots` = virtual layers of the plan the model runs.
   LoraAdapters(const ModelConfig& model, const LoraConfig& config, int64_t rows, int slots);

@@ -199,6 +199,48 @@ TEST_F(GemmTest, LinearLayerProductsAndWeightGradientAccumulation) {
   EXPECT_EQ(runner.cached_plans(), 3u);  // forward, input gradient, weight gradient (beta is not in the plan)
 }
 
+// Row strides: A is a column slice of a wider matrix ([m, lda], columns 8..8+k), D is written into a
+// column slice of a wider output ([m, ldd], columns 16..16+n); the other columns of D stay untouched.
+// The transposed case reads a slice of rows as the m columns of Aᵀ (the weight gradient of one part of
+// a fused projection).
+TEST_F(GemmTest, ColumnSlicesWithLeadingDimensions) {
+  for (const bool trans_a : {false, true}) {
+    SCOPED_TRACE(trans_a ? "trans_a" : "plain");
+    const int m = 72, n = 40, k = 56, lda = 96, ldd = 64, a_col = 8, d_col = 16;
+    const int a_rows = trans_a ? k : m;  // stored A: [m, k] or [k, m], as a slice of [a_rows, lda]
+    Rng rng(51 + trans_a);
+    std::vector<float> a = random_bf16_values(size_t(a_rows) * lda, rng), b = random_bf16_values(size_t(n) * k, rng);
+    std::vector<float> d0 = random_f32_values(size_t(m) * ldd, rng);
+    auto da = to_device_bf16(a), db = to_device_bf16(b);
+    DeviceBuffer<float> dd(d0);
+    GemmShape s;
+    s.m = m, s.n = n, s.k = k, s.trans_a = trans_a, s.trans_b = true, s.output = GemmOutput::kF32;
+    s.lda = lda, s.ldd = ldd;
+    GemmRunner runner;
+    runner.run(s, da.data() + a_col, db.data(), dd.data() + d_col, 1.0f, 1.0f, nullptr);
+    PG_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<double> ref(d0.begin(), d0.end());
+    std::vector<float> naive = d0;
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < n; ++j) {
+        double r = 0;
+        float nv = 0;
+        for (int p = 0; p < k; ++p) {
+          const float av = trans_a ? a[size_t(p) * lda + a_col + i] : a[size_t(i) * lda + a_col + p];
+          r += double{av} * b[size_t(j) * k + p];
+          nv += av * b[size_t(j) * k + p];
+        }
+        ref[size_t(i) * ldd + d_col + j] += r;
+        naive[size_t(i) * ldd + d_col + j] += nv;
+      }
+    const std::vector<float> got = dd.download();
+    expect_within_naive(trans_a ? "slice_trans_a" : "slice", got, naive, ref, 4.0);
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < ldd; ++j)
+        if (j < d_col || j >= d_col + n) ASSERT_EQ(got[size_t(i) * ldd + j], d0[size_t(i) * ldd + j]) << i << "," << j;
+  }
+}
+
 TEST_F(GemmTest, InvalidShapeIsAnError) {
   GemmRunner runner;
   GemmShape s;

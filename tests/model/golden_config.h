@@ -10,6 +10,8 @@
 
 #include "core/config.h"
 #include "core/fs.h"
+#include "core/tensor.h"
+#include "model/batch.h"
 #include "model/config.h"
 #include "test_util.h"
 
@@ -68,6 +70,27 @@ inline Config golden_config(const std::string& stack, const nlohmann::json& meta
     EXPECT_FALSE(hp.at("rope_yarn").get<bool>());
   }
   return c;
+}
+
+// The golden input batch: rows [2, 128] of x / y, or (packed) S1560's training path, one row [1, 256]
+// with the script's cu_seqlens.
+inline Batch golden_batch(const TensorMap& g, bool packed) {
+  Batch b;
+  auto x = g.get("x").as<int32_t>();
+  auto y = g.get("y").as<int32_t>();
+  b.inputs.assign(x.begin(), x.end());
+  b.targets.assign(y.begin(), y.end());
+  if (packed) {
+    // S1560 training path: one packed row [1, 256] with the script's cu_seqlens.
+    b.rows = 1;
+    b.seq_len = static_cast<int64_t>(x.size());
+    auto cu = g.get("cu_seqlens").as<int32_t>();
+    b.cu_seqlens.assign(cu.begin(), cu.end());
+  } else {
+    b.rows = g.get("x").shape[0];
+    b.seq_len = g.get("x").shape[1];
+  }
+  return b;
 }
 
 inline ModelConfig golden_model_config(const std::string& stack) {

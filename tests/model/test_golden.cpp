@@ -35,25 +35,6 @@ double max_abs_diff(const Span& ours, const std::vector<double>& ref) {
   return worst;
 }
 
-Batch golden_batch(const TensorMap& g, bool packed) {
-  Batch b;
-  auto x = g.get("x").as<int32_t>();
-  auto y = g.get("y").as<int32_t>();
-  b.inputs.assign(x.begin(), x.end());
-  b.targets.assign(y.begin(), y.end());
-  if (packed) {
-    // S1560 training path: one packed row [1, 256] with the script's cu_seqlens.
-    b.rows = 1;
-    b.seq_len = static_cast<int64_t>(x.size());
-    auto cu = g.get("cu_seqlens").as<int32_t>();
-    b.cu_seqlens.assign(cu.begin(), cu.end());
-  } else {
-    b.rows = g.get("x").shape[0];
-    b.seq_len = g.get("x").shape[1];
-  }
-  return b;
-}
-
 // The golden activation name of virtual layer v.
 std::string act_name(const std::string& stack, int v, int physical, int lane, bool parallel) {
   if (stack != "s1560") return "act/block" + std::to_string(physical);
@@ -77,7 +58,7 @@ void run_golden(const std::string& stack) {
   model.set_looping(s1560);
   model.set_train(true);
   model.zero_grad();
-  const Batch batch = golden_batch(g, s1560);
+  const Batch batch = test::golden_batch(g, s1560);
   const double loss = static_cast<double>(model.forward(batch));
   model.backward();
 
@@ -134,7 +115,7 @@ void run_golden(const std::string& stack) {
   if (s1560) {
     // The dense evaluation path: two rows [2, 128], no cu_seqlens, eval mode, looping on.
     model.set_train(false);
-    const double dense = static_cast<double>(model.forward(golden_batch(g, false)));
+    const double dense = static_cast<double>(model.forward(test::golden_batch(g, false)));
     const double ref_dense = g.get("loss_dense_eval").to_f64()[0];
     EXPECT_NEAR(dense, ref_dense, 1e-5);
     std::printf("[golden s1560 %s] dense eval loss %.9f (ref %.9f)\n", sizeof(T) == 8 ? "fp64" : "fp32", dense,

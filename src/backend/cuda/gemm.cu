@@ -16,7 +16,8 @@ namespace {
 std::string shape_text(const GemmShape& s) {
   return "GEMM m=" + std::to_string(s.m) + " n=" + std::to_string(s.n) + " k=" + std::to_string(s.k) +
          " trans_a=" + std::to_string(s.trans_a) + " trans_b=" + std::to_string(s.trans_b) +
-         " output=" + (s.output == GemmOutput::kBf16 ? "bf16" : "fp32") + " batch=" + std::to_string(s.batch);
+         " output=" + (s.output == GemmOutput::kBf16 ? "bf16" : "fp32") + " batch=" + std::to_string(s.batch) +
+         " lda=" + std::to_string(s.lda) + " ldb=" + std::to_string(s.ldb) + " ldd=" + std::to_string(s.ldd);
 }
 
 void check_cublas(cublasStatus_t status, const char* expr, const GemmShape& shape, int line) {
@@ -27,10 +28,12 @@ void check_cublas(cublasStatus_t status, const char* expr, const GemmShape& shap
 }
 #define PG_CUBLAS_CHECK(expr, shape) check_cublas((expr), #expr, (shape), __LINE__)
 
-// The largest power of two (at most 256) dividing the address of every matrix of a batch.
-uint16_t alignment_of(const void* p, int batch, int64_t stride_elems, size_t elem_bytes) {
+// The largest power of two (at most 256) dividing the address of every matrix (and, with a row
+// stride, of every row) of a batch.
+uint16_t alignment_of(const void* p, int batch, int64_t stride_elems, int64_t ld_elems, size_t elem_bytes) {
   uint64_t bits = reinterpret_cast<uint64_t>(p) | 256;
   if (batch > 1) bits |= static_cast<uint64_t>(stride_elems) * elem_bytes;
+  if (ld_elems > 0) bits |= static_cast<uint64_t>(ld_elems) * elem_bytes;
   return static_cast<uint16_t>(bits & (~bits + 1));  // lowest set bit
 }
 
@@ -42,7 +45,8 @@ struct PlanKey {
     const GemmShape &x = shape, &y = o.shape;
     return x.m == y.m && x.n == y.n && x.k == y.k && x.trans_a == y.trans_a && x.trans_b == y.trans_b &&
            x.output == y.output && x.epilogue == y.epilogue && x.batch == y.batch && x.stride_a == y.stride_a &&
-           x.stride_b == y.stride_b && x.stride_d == y.stride_d && align_a == o.align_a &&
+           x.stride_b == y.stride_b && x.stride_d == y.stride_d && x.lda == y.lda && x.ldb == y.ldb &&
+           x.ldd == y.ldd && align_a == o.align_a &&
            align_b == o.align_b && align_d == o.align_d;
   }
 };
@@ -60,6 +64,7 @@ struct PlanKeyHash {
     mix(static_cast<uint64_t>(s.stride_a));
     mix(static_cast<uint64_t>(s.stride_b));
     mix(static_cast<uint64_t>(s.stride_d));
+    mix(static_cast<uint64_t>(s.lda) ^ (static_cast<uint64_t>(s.ldb) << 21) ^ (static_cast<uint64_t>(s.ldd) << 42));
     mix((uint64_t{key.align_a} << 32) | (uint64_t{key.align_b} << 16) | key.align_d);
     return static_cast<size_t>(h);
   }
@@ -82,12 +87,13 @@ struct Plan {
   }
 };
 
-// Column-major layout of a row-major [rows, cols] matrix (seen by cuBLAS as [cols, rows], ld = cols).
-cublasLtMatrixLayout_t make_layout(cudaDataType_t type, int rows, int cols, int batch, int64_t stride,
+// Column-major layout of a row-major [rows, cols] matrix with row stride `ld` (0: cols), seen by
+// cuBLAS as [cols, rows] with leading dimension ld.
+cublasLtMatrixLayout_t make_layout(cudaDataType_t type, int rows, int cols, int64_t ld, int batch, int64_t stride,
                                    const GemmShape& shape) {
   cublasLtMatrixLayout_t layout = nullptr;
   PG_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, type, static_cast<uint64_t>(cols),
-                                             static_cast<uint64_t>(rows), static_cast<int64_t>(cols)),
+                                             static_cast<uint64_t>(rows), ld > 0 ? ld : static_cast<int64_t>(cols)),
                   shape);
   if (batch > 1) {
     int32_t count = batch;
@@ -136,11 +142,11 @@ const Plan& GemmRunner::Impl::plan_for(const PlanKey& key) {
                     s);
   }
   // Stored shapes: B is [k, n] or [n, k]; A is [m, k] or [k, m]; D is [m, n].
-  plan->layout_first = s.trans_b ? make_layout(CUDA_R_16BF, s.n, s.k, s.batch, s.stride_b, s)
-                                 : make_layout(CUDA_R_16BF, s.k, s.n, s.batch, s.stride_b, s);
-  plan->layout_second = s.trans_a ? make_layout(CUDA_R_16BF, s.k, s.m, s.batch, s.stride_a, s)
-                                  : make_layout(CUDA_R_16BF, s.m, s.k, s.batch, s.stride_a, s);
-  plan->layout_d = make_layout(d_type, s.m, s.n, s.batch, s.stride_d, s);
+  plan->layout_first = s.trans_b ? make_layout(CUDA_R_16BF, s.n, s.k, s.ldb, s.batch, s.stride_b, s)
+                                 : make_layout(CUDA_R_16BF, s.k, s.n, s.ldb, s.batch, s.stride_b, s);
+  plan->layout_second = s.trans_a ? make_layout(CUDA_R_16BF, s.k, s.m, s.lda, s.batch, s.stride_a, s)
+                                  : make_layout(CUDA_R_16BF, s.m, s.k, s.lda, s.batch, s.stride_a, s);
+  plan->layout_d = make_layout(d_type, s.m, s.n, s.ldd, s.batch, s.stride_d, s);
 
   cublasLtMatmulPreference_t pref = nullptr;
   PG_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref), s);
@@ -192,13 +198,22 @@ void GemmRunner::run(const GemmShape& shape, const __nv_bfloat16* a, const __nv_
     raise_error(msg.c_str(), __FILE__, __LINE__);
   }
   PG_CUDA_REQUIRE(a && b && d, "GemmRunner::run: null operand");
+  {
+    const int a_cols = shape.trans_a ? shape.m : shape.k, b_cols = shape.trans_b ? shape.k : shape.n;
+    if ((shape.lda != 0 && shape.lda < a_cols) || (shape.ldb != 0 && shape.ldb < b_cols) ||
+        (shape.ldd != 0 && shape.ldd < shape.n)) {
+      std::string msg = "invalid " + shape_text(shape) + ": a row stride is smaller than its matrix's row";
+      raise_error(msg.c_str(), __FILE__, __LINE__);
+    }
+  }
   PG_CUDA_REQUIRE((shape.epilogue == GemmEpilogue::kBias) == (bias != nullptr),
                   "GemmRunner::run: a bias pointer is given exactly when the epilogue is kBias");
   PG_CUDA_REQUIRE(shape.epilogue == GemmEpilogue::kNone || shape.batch == 1,
                   "GemmRunner::run: the bias epilogue is for unbatched products");
   const size_t d_bytes = shape.output == GemmOutput::kBf16 ? 2 : 4;
-  PlanKey key{shape, alignment_of(a, shape.batch, shape.stride_a, 2), alignment_of(b, shape.batch, shape.stride_b, 2),
-              alignment_of(d, shape.batch, shape.stride_d, d_bytes)};
+  PlanKey key{shape, alignment_of(a, shape.batch, shape.stride_a, shape.lda, 2),
+              alignment_of(b, shape.batch, shape.stride_b, shape.ldb, 2),
+              alignment_of(d, shape.batch, shape.stride_d, shape.ldd, d_bytes)};
   const Plan& plan = impl_->plan_for(key);
   if (bias) {
     PG_CUBLAS_CHECK(

@@ -36,6 +36,10 @@ struct GemmShape {
   // Strided batch: matrix i of each operand starts stride_* elements after matrix i - 1.
   int batch = 1;
   int64_t stride_a = 0, stride_b = 0, stride_d = 0;
+  // Row strides (leading dimensions) of the stored matrices; 0 = contiguous rows (the stored column
+  // count). A larger stride reads or writes a column slice of a wider matrix, e.g. the q, k and v
+  // parts of one fused projection output [tokens, q_dim + 2·kv_dim].
+  int64_t lda = 0, ldb = 0, ldd = 0;
 };
 
 class GemmRunner {

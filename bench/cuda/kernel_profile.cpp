@@ -1,0 +1,130 @@
+#include "kernel_profile.h"
+
+#include <cupti_activity.h>
+#include <cxxabi.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+
+namespace pgolf::cuda {
+namespace {
+
+struct CuptiApi {
+  void* lib = nullptr;
+  CUptiResult (*enable)(CUpti_ActivityKind) = nullptr;
+  CUptiResult (*disable)(CUpti_ActivityKind) = nullptr;
+  CUptiResult (*register_callbacks)(CUpti_BuffersCallbackRequestFunc, CUpti_BuffersCallbackCompleteFunc) = nullptr;
+  CUptiResult (*flush_all)(uint32_t) = nullptr;
+  CUptiResult (*next_record)(uint8_t*, size_t, CUpti_Activity**) = nullptr;
+};
+
+CuptiApi& api() {
+  static CuptiApi a;
+  return a;
+}
+
+std::mutex& records_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::map<std::string, KernelTime>& records() {
+  static std::map<std::string, KernelTime> r;
+  return r;
+}
+
+// Demangled, without the parameter list and template arguments: "pgolf::cuda::(anon)::rmsnorm_forward_kernel".
+std::string short_name(const char* mangled) {
+  int status = 0;
+  char* demangled = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
+  std::string s = status == 0 && demangled ? demangled : mangled;
+  std::free(demangled);
+  std::string out;
+  int depth = 0;
+  for (char c : s) {
+    if (c == '<' || c == '(') ++depth;
+    if (depth == 0) out += c;
+    if ((c == '>' || c == ')') && depth > 0) --depth;
+  }
+  for (const std::string& prefix : {std::string("void "), std::string("pgolf::cuda::"), std::string("(anonymous namespace)::")})
+    for (size_t at; (at = out.find(prefix)) != std::string::npos;) out.erase(at, prefix.size());
+  return out.size() > 72 ? out.substr(0, 72) : out;
+}
+
+void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_records) {
+  constexpr size_t kBytes = size_t{8} << 20;
+  *buffer = static_cast<uint8_t*>(std::aligned_alloc(8, kBytes));
+  *size = kBytes;
+  *max_records = 0;
+}
+
+void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t valid) {
+  CUpti_Activity* record = nullptr;
+  std::lock_guard<std::mutex> lock(records_mutex());
+  while (api().next_record(buffer, valid, &record) == CUPTI_SUCCESS) {
+    if (record->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && record->kind != CUPTI_ACTIVITY_KIND_KERNEL) continue;
+    const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
+    KernelTime& t = records()[short_name(k->name)];
+    t.total_ms += static_cast<double>(k->end - k->start) * 1e-6;
+    ++t.calls;
+  }
+  std::free(buffer);
+}
+
+template <typename F>
+bool load(void* lib, const char* name, F& fn) {
+  fn = reinterpret_cast<F>(dlsym(lib, name));
+  return fn != nullptr;
+}
+
+}  // namespace
+
+bool KernelProfile::start() {
+  CuptiApi& a = api();
+  if (!a.lib) {
+    for (const char* name : {"libcupti.so", "libcupti.so.13", "/usr/local/cuda/lib64/libcupti.so",
+                             "/usr/local/cuda/extras/CUPTI/lib64/libcupti.so"})
+      if ((a.lib = dlopen(name, RTLD_NOW)) != nullptr) break;
+    if (!a.lib) {
+      why_ = "libcupti could not be loaded";
+      return false;
+    }
+    if (!load(a.lib, "cuptiActivityEnable", a.enable) || !load(a.lib, "cuptiActivityDisable", a.disable) ||
+        !load(a.lib, "cuptiActivityRegisterCallbacks", a.register_callbacks) ||
+        !load(a.lib, "cuptiActivityFlushAll", a.flush_all) ||
+        !load(a.lib, "cuptiActivityGetNextRecord", a.next_record)) {
+      why_ = "libcupti lacks the activity API";
+      a.lib = nullptr;
+      return false;
+    }
+    if (a.register_callbacks(buffer_requested, buffer_completed) != CUPTI_SUCCESS) {
+      why_ = "cuptiActivityRegisterCallbacks failed";
+      return false;
+    }
+  }
+  records().clear();
+  if (a.enable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) != CUPTI_SUCCESS) {
+    why_ = "cuptiActivityEnable(CONCURRENT_KERNEL) failed";
+    return false;
+  }
+  return true;
+}
+
+std::vector<KernelTime> KernelProfile::stop() {
+  CuptiApi& a = api();
+  a.flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
+  a.disable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+  std::vector<KernelTime> out;
+  std::lock_guard<std::mutex> lock(records_mutex());
+  for (auto& [name, t] : records()) {
+    KernelTime k = t;
+    k.name = name;
+    out.push_back(k);
+  }
+  std::sort(out.begin(), out.end(), [](const KernelTime& x, const KernelTime& y) { return x.total_ms > y.total_ms; });
+  return out;
+}
+
+}  // namespace pgolf::cuda

@@ -1,0 +1,29 @@
+// Elementwise ops on the device: the scalar-weighted add (twin of cpu::scaled_add_*, used for the
+// BigramHash and value-embedding scales) and an fp32 add for gradient streams. n a multiple of 8,
+// 16-byte aligned arrays.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backend/cuda/partial_sums.h"
+
+namespace pgolf::cuda {
+
+// y = (accumulate ? y : 0) + s·x over n bf16 values; s is a device scalar.
+void scaled_add_forward(const __nv_bfloat16* x, const float* s, __nv_bfloat16* y, int64_t n, bool accumulate,
+                        cudaStream_t stream);
+
+// dx = s·dy (bf16, written; null: skipped), ds += Σ dy⊙x (null: skipped); dy fp32.
+void scaled_add_backward(const float* dy, const __nv_bfloat16* x, const float* s, __nv_bfloat16* dx, float* ds,
+                         int64_t n, const ReduceWorkspace& ws, cudaStream_t stream);
+
+// dst += src (fp32).
+void add_f32(float* dst, const float* src, int64_t n, cudaStream_t stream);
+
+// Partial-sum rows the elementwise reductions use.
+int elementwise_blocks(int64_t n);
+
+}  // namespace pgolf::cuda

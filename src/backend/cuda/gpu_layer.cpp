@@ -1,0 +1,197 @@
+// GpuModel: one transformer block (SPEC §3.4–3.6, §3.10), forward and backward, in the order of
+// CpuModel's cpu_layer.cpp. Running gradients: bw.g (lane 0 / the residual) and bw.g1 (lane 1), fp32.
+#include "backend/cuda/activation.h"
+#include "backend/cuda/attention_reference.h"
+#include "backend/cuda/gpu_model_impl.h"
+#include "backend/cuda/head_gate.h"
+#include "backend/cuda/qk_norm_rope.h"
+#include "backend/cuda/residual.h"
+#include "backend/cuda/rmsnorm.h"
+#include "backend/cuda/value.h"
+#include "backend/cuda/xsa.h"
+#include "core/error.h"
+
+namespace pgolf::cuda {
+
+namespace {
+// The value tensor attention reads in virtual layer v: the value-residual mix, or the raw projection
+// (also for the first layer of a stack that does not mix it).
+bool mixes_values(const ModelConfig& m, int v) { return m.value_residual && !(v == 0 && !m.value_residual_layer0_mix); }
+}  // namespace
+
+// n [N, d] → a [N, d]: qkv = n·[Wq; Wk; Wv]ᵀ (+ LoRA) → value path, QK-norm + RoPE + gain → attention
+// → XSA → gate → a = y·Woᵀ (+ LoRA_o(n)).
+void GpuModel::Impl::forward_attention(int v) {
+  const ModelConfig& m = cfg;
+  const VirtualLayer& L = order[static_cast<size_t>(v)];
+  const LayerParams& p = lp[static_cast<size_t>(L.physical)];
+  LayerBuf& b = layers[static_cast<size_t>(v)];
+  const int n = static_cast<int>(N);
+  linear(b.n, d, W16(p.w16_qkv), n, d, qkv_w, b.qkv, qkv_w, false, 0.f);
+  lora_forward(LoraTarget::Q, v, b.n, b.qkv, qkv_w);
+  lora_forward(LoraTarget::K, v, b.n, b.qkv + qd, qkv_w);
+  lora_forward(LoraTarget::V, v, b.n, b.qkv + qd + kvd, qkv_w);
+
+  const bool mix = mixes_values(m, v);
+  value_forward(b.qkv + qd + kvd, qkv_w, p.ve_scale >= 0 ? io.ve : nullptr, P_or_null(p.ve_scale),
+                mix && v > 0 ? layers[0].v_raw : nullptr, mix ? P(p.vr_lambda) : nullptr, b.v_raw, b.v,
+                ValueShape{N, kvd}, stream);
+  const bf16* vals = mix ? b.v : b.v_raw;
+  qk_norm_rope_forward(b.qkv, b.qkv + qd, qkv_w, P(p.q_gain), rope_cos, rope_sin, b.q, b.k, b.q_rstd, b.k_rstd,
+                       QkShape{N, T, H, Hkv, Dh, m.rope_dims}, stream);
+
+  const AttentionShape shape = attention_shape();
+  if (Dh == kAttentionHeadDim) attention_forward(shape, b.q, b.k, vals, b.y, b.lse, stream);
+  else attention_reference_forward(shape, Dh, max_seqlen, b.q, b.k, vals, b.y, b.lse, stream);
+  const bf16* y = b.y;
+  if (p.xsa) {
+    xsa_forward(y, vals, b.y_xsa, N, H, Hkv, Dh, stream);
+    y = b.y_xsa;
+  }
+  if (p.gate_w >= 0) {
+    // Gated attention reads the normed input n; attn_gate is an nn.Linear (no late QAT).
+    linear(b.n, d, W16(p.w16_gate), n, d, H, b.gate_logits, gate_ld, true, 0.f);
+    head_gate_forward(y, b.gate_logits, P(p.gate_b), b.gate, b.y_gated, HeadGateShape{N, H, Dh, gate_ld}, stream);
+    y = b.y_gated;
+  }
+  linear(y, qd, W16(p.w16_o), n, qd, d, b.a, d, false, 0.f);
+  lora_forward(LoraTarget::O, v, b.n, b.a, d);
+}
+
+// bw.da (d a) → bw.dn (d n, fp32, written).
+void GpuModel::Impl::backward_attention(int v) {
+  const ModelConfig& m = cfg;
+  const VirtualLayer& L = order[static_cast<size_t>(v)];
+  const LayerParams& p = lp[static_cast<size_t>(L.physical)];
+  LayerBuf& b = layers[static_cast<size_t>(v)];
+  const int n = static_cast<int>(N);
+  const bool mix = mixes_values(m, v);
+  const bf16* vals = mix ? b.v : b.v_raw;
+  const bf16* y_xsa = p.xsa ? b.y_xsa : b.y;  // the tensors fed to the gate and to Wo
+  const bf16* y_wo = p.gate_w >= 0 ? b.y_gated : y_xsa;
+
+  linear_dw(bw.da, d, y_wo, qd, n, qd, d, G(p.wo));
+  linear_dx(bw.da, d, W16(p.w16_o), n, qd, d, bw.dy, false, 0.f);
+  bf16* dy = bw.dy;
+  bf16* spare = bw.dy2;
+  if (p.gate_w >= 0) {
+    head_gate_backward(dy, y_xsa, b.gate, spare, bw.dgate_logits, G(p.gate_b), HeadGateShape{N, H, Dh, gate_ld},
+                       bw.reduce, stream);
+    std::swap(dy, spare);
+  }
+  if (p.xsa) {
+    xsa_backward(dy, b.y, vals, spare, bw.dv_xsa, N, H, Hkv, Dh, stream);
+    std::swap(dy, spare);
+  }
+  const AttentionShape shape = attention_shape();
+  if (Dh == kAttentionHeadDim)
+    attention_backward(shape, b.q, b.k, vals, b.y, b.lse, dy, bw.dq, bw.dk, bw.dv, bw.attn_ws, bw.attn_ws_bytes,
+                       stream);
+  else
+    attention_reference_backward(shape, Dh, max_seqlen, b.q, b.k, vals, b.y, b.lse, dy, bw.dq, bw.dk, bw.dv,
+                                 bw.attn_ws, bw.attn_ws_bytes, stream);
+
+  // q, k: gain, RoPE, QK-norm → the q and k columns of dqkv; v: XSA's share, the value path → its columns.
+  qk_norm_rope_backward(bw.dq, bw.dk, b.qkv, b.qkv + qd, qkv_w, b.q_rstd, b.k_rstd, P(p.q_gain), rope_cos, rope_sin,
+                        bw.dqkv, bw.dqkv + qd, qkv_w, G(p.q_gain), QkShape{N, T, H, Hkv, Dh, m.rope_dims}, bw.reduce,
+                        stream);
+  const bool ve = p.ve_scale >= 0;
+  value_backward(bw.dv, p.xsa ? bw.dv_xsa : nullptr, b.v_raw, mix && v > 0 ? layers[0].v_raw : nullptr,
+                 mix ? P(p.vr_lambda) : nullptr, mix && v > 0 ? bw.dv0 : nullptr,
+                 m.value_residual && v == 0 ? bw.dv0 : nullptr, ve ? io.ve : nullptr, P_or_null(p.ve_scale),
+                 ve ? bw.dve : nullptr, mix ? G(p.vr_lambda) : nullptr, ve ? G(p.ve_scale) : nullptr,
+                 bw.dqkv + qd + kvd, qkv_w, ValueShape{N, kvd}, bw.reduce, stream);
+
+  if (!frozen) {
+    if (p.qkv_contiguous) {
+      linear_dw(bw.dqkv, qkv_w, b.n, d, n, d, qkv_w, G(p.wq));
+    } else {
+      linear_dw(bw.dqkv, qkv_w, b.n, d, n, d, qd, G(p.wq));
+      linear_dw(bw.dqkv + qd, qkv_w, b.n, d, n, d, kvd, G(p.wk));
+      linear_dw(bw.dqkv + qd + kvd, qkv_w, b.n, d, n, d, kvd, G(p.wv));
+    }
+    if (p.gate_w >= 0) linear_dw(bw.dgate_logits, gate_ld, b.n, d, n, d, H, G(p.gate_w));
+  }
+  linear_dx(bw.dqkv, qkv_w, W16(p.w16_qkv), n, d, qkv_w, bw.dn, true, 0.f);
+  if (p.gate_w >= 0) linear_dx(bw.dgate_logits, gate_ld, W16(p.w16_gate), n, d, H, bw.dn, true, 1.f);
+  lora_backward(LoraTarget::Q, v, bw.dqkv, qkv_w, b.n, bw.dn);
+  lora_backward(LoraTarget::K, v, bw.dqkv + qd, qkv_w, b.n, bw.dn);
+  lora_backward(LoraTarget::V, v, bw.dqkv + qd + kvd, qkv_w, b.n, bw.dn);
+  lora_backward(LoraTarget::O, v, bw.da, d, b.n, bw.dn);
+}
+
+// b.m [N, d] (the normed MLP input) → b.f = act(m·Wfcᵀ)·Wprojᵀ (+ LoRA_mlp(m)).
+void GpuModel::Impl::forward_mlp(int v, const bf16* m_in) {
+  const LayerParams& p = lp[static_cast<size_t>(order[static_cast<size_t>(v)].physical)];
+  LayerBuf& b = layers[static_cast<size_t>(v)];
+  const int n = static_cast<int>(N);
+  const float slope = cfg.activation == Activation::Leaky2 ? static_cast<float>(cfg.leaky_slope) : 0.f;
+  linear(m_in, d, W16(p.w16_fc), n, d, hid, b.pre, hid, false, 0.f);
+  leaky_relu_sq_forward(b.pre, b.post, N * hid, slope, stream);
+  linear(b.post, hid, W16(p.w16_proj), n, hid, d, b.f, d, false, 0.f);
+  lora_forward(LoraTarget::Mlp, v, m_in, b.f, d);
+}
+
+// bw.df (d f) → bw.dm (d m, fp32, written).
+void GpuModel::Impl::backward_mlp(int v) {
+  const LayerParams& p = lp[static_cast<size_t>(order[static_cast<size_t>(v)].physical)];
+  LayerBuf& b = layers[static_cast<size_t>(v)];
+  const int n = static_cast<int>(N);
+  const float slope = cfg.activation == Activation::Leaky2 ? static_cast<float>(cfg.leaky_slope) : 0.f;
+  linear_dw(bw.df, d, b.post, hid, n, hid, d, G(p.wproj));
+  linear_dx(bw.df, d, W16(p.w16_proj), n, hid, d, bw.dpost, false, 0.f);
+  leaky_relu_sq_backward(bw.dpost, b.pre, bw.dpost, N * hid, slope, stream);
+  linear_dw(bw.dpost, hid, b.m, d, n, d, hid, G(p.wfc));
+  linear_dx(bw.dpost, hid, W16(p.w16_fc), n, d, hid, bw.dm, true, 0.f);
+  lora_backward(LoraTarget::Mlp, v, bw.df, d, b.m, bw.dm);
+}
+
+// Plain block:    x_in = mix(x, x0); x_mid = x_in + attn_scale⊙(g_a⊙Attn(n)); out = x_mid + mlp_scale⊙(g_m⊙MLP(m))
+// Parallel block: x_in = mix(lane0, x0); (lane0, lane1) = lanes(lane0, lane1, Attn(n), MLP(RMSNorm(lane1)))
+void GpuModel::Impl::forward_layer(int v) {
+  const VirtualLayer& L = order[static_cast<size_t>(v)];
+  const LayerParams& p = lp[static_cast<size_t>(L.physical)];
+  LayerBuf& b = layers[static_cast<size_t>(v)];
+  mix_norm_forward(b.x, io.x0, P(p.resid_mix), b.x_in, b.n, b.n_rstd, N, d, p.ln_scale, stream);
+  forward_attention(v);
+  if (!L.parallel) {
+    branch_forward(b.x_in, b.a, P(p.attn_scale), P_or_null(p.attn_gate), b.x_mid, b.m, b.m_rstd, N, d, p.ln_scale,
+                   stream);
+    forward_mlp(v, b.m);
+    branch_forward(b.x_mid, b.f, P(p.mlp_scale), P_or_null(p.mlp_gate), b.out, nullptr, nullptr, N, d, 1.f, stream);
+    return;
+  }
+  rmsnorm_forward(b.lane1, nullptr, b.m, b.m_rstd, N, d, p.ln_scale, stream);
+  forward_mlp(v, b.m);
+  lanes_forward(b.x, b.lane1, b.a, b.f, P(p.attn_scale), P(p.mlp_scale), P(p.par_resid), P(p.par_post), b.out, b.out1,
+                N, d, stream);
+}
+
+// bw.g (and bw.g1 for parallel layers) hold d(output) on entry and d(input) on return; bw.dx0 accumulates.
+void GpuModel::Impl::backward_layer(int v) {
+  const VirtualLayer& L = order[static_cast<size_t>(v)];
+  const LayerParams& p = lp[static_cast<size_t>(L.physical)];
+  LayerBuf& b = layers[static_cast<size_t>(v)];
+  if (!L.parallel) {
+    // g: d out → (MLP branch) → d x_mid (+ the MLP norm) → (attention branch) → d x_in (+ the norm) → d x.
+    branch_backward(nullptr, bw.g, b.out, nullptr, b.f, P(p.mlp_scale), P_or_null(p.mlp_gate), bw.df, G(p.mlp_scale),
+                    G(p.mlp_gate), N, d, 1.f, bw.reduce, stream);
+    backward_mlp(v);
+    branch_backward(bw.dm, bw.g, b.x_mid, b.m_rstd, b.a, P(p.attn_scale), P_or_null(p.attn_gate), bw.da,
+                    G(p.attn_scale), G(p.attn_gate), N, d, p.ln_scale, bw.reduce, stream);
+    backward_attention(v);
+    mix_norm_backward(bw.dn, bw.g, b.x_in, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, false, bw.dx0, G(p.resid_mix),
+                      N, d, p.ln_scale, bw.reduce, stream);
+    return;
+  }
+  // g, g1: d lane0_out, d lane1_out → d lane0_in, d lane1_in.
+  lanes_backward(bw.g, bw.g1, b.x, b.lane1, b.a, b.f, P(p.attn_scale), P(p.mlp_scale), P(p.par_resid), P(p.par_post),
+                 bw.da, bw.df, G(p.attn_scale), G(p.mlp_scale), G(p.par_resid), G(p.par_post), N, d, bw.reduce, stream);
+  backward_mlp(v);
+  rmsnorm_backward(bw.dm, b.lane1, nullptr, b.m_rstd, bw.g1, N, d, p.ln_scale, 1.f, true, stream);
+  backward_attention(v);
+  mix_norm_backward(bw.dn, nullptr, b.x_in, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, true, bw.dx0,
+                    G(p.resid_mix), N, d, p.ln_scale, bw.reduce, stream);
+}
+
+}  // namespace pgolf::cuda

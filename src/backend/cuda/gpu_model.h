@@ -1,0 +1,121 @@
+// GpuModel: the GPU twin of CpuModel<float> (model/cpu_model.h) — the same ModelConfig, ParamLayout,
+// Batch semantics, modes and outputs, computed with bf16 activations and GEMM operands, fp32
+// accumulation, fp32 master weights and fp32 gradients:
+//   * parameters and gradients: two device arrays of layout().total() floats in ParamLayout order;
+//     the GEMMs and lookups read bf16 copies of the matrices and tables (with late-QAT fake
+//     quantization in train mode), refreshed at the next forward after params_changed();
+//   * activations: one arena sized at construction from (max_tokens, config); no allocation, no host
+//     synchronisation inside set_batch's successors forward() / backward(), so a step can be captured
+//     in a CUDA graph;
+//   * every op is a launcher of backend/cuda (one .cu/.h pair each, tested against its CPU twin).
+// Gradients accumulate into grads() across backward calls (PyTorch .grad semantics) until zero_grad().
+//
+// A CudaEngine is a thin layer on top: it owns the optimizer over params()/grads() (calling
+// params_changed() after each step), feeds batches through set_batch / forward / backward, and reads
+// losses with loss() / token_losses().
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "model/batch.h"
+#include "model/config.h"
+#include "model/lora.h"
+#include "model/params.h"
+
+namespace pgolf::cuda {
+
+class GpuLora;
+
+struct GpuModelOptions {
+  int64_t max_tokens = 0;  // the largest batch (rows · seq_len) set_batch will be given
+};
+
+class GpuModel {
+ public:
+  GpuModel(const ModelConfig& config, const GpuModelOptions& options);
+  ~GpuModel();
+  GpuModel(const GpuModel&) = delete;
+  GpuModel& operator=(const GpuModel&) = delete;
+
+  const ModelConfig& config() const;
+  const ParamLayout& layout() const;
+  cudaStream_t stream() const;  // every launch goes to this stream
+
+  // ---- parameters and gradients (device, fp32, ParamLayout order) --------------------------------
+  float* params();
+  float* grads();
+  void load_params(const ParamSet<float>& host);  // host → device (waits), bf16 copies marked stale
+  void store_params(ParamSet<float>& host) const;  // device → host (waits)
+  void store_grads(ParamSet<float>& host) const;
+  void zero_grad();       // async
+  void params_changed();  // params() were written on the device: refresh the bf16 copies at the next forward
+
+  // ---- modes (as CpuModel) ------------------------------------------------------------------------
+  void set_train(bool on);
+  void set_qat(bool on);
+  void set_looping(bool on);
+  void set_frozen_base(bool on);
+  void set_lora(GpuLora* adapters);  // null detaches; rows = batch rows, slots = virtual layers
+  int num_virtual_layers() const;
+
+  // ---- one batch ------------------------------------------------------------------------------------
+  // Validates the batch (Batch::validate, tokens ≤ max_tokens) and copies its ids, targets and segments
+  // to the device (the one host → device transfer of a step, before the captured region).
+  void set_batch(const Batch& batch);
+  void forward();   // async: loss, per-token losses and saved activations of the batch
+  void backward();  // gradients of the mean loss of the last forward (needs targets)
+  // Gradients of Σ_i weights[i]·loss_i (host weights are uploaded first).
+  void backward(std::span<const float> token_weights);
+
+  // ---- results of the last forward (each waits for the stream) -------------------------------------
+  double loss() const;                     // mean cross-entropy (0 without targets)
+  std::vector<float> token_losses() const;  // [N] (empty without targets)
+  std::vector<float> x0() const;                       // [N, d]
+  std::vector<float> layer_output(int v, int lane = 0) const;  // [N, d]; lane 1 of parallel layers
+  std::vector<float> final_norm_output() const;        // [N, d]
+  std::vector<float> logits() const;  // soft-capped [N, V]; valid until backward() overwrites them
+
+  size_t arena_bytes() const;  // device memory of activations and workspaces
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Per-row LoRA adapters on the device (twin of LoraAdapters<float>, same flat layout): fp32 parameters
+// and gradients, bf16 copies for the GEMMs, and the hidden states of the last forward.
+class GpuLora {
+ public:
+  // rows · seq_len tokens per batch; slots = virtual layers of the plan the model runs. rank, d,
+  // q/kv dims and the vocab must be multiples of 8 (GEMM rows of 16 bytes).
+  GpuLora(const ModelConfig& model, const LoraConfig& config, int64_t rows, int slots, int64_t seq_len);
+  ~GpuLora();
+  GpuLora(const GpuLora&) = delete;
+  GpuLora& operator=(const GpuLora&) = delete;
+
+  const LoraConfig& config() const;
+  int64_t rows() const;
+  int slots() const;
+  int64_t seq_len() const;
+  int64_t total() const;  // floats of params() and grads()
+  float* params();
+  float* grads();
+  void upload(std::span<const float> params);  // host → device (the LoraAdapters<float> layout)
+  std::vector<float> download_params() const;
+  std::vector<float> download_grads() const;
+  void zero_grad();
+  void params_changed();  // params() were written on the device: the bf16 copies refresh at the next forward
+
+  struct Impl;
+  Impl& impl() { return *impl_; }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pgolf::cuda

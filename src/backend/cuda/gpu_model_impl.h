@@ -1,0 +1,187 @@
+// GpuModel internals shared by gpu_model.cpp (construction, buffers, embedding, head, plan walk) and
+// gpu_layer.cpp (the blocks). Not part of the interface.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/arena.h"
+#include "backend/cuda/attention.h"
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/gpu_model.h"
+#include "backend/cuda/partial_sums.h"
+#include "backend/cuda/weights.h"
+
+namespace pgolf::cuda {
+
+using bf16 = __nv_bfloat16;
+
+struct GpuLora::Impl {
+  LoraConfig config;
+  int64_t rows = 0, seq_len = 0;
+  int slots = 0;
+  std::vector<LoraAdapterLayout> adapters;
+  int64_t total = 0;
+  DeviceBuffer<float> params, grads;
+  DeviceBuffer<bf16> params16;
+  std::vector<bf16*> hidden;  // per adapter: h [rows·T, rank] of the last forward (null when absent)
+  DeviceBuffer<bf16> hidden_storage, dh;  // dh: [rows·T, rank] scratch of the backward
+  bool stale = true;
+
+  const LoraAdapterLayout* find(LoraTarget target, int slot) const;
+  bf16* hidden_of(LoraTarget target, int slot) const;
+};
+
+struct GpuModel::Impl {
+  // ---- configuration ---------------------------------------------------------------------------
+  ModelConfig cfg;
+  ParamLayout layout;
+  int64_t max_tokens = 0;
+  int d = 0, qd = 0, kvd = 0, hid = 0, V = 0, H = 0, Hkv = 0, Dh = 0;
+  int qkv_w = 0;    // columns of the fused projection output: q_dim + 2·kv_dim
+  int gate_ld = 0;  // row stride of the gated-attention logits (H rounded up to 8)
+  cudaStream_t stream = nullptr;
+  GemmRunner gemm;
+
+  // fp32 offsets of one physical layer's tensors (-1: absent), as CpuModel's LayerParams.
+  struct LayerParams {
+    int64_t wq = -1, wk = -1, wv = -1, wo = -1, wfc = -1, wproj = -1;
+    int64_t attn_scale = -1, mlp_scale = -1, resid_mix = -1, q_gain = -1, vr_lambda = -1;
+    int64_t gate_w = -1, gate_b = -1, attn_gate = -1, mlp_gate = -1, ve_scale = -1;
+    int64_t par_resid = -1, par_post = -1;
+    bool qkv_contiguous = false;  // c_q, c_k, c_v adjacent in the layout: one dW GEMM
+    float ln_scale = 1.f;
+    bool xsa = false;
+    // bf16 copy offsets: [Wq; Wk; Wv] [qkv_w, d], Wo [d, q_dim], Wfc [hid, d], Wproj [d, hid], Wg [H, d]
+    int64_t w16_qkv = -1, w16_o = -1, w16_fc = -1, w16_proj = -1, w16_gate = -1;
+  };
+  std::vector<LayerParams> lp;
+  struct {
+    int64_t tok_emb = -1, bigram_embed = -1, bigram_proj = -1, bigram_scale = -1, bigram_direct = -1;
+    int64_t smear_gate = -1, ve_embed = -1, ve_proj = -1, ve_scale = -1, skip_weights = -1, skip_gates = -1;
+    int64_t w16_tok_emb = -1, w16_bigram_embed = -1, w16_bigram_proj = -1, w16_bigram_direct = -1;
+    int64_t w16_ve_embed = -1, w16_ve_proj = -1;
+  } gp;
+
+  DeviceBuffer<float> params, grads;
+  DeviceBuffer<bf16> w16;
+  DeviceBuffer<WeightCopy> copies;
+  int n_copies = 0;
+  int64_t copy_rows = 0;
+  bool weights_stale = true, weights_quantized = false, has_qat_matrices = false;
+
+  // ---- modes and plan --------------------------------------------------------------------------
+  bool train = true, qat = false, looping = false, frozen = false;
+  GpuLora* lora = nullptr;
+  ModelConfig::LayerPlan plan;
+  struct VirtualLayer {
+    int physical = 0;
+    bool parallel = false, opens_lanes = false;
+    int skip = -1;  // decoder index k whose skip is added before this layer
+  };
+  std::vector<VirtualLayer> order;
+  int max_virtual = 0;  // activation slots: the larger of the two plans
+
+  // ---- the batch on the device ------------------------------------------------------------------
+  int64_t B = 0, T = 0, N = 0;
+  int num_segments = 0, max_seqlen = 0;
+  bool has_targets = false, batch_set = false, forward_done = false;
+  std::map<int64_t, std::pair<DeviceBuffer<float>, DeviceBuffer<float>>> rope_tables;  // cos, sin per T
+  const float* rope_cos = nullptr;
+  const float* rope_sin = nullptr;
+
+  // ---- activations and workspaces (one arena) ----------------------------------------------------
+  std::unique_ptr<Arena> arena;
+  struct LayerBuf {
+    bf16* in = nullptr;  // block input after a skip add (own buffer in decoder slots)
+    bf16 *x_in = nullptr, *n = nullptr;
+    float* n_rstd = nullptr;
+    bf16 *qkv = nullptr, *q = nullptr, *k = nullptr, *v_raw = nullptr, *v = nullptr, *y = nullptr;
+    float *q_rstd = nullptr, *k_rstd = nullptr, *lse = nullptr;
+    bf16 *y_xsa = nullptr, *y_gated = nullptr;
+    float *gate_logits = nullptr, *gate = nullptr;
+    bf16* a = nullptr;
+    bf16 *x_mid = nullptr, *m = nullptr;
+    float* m_rstd = nullptr;
+    bf16 *pre = nullptr, *post = nullptr, *f = nullptr, *out = nullptr, *out1 = nullptr;
+    // Set by the forward: the tensors this layer read.
+    const bf16* x = nullptr;         // block input (lane 0 for parallel layers)
+    const bf16* lane1 = nullptr;     // parallel: lane 1 input
+    const bf16* pre_skip = nullptr;  // the input before the skip add
+  };
+  std::vector<LayerBuf> layers;
+  struct {
+    int32_t *ids = nullptr, *targets = nullptr, *cu = nullptr;
+    int32_t *bigram_idx = nullptr, *trigram_idx = nullptr, *direct_idx = nullptr;
+    bf16 *e = nullptr, *x_norm = nullptr, *x0 = nullptr, *bigram_h = nullptr, *bigram_p = nullptr;
+    bf16 *ve_h = nullptr, *ve_p = nullptr, *ve = nullptr;
+    float* e_rstd = nullptr;
+    bf16* h = nullptr;  // final norm output
+    const bf16 *final_x = nullptr, *final_x2 = nullptr;
+    float* final_rstd = nullptr;
+    bf16* logits = nullptr;  // raw logits z [N, V]; dz after the backward
+    float *losses = nullptr, *lse = nullptr, *loss = nullptr, *weights = nullptr;
+  } io;
+  struct {
+    float *g = nullptr, *g1 = nullptr, *dn = nullptr, *dm = nullptr, *dx0 = nullptr;
+    float *dve = nullptr, *dv0 = nullptr, *dv_xsa = nullptr;
+    bf16 *da = nullptr, *df = nullptr, *dy = nullptr, *dy2 = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr;
+    bf16 *dqkv = nullptr, *dpost = nullptr, *dgate_logits = nullptr;
+    float *dbigram_h = nullptr, *dve_h = nullptr;
+    bf16* dve_p = nullptr;
+    std::vector<float*> d_enc;  // per encoder slot: the gradient its skip connection sends back
+    void* attn_ws = nullptr;
+    size_t attn_ws_bytes = 0;
+    ReduceWorkspace reduce;
+  } bw;
+
+  // ---- construction (gpu_model.cpp) ---------------------------------------------------------------
+  Impl(const ModelConfig& config, const GpuModelOptions& options);
+  ~Impl();
+  int64_t offset(const std::string& name) const;
+  int64_t offset_if(const std::string& name) const;
+  void build_weight_copies();
+  void build_plan();
+  template <typename Alloc>
+  void allocate(Alloc& take);
+  size_t reduce_floats() const;
+
+  // ---- one step ---------------------------------------------------------------------------------
+  void set_batch(const Batch& batch);
+  void prepare_weights();
+  void forward();
+  void backward(const float* weights_device);
+  void forward_embedding();
+  void backward_embedding();
+  void forward_layer(int v);
+  void backward_layer(int v);
+  void forward_attention(int v);
+  void backward_attention(int v);  // from bw.da → bw.dn
+  void forward_mlp(int v, const bf16* input);
+  void backward_mlp(int v);  // from bw.df → bw.dm (fp32, written)
+
+  // ---- helpers ----------------------------------------------------------------------------------
+  float* P(int64_t off) { return params.data() + off; }
+  float* P_or_null(int64_t off) { return off < 0 ? nullptr : params.data() + off; }
+  // Gradient slot (+ extra elements), or null when the base is frozen or the tensor absent.
+  float* G(int64_t off, int64_t extra = 0) { return frozen || off < 0 ? nullptr : grads.data() + off + extra; }
+  const bf16* W16(int64_t off) const { return w16.data() + off; }
+  // y [rows, out] (row stride ld_y) = beta·y + x [rows, in] (ld_x) · Wᵀ
+  void linear(const bf16* x, int64_t ld_x, const bf16* w, int rows, int in, int out, void* y, int64_t ld_y,
+              bool f32_out, float beta);
+  // dx [rows, in] = beta·dx + dy [rows, out] (ld_dy) · W
+  void linear_dx(const bf16* dy, int64_t ld_dy, const bf16* w, int rows, int in, int out, void* dx, bool f32_out,
+                 float beta);
+  // dW [out, in] (fp32) += dyᵀ · x
+  void linear_dw(const bf16* dy, int64_t ld_dy, const bf16* x, int64_t ld_x, int rows, int in, int out, float* dw);
+  void lora_forward(LoraTarget target, int slot, const bf16* x, bf16* y, int64_t y_ld);
+  void lora_backward(LoraTarget target, int slot, const bf16* dy, int64_t dy_ld, const bf16* x, float* dx);
+  AttentionShape attention_shape() const;
+  std::vector<float> download_bf16(const bf16* p, int64_t n) const;
+};
+
+}  // namespace pgolf::cuda

@@ -1,0 +1,33 @@
+// Per-row LoRA adapters on the device (twin of cpu/lora.h): row b of the batch (one document) has
+// A_b [r, in] and B_b [out, r]; for its T tokens y_b += (x_b A_bᵀ) B_bᵀ. Every product is one strided
+// batched cuBLASLt GEMM over the rows. x and y may be column slices of wider matrices (row strides
+// x_ld, y_ld), e.g. y = the q columns of the fused projection output. in, out and rank multiples of 8.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backend/cuda/gemm.h"
+
+namespace pgolf::cuda {
+
+struct LoraGemmShape {
+  int rows = 0;     // batch rows, one adapter pair each
+  int seq_len = 0;  // tokens per row
+  int in = 0, out = 0, rank = 0;
+  int64_t x_ld = 0, y_ld = 0;  // row strides of x / dx and y / dy (0: in, out)
+};
+
+// h [rows·T, r] = x Aᵀ (saved), y += h Bᵀ (bf16, in place). A [rows, r, in], B [rows, out, r] bf16.
+void lora_forward(GemmRunner& gemm, const __nv_bfloat16* x, const __nv_bfloat16* A, const __nv_bfloat16* B,
+                  __nv_bfloat16* h, __nv_bfloat16* y, const LoraGemmShape& shape, cudaStream_t stream);
+
+// dB_b += dy_bᵀ h_b; dh = dy_b B_b (bf16 scratch [rows·T, r]); dA_b += dhᵀ x_b; dx_b += dh A_b (fp32,
+// may be null). dA, dB fp32 in the A / B layouts.
+void lora_backward(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* x, const __nv_bfloat16* A,
+                   const __nv_bfloat16* B, const __nv_bfloat16* h, __nv_bfloat16* dh, float* dx, float* dA, float* dB,
+                   const LoraGemmShape& shape, cudaStream_t stream);
+
+}  // namespace pgolf::cuda

@@ -1,0 +1,546 @@
+// Row kernels of the residual stream: one warp per token row, lane l owning the 8-feature vectors
+// l, l + 32, ... (kernel_util.cuh); per-feature parameters are read once per thread.
+#include "backend/cuda/check.h"
+#include "backend/cuda/kernel_util.cuh"
+#include "backend/cuda/residual.h"
+
+namespace pgolf::cuda {
+namespace {
+
+#define PG_ROWS_OF_WARP(r, rows)                                                                          \
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5); r < (rows); \
+       r += static_cast<int64_t>(gridDim.x) * kRowWarps)
+#define PG_LANE_VECS(k, f0, dim)          \
+  _Pragma("unroll") for (int k = 0; k < kVec; ++k) \
+    if (const int f0 = (lane + 32 * k) * 8; f0 < (dim))
+
+// A per-feature parameter vector for the lane's features (fill where absent), read element by element:
+// parameter tensors start at arbitrary offsets of the fp32 layout (no 16-byte alignment).
+template <int kVec>
+__device__ __forceinline__ void lane_params(const float* p, int dim, int lane, float fill, float (&out)[kVec][8]) {
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    const int f0 = (lane + 32 * k) * 8;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out[k][e] = (p && f0 < dim) ? p[f0 + e] : fill;
+  }
+}
+
+// Sum of squares of the row's values across the warp → 1/sqrt(mean + eps).
+template <int kVec>
+__device__ __forceinline__ float row_rstd(const float (&v)[kVec][8], int dim, int lane) {
+  float ss = 0.f;
+  PG_LANE_VECS(k, f0, dim) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) ss += v[k][e] * v[k][e];
+  }
+  return 1.f / sqrtf(warp_sum(ss) / static_cast<float>(dim) + kRmsNormEpsF);
+}
+
+// RMSNorm backward term of one row: scale·rstd·(dy − u·rstd²·(dy·u)/dim), into out (added).
+template <int kVec>
+__device__ __forceinline__ void add_norm_backward(const float (&dy)[kVec][8], const float (&u)[kVec][8], float inv,
+                                                  float scale, int dim, int lane, float (&out)[kVec][8]) {
+  float dot = 0.f;
+  PG_LANE_VECS(k, f0, dim) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dot += dy[k][e] * u[k][e];
+  }
+  dot = warp_sum(dot);
+  const float c = inv * inv * dot / static_cast<float>(dim), coef = scale * inv;
+  PG_LANE_VECS(k, f0, dim) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out[k][e] += coef * (dy[k][e] - u[k][e] * c);
+  }
+}
+
+template <int kVec>
+__device__ __forceinline__ void scaled_copy(const float (&a)[kVec][8], const float (&s)[kVec][8],
+                                            float (&out)[kVec][8]) {
+#pragma unroll
+  for (int k = 0; k < kVec; ++k)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out[k][e] = a[k][e] * s[k][e];
+}
+
+// ---- resid_mix + RMSNorm -----------------------------------------------------------------------
+
+template <int kVec>
+__global__ void __launch_bounds__(kRowThreads) mix_norm_forward_kernel(const bf16* __restrict__ x,
+                                                                       const bf16* __restrict__ x0,
+                                                                       const float* __restrict__ mix,
+                                                                       bf16* __restrict__ x_in, bf16* __restrict__ n,
+                                                                       float* __restrict__ rstd, int64_t rows,
+                                                                       int dim, float scale) {
+  const int lane = threadIdx.x & 31;
+  float m0[kVec][8], m1[kVec][8];
+  lane_params<kVec>(mix, dim, lane, 0.f, m0);
+  lane_params<kVec>(mix + dim, dim, lane, 0.f, m1);
+  PG_ROWS_OF_WARP(r, rows) {
+    float u[kVec][8];
+    PG_LANE_VECS(k, f0, dim) {
+      float a[8], b[8];
+      load8(x + r * dim + f0, a);
+      load8(x0 + r * dim + f0, b);
+      // The stored (bf16) x_in is what the norm and its backward see.
+#pragma unroll
+      for (int e = 0; e < 8; ++e) u[k][e] = round_bf16(m0[k][e] * a[e] + m1[k][e] * b[e]);
+      store8(x_in + r * dim + f0, u[k]);
+    }
+    const float inv = row_rstd<kVec>(u, dim, lane);
+    if (lane == 0) rstd[r] = inv;
+    PG_LANE_VECS(k, f0, dim) {
+      float o[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] = (u[k][e] * inv) * scale;
+      store8(n + r * dim + f0, o);
+    }
+  }
+}
+
+template <int kVec>
+__global__ void __launch_bounds__(kRowThreads) mix_norm_backward_kernel(
+    const float* __restrict__ dn, const float* g_in, const bf16* __restrict__ x_in, const float* __restrict__ rstd,
+    const bf16* __restrict__ x, const bf16* __restrict__ x0, const float* __restrict__ mix, float* dx,
+    bool accumulate_dx, float* __restrict__ dx0, float* __restrict__ partials, int64_t rows, int dim, float scale) {
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x & 31;
+  float m0[kVec][8], m1[kVec][8], acc0[kVec][8] = {}, acc1[kVec][8] = {};
+  lane_params<kVec>(mix, dim, lane, 0.f, m0);
+  lane_params<kVec>(mix + dim, dim, lane, 0.f, m1);
+  PG_ROWS_OF_WARP(r, rows) {
+    float d[kVec][8], u[kVec][8], t[kVec][8];
+    PG_LANE_VECS(k, f0, dim) {
+      load8(dn + r * dim + f0, d[k]);
+      load8(x_in + r * dim + f0, u[k]);
+      if (g_in) load8(g_in + r * dim + f0, t[k]);
+      else
+#pragma unroll
+        for (int e = 0; e < 8; ++e) t[k][e] = 0.f;
+    }
+    add_norm_backward<kVec>(d, u, rstd[r], scale, dim, lane, t);
+    PG_LANE_VECS(k, f0, dim) {
+      float a[8], b[8], o[8], o0[8];
+      load8(x + r * dim + f0, a);
+      load8(x0 + r * dim + f0, b);
+      if (accumulate_dx) load8(dx + r * dim + f0, o);
+      load8(dx0 + r * dim + f0, o0);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        o[e] = (accumulate_dx ? o[e] : 0.f) + m0[k][e] * t[k][e];
+        o0[e] += m1[k][e] * t[k][e];
+        acc0[k][e] += t[k][e] * a[e];
+        acc1[k][e] += t[k][e] * b[e];
+      }
+      store8(dx + r * dim + f0, o);
+      store8(dx0 + r * dim + f0, o0);
+    }
+  }
+  if (partials) {
+    float* out = partials + static_cast<size_t>(blockIdx.x) * 2 * dim;
+    store_column_partials<kVec>(acc0, smem, out, dim);
+    store_column_partials<kVec>(acc1, smem, out + dim, dim);
+  }
+}
+
+// ---- residual branch (+ RMSNorm) ---------------------------------------------------------------
+
+// coef = branch_scale⊙σ(gate) for the lane's features.
+template <int kVec>
+__device__ __forceinline__ void branch_coef(const float* scale, const float* gate, int dim, int lane,
+                                            float (&coef)[kVec][8]) {
+  lane_params<kVec>(scale, dim, lane, 0.f, coef);
+  if (!gate) return;
+  float g[kVec][8];
+  lane_params<kVec>(gate, dim, lane, 0.f, g);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) coef[k][e] *= sigmoidf_(g[k][e]);
+}
+
+template <int kVec>
+__global__ void __launch_bounds__(kRowThreads) branch_forward_kernel(const bf16* __restrict__ x,
+                                                                     const bf16* __restrict__ a,
+                                                                     const float* __restrict__ branch_scale,
+                                                                     const float* __restrict__ gate,
+                                                                     bf16* __restrict__ out, bf16* __restrict__ n,
+                                                                     float* __restrict__ rstd, int64_t rows, int dim,
+                                                                     float norm_scale) {
+  const int lane = threadIdx.x & 31;
+  float coef[kVec][8];
+  branch_coef<kVec>(branch_scale, gate, dim, lane, coef);
+  PG_ROWS_OF_WARP(r, rows) {
+    float u[kVec][8];
+    PG_LANE_VECS(k, f0, dim) {
+      float av[8], xv[8] = {};
+      load8(a + r * dim + f0, av);
+      if (x) load8(x + r * dim + f0, xv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) u[k][e] = round_bf16(xv[e] + coef[k][e] * av[e]);
+      store8(out + r * dim + f0, u[k]);
+    }
+    if (!n) continue;
+    const float inv = row_rstd<kVec>(u, dim, lane);
+    if (lane == 0) rstd[r] = inv;
+    PG_LANE_VECS(k, f0, dim) {
+      float o[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] = (u[k][e] * inv) * norm_scale;
+      store8(n + r * dim + f0, o);
+    }
+  }
+}
+
+template <int kVec>
+__global__ void __launch_bounds__(kRowThreads) branch_backward_kernel(
+    const float* __restrict__ dn, float* __restrict__ g, const bf16* __restrict__ out, const float* __restrict__ rstd,
+    const bf16* __restrict__ a, const float* __restrict__ branch_scale, const float* __restrict__ gate,
+    bf16* __restrict__ da, float* __restrict__ partials, bool want_dscale, bool want_dgate, int64_t rows, int dim,
+    float norm_scale) {
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x & 31;
+  float coef[kVec][8], acc[kVec][8] = {};
+  branch_coef<kVec>(branch_scale, gate, dim, lane, coef);
+  PG_ROWS_OF_WARP(r, rows) {
+    float t[kVec][8];
+    PG_LANE_VECS(k, f0, dim) { load8(g + r * dim + f0, t[k]); }
+    if (dn) {
+      float d[kVec][8], u[kVec][8];
+      PG_LANE_VECS(k, f0, dim) {
+        load8(dn + r * dim + f0, d[k]);
+        load8(out + r * dim + f0, u[k]);
+      }
+      add_norm_backward<kVec>(d, u, rstd[r], norm_scale, dim, lane, t);
+      PG_LANE_VECS(k, f0, dim) { store8(g + r * dim + f0, t[k]); }
+    }
+    PG_LANE_VECS(k, f0, dim) {
+      float av[8], o[8];
+      load8(a + r * dim + f0, av);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        o[e] = coef[k][e] * t[k][e];
+        acc[k][e] += t[k][e] * av[e];
+      }
+      store8(da + r * dim + f0, o);
+    }
+  }
+  if (!partials) return;
+  // Σ g⊙a is shared by both gradients: dscale = σ·S, dgate = scale·σ(1−σ)·S (per-feature factors
+  // commute with the sum over rows, so they are applied to the block's partial sums).
+  float s[kVec][8], sg[kVec][8], factor[kVec][8];
+  lane_params<kVec>(gate, dim, lane, 0.f, sg);
+  lane_params<kVec>(branch_scale, dim, lane, 0.f, s);
+  float* row = partials + static_cast<size_t>(blockIdx.x) * 2 * dim;
+  if (want_dscale) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) factor[k][e] = gate ? sigmoidf_(sg[k][e]) : 1.f;
+    float p[kVec][8];
+    scaled_copy<kVec>(acc, factor, p);
+    store_column_partials<kVec>(p, smem, row, dim);
+  }
+  if (want_dgate) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float sig = sigmoidf_(sg[k][e]);
+        factor[k][e] = s[k][e] * sig * (1.f - sig);
+      }
+    float p[kVec][8];
+    scaled_copy<kVec>(acc, factor, p);
+    store_column_partials<kVec>(p, smem, row + dim, dim);
+  }
+}
+
+// ---- U-Net skip ------------------------------------------------------------------------------------
+
+template <int kVec>
+__global__ void __launch_bounds__(kRowThreads) skip_forward_kernel(const bf16* __restrict__ x,
+                                                                   const bf16* __restrict__ s,
+                                                                   const float* __restrict__ w,
+                                                                   const float* __restrict__ gate,
+                                                                   bf16* __restrict__ out, int64_t rows, int dim) {
+  const int lane = threadIdx.x & 31;
+  float wv[kVec][8], gv[kVec][8];
+  lane_params<kVec>(w, dim, lane, 0.f, wv);
+  lane_params<kVec>(gate, dim, lane, 0.f, gv);
+  PG_ROWS_OF_WARP(r, rows) {
+    PG_LANE_VECS(k, f0, dim) {
+      float xv[8], sv[8], o[8];
+      load8(x + r * dim + f0, xv);
+      load8(s + r * dim + f0, sv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float ws = wv[k][e] * sv[e];
+        o[e] = gate ? ws + sigmoidf_(gv[k][e]) * (xv[e] - ws) : xv[e] + ws;
+      }
+      store8(out + r * dim + f0, o);
+    }
+  }
+}
+
+template <int kVec>
+__global__ void __launch_bounds__(kRowThreads) skip_backward_kernel(float* __restrict__ g, const bf16* __restrict__ x,
+                                                                    const bf16* __restrict__ s,
+                                                                    const float* __restrict__ w,
+                                                                    const float* __restrict__ gate,
+                                                                    float* __restrict__ ds, float* __restrict__ partials,
+                                                                    bool want_dw, bool want_dgate, int64_t rows,
+                                                                    int dim) {
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x & 31;
+  float wv[kVec][8], sig[kVec][8], acc_w[kVec][8] = {}, acc_g[kVec][8] = {};
+  lane_params<kVec>(w, dim, lane, 0.f, wv);
+  lane_params<kVec>(gate, dim, lane, 0.f, sig);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sig[k][e] = gate ? sigmoidf_(sig[k][e]) : 1.f;
+  PG_ROWS_OF_WARP(r, rows) {
+    PG_LANE_VECS(k, f0, dim) {
+      float gv[8], xv[8], sv[8], dsv[8];
+      load8(g + r * dim + f0, gv);
+      load8(s + r * dim + f0, sv);
+      if (gate) load8(x + r * dim + f0, xv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float keep = gate ? 1.f - sig[k][e] : 1.f;
+        dsv[e] = keep * wv[k][e] * gv[e];
+        acc_w[k][e] += gv[e] * sv[e];
+        if (gate) acc_g[k][e] += gv[e] * (xv[e] - wv[k][e] * sv[e]);
+        gv[e] *= sig[k][e];
+      }
+      store8(ds + r * dim + f0, dsv);
+      if (gate) store8(g + r * dim + f0, gv);
+    }
+  }
+  if (!partials) return;
+  float* row = partials + static_cast<size_t>(blockIdx.x) * 2 * dim;
+  float factor[kVec][8], p[kVec][8];
+  if (want_dw) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) factor[k][e] = gate ? 1.f - sig[k][e] : 1.f;
+    scaled_copy<kVec>(acc_w, factor, p);
+    store_column_partials<kVec>(p, smem, row, dim);
+  }
+  if (want_dgate) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) factor[k][e] = sig[k][e] * (1.f - sig[k][e]);
+    scaled_copy<kVec>(acc_g, factor, p);
+    store_column_partials<kVec>(p, smem, row + dim, dim);
+  }
+}
+
+// ---- parallel lanes ------------------------------------------------------------------------------
+
+template <int kVec>
+__global__ void __launch_bounds__(kRowThreads) lanes_forward_kernel(
+    const bf16* __restrict__ lane0, const bf16* __restrict__ lane1, const bf16* __restrict__ a,
+    const bf16* __restrict__ f, const float* __restrict__ attn_scale, const float* __restrict__ mlp_scale,
+    const float* __restrict__ resid, const float* __restrict__ post, bf16* __restrict__ out0, bf16* __restrict__ out1,
+    int64_t rows, int dim) {
+  const int lane = threadIdx.x & 31;
+  float as[kVec][8], ms[kVec][8];
+  lane_params<kVec>(attn_scale, dim, lane, 0.f, as);
+  lane_params<kVec>(mlp_scale, dim, lane, 0.f, ms);
+  const float r0 = resid[0], r1 = resid[1], p00 = post[0], p01 = post[1], p10 = post[2], p11 = post[3];
+  PG_ROWS_OF_WARP(r, rows) {
+    PG_LANE_VECS(k, f0, dim) {
+      float l0[8], l1[8], av[8], fv[8];
+      load8(lane0 + r * dim + f0, l0);
+      load8(lane1 + r * dim + f0, l1);
+      load8(a + r * dim + f0, av);
+      load8(f + r * dim + f0, fv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float a_s = as[k][e] * av[e], f_s = ms[k][e] * fv[e];
+        l0[e] = r0 * l0[e] + p00 * a_s + p10 * f_s;
+        l1[e] = r1 * l1[e] + p01 * a_s + p11 * f_s;
+      }
+      store8(out0 + r * dim + f0, l0);
+      store8(out1 + r * dim + f0, l1);
+    }
+  }
+}
+
+template <int kVec>
+__global__ void __launch_bounds__(kRowThreads) lanes_backward_kernel(
+    float* __restrict__ g0, float* __restrict__ g1, const bf16* __restrict__ lane0, const bf16* __restrict__ lane1,
+    const bf16* __restrict__ a, const bf16* __restrict__ f, const float* __restrict__ attn_scale,
+    const float* __restrict__ mlp_scale, const float* __restrict__ resid, const float* __restrict__ post,
+    bf16* __restrict__ da, bf16* __restrict__ df, float* __restrict__ partials, int64_t rows, int dim) {
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x & 31;
+  float as[kVec][8], ms[kVec][8], acc_a[kVec][8] = {}, acc_f[kVec][8] = {};
+  lane_params<kVec>(attn_scale, dim, lane, 0.f, as);
+  lane_params<kVec>(mlp_scale, dim, lane, 0.f, ms);
+  const float r0 = resid[0], r1 = resid[1], p00 = post[0], p01 = post[1], p10 = post[2], p11 = post[3];
+  float sums[6] = {};  // Σ g0⊙lane0, Σ g1⊙lane1, Σ g0⊙a_s, Σ g1⊙a_s, Σ g0⊙f_s, Σ g1⊙f_s
+  PG_ROWS_OF_WARP(r, rows) {
+    PG_LANE_VECS(k, f0, dim) {
+      float d0[8], d1[8], l0[8], l1[8], av[8], fv[8], dav[8], dfv[8];
+      load8(g0 + r * dim + f0, d0);
+      load8(g1 + r * dim + f0, d1);
+      load8(lane0 + r * dim + f0, l0);
+      load8(lane1 + r * dim + f0, l1);
+      load8(a + r * dim + f0, av);
+      load8(f + r * dim + f0, fv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float a_s = as[k][e] * av[e], f_s = ms[k][e] * fv[e];
+        const float da_s = p00 * d0[e] + p01 * d1[e], df_s = p10 * d0[e] + p11 * d1[e];
+        sums[0] += d0[e] * l0[e];
+        sums[1] += d1[e] * l1[e];
+        sums[2] += d0[e] * a_s;
+        sums[3] += d1[e] * a_s;
+        sums[4] += d0[e] * f_s;
+        sums[5] += d1[e] * f_s;
+        acc_a[k][e] += da_s * av[e];
+        acc_f[k][e] += df_s * fv[e];
+        dav[e] = as[k][e] * da_s;
+        dfv[e] = ms[k][e] * df_s;
+        d0[e] *= r0;
+        d1[e] *= r1;
+      }
+      store8(g0 + r * dim + f0, d0);
+      store8(g1 + r * dim + f0, d1);
+      store8(da + r * dim + f0, dav);
+      store8(df + r * dim + f0, dfv);
+    }
+  }
+  if (!partials) return;
+  float* row = partials + static_cast<size_t>(blockIdx.x) * (2 * dim + 6);
+  store_column_partials<kVec>(acc_a, smem, row, dim);
+  store_column_partials<kVec>(acc_f, smem, row + dim, dim);
+  for (int i = 0; i < 6; ++i) store_scalar_partial(sums[i], smem, row + 2 * dim + i);
+}
+
+size_t column_smem(int dim) { return static_cast<size_t>(kRowWarps) * dim * sizeof(float); }
+
+}  // namespace
+
+size_t residual_workspace_floats(int64_t rows, int dim) { return static_cast<size_t>(row_blocks(rows)) * (2 * dim + 6); }
+
+void mix_norm_forward(const bf16* x, const bf16* x0, const float* mix, bf16* x_in, bf16* n, float* rstd, int64_t rows,
+                      int dim, float scale, cudaStream_t stream) {
+  check_row_dim(dim, "mix_norm_forward");
+  if (rows == 0) return;
+  dispatch_row_vec(dim, [&](auto vec) {
+    mix_norm_forward_kernel<decltype(vec)::value>
+        <<<row_blocks(rows), kRowThreads, 0, stream>>>(x, x0, mix, x_in, n, rstd, rows, dim, scale);
+  });
+  PG_CUDA_LAUNCH_CHECK();
+}
+
+void mix_norm_backward(const float* dn, const float* g_in, const bf16* x_in, const float* rstd, const bf16* x,
+                       const bf16* x0, const float* mix, float* dx, bool accumulate_dx, float* dx0, float* dmix,
+                       int64_t rows, int dim, float scale, const ReduceWorkspace& ws, cudaStream_t stream) {
+  check_row_dim(dim, "mix_norm_backward");
+  if (rows == 0) return;
+  const int blocks = row_blocks(rows);
+  if (dmix) check_reduce_workspace(ws, blocks, 2 * dim, "mix_norm_backward");
+  float* partials = dmix ? ws.data : nullptr;
+  dispatch_row_vec(dim, [&](auto vec) {
+    mix_norm_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
+        dn, g_in, x_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, rows, dim, scale);
+  });
+  PG_CUDA_LAUNCH_CHECK();
+  if (dmix) finish_partial_sums(ws.data, blocks, {{dmix, 2 * dim}}, stream);
+}
+
+void branch_forward(const bf16* x, const bf16* a, const float* branch_scale, const float* gate, bf16* out, bf16* n,
+                    float* rstd, int64_t rows, int dim, float norm_scale, cudaStream_t stream) {
+  check_row_dim(dim, "branch_forward");
+  if (rows == 0) return;
+  dispatch_row_vec(dim, [&](auto vec) {
+    branch_forward_kernel<decltype(vec)::value><<<row_blocks(rows), kRowThreads, 0, stream>>>(
+        x, a, branch_scale, gate, out, n, rstd, rows, dim, norm_scale);
+  });
+  PG_CUDA_LAUNCH_CHECK();
+}
+
+void branch_backward(const float* dn, float* g, const bf16* out, const float* rstd, const bf16* a,
+                     const float* branch_scale, const float* gate, bf16* da, float* dscale, float* dgate, int64_t rows,
+                     int dim, float norm_scale, const ReduceWorkspace& ws, cudaStream_t stream) {
+  check_row_dim(dim, "branch_backward");
+  if (rows == 0) return;
+  const int blocks = row_blocks(rows);
+  const bool want_dgate = dgate != nullptr && gate != nullptr;
+  const bool any = dscale != nullptr || want_dgate;
+  if (any) check_reduce_workspace(ws, blocks, 2 * dim, "branch_backward");
+  float* partials = any ? ws.data : nullptr;
+  dispatch_row_vec(dim, [&](auto vec) {
+    branch_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
+        dn, g, out, rstd, a, branch_scale, gate, da, partials, dscale != nullptr, want_dgate, rows, dim, norm_scale);
+  });
+  PG_CUDA_LAUNCH_CHECK();
+  if (any) finish_partial_sums(ws.data, blocks, {{dscale, dim}, {want_dgate ? dgate : nullptr, dim}}, stream);
+}
+
+void skip_forward(const bf16* x, const bf16* s, const float* w, const float* gate, bf16* out, int64_t rows, int dim,
+                  cudaStream_t stream) {
+  check_row_dim(dim, "skip_forward");
+  if (rows == 0) return;
+  dispatch_row_vec(dim, [&](auto vec) {
+    skip_forward_kernel<decltype(vec)::value><<<row_blocks(rows), kRowThreads, 0, stream>>>(x, s, w, gate, out, rows,
+                                                                                          dim);
+  });
+  PG_CUDA_LAUNCH_CHECK();
+}
+
+void skip_backward(float* g, const bf16* x, const bf16* s, const float* w, const float* gate, float* ds, float* dw,
+                   float* dgate, int64_t rows, int dim, const ReduceWorkspace& ws, cudaStream_t stream) {
+  check_row_dim(dim, "skip_backward");
+  if (rows == 0) return;
+  const int blocks = row_blocks(rows);
+  const bool want_dgate = dgate != nullptr && gate != nullptr;
+  const bool any = dw != nullptr || want_dgate;
+  if (any) check_reduce_workspace(ws, blocks, 2 * dim, "skip_backward");
+  float* partials = any ? ws.data : nullptr;
+  dispatch_row_vec(dim, [&](auto vec) {
+    skip_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
+        g, x, s, w, gate, ds, partials, dw != nullptr, want_dgate, rows, dim);
+  });
+  PG_CUDA_LAUNCH_CHECK();
+  if (any) finish_partial_sums(ws.data, blocks, {{dw, dim}, {want_dgate ? dgate : nullptr, dim}}, stream);
+}
+
+void lanes_forward(const bf16* lane0, const bf16* lane1, const bf16* a, const bf16* f, const float* attn_scale,
+                   const float* mlp_scale, const float* resid, const float* post, bf16* out0, bf16* out1, int64_t rows,
+                   int dim, cudaStream_t stream) {
+  check_row_dim(dim, "lanes_forward");
+  if (rows == 0) return;
+  dispatch_row_vec(dim, [&](auto vec) {
+    lanes_forward_kernel<decltype(vec)::value><<<row_blocks(rows), kRowThreads, 0, stream>>>(
+        lane0, lane1, a, f, attn_scale, mlp_scale, resid, post, out0, out1, rows, dim);
+  });
+  PG_CUDA_LAUNCH_CHECK();
+}
+
+void lanes_backward(float* g0, float* g1, const bf16* lane0, const bf16* lane1, const bf16* a, const bf16* f,
+                    const float* attn_scale, const float* mlp_scale, const float* resid, const float* post, bf16* da,
+                    bf16* df, float* dattn_scale, float* dmlp_scale, float* dresid, float* dpost, int64_t rows,
+                    int dim, const ReduceWorkspace& ws, cudaStream_t stream) {
+  check_row_dim(dim, "lanes_backward");
+  if (rows == 0) return;
+  const int blocks = row_blocks(rows);
+  const bool any = dattn_scale || dmlp_scale || dresid || dpost;
+  if (any) check_reduce_workspace(ws, blocks, 2 * dim + 6, "lanes_backward");
+  float* partials = any ? ws.data : nullptr;
+  dispatch_row_vec(dim, [&](auto vec) {
+    lanes_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
+        g0, g1, lane0, lane1, a, f, attn_scale, mlp_scale, resid, post, da, df, partials, rows, dim);
+  });
+  PG_CUDA_LAUNCH_CHECK();
+  if (any)
+    finish_partial_sums(ws.data, blocks, {{dattn_scale, dim}, {dmlp_scale, dim}, {dresid, 2}, {dpost, 4}}, stream);
+}
+
+}  // namespace pgolf::cuda

@@ -1,0 +1,72 @@
+// The residual-stream ops of a block on the device (twins of cpu/mixing.h and cpu/rmsnorm.h, fused
+// where one pass over the rows can do the work of several CPU ops). Activations are bf16 [rows, dim]
+// token rows, running gradients fp32; per-feature parameters are fp32 [dim] (any alignment).
+// Parameter gradients are reduced without atomics (partial_sums.h) and accumulated (+=); a null
+// gradient pointer skips that reduction (frozen weights). dim: a multiple of 8, at most 1024.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backend/cuda/partial_sums.h"
+
+namespace pgolf::cuda {
+
+// resid_mix + RMSNorm: x_in = mix[0]⊙x + mix[1]⊙x0 (stored bf16), n = RMSNorm(x_in)·scale, rstd [rows].
+void mix_norm_forward(const __nv_bfloat16* x, const __nv_bfloat16* x0, const float* mix, __nv_bfloat16* x_in,
+                      __nv_bfloat16* n, float* rstd, int64_t rows, int dim, float scale, cudaStream_t stream);
+
+// t = (g_in ? g_in : 0) + RMSNorm backward of dn (through the stored x_in);
+// dx = (accumulate_dx ? dx : 0) + mix[0]⊙t; dx0 += mix[1]⊙t; dmix [2, dim] += [Σ t⊙x, Σ t⊙x0].
+// g_in may alias dx (read before written, element by element).
+void mix_norm_backward(const float* dn, const float* g_in, const __nv_bfloat16* x_in, const float* rstd,
+                       const __nv_bfloat16* x, const __nv_bfloat16* x0, const float* mix, float* dx,
+                       bool accumulate_dx, float* dx0, float* dmix, int64_t rows, int dim, float scale,
+                       const ReduceWorkspace& ws, cudaStream_t stream);
+
+// Residual branch (+ RMSNorm of the result when n is given):
+//   out = (x ? x : 0) + branch_scale⊙(σ(gate)⊙a)   (gate null: σ = 1), stored bf16;
+//   n = RMSNorm(out)·norm_scale, rstd.
+void branch_forward(const __nv_bfloat16* x, const __nv_bfloat16* a, const float* branch_scale, const float* gate,
+                    __nv_bfloat16* out, __nv_bfloat16* n, float* rstd, int64_t rows, int dim, float norm_scale,
+                    cudaStream_t stream);
+
+// g holds d out. With dn: g += RMSNorm backward of dn (through the stored out), in place. Then
+// da = branch_scale⊙σ⊙g (bf16), dscale += σ⊙Σ g⊙a, dgate += branch_scale⊙σ(1−σ)⊙Σ g⊙a.
+void branch_backward(const float* dn, float* g, const __nv_bfloat16* out, const float* rstd, const __nv_bfloat16* a,
+                     const float* branch_scale, const float* gate, __nv_bfloat16* da, float* dscale, float* dgate,
+                     int64_t rows, int dim, float norm_scale, const ReduceWorkspace& ws, cudaStream_t stream);
+
+// U-Net skip: out = x + w⊙s, or with a gate lerp(w⊙s, x, σ(gate)) = w⊙s + σ⊙(x − w⊙s).
+void skip_forward(const __nv_bfloat16* x, const __nv_bfloat16* s, const float* w, const float* gate,
+                  __nv_bfloat16* out, int64_t rows, int dim, cudaStream_t stream);
+
+// g: d out on entry, d x on return (σ⊙g, unchanged without a gate); ds = (1−σ)⊙w⊙g is written (fp32);
+// dw += (1−σ)⊙Σ g⊙s; dgate += σ(1−σ)⊙Σ g⊙(x − w⊙s).
+void skip_backward(float* g, const __nv_bfloat16* x, const __nv_bfloat16* s, const float* w, const float* gate,
+                   float* ds, float* dw, float* dgate, int64_t rows, int dim, const ReduceWorkspace& ws,
+                   cudaStream_t stream);
+
+// Parallel residual lanes (s1560) with the branch scales folded in: a_s = attn_scale⊙a, f_s = mlp_scale⊙f,
+//   out0 = r0·lane0 + p00·a_s + p10·f_s,   out1 = r1·lane1 + p01·a_s + p11·f_s   (resid [2], post [4]).
+void lanes_forward(const __nv_bfloat16* lane0, const __nv_bfloat16* lane1, const __nv_bfloat16* a,
+                   const __nv_bfloat16* f, const float* attn_scale, const float* mlp_scale, const float* resid,
+                   const float* post, __nv_bfloat16* out0, __nv_bfloat16* out1, int64_t rows, int dim,
+                   cudaStream_t stream);
+
+// g0, g1: d out0, d out1 on entry, d lane0 = r0·g0 and d lane1 = r1·g1 on return. With
+// da_s = p00·g0 + p01·g1 and df_s = p10·g0 + p11·g1: da = attn_scale⊙da_s, df = mlp_scale⊙df_s (bf16);
+// dattn_scale += Σ da_s⊙a, dmlp_scale += Σ df_s⊙f, dresid += [Σ g0⊙lane0, Σ g1⊙lane1],
+// dpost += [Σ g0⊙a_s, Σ g1⊙a_s, Σ g0⊙f_s, Σ g1⊙f_s].
+void lanes_backward(float* g0, float* g1, const __nv_bfloat16* lane0, const __nv_bfloat16* lane1,
+                    const __nv_bfloat16* a, const __nv_bfloat16* f, const float* attn_scale, const float* mlp_scale,
+                    const float* resid, const float* post, __nv_bfloat16* da, __nv_bfloat16* df, float* dattn_scale,
+                    float* dmlp_scale, float* dresid, float* dpost, int64_t rows, int dim, const ReduceWorkspace& ws,
+                    cudaStream_t stream);
+
+// Workspace floats the backward ops above need for `rows` rows of `dim` features.
+size_t residual_workspace_floats(int64_t rows, int dim);
+
+}  // namespace pgolf::cuda

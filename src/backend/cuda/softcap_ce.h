@@ -1,0 +1,26 @@
+// Soft-capped logits and cross-entropy on the device (twin of cpu/softcap_ce.h): c = cap·tanh(z/cap),
+// loss_i = logsumexp(c_i) − c_i[target_i], all in fp32 from the bf16 raw logits z [N, V] of the head
+// GEMM. The capped logits are never stored: the forward reads z once (online softmax per row), the
+// backward reads it again and overwrites it with dz, so no fp32 [N, V] tensor exists.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace pgolf::cuda {
+
+// losses [N] and lse [N] (fp32). V a multiple of 8; every target in [0, V) (checked on the host).
+void softcap_ce_forward(const __nv_bfloat16* z, const int32_t* targets, float* losses, float* lse, int64_t N, int V,
+                        float cap, cudaStream_t stream);
+
+// Gradient of Σ_i w_i·loss_i with respect to z: dz = w_i·(softmax(c_i) − onehot)·(1 − (c/cap)²), bf16,
+// written (may alias z). w = weights[i] (device, fp32 [N]) or, when weights is null, uniform_weight.
+void softcap_ce_backward(const __nv_bfloat16* z, const float* lse, const int32_t* targets, const float* weights,
+                         float uniform_weight, __nv_bfloat16* dz, int64_t N, int V, float cap, cudaStream_t stream);
+
+// out[0] = Σ losses / n, summed in a fixed order by one block.
+void mean_loss(const float* losses, int64_t n, float* out, cudaStream_t stream);
+
+}  // namespace pgolf::cuda

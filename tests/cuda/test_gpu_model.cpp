@@ -1,0 +1,269 @@
+// GpuModel against CpuModel<double> (tolerances: gpu_model_check.h): the five golden configurations
+// on the golden parameters and batches (head dim 16: the reference attention path), tiny models of every
+// stack with all features on (head dim 8: reference attention) and with head dim 64 (the flash
+// attention kernels), dense rows and segments cut mid-row, looping on and off; then the modes: late
+// QAT, eval mode, per-token loss weights, gradient accumulation, per-row LoRA on a frozen base.
+#include <gtest/gtest.h>
+
+#include "core/safetensors.h"
+#include "cuda_test_util.h"
+#include "gpu_model_check.h"
+#include "model/golden_config.h"
+#include "model/init.h"
+#include "model/tiny_models.h"
+
+namespace pgolf::test {
+namespace {
+
+class GpuModelTest : public CudaTest {};
+
+// The stack's preset at head dim 64 (2 query heads, 1 KV head, d = 128) with the tiny models' features.
+ModelConfig tiny64_config(const std::string& stack) {
+  const bool trigram = stack == "s562_trigram";
+  Config c = Config::load(trigram ? "s562" : stack);
+  c.set("vocab_size", int64_t{128});
+  c.set("model_dim", int64_t{128});
+  c.set("num_heads", int64_t{2});
+  c.set("num_kv_heads", int64_t{1});
+  c.set("mlp_mult", 2.0);
+  if (stack == "baseline" || stack == "s600") c.set("num_layers", int64_t{3});
+  if (stack == "s691" || stack == "s562" || trigram) {
+    c.set("num_layers", int64_t{4});
+    c.set("rope_dims", int64_t{16});
+    c.set("xsa_last_n", int64_t{2});
+    c.set("bigram_vocab_size", int64_t{61});
+    c.set("bigram_dim", int64_t{16});
+  }
+  if (stack == "s691") {
+    c.set("rope_ntk_ref_len", int64_t{32});  // NTK base active at T = 80
+    c.set("ve_dim", int64_t{16});
+    c.set("ve_layers", std::vector<int64_t>{2, 3});
+  }
+  if (trigram) c.set("trigram_hash", true);
+  if (stack == "s600") c.set("bigram_direct_size", int64_t{50});
+  if (stack == "s1560") {
+    c.set("num_layers", int64_t{5});
+    c.set("rope_dims", int64_t{16});
+    c.set("xsa_last_n", int64_t{5});
+    c.set("num_loops", int64_t{1});
+    c.set("loop_start", int64_t{1});
+    c.set("loop_end", int64_t{2});
+    c.set("parallel_start_layer", int64_t{3});
+  }
+  return ModelConfig::from_config(c);
+}
+
+// 2 rows of 80 tokens; packed: segments cut mid-row, of length 1, and an empty padding segment.
+Batch batch64(int vocab, bool packed, uint64_t seed) {
+  Batch b;
+  b.rows = 2;
+  b.seq_len = 80;
+  Rng rng(seed);
+  for (int64_t i = 0; i < b.tokens(); ++i) {
+    b.inputs.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
+    b.targets.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
+  }
+  if (packed) b.cu_seqlens = {0, 5, 69, 80, 81, 133, 160, 160};
+  return b;
+}
+
+ParamSet<double> perturbed_params(const ModelConfig& cfg, uint64_t seed) {
+  CpuModel<double> model(cfg);
+  perturbed_init(model, seed);
+  return model.params();
+}
+
+// ---- golden configurations ------------------------------------------------------------------------
+
+class GpuGolden : public GpuModelTest, public ::testing::WithParamInterface<std::string> {};
+
+TEST_P(GpuGolden, MatchesCpuModelOnGoldenWeights) {
+  const std::string stack = GetParam();
+  const ModelConfig cfg = golden_model_config(stack);
+  const TensorMap g = load_safetensors(golden_dir() / (stack + ".safetensors"));
+  ParamSet<double> params(ParamLayout(param_specs(cfg)));
+  params.load_tensors(g, stack + ".safetensors");
+  const bool s1560 = stack == "s1560";
+  ModelRunOptions opt;
+  opt.looping = s1560;
+  expect_gpu_matches_cpu("golden " + stack, cfg, params, golden_batch(g, s1560), opt);
+}
+
+INSTANTIATE_TEST_SUITE_P(Stacks, GpuGolden, ::testing::Values("base", "s691", "s562", "s600", "s1560"));
+
+// ---- tiny models -------------------------------------------------------------------------------------
+
+struct TinyCase {
+  std::string stack;
+  bool head_dim_64, looping, packed;
+};
+
+std::string tiny_case_name(const TinyCase& c) {
+  return c.stack + (c.head_dim_64 ? "_dh64" : "_dh8") + (c.looping ? "_looping" : "") + (c.packed ? "_packed" : "");
+}
+std::string tiny_name(const ::testing::TestParamInfo<TinyCase>& info) { return tiny_case_name(info.param); }
+void PrintTo(const TinyCase& c, std::ostream* os) { *os << tiny_case_name(c); }
+
+class GpuTiny : public GpuModelTest, public ::testing::WithParamInterface<TinyCase> {};
+
+TEST_P(GpuTiny, MatchesCpuModel) {
+  const TinyCase c = GetParam();
+  const ModelConfig cfg = c.head_dim_64 ? tiny64_config(c.stack) : tiny_config(c.stack);
+  const Batch batch = c.head_dim_64 ? batch64(cfg.vocab_size, c.packed, 17) : tiny_batch(cfg.vocab_size, c.packed);
+  ModelRunOptions opt;
+  opt.looping = c.looping;
+  expect_gpu_matches_cpu(tiny_case_name(c), cfg, perturbed_params(cfg, 21), batch, opt);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Stacks, GpuTiny,
+    ::testing::Values(TinyCase{"baseline", false, false, false}, TinyCase{"s691", false, false, false},
+                      TinyCase{"s691", false, false, true}, TinyCase{"s562", false, false, false},
+                      TinyCase{"s562_trigram", false, false, false}, TinyCase{"s600", false, false, false},
+                      TinyCase{"s1560", false, true, true}, TinyCase{"s1560", false, false, false},
+                      TinyCase{"baseline", true, false, false}, TinyCase{"s691", true, false, false},
+                      TinyCase{"s691", true, false, true}, TinyCase{"s562", true, false, true},
+                      TinyCase{"s562_trigram", true, false, false}, TinyCase{"s600", true, false, false},
+                      TinyCase{"s1560", true, true, true}, TinyCase{"s1560", true, false, false}),
+    tiny_name);
+
+// ---- modes ------------------------------------------------------------------------------------------
+
+TEST_F(GpuModelTest, LateQatInTrainModeOnly) {
+  const ModelConfig cfg = tiny64_config("s691");
+  const ParamSet<double> params = perturbed_params(cfg, 31);
+  const Batch batch = batch64(cfg.vocab_size, false, 32);
+  ModelRunOptions opt;
+  opt.qat = true;
+  expect_gpu_matches_cpu("qat train", cfg, params, batch, opt);
+  opt.train = false;
+  expect_gpu_matches_cpu("qat eval (off)", cfg, params, batch, opt);
+}
+
+// Σ w_i·loss_i with TTT-like weights, and two backward calls accumulating into the gradients.
+TEST_F(GpuModelTest, TokenWeightsAndGradientAccumulation) {
+  const ModelConfig cfg = tiny64_config("s562");
+  const ParamSet<double> params = perturbed_params(cfg, 41);
+  const Batch batch = batch64(cfg.vocab_size, true, 42);
+  std::vector<double> w(static_cast<size_t>(batch.tokens()), 0.0);
+  for (int t = 10; t < 40; ++t) w[static_cast<size_t>(t)] = 1.0 / 30;
+  for (int t = 90; t < 130; ++t) w[static_cast<size_t>(t)] = 0.5 / 40;
+  CpuModel<double> ref(cfg);
+  ref.params() = params;
+  ref.zero_grad();
+  ref.forward(batch);
+  ref.backward(w);
+  ref.forward(batch);
+  ref.backward(w);
+
+  cuda::GpuModel gpu(cfg, cuda::GpuModelOptions{batch.tokens()});
+  gpu.load_params(params.cast<float>());
+  gpu.zero_grad();
+  const std::vector<float> wf(w.begin(), w.end());
+  for (int pass = 0; pass < 2; ++pass) {
+    gpu.set_batch(batch);
+    gpu.forward();
+    gpu.backward(wf);
+  }
+  EXPECT_THROW(gpu.backward(wf), Error) << "a second backward of one forward must be refused";
+  ParamSet<float> grads(gpu.layout());
+  gpu.store_grads(grads);
+  double worst = 0;
+  for (size_t i = 0; i < grads.layout().size(); ++i) {
+    const double e = rel_frobenius(grads[i], ref.grads()[i]);
+    EXPECT_LE(e, kGradTol) << "accumulated weighted gradient of " << grads.layout().spec(i).name;
+    worst = std::max(worst, e);
+  }
+  std::printf("  [weighted x2] worst gradient rel error %.2e\n", worst);
+}
+
+// Per-row adapters on every target, frozen base (no base gradient), looping plan and the plain one.
+TEST_F(GpuModelTest, LoraAdaptersOnFrozenBase) {
+  for (const bool looping : {true, false}) {
+    SCOPED_TRACE(looping ? "looping" : "plain");
+    const ModelConfig cfg = tiny64_config("s1560");
+    CpuModel<double> ref(cfg);
+    perturbed_init(ref, 51);
+    ref.set_looping(looping);
+    ref.set_frozen_base(true);
+    LoraConfig lc;
+    lc.rank = 8;
+    lc.targets = {true, true, true, true, true, true};
+    const Batch batch = batch64(cfg.vocab_size, false, 52);
+    LoraAdapters<double> lora(cfg, lc, batch.rows, ref.num_virtual_layers());
+    Rng init(53);
+    lora.reset(init);
+    for (auto& x : lora.params()) x += 0.05 * init.normal();  // B = 0 after reset: make every path live
+    ref.set_lora(&lora);
+    std::vector<double> w(static_cast<size_t>(batch.tokens()), 0.0);
+    for (int t = 20; t < 60; ++t) w[static_cast<size_t>(t)] = 1.0 / 40;
+    for (int t = 80 + 30; t < 80 + 70; ++t) w[static_cast<size_t>(t)] = 1.0 / 40;
+    ref.zero_grad();
+    lora.zero_grad();
+    ref.forward(batch);
+    ref.backward(w);
+    // The bf16 floor (gpu_model_check.h): fp32 CPU model and adapters on bf16-rounded values.
+    CpuModel<float> floor_model(cfg);
+    floor_model.params() = ref.params().cast<float>();
+    for (float& x : floor_model.params().all()) x = round_to_bf16(x);
+    floor_model.set_looping(looping);
+    floor_model.set_frozen_base(true);
+    LoraAdapters<float> floor_lora(cfg, lc, batch.rows, ref.num_virtual_layers());
+    for (size_t i = 0; i < floor_lora.params().size(); ++i)
+      floor_lora.params()[i] = round_to_bf16(static_cast<float>(lora.params()[i]));
+    floor_model.set_lora(&floor_lora);
+    floor_lora.zero_grad();
+    floor_model.forward(batch);
+    floor_model.backward(std::vector<float>(w.begin(), w.end()));
+
+    cuda::GpuModel gpu(cfg, cuda::GpuModelOptions{batch.tokens()});
+    gpu.load_params(ref.params().cast<float>());
+    gpu.set_looping(looping);
+    gpu.set_frozen_base(true);
+    cuda::GpuLora glora(cfg, lc, batch.rows, gpu.num_virtual_layers(), batch.seq_len);
+    const std::vector<float> lp(lora.params().begin(), lora.params().end());
+    glora.upload(lp);
+    glora.zero_grad();
+    gpu.set_lora(&glora);
+    gpu.zero_grad();
+    gpu.set_batch(batch);
+    gpu.forward();
+    const double e_losses = rel_frobenius(gpu.token_losses(), ref.token_losses());
+    gpu.backward(std::vector<float>(w.begin(), w.end()));
+    const std::vector<float> got = glora.download_grads();
+    double worst = 0;
+    for (LoraTarget t : {LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O, LoraTarget::Mlp, LoraTarget::Head}) {
+      for (int slot = 0; slot < (t == LoraTarget::Head ? 1 : ref.num_virtual_layers()); ++slot) {
+        const auto* a = lora.find(t, slot);
+        for (const auto [offset, count] : {std::pair{a->a_offset, batch.rows * lc.rank * a->in},
+                                           std::pair{a->b_offset, batch.rows * a->out * lc.rank}}) {
+          const std::span<const float> g(got.data() + offset, static_cast<size_t>(count));
+          const std::span<const double> r(lora.grads().data() + offset, static_cast<size_t>(count));
+          const double e = rel_frobenius(g, r);
+          const double floor = rel_frobenius(floor_lora.grads().subspan(static_cast<size_t>(offset),
+                                                                        static_cast<size_t>(count)),
+                                             r);
+          EXPECT_LE(e, grad_bound(floor)) << "LoRA target " << static_cast<int>(t) << " slot " << slot
+                                          << " (bf16 floor " << floor << ")";
+          worst = std::max(worst, e);
+        }
+      }
+    }
+    EXPECT_LE(e_losses, kTokenLossTol);
+    ParamSet<float> base(gpu.layout());
+    gpu.store_grads(base);
+    for (float x : base.all()) ASSERT_EQ(x, 0.f) << "a frozen base must get no gradient";
+    std::printf("  [lora %s] token losses rel %.2e, worst adapter gradient rel %.2e\n", looping ? "looping" : "plain",
+                e_losses, worst);
+  }
+}
+
+TEST_F(GpuModelTest, BatchLargerThanTheArenaIsAnError) {
+  const ModelConfig cfg = tiny_config("baseline");
+  cuda::GpuModel gpu(cfg, cuda::GpuModelOptions{12});
+  EXPECT_THROW(gpu.set_batch(tiny_batch(cfg.vocab_size, false)), Error);
+  EXPECT_THROW(gpu.forward(), Error) << "no batch was set";
+}
+
+}  // namespace
+}  // namespace pgolf::test

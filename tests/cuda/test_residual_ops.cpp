@@ -1,0 +1,389 @@
+// The residual-stream ops (rmsnorm.h, residual.h, smear.h) against their CPU twins (cpu/rmsnorm.h,
+// cpu/mixing.h, cpu/smear.h), forward and backward, with the tolerance rule of op_test_util.h. Shapes:
+// an odd row count with narrow rows, more rows than one grid pass covers (grid-stride loops), and rows
+// wider than 512 features (the 4-vectors-per-lane kernels).
+#include <gtest/gtest.h>
+
+#include "backend/cpu/mixing.h"
+#include "backend/cpu/rmsnorm.h"
+#include "backend/cpu/smear.h"
+#include "backend/cuda/residual.h"
+#include "backend/cuda/rmsnorm.h"
+#include "backend/cuda/smear.h"
+#include "op_test_util.h"
+
+namespace pgolf::test {
+namespace {
+
+using cuda::DeviceBuffer;
+using bf16 = __nv_bfloat16;
+
+struct RowCase {
+  int64_t rows;
+  int dim;
+};
+const RowCase kCases[] = {{111, 64}, {4500, 256}, {53, 768}};
+
+std::string case_name(const RowCase& c) { return std::to_string(c.rows) + "x" + std::to_string(c.dim); }
+
+class ResidualOpsTest : public CudaTest {};
+
+TEST_F(ResidualOpsTest, RmsNormForwardBackwardAndLaneMean) {
+  for (const RowCase& c : kCases) {
+    for (const bool mean : {false, true}) {
+      const std::string tag = case_name(c) + (mean ? "_mean" : "");
+      SCOPED_TRACE(tag);
+      const int64_t n = c.rows * c.dim;
+      Rng rng(100 + c.dim + mean);
+      const auto x = random_bf16_values(n, rng), x2 = random_bf16_values(n, rng);
+      const auto dy = random_f32_values(n, rng), dx0 = random_f32_values(n, rng);
+      const float scale = 0.7f, out_scale = mean ? 0.5f : 1.f;
+      std::vector<float> u(n);
+      for (int64_t i = 0; i < n; ++i) u[i] = mean ? 0.5f * (x[i] + x2[i]) : x[i];
+      std::vector<double> ud(n);
+      for (int64_t i = 0; i < n; ++i) ud[i] = mean ? 0.5 * (double{x[i]} + x2[i]) : double{x[i]};
+
+      std::vector<double> y_ref(n), rstd_ref(c.rows);
+      cpu::rmsnorm_forward<double>(ud.data(), y_ref.data(), rstd_ref.data(), c.rows, c.dim, scale);
+      std::vector<float> y_naive(n), rstd_naive(c.rows);
+      cpu::rmsnorm_forward<float>(u.data(), y_naive.data(), rstd_naive.data(), c.rows, c.dim, scale);
+      y_naive = rounded_bf16(y_naive);
+
+      auto dx_ = to_device_bf16(x), dx2_ = to_device_bf16(x2);
+      auto y = poisoned_buffer<bf16>(n);
+      auto rstd = poisoned_buffer<float>(c.rows);
+      cuda::rmsnorm_forward(dx_.data(), mean ? dx2_.data() : nullptr, y.data(), rstd.data(), c.rows, c.dim, scale,
+                            nullptr);
+      sync_device();
+      expect_within_naive(tag + "_y", from_device_bf16(y), y_naive, y_ref, kBf16Bound);
+      expect_within_naive(tag + "_rstd", rstd.download(), rstd_naive, rstd_ref, kBf16Bound);
+
+      // Backward from the fp32 rstd both sides share; accumulating into dx0 when averaging lanes.
+      std::vector<double> dx_ref(n, 0.0);
+      cpu::rmsnorm_backward<double>(to_double(dy).data(), ud.data(), to_double(rstd_naive).data(), dx_ref.data(),
+                                    c.rows, c.dim, scale);
+      std::vector<float> dx_naive(n, 0.f);
+      cpu::rmsnorm_backward<float>(dy.data(), u.data(), rstd_naive.data(), dx_naive.data(), c.rows, c.dim, scale);
+      for (int64_t i = 0; i < n; ++i) {
+        dx_ref[i] = (mean ? dx0[i] : 0.0) + out_scale * dx_ref[i];
+        dx_naive[i] = (mean ? dx0[i] : 0.f) + out_scale * dx_naive[i];
+      }
+      DeviceBuffer<float> ddy(dy), drstd(rstd_naive), ddx(mean ? dx0 : std::vector<float>(n, NAN));
+      cuda::rmsnorm_backward(ddy.data(), dx_.data(), mean ? dx2_.data() : nullptr, drstd.data(), ddx.data(), c.rows,
+                             c.dim, scale, out_scale, mean, nullptr);
+      sync_device();
+      expect_within_naive(tag + "_dx", ddx.download(), dx_naive, dx_ref, kF32Bound);
+    }
+  }
+}
+
+TEST_F(ResidualOpsTest, MixNormMatchesResidMixThenRmsNorm) {
+  for (const RowCase& c : kCases) {
+    const std::string tag = case_name(c);
+    SCOPED_TRACE(tag);
+    const int64_t n = c.rows * c.dim;
+    Rng rng(200 + c.dim);
+    const auto x = random_bf16_values(n, rng), x0 = random_bf16_values(n, rng);
+    auto mix = params_near(2 * c.dim, rng, 0.5, 0.5);
+    const float scale = 0.6f;
+    TestWorkspace tw(cuda::residual_workspace_floats(c.rows, c.dim));
+
+    std::vector<double> xin_ref(n), n_ref(n), rstd_ref(c.rows);
+    cpu::resid_mix_forward<double>(to_double(x).data(), to_double(x0).data(), to_double(mix).data(), xin_ref.data(),
+                                   c.rows, c.dim);
+    cpu::rmsnorm_forward<double>(xin_ref.data(), n_ref.data(), rstd_ref.data(), c.rows, c.dim, scale);
+    std::vector<float> xin_naive(n), n_naive(n), rstd_naive(c.rows);
+    cpu::resid_mix_forward<float>(x.data(), x0.data(), mix.data(), xin_naive.data(), c.rows, c.dim);
+    xin_naive = rounded_bf16(xin_naive);
+    cpu::rmsnorm_forward<float>(xin_naive.data(), n_naive.data(), rstd_naive.data(), c.rows, c.dim, scale);
+
+    auto dx = to_device_bf16(x), dx0 = to_device_bf16(x0);
+    DeviceBuffer<float> dmix(mix);
+    auto xin = poisoned_buffer<bf16>(n), nrm = poisoned_buffer<bf16>(n);
+    auto rstd = poisoned_buffer<float>(c.rows);
+    cuda::mix_norm_forward(dx.data(), dx0.data(), dmix.data(), xin.data(), nrm.data(), rstd.data(), c.rows, c.dim,
+                           scale, nullptr);
+    sync_device();
+    expect_within_naive(tag + "_x_in", from_device_bf16(xin), xin_naive, xin_ref, kBf16Bound);
+    expect_within_naive(tag + "_n", from_device_bf16(nrm), rounded_bf16(n_naive), n_ref, kBf16Bound);
+    expect_within_naive(tag + "_rstd", rstd.download(), rstd_naive, rstd_ref, kBf16Bound);
+
+    // Backward: x_in (bf16) and rstd are given; t = g + rms'(dn); dx = m0⊙t, dx0 += m1⊙t, dmix += sums.
+    const auto dn = random_f32_values(n, rng), g = random_f32_values(n, rng);
+    const auto dx0_init = random_f32_values(n, rng), dmix_init = random_f32_values(2 * c.dim, rng);
+    auto run_cpu = [&](auto zero) {
+      using T = decltype(zero);
+      std::vector<T> t(g.begin(), g.end()), dxo(n, T(0)), dx0o(dx0_init.begin(), dx0_init.end());
+      std::vector<T> dmixo(dmix_init.begin(), dmix_init.end());
+      const std::vector<T> dnT(dn.begin(), dn.end()), xinT(xin_naive.begin(), xin_naive.end());
+      const std::vector<T> rT(rstd_naive.begin(), rstd_naive.end()), xT(x.begin(), x.end()), x0T(x0.begin(), x0.end());
+      const std::vector<T> mT(mix.begin(), mix.end());
+      cpu::rmsnorm_backward<T>(dnT.data(), xinT.data(), rT.data(), t.data(), c.rows, c.dim, T(scale));
+      cpu::resid_mix_backward<T>(t.data(), xT.data(), x0T.data(), mT.data(), dxo.data(), dx0o.data(), dmixo.data(),
+                                 c.rows, c.dim);
+      return std::make_tuple(dxo, dx0o, dmixo);
+    };
+    const auto [dx_ref, dx0_ref, dmix_ref] = run_cpu(0.0);
+    const auto [dx_naive, dx0_naive, dmix_naive] = run_cpu(0.f);
+    DeviceBuffer<float> ddn(dn), dg(g), drstd(rstd_naive), ddx0(dx0_init), ddmix(dmix_init);
+    auto dxin = to_device_bf16(xin_naive);
+    // g_in aliases dx (the sequential block's in-place use).
+    cuda::mix_norm_backward(ddn.data(), dg.data(), dxin.data(), drstd.data(), dx.data(), dx0.data(), dmix.data(),
+                            dg.data(), false, ddx0.data(), ddmix.data(), c.rows, c.dim, scale, tw.ws, nullptr);
+    sync_device();
+    expect_within_naive(tag + "_dx", dg.download(), dx_naive, dx_ref, kF32Bound);
+    expect_within_naive(tag + "_dx0", ddx0.download(), dx0_naive, dx0_ref, kF32Bound);
+    expect_within_naive(tag + "_dmix", ddmix.download(), dmix_naive, dmix_ref, kF32Bound);
+  }
+}
+
+TEST_F(ResidualOpsTest, BranchWithGateAndNormMatchesBranchAddThenRmsNorm) {
+  for (const RowCase& c : kCases) {
+    for (const bool gated : {true, false}) {
+      const std::string tag = case_name(c) + (gated ? "_gated" : "");
+      SCOPED_TRACE(tag);
+      const int64_t n = c.rows * c.dim;
+      Rng rng(300 + c.dim + gated);
+      const auto x = random_bf16_values(n, rng), a = random_bf16_values(n, rng);
+      const auto scale = params_near(c.dim, rng, 1.0, 0.3), gate = params_near(c.dim, rng, 0.0, 1.0);
+      const float ln = 0.5f;
+      TestWorkspace tw(cuda::residual_workspace_floats(c.rows, c.dim));
+      const float* gate_h = gated ? gate.data() : nullptr;
+
+      std::vector<double> out_ref(n), n_ref(n), rstd_ref(c.rows);
+      const auto gate_d = to_double(gate);
+      cpu::branch_add_forward<double>(to_double(x).data(), to_double(a).data(), to_double(scale).data(),
+                                      gated ? gate_d.data() : nullptr, out_ref.data(), c.rows, c.dim);
+      cpu::rmsnorm_forward<double>(out_ref.data(), n_ref.data(), rstd_ref.data(), c.rows, c.dim, ln);
+      std::vector<float> out_naive(n), n_naive(n), rstd_naive(c.rows);
+      cpu::branch_add_forward<float>(x.data(), a.data(), scale.data(), gate_h, out_naive.data(), c.rows, c.dim);
+      out_naive = rounded_bf16(out_naive);
+      cpu::rmsnorm_forward<float>(out_naive.data(), n_naive.data(), rstd_naive.data(), c.rows, c.dim, ln);
+
+      auto dx = to_device_bf16(x), da = to_device_bf16(a);
+      DeviceBuffer<float> dscale(scale), dgate(gate);
+      auto out = poisoned_buffer<bf16>(n), nrm = poisoned_buffer<bf16>(n);
+      auto rstd = poisoned_buffer<float>(c.rows);
+      cuda::branch_forward(dx.data(), da.data(), dscale.data(), gated ? dgate.data() : nullptr, out.data(), nrm.data(),
+                           rstd.data(), c.rows, c.dim, ln, nullptr);
+      sync_device();
+      expect_within_naive(tag + "_out", from_device_bf16(out), out_naive, out_ref, kBf16Bound);
+      expect_within_naive(tag + "_n", from_device_bf16(nrm), rounded_bf16(n_naive), n_ref, kBf16Bound);
+
+      // Backward with the norm: g += rms'(dn, out); da = scale⊙σ⊙g; dscale, dgate += sums.
+      const auto dn = random_f32_values(n, rng), g = random_f32_values(n, rng);
+      const auto ds_init = random_f32_values(c.dim, rng), dg_init = random_f32_values(c.dim, rng);
+      auto run_cpu = [&](auto zero) {
+        using T = decltype(zero);
+        std::vector<T> t(g.begin(), g.end()), dao(n, T(0)), dso(ds_init.begin(), ds_init.end());
+        std::vector<T> dgo(dg_init.begin(), dg_init.end());
+        const std::vector<T> dnT(dn.begin(), dn.end()), outT(out_naive.begin(), out_naive.end());
+        const std::vector<T> rT(rstd_naive.begin(), rstd_naive.end()), aT(a.begin(), a.end());
+        const std::vector<T> sT(scale.begin(), scale.end()), gT(gate.begin(), gate.end());
+        cpu::rmsnorm_backward<T>(dnT.data(), outT.data(), rT.data(), t.data(), c.rows, c.dim, T(ln));
+        cpu::branch_add_backward<T>(t.data(), aT.data(), sT.data(), gated ? gT.data() : nullptr, dao.data(), dso.data(),
+                                    dgo.data(), c.rows, c.dim);
+        return std::make_tuple(t, dao, dso, dgo);
+      };
+      const auto [g_ref, da_ref, ds_ref, dg_ref] = run_cpu(0.0);
+      const auto [g_naive, da_naive, ds_naive, dg_naive] = run_cpu(0.f);
+      DeviceBuffer<float> ddn(dn), dgr(g), drstd(rstd_naive), dds(ds_init), ddg(dg_init);
+      auto dout = to_device_bf16(out_naive);
+      auto dda = poisoned_buffer<bf16>(n);
+      cuda::branch_backward(ddn.data(), dgr.data(), dout.data(), drstd.data(), da.data(), dscale.data(),
+                            gated ? dgate.data() : nullptr, dda.data(), dds.data(), ddg.data(), c.rows, c.dim, ln,
+                            tw.ws, nullptr);
+      sync_device();
+      expect_within_naive(tag + "_g", dgr.download(), g_naive, g_ref, kF32Bound);
+      expect_within_naive(tag + "_da", from_device_bf16(dda), rounded_bf16(da_naive), da_ref, kBf16Bound);
+      expect_within_naive(tag + "_dscale", dds.download(), ds_naive, ds_ref, kF32Bound);
+      if (gated) expect_within_naive(tag + "_dgate", ddg.download(), dg_naive, dg_ref, kF32Bound);
+      else EXPECT_EQ(ddg.download(), dg_init) << "no gate: its gradient must stay untouched";
+
+      // Without the norm (the MLP branch): g is unchanged, da and the parameter sums as above.
+      auto dda2 = poisoned_buffer<bf16>(n);
+      DeviceBuffer<float> dg2(g);
+      cuda::branch_backward(nullptr, dg2.data(), dout.data(), nullptr, da.data(), dscale.data(),
+                            gated ? dgate.data() : nullptr, dda2.data(), nullptr, nullptr, c.rows, c.dim, 1.f, tw.ws,
+                            nullptr);
+      sync_device();
+      EXPECT_EQ(dg2.download(), g) << "without a norm the running gradient passes unchanged";
+      std::vector<double> da2_ref(n, 0.0);
+      std::vector<float> da2_naive(n, 0.f);
+      cpu::branch_add_backward<double>(to_double(g).data(), to_double(a).data(), to_double(scale).data(),
+                                       gated ? gate_d.data() : nullptr, da2_ref.data(), nullptr, nullptr, c.rows, c.dim);
+      cpu::branch_add_backward<float>(g.data(), a.data(), scale.data(), gate_h, da2_naive.data(), nullptr, nullptr,
+                                      c.rows, c.dim);
+      expect_within_naive(tag + "_da_plain", from_device_bf16(dda2), rounded_bf16(da2_naive), da2_ref, kBf16Bound);
+    }
+  }
+}
+
+TEST_F(ResidualOpsTest, SkipWithAndWithoutGate) {
+  for (const RowCase& c : kCases) {
+    for (const bool gated : {true, false}) {
+      const std::string tag = case_name(c) + (gated ? "_gated" : "");
+      SCOPED_TRACE(tag);
+      const int64_t n = c.rows * c.dim;
+      Rng rng(400 + c.dim + gated);
+      const auto x = random_bf16_values(n, rng), s = random_bf16_values(n, rng);
+      const auto w = params_near(c.dim, rng, 1.0, 0.3), gate = params_near(c.dim, rng, 0.0, 1.0);
+      TestWorkspace tw(cuda::residual_workspace_floats(c.rows, c.dim));
+      const auto gate_d = to_double(gate);
+      std::vector<double> out_ref(n);
+      std::vector<float> out_naive(n);
+      cpu::skip_add_forward<double>(to_double(x).data(), to_double(s).data(), to_double(w).data(),
+                                    gated ? gate_d.data() : nullptr, out_ref.data(), c.rows, c.dim);
+      cpu::skip_add_forward<float>(x.data(), s.data(), w.data(), gated ? gate.data() : nullptr, out_naive.data(),
+                                   c.rows, c.dim);
+      auto dx = to_device_bf16(x), ds = to_device_bf16(s);
+      DeviceBuffer<float> dw(w), dgate(gate);
+      auto out = poisoned_buffer<bf16>(n);
+      cuda::skip_forward(dx.data(), ds.data(), dw.data(), gated ? dgate.data() : nullptr, out.data(), c.rows, c.dim,
+                         nullptr);
+      sync_device();
+      expect_within_naive(tag + "_out", from_device_bf16(out), rounded_bf16(out_naive), out_ref, kBf16Bound);
+
+      const auto g = random_f32_values(n, rng), dw_init = random_f32_values(c.dim, rng);
+      const auto dgate_init = random_f32_values(c.dim, rng);
+      auto run_cpu = [&](auto zero) {
+        using T = decltype(zero);
+        std::vector<T> dxo(n, T(0)), dso(n, T(0)), dwo(dw_init.begin(), dw_init.end());
+        std::vector<T> dgo(dgate_init.begin(), dgate_init.end());
+        const std::vector<T> gT(g.begin(), g.end()), xT(x.begin(), x.end()), sT(s.begin(), s.end());
+        const std::vector<T> wT(w.begin(), w.end()), gateT(gate.begin(), gate.end());
+        cpu::skip_add_backward<T>(gT.data(), xT.data(), sT.data(), wT.data(), gated ? gateT.data() : nullptr,
+                                  dxo.data(), dso.data(), dwo.data(), dgo.data(), c.rows, c.dim);
+        return std::make_tuple(dxo, dso, dwo, dgo);
+      };
+      const auto [dx_ref, ds_ref, dw_ref, dg_ref] = run_cpu(0.0);
+      const auto [dx_naive, ds_naive, dw_naive, dg_naive] = run_cpu(0.f);
+      DeviceBuffer<float> dg(g), dds(std::vector<float>(n, NAN)), ddw(dw_init), ddg(dgate_init);
+      cuda::skip_backward(dg.data(), dx.data(), ds.data(), dw.data(), gated ? dgate.data() : nullptr, dds.data(),
+                          ddw.data(), ddg.data(), c.rows, c.dim, tw.ws, nullptr);
+      sync_device();
+      if (gated) expect_within_naive(tag + "_dx", dg.download(), dx_naive, dx_ref, kF32Bound);
+      else EXPECT_EQ(dg.download(), g) << "without a gate d x = d out";
+      expect_within_naive(tag + "_ds", dds.download(), ds_naive, ds_ref, kF32Bound);
+      expect_within_naive(tag + "_dw", ddw.download(), dw_naive, dw_ref, kF32Bound);
+      if (gated) expect_within_naive(tag + "_dgate", ddg.download(), dg_naive, dg_ref, kF32Bound);
+    }
+  }
+}
+
+TEST_F(ResidualOpsTest, ParallelLanesMatchBranchScalesThenLaneUpdate) {
+  for (const RowCase& c : kCases) {
+    const std::string tag = case_name(c);
+    SCOPED_TRACE(tag);
+    const int64_t n = c.rows * c.dim;
+    Rng rng(500 + c.dim);
+    const auto l0 = random_bf16_values(n, rng), l1 = random_bf16_values(n, rng);
+    const auto a = random_bf16_values(n, rng), f = random_bf16_values(n, rng);
+    const auto as = params_near(c.dim, rng, 1.0, 0.3), ms = params_near(c.dim, rng, 1.0, 0.3);
+    const auto resid = params_near(2, rng, 1.1, 0.1), post = params_near(4, rng, 1.0, 0.3);
+    TestWorkspace tw(cuda::residual_workspace_floats(c.rows, c.dim));
+    auto run_fwd = [&](auto zero) {
+      using T = decltype(zero);
+      const std::vector<T> l0T(l0.begin(), l0.end()), l1T(l1.begin(), l1.end()), aT(a.begin(), a.end());
+      const std::vector<T> fT(f.begin(), f.end()), asT(as.begin(), as.end()), msT(ms.begin(), ms.end());
+      const std::vector<T> rT(resid.begin(), resid.end()), pT(post.begin(), post.end());
+      std::vector<T> a_s(n), f_s(n), o0(n), o1(n);
+      cpu::branch_add_forward<T>(nullptr, aT.data(), asT.data(), nullptr, a_s.data(), c.rows, c.dim);
+      cpu::branch_add_forward<T>(nullptr, fT.data(), msT.data(), nullptr, f_s.data(), c.rows, c.dim);
+      cpu::lane_update_forward<T>(l0T.data(), l1T.data(), a_s.data(), f_s.data(), rT.data(), pT.data(), o0.data(),
+                                  o1.data(), c.rows, c.dim);
+      return std::make_tuple(o0, o1, a_s, f_s);
+    };
+    const auto [o0_ref, o1_ref, as_ref, fs_ref] = run_fwd(0.0);
+    const auto [o0_naive, o1_naive, as_naive, fs_naive] = run_fwd(0.f);
+    auto d_l0 = to_device_bf16(l0), d_l1 = to_device_bf16(l1), d_a = to_device_bf16(a), d_f = to_device_bf16(f);
+    DeviceBuffer<float> d_as(as), d_ms(ms), d_r(resid), d_p(post);
+    auto o0 = poisoned_buffer<bf16>(n), o1 = poisoned_buffer<bf16>(n);
+    cuda::lanes_forward(d_l0.data(), d_l1.data(), d_a.data(), d_f.data(), d_as.data(), d_ms.data(), d_r.data(),
+                        d_p.data(), o0.data(), o1.data(), c.rows, c.dim, nullptr);
+    sync_device();
+    expect_within_naive(tag + "_out0", from_device_bf16(o0), rounded_bf16(o0_naive), o0_ref, kBf16Bound);
+    expect_within_naive(tag + "_out1", from_device_bf16(o1), rounded_bf16(o1_naive), o1_ref, kBf16Bound);
+
+    const auto g0 = random_f32_values(n, rng), g1 = random_f32_values(n, rng);
+    const auto das_init = random_f32_values(c.dim, rng), dms_init = random_f32_values(c.dim, rng);
+    const auto dr_init = random_f32_values(2, rng), dp_init = random_f32_values(4, rng);
+    auto run_bwd = [&](auto zero, const auto& a_s, const auto& f_s) {
+      using T = decltype(zero);
+      const std::vector<T> g0T(g0.begin(), g0.end()), g1T(g1.begin(), g1.end()), l0T(l0.begin(), l0.end());
+      const std::vector<T> l1T(l1.begin(), l1.end()), aT(a.begin(), a.end()), fT(f.begin(), f.end());
+      const std::vector<T> asT(as.begin(), as.end()), msT(ms.begin(), ms.end()), rT(resid.begin(), resid.end());
+      const std::vector<T> pT(post.begin(), post.end());
+      std::vector<T> dl0(n, T(0)), dl1(n, T(0)), das_(n, T(0)), dfs_(n, T(0)), da(n, T(0)), df(n, T(0));
+      std::vector<T> dasc(das_init.begin(), das_init.end()), dmsc(dms_init.begin(), dms_init.end());
+      std::vector<T> dr(dr_init.begin(), dr_init.end()), dp(dp_init.begin(), dp_init.end());
+      cpu::lane_update_backward<T>(g0T.data(), g1T.data(), l0T.data(), l1T.data(), a_s.data(), f_s.data(), rT.data(),
+                                   pT.data(), dl0.data(), dl1.data(), das_.data(), dfs_.data(), dr.data(), dp.data(),
+                                   c.rows, c.dim);
+      cpu::branch_add_backward<T>(das_.data(), aT.data(), asT.data(), nullptr, da.data(), dasc.data(), nullptr, c.rows,
+                                  c.dim);
+      cpu::branch_add_backward<T>(dfs_.data(), fT.data(), msT.data(), nullptr, df.data(), dmsc.data(), nullptr, c.rows,
+                                  c.dim);
+      return std::make_tuple(dl0, dl1, da, df, dasc, dmsc, dr, dp);
+    };
+    const auto [dl0_ref, dl1_ref, da_ref, df_ref, das_ref, dms_ref, dr_ref, dp_ref] = run_bwd(0.0, as_ref, fs_ref);
+    const auto [dl0_n, dl1_n, da_n, df_n, das_n, dms_n, dr_n, dp_n] = run_bwd(0.f, as_naive, fs_naive);
+    DeviceBuffer<float> dg0(g0), dg1(g1), ddas(das_init), ddms(dms_init), ddr(dr_init), ddp(dp_init);
+    auto dda = poisoned_buffer<bf16>(n), ddf = poisoned_buffer<bf16>(n);
+    cuda::lanes_backward(dg0.data(), dg1.data(), d_l0.data(), d_l1.data(), d_a.data(), d_f.data(), d_as.data(),
+                         d_ms.data(), d_r.data(), d_p.data(), dda.data(), ddf.data(), ddas.data(), ddms.data(),
+                         ddr.data(), ddp.data(), c.rows, c.dim, tw.ws, nullptr);
+    sync_device();
+    expect_within_naive(tag + "_dlane0", dg0.download(), dl0_n, dl0_ref, kF32Bound);
+    expect_within_naive(tag + "_dlane1", dg1.download(), dl1_n, dl1_ref, kF32Bound);
+    expect_within_naive(tag + "_da", from_device_bf16(dda), rounded_bf16(da_n), da_ref, kBf16Bound);
+    expect_within_naive(tag + "_df", from_device_bf16(ddf), rounded_bf16(df_n), df_ref, kBf16Bound);
+    expect_within_naive(tag + "_dattn_scale", ddas.download(), das_n, das_ref, kF32Bound);
+    expect_within_naive(tag + "_dmlp_scale", ddms.download(), dms_n, dms_ref, kF32Bound);
+    expect_within_naive(tag + "_dresid", ddr.download(), dr_n, dr_ref, kF32Bound);
+    expect_within_naive(tag + "_dpost", ddp.download(), dp_n, dp_ref, kF32Bound);
+  }
+}
+
+TEST_F(ResidualOpsTest, SmearGateWithinRows) {
+  struct SmearCase {
+    int64_t rows, seq_len;
+    int dim;
+  };
+  for (const SmearCase c : {SmearCase{3, 37, 64}, SmearCase{2, 2300, 256}, SmearCase{5, 11, 768}}) {
+    const std::string tag = std::to_string(c.rows) + "x" + std::to_string(c.seq_len) + "x" + std::to_string(c.dim);
+    SCOPED_TRACE(tag);
+    const int64_t n = c.rows * c.seq_len * c.dim;
+    Rng rng(600 + c.dim);
+    const auto x = random_bf16_values(n, rng), gate = params_near(c.dim, rng, 0.0, 1.0);
+    std::vector<double> y_ref(n);
+    std::vector<float> y_naive(n);
+    cpu::smear_forward<double>(to_double(x).data(), to_double(gate).data(), y_ref.data(), c.rows, c.seq_len, c.dim);
+    cpu::smear_forward<float>(x.data(), gate.data(), y_naive.data(), c.rows, c.seq_len, c.dim);
+    auto dx = to_device_bf16(x);
+    DeviceBuffer<float> dgate(gate);
+    auto y = poisoned_buffer<bf16>(n);
+    cuda::smear_forward(dx.data(), dgate.data(), y.data(), c.rows, c.seq_len, c.dim, nullptr);
+    sync_device();
+    expect_within_naive(tag + "_y", from_device_bf16(y), rounded_bf16(y_naive), y_ref, kBf16Bound);
+
+    const auto dy = random_f32_values(n, rng), dx_init = random_f32_values(n, rng);
+    const auto dgate_init = random_f32_values(c.dim, rng);
+    std::vector<double> dx_ref(dx_init.begin(), dx_init.end()), dg_ref(dgate_init.begin(), dgate_init.end());
+    std::vector<float> dx_naive = dx_init, dg_naive = dgate_init;
+    cpu::smear_backward<double>(to_double(dy).data(), to_double(x).data(), to_double(gate).data(), dx_ref.data(),
+                                dg_ref.data(), c.rows, c.seq_len, c.dim);
+    cpu::smear_backward<float>(dy.data(), x.data(), gate.data(), dx_naive.data(), dg_naive.data(), c.rows, c.seq_len,
+                               c.dim);
+    TestWorkspace tw(cuda::residual_workspace_floats(c.rows * c.seq_len, c.dim));
+    DeviceBuffer<float> ddy(dy), ddx(dx_init), ddg(dgate_init);
+    cuda::smear_backward(ddy.data(), dx.data(), dgate.data(), ddx.data(), ddg.data(), c.rows, c.seq_len, c.dim, tw.ws,
+                         nullptr);
+    sync_device();
+    expect_within_naive(tag + "_dx", ddx.download(), dx_naive, dx_ref, kF32Bound);
+    expect_within_naive(tag + "_dgate", ddg.download(), dg_naive, dg_ref, kF32Bound);
+  }
+}
+
+}  // namespace
+}  // namespace pgolf::test
