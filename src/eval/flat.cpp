@@ -22,8 +22,7 @@ int resolve_grad_accum(const Config& c, int world_size) {
 }
 
 int64_t resolve_eval_seq_len(const Config& c) {
-  const int64_t eval_t = c.get_int("eval_seq_len");
-  const int64_t t = eval_t > 0 ? eval_t : c.get_int("train_seq_len");
+  const int64_t t = std::max(c.get_int("train_seq_len"), c.get_int("eval_seq_len"));
   PG_CHECK(t > 0, "evaluation sequence length {} must be positive (eval_seq_len / train_seq_len)", t);
   return t;
 }

@@ -22,7 +22,7 @@ class Engine;
 // rule; world_size must then divide 8). It splits the training batch and the validation batch.
 int resolve_grad_accum(const Config& c, int world_size);
 
-// T_eval: eval_seq_len, or train_seq_len when it is 0.
+// T_eval = max(train_seq_len, eval_seq_len) (SPEC §2.5; eval_seq_len 0 = unset).
 int64_t resolve_eval_seq_len(const Config& c);
 
 // Evaluation tokens from the shards of `glob` (SPEC §2.5): all shards in name order, truncated to a

@@ -314,3 +314,23 @@ TEST(Trainer, DivergenceStopsWithTheStepAndTheLoss) {
   ASSERT_FALSE(lines.empty());
   EXPECT_EQ(lines.back().rfind("error: step ", 0), 0u) << lines.back();
 }
+
+// The wall-clock cap: the step that reaches it is the last one, then the final validation. A 1 ms
+// cap is reached by the first step on any machine (8 forward/backward passes).
+TEST(Trainer, WallClockCapStopsAfterTheStepThatReachesIt) {
+  test::TempDir data, run;
+  test::write_synthetic_shards(data.path());
+  Config c = test::tiny_run_config("baseline", data.path());
+  c.set("max_wallclock_seconds", 0.001);
+  TrainOptions o;
+  o.run_dir = run.path();
+  const TrainResult r = run_one_rank(c, o);
+  ASSERT_EQ(r.steps.size(), 1u);
+  EXPECT_EQ(r.final_state.stop_after_step, 1);
+  ASSERT_EQ(r.validations.size(), 2u);  // step 0 and the final one at step 1
+  EXPECT_EQ(r.validations.back().step, 1);
+  bool stopping = false;
+  for (const std::string& line : read_lines(run / "train.log"))
+    stopping |= std::regex_match(line, std::regex(R"(stopping_early: wallclock_cap train_time:\d+ms step:1/8)"));
+  EXPECT_TRUE(stopping);
+}
