@@ -4,15 +4,15 @@
 #include <omp.h>
 #include <unistd.h>
 
-#include <cstdlib>
 #include <memory>
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/launch.h"
 #include "core/error.h"
 #include "dist/communicator.h"
 #include "train/checkpoint.h"
-#include "train/cpu_engine.h"
+#include "train/engine_factory.h"
 #include "train/trainer.h"
 
 namespace pgolf::cli {
@@ -51,8 +51,9 @@ fs::path resumed_run_dir(const fs::path& checkpoint, const std::string& out) {
 void register_train(CLI::App& app) {
   auto* cmd = app.add_subcommand("train", "train a preset on token shards: logs, metrics, checkpoints, resume");
   static PresetOptions preset;
-  static std::string data, val, tokenizer, out, resume;
+  static std::string data, val, tokenizer, out, resume, backend = "cpu";
   static int threads = 0;
+  static NprocOption nproc;
   preset.add_to(cmd, false);
   cmd->add_option("--data", data, "glob of the training shards (sets train_files)");
   cmd->add_option("--val", val, "glob of the validation shards (sets val_files)");
@@ -62,10 +63,17 @@ void register_train(CLI::App& app) {
                   "continue from a checkpoint (its configuration is used unless --preset is given; "
                   "keys that shape training must match)");
   cmd->add_option("--threads", threads, "CPU threads (0 = OpenMP's default)");
+  cmd->add_option("--backend", backend, "engine: cpu, or cuda where built in (multi-process runs need cuda)");
+  nproc.add_to(cmd);
   cmd->footer(keys_footer);
   cmd->callback([] {
-    if (const char* ws = std::getenv("WORLD_SIZE"); ws && std::atoi(ws) > 1)
-      fail("WORLD_SIZE={}: multi-process training needs the NCCL communicator, which this build does not have", ws);
+    const EngineBackend& engine_kind = engine_backend(backend);
+    PG_CHECK(nproc.nproc <= 1 || engine_kind.device_collectives,
+             "pgolf train --nproc {}: the {} engine runs in one process; multi-process training needs the CUDA "
+             "engine and NCCL, one process per GPU (the CPU engine's data-parallel logic is tested with ranks as "
+             "threads of one process)",
+             nproc.nproc, backend);
+    if (auto status = nproc.launch_ranks()) return exit_command(*status);
     if (threads > 0) omp_set_num_threads(threads);
     std::unique_ptr<Checkpoint> checkpoint;
     Config config;
@@ -85,16 +93,18 @@ void register_train(CLI::App& app) {
     if (!tokenizer.empty()) config.set("tokenizer_path", tokenizer);
     if (run_dir.empty()) run_dir = out.empty() ? resolve_run_dir(config) : fs::path(out);
 
-    auto comm = make_single_process_communicator();
-    CpuEngine engine(config, *comm);
+    const ProcessGroup group = join_process_group("pgolf train", engine_kind.device_collectives);
+    const std::unique_ptr<Engine> engine = engine_kind.make(config, *group.comm);
+    const bool lead = group.comm->rank() == 0;
     TrainOptions options;
     options.run_dir = run_dir;
     options.resume = checkpoint.get();
     options.echo = true;
     options.progress = ::isatty(STDERR_FILENO);
-    fmt::print("pgolf train: preset {}, run directory {}, {} threads\n", config.preset_name(), run_dir.string(),
-               omp_get_max_threads());
-    const TrainResult r = train(engine, *comm, config, options);
+    if (!lead) return (void)train(*engine, *group.comm, config, options);  // rank 0 reports
+    fmt::print("pgolf train: preset {}, run directory {}, {} threads, {} engine, {} rank(s)\n", config.preset_name(),
+               run_dir.string(), omp_get_max_threads(), engine->backend_name(), group.comm->world_size());
+    const TrainResult r = train(*engine, *group.comm, config, options);
     const ValRecord& last = r.validations.back();
     fmt::print("\nsteps {} | train_time {:.1f} s | val_bpb {:.4f}", r.final_state.step, r.final_state.train_ms / 1000.0,
                last.val.val_bpb);

@@ -1,9 +1,11 @@
 // pgolf: one program for the whole Parameter Golf job (tokenize, train, pack, evaluate).
 #include <fmt/core.h>
 
+#include <cstdio>
 #include <exception>
 
 #include "cli/commands.h"
+#include "cli/launch.h"
 #include "core/error.h"
 
 namespace pgolf::cli {
@@ -25,6 +27,8 @@ Config PresetOptions::resolve() const {
 int main(int argc, char** argv) {
   CLI::App app{"pgolf: train, pack and evaluate Parameter Golf language models (C++20/CUDA)"};
   app.require_subcommand(1);
+  pgolf::cli::set_command_line(argc, argv);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // log lines reach a pipe (a launcher, tee) as they are written
   app.set_version_flag("--version", std::string("pgolf ") + PGOLF_VERSION);
   pgolf::cli::register_inspect(app);
   pgolf::cli::register_prepare(app);
@@ -32,6 +36,7 @@ int main(int argc, char** argv) {
   pgolf::cli::register_pack(app);
   pgolf::cli::register_unpack(app);
   pgolf::cli::register_train(app);
+  pgolf::cli::register_dist_selftest(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -38,6 +38,10 @@ class Communicator {
   virtual int64_t fetch_add(int64_t inc) = 0;
   virtual void reset_counter(int64_t value) = 0;  // collective: every rank calls it
 
+  // The CUDA stream (a cudaStream_t) device communicators enqueue their collectives on, in order
+  // with the engine's kernels; host communicators have no stream and ignore it.
+  virtual void set_stream(void* stream) {}
+
   template <typename T>
   void all_reduce(T* data, size_t count, ReduceOp op) {
     all_reduce(data, count, dtype_of<T>(), op);
