@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine: unpacks the bundle written by scripts/device-pack.sh, prints the GPU,
-# runs every GPU test program and the benchmarks, and ends with a summary table.
+# runs every GPU test program, the multi-process self-test (pgolf dist-selftest) and the benchmarks,
+# and ends with a summary table.
 #
 #   bash device-check.sh [BUNDLE]      (default: pgolf-devpack.tar.xz beside this script)
 #
 # Environment: OUT — when set, gtest XML reports and full logs are written there;
 # GTEST_FILTER — passed to the test programs by gtest itself; BENCH_ARGS — arguments of the kernel
-# benchmark (the model benchmarks run after it); SKIP_BENCH=1 — tests only. Exit status: 0 when every
-# program succeeded.
+# benchmark (the model benchmarks run after it); SKIP_BENCH=1 — no benchmarks; SKIP_DIST=1 — no
+# multi-process check (pgolf dist-selftest). Exit status: 0 when every program succeeded.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bundle="${1:-$here/pgolf-devpack.tar.xz}"
@@ -18,6 +19,11 @@ bin="$work/pgolf/bin"
 [ -d "$work/pgolf/shared" ] && export PGOLF_SHARED_DIR="$work/pgolf/shared"
 export PGOLF_CONFIG_DIR="$work/pgolf/configs"
 export LD_LIBRARY_PATH="$bin/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# NCCL: the toolkit's copy where it has one, else the one the Python wheels (nvidia-nccl) installed.
+if ldd "$bin/pgolf" | grep -q 'libnccl.so.2 => not found'; then
+  nccl_lib="$(python3 -c 'import glob, site; print(next(iter(sorted(f for d in site.getsitepackages() for f in glob.glob(d + "/nvidia/**/libnccl.so.2", recursive=True))), ""))' 2>/dev/null)"
+  [ -n "$nccl_lib" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$(dirname "$nccl_lib")" && echo "== NCCL from $nccl_lib"
+fi
 logs="${OUT:-$work/logs}"
 mkdir -p "$logs"
 
@@ -56,6 +62,21 @@ for t in "$bin"/test_*; do
     [ "$rc" = 0 ] || status=1
   done
 done
+
+# Several ranks, one process each, through the launcher, the rendezvous store and NCCL: one per GPU;
+# on one GPU two processes share it (NCCL refuses two ranks of one communicator on one GPU, so each
+# then checks NCCL at world size 1). SKIP_DIST=1 leaves it out.
+if [ "${SKIP_DIST:-0}" != 1 ]; then
+  gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')"
+  dist_args=(--nproc 2 --allow-shared-gpu)
+  [ "$gpus" -ge 2 ] && dist_args=(--nproc "$gpus")
+  echo "== pgolf dist-selftest ${dist_args[*]}"
+  start=$SECONDS
+  timeout 300 "$bin/pgolf" dist-selftest "${dist_args[@]}" --timeout 120 2>&1 | tee "$logs/dist_selftest.log"
+  rc=${PIPESTATUS[0]}
+  rows+=("$(printf '%-40s %6s %7s %7s %7ss' "pgolf dist-selftest ${dist_args[*]:0:2}" "$rc" - - "$((SECONDS - start))")")
+  [ "$rc" = 0 ] || status=1
+fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # The kernels (GEMMs, attention), then one forward + backward of the full-size s691 (98,304 tokens

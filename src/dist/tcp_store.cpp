@@ -285,8 +285,8 @@ class TcpStore::Server {
     if (c.rank < 0) return reply(c, false, "the first request must be a hello");
     switch (op) {
       case kSet: {
-        const uint32_t klen = body.size() >= 4 ? get_u32(body, 0) : UINT32_MAX;
-        if (klen > body.size() - 4) return reply(c, false, "malformed set");
+        if (body.size() < 4 || get_u32(body, 0) > body.size() - 4) return reply(c, false, "malformed set");
+        const uint32_t klen = get_u32(body, 0);
         std::string key(body.substr(4, klen));
         data_[key] = std::string(body.substr(4 + klen));
         reply(c, true, {});
