@@ -34,7 +34,9 @@ namespace {
 void check_store(Rendezvous& rv) {
   TcpStore& store = rv.store();
   const int rank = rv.rank(), world = rv.world_size();
-  auto value_of = [](int r) { return fmt::format("rank {}:", r) + std::string(static_cast<size_t>(997 * r), 'a' + r % 26); };
+  auto value_of = [](int r) {
+    return fmt::format("rank {}:", r) + std::string(static_cast<size_t>(997 * r), static_cast<char>('a' + r % 26));
+  };
   store.set(fmt::format("selftest/value/{}", rank), value_of(rank));
   for (int r = 0; r < world; ++r) {
     const std::string got = store.get(fmt::format("selftest/value/{}", r));

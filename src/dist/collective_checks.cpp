@@ -44,7 +44,8 @@ const char* op_name(ReduceOp op) { return op == ReduceOp::Sum ? "Sum" : op == Re
 // I64 beyond 32 bits). Every partial sum over up to 32 ranks is exact in every dtype (BF16: integers
 // of magnitude <= 256), and double holds them all.
 double contribution(int r, size_t i, DType t) {
-  const double base = static_cast<double>(((r + 1) * static_cast<int64_t>(i % 7 + 1) + static_cast<int64_t>(i)) % 11) - 3.0;
+  const auto k = static_cast<int64_t>(i);
+  const double base = static_cast<double>(((r + 1) * (k % 7 + 1) + k) % 11) - 3.0;
   switch (t) {
     case DType::F32: return 0.5 * base;
     case DType::F64: return base + 0.125 * (r + 1);
@@ -183,7 +184,8 @@ class Checker {
     constexpr int kTickets = 3;
     comm_.reset_counter(1000);
     std::vector<double> tickets(static_cast<size_t>(kTickets * w), 0.0);
-    for (int k = 0; k < kTickets; ++k) tickets[static_cast<size_t>(me * kTickets + k)] = static_cast<double>(comm_.fetch_add(1));
+    for (int k = 0; k < kTickets; ++k)
+      tickets[static_cast<size_t>(me * kTickets + k)] = static_cast<double>(comm_.fetch_add(1));
     comm_.all_reduce_host(tickets.data(), tickets.size(), ReduceOp::Sum);
     std::sort(tickets.begin(), tickets.end());
     for (size_t k = 0; k < tickets.size(); ++k)
@@ -194,7 +196,8 @@ class Checker {
       }
     comm_.reset_counter(7);
     const int64_t now = comm_.fetch_add(0);
-    if (now != 7) failures.push_back(fmt::format("rank {} of {}: after reset_counter(7), fetch_add(0) = {}", me, w, now));
+    if (now != 7)
+      failures.push_back(fmt::format("rank {} of {}: after reset_counter(7), fetch_add(0) = {}", me, w, now));
     comm_.barrier();
   }
 

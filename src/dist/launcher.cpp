@@ -109,25 +109,42 @@ RankProcess start_rank(const LocalLaunch& launch, int rank, int port) {
   PG_CHECK(::pipe2(out, O_CLOEXEC) == 0 && ::pipe2(err, O_CLOEXEC) == 0, "launcher: pipe2 failed: {}",
            std::strerror(errno));
   const pid_t parent = ::getpid();
+  // The child must not run the launcher's handlers (they would write into the launcher's signal
+  // pipe): the signals stay blocked across fork until the child has restored the defaults.
+  sigset_t handled, previous;
+  sigemptyset(&handled);
+  for (int sig : kHandledSignals) sigaddset(&handled, sig);
+  ::sigprocmask(SIG_BLOCK, &handled, &previous);
   const pid_t pid = ::fork();
-  PG_CHECK(pid >= 0, "launcher: fork of rank {} failed: {}", rank, std::strerror(errno));
   if (pid == 0) {
     // The child: only async-signal-safe calls until exec.
+    struct sigaction default_action {};
+    default_action.sa_handler = SIG_DFL;
+    for (int sig : kHandledSignals) ::sigaction(sig, &default_action, nullptr);
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
     ::setpgid(0, 0);                       // terminal signals reach the launcher, which forwards them
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);    // the ranks die with the launcher
     if (::getppid() != parent) ::_exit(128 + SIGTERM);
     const int null_fd = ::open("/dev/null", O_RDONLY);
     if (null_fd < 0 || ::dup2(null_fd, 0) < 0 || ::dup2(out[1], 1) < 0 || ::dup2(err[1], 2) < 0) ::_exit(127);
-    sigset_t none;
-    sigemptyset(&none);
-    ::sigprocmask(SIG_SETMASK, &none, nullptr);
     ::execve(launch.executable.c_str(), argv.data(), envp.data());
     const char msg[] = "launcher: exec failed\n";
     [[maybe_unused]] ssize_t n = ::write(2, msg, sizeof(msg) - 1);
     ::_exit(127);
   }
+  const int fork_errno = errno;
+  // The child's process group exists before any kill(-pid) of ours (the child sets it too).
+  if (pid > 0) ::setpgid(pid, pid);
+  ::sigprocmask(SIG_SETMASK, &previous, nullptr);
   ::close(out[1]);
   ::close(err[1]);
+  if (pid < 0) {
+    ::close(out[0]);
+    ::close(err[0]);
+    fail("launcher: fork of rank {} failed: {}", rank, std::strerror(fork_errno));
+  }
   RankProcess p;
   p.rank = rank;
   p.pid = pid;

@@ -40,7 +40,8 @@ using EnvLookup = std::function<std::optional<std::string>(const std::string& na
 //     PMI_LOCAL_RANK / PMI_LOCAL_SIZE
 //   Slurm's srun: SLURM_PROCID, SLURM_STEP_NUM_TASKS (set for each task of a job step, not in the batch
 //     script itself), SLURM_LOCALID
-// plus MASTER_ADDR and MASTER_PORT, which every multi-process launch needs (and PGOLF_STORE_PORT). None present: one process.
+// plus MASTER_ADDR and MASTER_PORT, which every multi-process launch needs (and PGOLF_STORE_PORT).
+// None present: one process.
 // Malformed or inconsistent values are errors naming the variable.
 LaunchInfo read_launch_env(const EnvLookup& env);
 LaunchInfo read_launch_env();  // the process environment

@@ -78,6 +78,10 @@ void set_nodelay(int fd) {
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
+Clock::time_point deadline_after(double seconds) {
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+}
+
 double seconds_left(Clock::time_point deadline) {
   return std::chrono::duration<double>(deadline - Clock::now()).count();
 }
@@ -182,7 +186,7 @@ std::string encode_store_int(int64_t v) {
 int64_t decode_store_int(std::string_view bytes, const std::string& key) {
   PG_CHECK(bytes.size() == 8, "rendezvous store key '{}' holds {} bytes, not an 8-byte integer", key, bytes.size());
   uint64_t u = 0;
-  for (int i = 0; i < 8; ++i) u |= static_cast<uint64_t>(static_cast<uint8_t>(bytes[static_cast<size_t>(i)])) << (8 * i);
+  for (size_t i = 0; i < 8; ++i) u |= static_cast<uint64_t>(static_cast<uint8_t>(bytes[i])) << (8 * i);
   return static_cast<int64_t>(u);
 }
 
@@ -415,7 +419,7 @@ TcpStore::TcpStore(const std::string& host, int port, int rank, int world_size, 
   }
   endpoint_ = fmt::format("{}:{}", host, port_);
 
-  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+  const auto deadline = deadline_after(timeout_s);
   std::string error;
   auto pause = std::chrono::milliseconds(20);
   while ((fd_ = try_connect(connect_host, port_, deadline, error)) < 0) {
@@ -467,7 +471,7 @@ std::string TcpStore::request(char op, std::string_view body, const std::string&
   if (!send_all(fd_, frame(op, body)))
     fail("rank {}: {}: the rendezvous store at {} is gone ({}; rank 0, which serves it, exited or failed)", rank_,
          what, endpoint_, errno_text());
-  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
+  const auto deadline = deadline_after(timeout_s_);
   std::string reply;
   size_t need = kHeaderBytes;
   while (reply.size() < need) {

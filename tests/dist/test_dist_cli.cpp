@@ -53,7 +53,8 @@ TEST(DistCli, TrainRefusesSeveralCpuProcesses) {
   EXPECT_TRUE(contains(spawn.output, "pgolf train --nproc 2: the cpu engine runs in one process; multi-process "
                                      "training needs the CUDA engine and NCCL"))
       << spawn.output;
-  test::ScopedEnv launched({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "29500"}});
+  test::ScopedEnv launched(
+      {{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "29500"}});
   const auto ranked = test::run_pgolf("train --preset tiny");
   EXPECT_NE(ranked.status, 0);
   EXPECT_TRUE(contains(ranked.output, "pgolf train: 2 processes were started (torchrun), but a host engine runs in "

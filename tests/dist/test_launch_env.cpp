@@ -100,7 +100,8 @@ TEST(LaunchEnv, PmiHydraAndCray) {
 
 TEST(LaunchEnv, SlurmStepButNotTheBatchScript) {
   const LaunchInfo info = parse(
-      with_master({{"SLURM_PROCID", "7"}, {"SLURM_STEP_NUM_TASKS", "16"}, {"SLURM_LOCALID", "3"}, {"SLURM_NTASKS", "16"}}));
+      with_master({{"SLURM_PROCID", "7"}, {"SLURM_STEP_NUM_TASKS", "16"}, {"SLURM_LOCALID", "3"},
+                   {"SLURM_NTASKS", "16"}}));
   EXPECT_EQ(info.launcher, "slurm");
   EXPECT_EQ(info.rank, 7);
   EXPECT_EQ(info.world_size, 16);
@@ -114,7 +115,8 @@ TEST(LaunchEnv, SlurmStepButNotTheBatchScript) {
 
 TEST(LaunchEnv, TorchrunInsideSlurmWins) {
   const LaunchInfo info = parse(with_master(
-      {{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"SLURM_PROCID", "0"}, {"SLURM_STEP_NUM_TASKS", "1"}, {"SLURM_LOCALID", "0"}}));
+      {{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"SLURM_PROCID", "0"}, {"SLURM_STEP_NUM_TASKS", "1"},
+       {"SLURM_LOCALID", "0"}}));
   EXPECT_EQ(info.launcher, "torchrun");
   EXPECT_EQ(info.rank, 1);
   EXPECT_EQ(info.world_size, 2);
@@ -131,7 +133,8 @@ TEST(LaunchEnv, MissingMasterNamesTheLaunchersWay) {
   const std::string torchrun = error_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}});
   EXPECT_NE(torchrun.find("MASTER_ADDR and MASTER_PORT"), std::string::npos) << torchrun;
   EXPECT_NE(torchrun.find("WORLD_SIZE=2"), std::string::npos) << torchrun;
-  const std::string mpi = error_of({{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}});
+  const std::string mpi =
+      error_of({{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}});
   EXPECT_NE(mpi.find("mpirun -x MASTER_ADDR"), std::string::npos) << mpi;
   const std::string pmi = error_of({{"PMI_RANK", "0"}, {"PMI_SIZE", "2"}});
   EXPECT_NE(pmi.find("-genv MASTER_ADDR"), std::string::npos) << pmi;

@@ -9,6 +9,7 @@
 
 #include "dist/launcher.h"
 #include "dist_test_util.h"
+#include "test_util.h"
 
 using namespace pgolf;
 
@@ -101,7 +102,12 @@ TEST(Launcher, ARankEndedByASignalIsAFailure) {
 }
 
 TEST(Launcher, RanksIgnoringSigtermAreKilledAfterTheGracePeriod) {
-  const ShellLaunch run("if [ \"$RANK\" = 1 ]; then exit 5; fi; trap '' TERM; sleep 60", 2, 0.5);
+  // Rank 1 fails once rank 0 ignores SIGTERM (a file says so).
+  test::TempDir dir;
+  const std::string flag = (dir / "ignoring").string();
+  const ShellLaunch run("if [ \"$RANK\" = 1 ]; then while [ ! -e '" + flag + "' ]; do sleep 0.01; done; exit 5; fi; "
+                        "trap '' TERM; touch '" + flag + "'; sleep 60",
+                        2, 0.5);
   EXPECT_EQ(run.status, 5) << run.dump();
   EXPECT_TRUE(run.note_contains("rank 0 (pid ")) << run.dump();
   EXPECT_TRUE(run.note_contains("did not stop within 0.5 s; killing it")) << run.dump();

@@ -59,7 +59,8 @@ TEST(TcpStore, ValuesBarrierAndUniqueTicketsAcrossProcesses) {
     }
     std::sort(all.begin(), all.end());
     ASSERT_EQ(all.size(), 50u * kWorld);
-    for (size_t k = 0; k < all.size(); ++k) EXPECT_EQ(all[k], static_cast<int64_t>(k) + 1);  // add returns the new value
+    // add() returns the new value: tickets 1 .. 200, each once.
+    for (size_t k = 0; k < all.size(); ++k) EXPECT_EQ(all[k], static_cast<int64_t>(k) + 1);
   }
   for (pid_t pid : kids) EXPECT_EQ(wait_status(pid), 0);
 }
