@@ -30,7 +30,7 @@ struct StepControl {
 
 struct StepResult {
   double loss = 0.0;       // mean training loss of the step (micro-batches averaged, then ranks averaged)
-  double grad_norm = 0.0;  // global L2 norm before clipping (the local one when clipping is local)
+  double grad_norm = 0.0;  // global L2 norm before clipping (the local one when clipping is local or under Parallel Muon)
 };
 
 // Optimizer of score-first TTT over the base weights (SPEC §6.3 / §6.4 / §6.7).

@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "core/half.h"
+#include "dist/communicator.h"
 #include "optim/update_math.h"
 
 namespace pgolf::optim {
@@ -32,13 +33,23 @@ void normalize_rows(std::span<float> u, int64_t rows_total, int64_t cols, Round 
 }
 
 template <typename Round>
-void nesterov_all(std::span<float> u, std::span<const float> g, std::vector<float>& buf, float mu, Round round) {
+void nesterov_all(std::span<float> u, std::span<const float> g, std::span<float> buf, float mu, Round round) {
   const int64_t n = static_cast<int64_t>(u.size());
 #pragma omp parallel for schedule(static) if (n >= kParallelElems)
   for (int64_t i = 0; i < n; ++i) u[i] = muon_nesterov(round(g[i]), buf[i], mu, round);
 }
 
 }  // namespace
+
+SliceShard SliceShard::of(int64_t slices, int rank, int world_size) {
+  PG_CHECK(world_size >= 1 && rank >= 0 && rank < world_size, "slice shard: rank {} outside world size {}", rank,
+           world_size);
+  SliceShard s;
+  s.per_rank = (slices + world_size - 1) / world_size;
+  s.first = rank * s.per_rank;
+  s.count = std::clamp<int64_t>(slices - s.first, 0, s.per_rank);
+  return s;
+}
 
 Muon::Muon(const ParamLayout& layout, std::vector<size_t> members, MuonOptions options)
     : members_(std::move(members)), options_(options) {
@@ -57,44 +68,105 @@ Muon::Muon(const ParamLayout& layout, std::vector<size_t> members, MuonOptions o
   update_.resize(largest);
 }
 
-void Muon::step(ParamSet<float>& params, const ParamSet<float>& grads, double lr_scale, double momentum) {
+void Muon::step(ParamSet<float>& params, const ParamSet<float>& grads, double lr_scale, double momentum,
+                Communicator* comm) {
   const double lr = options_.lr * lr_scale;
   const float mu = static_cast<float>(momentum);
-  for (size_t k = 0; k < members_.size(); ++k)
-    step_member(k, params[members_[k]], grads[members_[k]], lr, mu);
+  const bool sharded = comm != nullptr && comm->world_size() > 1;
+  for (size_t k = 0; k < members_.size(); ++k) {
+    std::span<float> param = params[members_[k]];
+    std::span<const float> grad = grads[members_[k]];
+    if (sharded && shapes_[k].bank) {
+      step_bank_sharded(k, param, grad, lr, mu, *comm);
+    } else {
+      std::span<float> u(update_.data(), param.size());
+      orthogonalized_update(k, 0, shapes_[k].slices, grad, u, mu);
+      apply_update(k, param, u, lr);
+    }
+  }
 }
 
-void Muon::step_member(size_t k, std::span<float> param, std::span<const float> grad, double lr, float mu) {
+void Muon::orthogonalized_update(size_t k, int64_t first, int64_t count, std::span<const float> g,
+                                 std::span<float> u, float mu) {
   const Member& m = shapes_[k];
-  const int64_t n = static_cast<int64_t>(param.size());
-  std::span<float> u(update_.data(), param.size());
+  const int64_t slice = m.rows * m.cols;
+  PG_CHECK(count == 0 || (first >= 0 && count > 0 && first + count <= m.slices && g.size() == u.size() &&
+                          static_cast<int64_t>(u.size()) == count * slice),
+           "Muon: slices [{}, {}) of a member with {} slices, {} gradient and {} update values", first, first + count,
+           m.slices, g.size(), u.size());
+  if (count == 0) return;  // a rank whose shard is all padding
+  std::span<float> buf = std::span<float>(momentum_[k]).subspan(static_cast<size_t>(first * slice), u.size());
   // The banked path keeps gradient, momentum and update in bf16 (in the bf16 numerics).
   const bool bf16_state = m.bank && options_.numerics == MuonNumerics::BF16;
   if (bf16_state) {
-    nesterov_all(u, grad, momentum_[k], mu, RoundBf16{});
-    if (options_.row_normalize) normalize_rows(u, m.slices * m.rows, m.cols, RoundBf16{});
+    nesterov_all(u, g, buf, mu, RoundBf16{});
+    if (options_.row_normalize) normalize_rows(u, count * m.rows, m.cols, RoundBf16{});
   } else {
-    nesterov_all(u, grad, momentum_[k], mu, KeepF32{});
-    if (options_.row_normalize) normalize_rows(u, m.slices * m.rows, m.cols, KeepF32{});
+    nesterov_all(u, g, buf, mu, KeepF32{});
+    if (options_.row_normalize) normalize_rows(u, count * m.rows, m.cols, KeepF32{});
   }
-  newton_schulz_batched(u, m.slices, m.rows, m.cols, options_.ns_steps, options_.numerics,
+  newton_schulz_batched(u, count, m.rows, m.cols, options_.ns_steps, options_.numerics,
                         m.bank ? NsForm::SquareThenScale : NsForm::ScaleThenSquare);
-
-  const double shape_scale = std::sqrt(std::max(1.0, static_cast<double>(m.rows) / static_cast<double>(m.cols)));
-  const float decay = static_cast<float>(1.0 - lr * options_.weight_decay);
-  float alpha;
-  if (m.bank) {
-    alpha = static_cast<float>(-lr * shape_scale);
-  } else {
+  if (!m.bank) {
     // `g *= scale` on the orthogonalised update, stored in the update's precision.
-    const float s = static_cast<float>(shape_scale);
+    const float s = static_cast<float>(std::sqrt(std::max(1.0, static_cast<double>(m.rows) / static_cast<double>(m.cols))));
     const bool bf16 = options_.numerics == MuonNumerics::BF16;
+    const int64_t n = static_cast<int64_t>(u.size());
 #pragma omp parallel for schedule(static) if (n >= kParallelElems)
     for (int64_t i = 0; i < n; ++i) u[i] = bf16 ? round_to_bf16(u[i] * s) : u[i] * s;
-    alpha = static_cast<float>(-lr);
   }
+}
+
+void Muon::apply_update(size_t k, std::span<float> param, std::span<const float> u, double lr) const {
+  const Member& m = shapes_[k];
+  const double shape_scale = std::sqrt(std::max(1.0, static_cast<double>(m.rows) / static_cast<double>(m.cols)));
+  const float decay = static_cast<float>(1.0 - lr * options_.weight_decay);
+  // Banks: the shape scale multiplies the learning rate; matrices carry it in their update.
+  const float alpha = static_cast<float>(m.bank ? -lr * shape_scale : -lr);
+  const int64_t n = static_cast<int64_t>(param.size());
 #pragma omp parallel for schedule(static) if (n >= kParallelElems)
   for (int64_t i = 0; i < n; ++i) param[i] = decayed_step(param[i], u[i], decay, alpha);
+}
+
+void Muon::step_bank_sharded(size_t k, std::span<float> param, std::span<const float> grad, double lr, float mu,
+                             Communicator& comm) {
+  const Member& m = shapes_[k];
+  const int64_t slice = m.rows * m.cols;
+  const SliceShard shard = SliceShard::of(m.slices, comm.rank(), comm.world_size());
+  const size_t shard_values = static_cast<size_t>(shard.per_rank * slice);
+  const size_t padded_values = shard_values * static_cast<size_t>(comm.world_size());
+  // Reduce-scatter the zero-padded local gradient: bf16 in the bf16 numerics (as the references
+  // send it), fp32 otherwise.
+  std::vector<float> g_shard(shard_values);
+  if (options_.numerics == MuonNumerics::BF16) {
+    std::vector<uint16_t> send(padded_values, 0), recv(shard_values);
+    for (size_t i = 0; i < grad.size(); ++i) send[i] = f32_to_bf16_bits(grad[i]);
+    comm.reduce_scatter(send.data(), recv.data(), shard_values, DType::BF16, ReduceOp::Avg);
+    for (size_t i = 0; i < shard_values; ++i) g_shard[i] = bf16_bits_to_f32(recv[i]);
+  } else {
+    std::vector<float> send(padded_values, 0.0f);
+    std::copy(grad.begin(), grad.end(), send.begin());
+    comm.reduce_scatter(send.data(), g_shard.data(), shard_values, DType::F32, ReduceOp::Avg);
+  }
+  const size_t owned = static_cast<size_t>(shard.count * slice);
+  std::vector<float> u_shard(shard_values, 0.0f), u_full(padded_values);
+  orthogonalized_update(k, shard.first, shard.count, std::span<const float>(g_shard).first(owned),
+                        std::span<float>(u_shard).first(owned), mu);
+  comm.all_gather(u_shard.data(), u_full.data(), shard_values, DType::F32);
+  apply_update(k, param, std::span<const float>(u_full).first(param.size()), lr);
+}
+
+void Muon::gather_bank_momentum(size_t k, Communicator& comm, std::span<float> full) const {
+  const Member& m = shapes_[k];
+  PG_CHECK(m.bank && full.size() == momentum_[k].size(), "gather_bank_momentum: member {} is not a bank of {} values",
+           k, full.size());
+  const int64_t slice = m.rows * m.cols;
+  const SliceShard shard = SliceShard::of(m.slices, comm.rank(), comm.world_size());
+  const size_t shard_values = static_cast<size_t>(shard.per_rank * slice);
+  std::vector<float> mine(shard_values, 0.0f), all(shard_values * static_cast<size_t>(comm.world_size()));
+  if (shard.count > 0) std::copy_n(momentum_[k].begin() + shard.first * slice, shard.count * slice, mine.begin());
+  comm.all_gather(mine.data(), all.data(), shard_values, DType::F32);
+  std::copy_n(all.begin(), full.size(), full.begin());
 }
 
 }  // namespace pgolf::optim

@@ -5,6 +5,13 @@
 // fp32 momentum, the scale multiplies the (bf16) update. A 3-D parameter is a bank whose slices are
 // matrices, updated as the banked Parallel Muon of #549 / S1560: bf16 gradient and momentum (in the
 // bf16 numerics), the scale multiplies the learning rate.
+//
+// Parallel Muon over several ranks (SPEC §4.2): a bank's local gradients are zero-padded along the
+// slice axis to a multiple of the world size and reduce-scattered (average; bf16 in the bf16
+// numerics); rank r owns slices [r·P, (r+1)·P) (P = padded slices / world size), keeps their
+// momentum current and orthogonalises them; the updates are all-gathered and every rank applies all
+// of them. Every step of a slice is independent of the other slices, so the result is the
+// one-rank result up to the order of the gradient reduction.
 #pragma once
 
 #include <cstdint>
@@ -14,7 +21,19 @@
 #include "model/params.h"
 #include "optim/newton_schulz.h"
 
+namespace pgolf {
+class Communicator;
+}
+
 namespace pgolf::optim {
+
+// The slices of a bank that one rank owns under Parallel Muon.
+struct SliceShard {
+  int64_t per_rank = 0;  // P: padded slices / world size
+  int64_t first = 0;     // rank · P
+  int64_t count = 0;     // owned real slices: min(P, slices − first), possibly 0
+  static SliceShard of(int64_t slices, int rank, int world_size);
+};
 
 struct MuonOptions {
   double lr = 0.02;            // base learning rate (times the schedule's lr scale)
@@ -29,8 +48,17 @@ class Muon {
   // `members`: indices (in `layout`) of the 2-D matrices and 3-D banks this optimizer updates.
   Muon(const ParamLayout& layout, std::vector<size_t> members, MuonOptions options);
 
-  // One step on every member: lr = options.lr · lr_scale, momentum μ from the schedule.
-  void step(ParamSet<float>& params, const ParamSet<float>& grads, double lr_scale, double momentum);
+  // One step on every member: lr = options.lr · lr_scale, momentum μ from the schedule. Without
+  // `comm` (or with one rank) every gradient is already averaged. With `comm`, the 3-D banks run
+  // Parallel Muon: their gradients are this rank's local ones (reduced here); 2-D members' gradients
+  // must be averaged already. Every rank calls it (a collective).
+  void step(ParamSet<float>& params, const ParamSet<float>& grads, double lr_scale, double momentum,
+            Communicator* comm = nullptr);
+
+  // Under Parallel Muon a rank keeps only its own slices of a bank's momentum current; this gathers
+  // every rank's slices of member k into `full` (its whole momentum). A collective.
+  void gather_bank_momentum(size_t k, Communicator& comm, std::span<float> full) const;
+  bool is_bank(size_t k) const { return shapes_[k].bank; }
 
   const std::vector<size_t>& members() const { return members_; }
   const MuonOptions& options() const { return options_; }
@@ -44,7 +72,15 @@ class Muon {
     int64_t slices, rows, cols;  // [slices, rows, cols]; slices = 1 for a matrix
     bool bank;
   };
-  void step_member(size_t k, std::span<float> param, std::span<const float> grad, double lr, float mu);
+  // u ← the update of slices [first, first + count) of member k from their averaged gradient g
+  // (both count·rows·cols): momentum, Nesterov, row normalisation, Newton–Schulz (and, for a 2-D
+  // matrix, the shape scale).
+  void orthogonalized_update(size_t k, int64_t first, int64_t count, std::span<const float> g, std::span<float> u,
+                             float mu);
+  // Decoupled weight decay and the step with the whole member's update u.
+  void apply_update(size_t k, std::span<float> param, std::span<const float> u, double lr) const;
+  void step_bank_sharded(size_t k, std::span<float> param, std::span<const float> grad, double lr, float mu,
+                         Communicator& comm);
 
   std::vector<size_t> members_;
   std::vector<Member> shapes_;

@@ -3,6 +3,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "dist/communicator.h"
 #include "optim/state_io.h"
 
 namespace pgolf::optim {
@@ -62,7 +63,7 @@ const std::vector<size_t>& Optimizer::members(ParamGroup g) const {
 }
 
 void Optimizer::step(ParamSet<float>& params, const ParamSet<float>& grads, int64_t step_index, double lr_scale,
-                     double momentum) {
+                     double momentum, Communicator* comm) {
   PG_CHECK(params.layout().total() == layout_.total() && grads.layout().total() == layout_.total(),
            "optimizer step: {} parameters and {} gradients for a model of {}", params.layout().total(),
            grads.layout().total(), layout_.total());
@@ -75,19 +76,26 @@ void Optimizer::step(ParamSet<float>& params, const ParamSet<float>& grads, int6
   embed_.step(params, grads, lr_scale, t);
   if (banked_) {
     scalar_.step(params, grads, lr_scale, t);
-    muon_.step(params, grads, lr_scale, momentum);
+    muon_.step(params, grads, lr_scale, momentum, comm);
   } else {
-    muon_.step(params, grads, lr_scale, momentum);
+    muon_.step(params, grads, lr_scale, momentum, comm);
     scalar_.step(params, grads, lr_scale, t);
   }
   steps_taken_ = t;
 }
 
-TensorMap Optimizer::state_tensors() const {
+TensorMap Optimizer::state_tensors(Communicator* comm) const {
   TensorMap out;
   visit_state(*this, [&](const std::string& name, const Shape& shape, const std::vector<float>& values) {
     put_f32(out, name, shape, values);
   });
+  if (comm != nullptr && comm->world_size() > 1) {
+    for (size_t k = 0; k < muon_.members().size(); ++k) {
+      if (!muon_.is_bank(k)) continue;
+      const ParamSpec& s = layout_.spec(muon_.members()[k]);
+      muon_.gather_bank_momentum(k, *comm, out.get(kStatePrefix + s.name + "/momentum_buffer").as<float>());
+    }
+  }
   put_i64(out, kStatePrefix + "step", steps_taken_);
   return out;
 }

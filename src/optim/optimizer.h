@@ -34,9 +34,11 @@ class Optimizer {
   // One step with the gradients as given (already clipped). `step_index` is the number of steps
   // taken before this one (0 for the first); it must agree with the optimizer's own count, so a
   // resume from mismatched state fails here instead of silently using wrong bias corrections.
-  // lr_scale multiplies every group's base lr; momentum is Muon's μ for this step.
+  // lr_scale multiplies every group's base lr; momentum is Muon's μ for this step. With `comm` the
+  // banks run Parallel Muon (their gradients are this rank's local ones, see optim/muon.h) and every
+  // other gradient must already be averaged across ranks.
   void step(ParamSet<float>& params, const ParamSet<float>& grads, int64_t step_index, double lr_scale,
-            double momentum);
+            double momentum, Communicator* comm = nullptr);
 
   int64_t steps_taken() const { return steps_taken_; }
   const std::vector<size_t>& members(ParamGroup g) const;
@@ -47,7 +49,9 @@ class Optimizer {
   // "optim/<param>/exp_avg", "optim/<param>/exp_avg_sq" (Adam groups), "optim/<param>/momentum_buffer"
   // (Muon), all F32 in the parameter's shape, and "optim/step" (I64). Loading requires exactly
   // these "optim/" tensors; other tensors of the map (parameters, EMA, ...) are ignored.
-  TensorMap state_tensors() const;
+  // With `comm` (Parallel Muon on several ranks) the bank momenta are gathered from their owners
+  // first: a collective, and the result is the same on every rank.
+  TensorMap state_tensors(Communicator* comm = nullptr) const;
   void load_state_tensors(const TensorMap& t, const std::string& what);
 
  private:

@@ -16,7 +16,27 @@ CpuEngine::CpuEngine(const Config& config, Communicator& comm)
       optimizer_(model_.params().layout(), optim::OptimizerConfig::from_config(config)),
       ema_decay_(config.get_double("ema_decay")),
       grad_clip_norm_(config.get_double("grad_clip_norm")),
-      grad_clip_local_(config.get_bool("grad_clip_local")) {}
+      grad_clip_local_(config.get_bool("grad_clip_local")) {
+  const ParamLayout& lay = layout();
+  int64_t replicated = 0;
+  for (size_t i = 0; i < lay.size(); ++i) {
+    const ParamSpec& s = lay.spec(i);
+    if (s.group == ParamGroup::Matrix && s.shape.size() == 3) {
+      parallel_muon_ = true;
+      continue;
+    }
+    if (!replicated_runs_.empty() && replicated_runs_.back().first + replicated_runs_.back().second == lay.offset(i))
+      replicated_runs_.back().second += s.numel();
+    else
+      replicated_runs_.emplace_back(lay.offset(i), s.numel());
+    replicated += s.numel();
+  }
+  replicated_buffer_.resize(static_cast<size_t>(replicated));
+  PG_CHECK(!parallel_muon_ || comm_.world_size() == 1 || grad_clip_norm_ <= 0.0 || grad_clip_local_,
+           "the banked stack (Parallel Muon) on {} ranks clips each rank's local gradient: set grad_clip_local = true "
+           "(as #549 / S1560) or grad_clip_norm = 0",
+           comm_.world_size());
+}
 
 void CpuEngine::load_params(const ParamSet<float>& params) {
   PG_CHECK(params.layout().total() == layout().total() && params.layout().size() == layout().size(),
@@ -31,7 +51,7 @@ void CpuEngine::store_params(ParamSet<float>& params) const {
 }
 
 TensorMap CpuEngine::optimizer_state() const {
-  TensorMap t = optimizer_.state_tensors();
+  TensorMap t = optimizer_.state_tensors(parallel_muon_ ? &comm_ : nullptr);
   if (ema_) {
     TensorMap e = ema_->state_tensors();
     for (auto& name : e.names()) t.set(name, std::move(e.get(name)));
@@ -58,11 +78,26 @@ void CpuEngine::store_ema(ParamSet<float>& out) const {
   out = ema_->average();
 }
 
-double CpuEngine::reduce_and_clip(bool clip_local, double max_norm) {
+double CpuEngine::reduce_and_clip(bool clip_local, double max_norm, bool banks_local) {
   std::span<float> g = model_.grads().all();
+  // Without ranks to average over, local and averaged gradients are the same; under Parallel Muon no
+  // rank ever holds the averaged bank gradients, so the norm is the local one.
+  clip_local = clip_local || comm_.world_size() == 1 || banks_local;
   double norm = 0.0;
   if (clip_local) norm = max_norm > 0 ? optim::clip_grad_norm(g, max_norm) : optim::global_l2_norm(g);
-  comm_.all_reduce(g.data(), g.size(), ReduceOp::Avg);
+  if (comm_.world_size() == 1) return norm;
+  if (banks_local) {
+    float* buf = replicated_buffer_.data();
+    for (auto [off, n] : replicated_runs_) buf = std::copy_n(g.begin() + off, n, buf);
+    comm_.all_reduce(replicated_buffer_.data(), replicated_buffer_.size(), ReduceOp::Avg);
+    const float* src = replicated_buffer_.data();
+    for (auto [off, n] : replicated_runs_) {
+      std::copy_n(src, n, g.begin() + off);
+      src += n;
+    }
+  } else {
+    comm_.all_reduce(g.data(), g.size(), ReduceOp::Avg);
+  }
   if (!clip_local) norm = max_norm > 0 ? optim::clip_grad_norm(g, max_norm) : optim::global_l2_norm(g);
   return norm;
 }
@@ -85,18 +120,20 @@ StepResult CpuEngine::train_step(std::span<const Batch> micro_batches, const Ste
     const float inv = 1.0f / static_cast<float>(micro_batches.size());
     for (float& x : model_.grads().all()) x *= inv;
   }
+  // Steps are numbered from 1 in messages, as in the training log.
   StepResult r;
-  r.grad_norm = reduce_and_clip(grad_clip_local_, grad_clip_norm_);
-  PG_CHECK(std::isfinite(r.grad_norm), "step {}: gradient norm is {} (NaN or infinite loss?)", control.step,
-           r.grad_norm);
-  optimizer_.step(model_.params(), model_.grads(), control.step, control.lr_scale, control.muon_momentum);
+  r.loss = loss_sum / static_cast<double>(micro_batches.size());
+  comm_.all_reduce_host(&r.loss, 1, ReduceOp::Avg);
+  PG_CHECK(std::isfinite(r.loss), "step {}: training loss is {}: the run diverged", control.step + 1, r.loss);
+  r.grad_norm = reduce_and_clip(grad_clip_local_, grad_clip_norm_, parallel_muon_);
+  PG_CHECK(std::isfinite(r.grad_norm), "step {}: gradient norm is {} with a finite loss {}", control.step + 1,
+           r.grad_norm, r.loss);
+  optimizer_.step(model_.params(), model_.grads(), control.step, control.lr_scale, control.muon_momentum,
+                  parallel_muon_ ? &comm_ : nullptr);
   if (control.update_ema) {
     PG_CHECK(ema_.has_value(), "train_step: update_ema without init_ema");
     ema_->update(model_.params());
   }
-  r.loss = loss_sum / static_cast<double>(micro_batches.size());
-  comm_.all_reduce_host(&r.loss, 1, ReduceOp::Avg);
-  PG_CHECK(std::isfinite(r.loss), "step {}: training loss is {}", control.step, r.loss);
   return r;
 }
 
@@ -143,7 +180,7 @@ double CpuEngine::ttt_step(const Batch& batch, double lr_scale) {
   model_.zero_grad();
   const double loss = static_cast<double>(model_.forward(batch));
   model_.backward();
-  reduce_and_clip(false, s.config.grad_clip);
+  reduce_and_clip(false, s.config.grad_clip, false);
   ++s.steps;
   std::span<float> p = model_.params().all();
   std::span<const float> g = model_.grads().all();

@@ -54,7 +54,9 @@ class CpuEngine final : public Engine {
 
  private:
   // Averages the gradients across ranks and clips them as configured; returns the norm before clipping.
-  double reduce_and_clip(bool clip_local, double max_norm);
+  // With `banks_local` (Parallel Muon) the bank gradients stay local — the optimizer reduce-scatters
+  // them — and the replicated gradients are packed into one buffer and all-reduced in one collective.
+  double reduce_and_clip(bool clip_local, double max_norm, bool banks_local);
   void lora_optimizer_step();
 
   CpuModel<float> model_;
@@ -64,6 +66,11 @@ class CpuEngine final : public Engine {
   double ema_decay_;
   double grad_clip_norm_;
   bool grad_clip_local_;
+  // Banked stacks step with Parallel Muon; (offset, count) of the runs of replicated (non-bank)
+  // parameters in layout order.
+  bool parallel_muon_ = false;
+  std::vector<std::pair<int64_t, int64_t>> replicated_runs_;
+  std::vector<float> replicated_buffer_;
 
   // Score-first TTT over the base weights.
   struct TttState {

@@ -246,3 +246,57 @@ TEST(CpuEngine, OptimizerStateRoundTripContinuesIdentically) {
   EXPECT_EQ(max_abs_diff(pa.all(), pr.all()), 0.0);
   EXPECT_EQ(max_abs_diff(ea.all(), er.all()), 0.0);
 }
+
+// Parallel Muon (banked s1560): W ranks with one micro-batch each equal one rank accumulating the W
+// micro-batches, for world sizes that need zero-padded bank shards (banks of 10 and 5 slices over
+// 3 and 4 ranks; with 4 ranks one rank owns no MLP slice). The gathered optimizer state (momentum of
+// every slice) is the same on every rank, bit for bit, and matches the one-rank state.
+TEST(CpuEngine, ParallelMuonRanksEqualOneRankWithAccumulation) {
+  Config c = tiny_engine_config("s1560");
+  c.set("muon_ns_dtype", std::string("fp32"));  // see TwoRanksEqualOneRankWithAccumulation
+  c.set("grad_clip_norm", 0.0);                 // local clipping differs from clipping the accumulated gradient
+  const ParamSet<float> init = perturbed_params(c, 31);
+  for (int world : {3, 4}) {
+    SCOPED_TRACE(world);
+    std::vector<Batch> micro;
+    for (int k = 0; k < world; ++k) micro.push_back(test::tiny_batch(64, true, 40 + k));
+
+    auto single = make_single_process_communicator();
+    CpuEngine one(c, *single);
+    one.load_params(init);
+    one.set_looping(true);
+    std::vector<double> losses_one;
+    for (int s = 0; s < 3; ++s) losses_one.push_back(one.train_step(micro, {s, 1.0, 0.9, false}).loss);
+    ParamSet<float> p_one(one.layout());
+    one.store_params(p_one);
+    const TensorMap state_one = one.optimizer_state();
+
+    std::vector<ParamSet<float>> p_ranks(world);
+    std::vector<TensorMap> states(world);
+    std::vector<std::vector<double>> losses(world);
+    run_thread_group(world, [&](Communicator& comm) {
+      CpuEngine e(c, comm);
+      e.load_params(init);
+      e.set_looping(true);
+      for (int s = 0; s < 3; ++s)
+        losses[comm.rank()].push_back(
+            e.train_step(std::span<const Batch>(&micro[comm.rank()], 1), {s, 1.0, 0.9, false}).loss);
+      e.store_params(p_ranks[comm.rank()]);
+      states[comm.rank()] = e.optimizer_state();
+    });
+    for (int r = 1; r < world; ++r) {
+      EXPECT_EQ(max_abs_diff(p_ranks[r].all(), p_ranks[0].all()), 0.0);
+      EXPECT_EQ(losses[r], losses[0]);
+      for (const std::string& name : states[0].names())
+        EXPECT_EQ(states[r].get(name).bytes, states[0].get(name).bytes) << name;
+    }
+    for (int s = 0; s < 3; ++s) EXPECT_NEAR(losses[0][s], losses_one[s], 1e-5 * losses_one[s]);
+    // As in TwoRanksEqualOneRankWithAccumulation: reduction-order rounding, three Muon steps.
+    EXPECT_LT(max_abs_diff(p_ranks[0].all(), p_one.all()), 2e-5);
+    for (const std::string& name : state_one.names()) {
+      if (name.find("momentum_buffer") == std::string::npos) continue;
+      // Momentum holds sums of gradients (|g| up to ~1): the same reduction-order rounding.
+      EXPECT_LT(max_abs_diff(states[0].get(name).as<float>(), state_one.get(name).as<float>()), 1e-5) << name;
+    }
+  }
+}
