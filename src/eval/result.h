@@ -18,8 +18,8 @@ struct EvalOutcome {
   BpbAccumulator sums;         // over all ranks (fp64)
   int64_t stream_targets = 0;  // targets of the evaluated stream (N)
   int64_t rescored = 0;        // second and later scores of a target (reference sliding tail), all ranks
-  double score_seconds = 0.0;  // scoring forwards (this rank)
-  double train_seconds = 0.0;  // TTT training (this rank)
+  double score_seconds = 0.0;  // scoring forwards, this rank (LoRA: with each chunk's first adapter step)
+  double train_seconds = 0.0;  // the other TTT training, this rank
   bool legal = true;           // false: trained on validation tokens before scoring them
   bool complete = true;        // false: a wall-clock cap stopped it before every document was scored
   std::string note;            // one line of mode details for the log (rule, stride, chunks, ...)

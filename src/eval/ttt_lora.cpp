@@ -193,8 +193,9 @@ EvalOutcome evaluate_ttt_lora(Engine& engine, Communicator& comm, std::span<cons
   }
   out.sums = ledger.global_sums(comm);
   out.complete = out.tokens() == out.stream_targets;
-  out.note = fmt::format("docs:{} batches:{} rank:{} chunk:{} context:{} steps_per_chunk:{}", docs.size(), queue.size(),
-                         o.lora.rank, o.chunk, o.context, o.grad_steps);
+  out.note = fmt::format("docs:{} batches:{} rank:{} chunk:{} context:{} steps_per_chunk:{} (score time includes each "
+                         "chunk's first adapter step: one engine call)",
+                         docs.size(), queue.size(), o.lora.rank, o.chunk, o.context, o.grad_steps);
   if (o.phases > 0)
     out.note += fmt::format(" phases:{}/{} prefix_docs:{} sgd_steps:{}", phases_done, o.phases, o.prefix_docs, sgd_steps);
   if (!out.complete)
