@@ -24,5 +24,6 @@ void register_tokenizer(CLI::App& app);
 void register_pack(CLI::App& app);
 void register_unpack(CLI::App& app);
 void register_train(CLI::App& app);
+void register_eval(CLI::App& app);
 
 }  // namespace pgolf::cli
