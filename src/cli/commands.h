@@ -25,5 +25,6 @@ void register_pack(CLI::App& app);
 void register_unpack(CLI::App& app);
 void register_train(CLI::App& app);
 void register_eval(CLI::App& app);
+void register_run(CLI::App& app);
 
 }  // namespace pgolf::cli

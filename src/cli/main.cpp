@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   pgolf::cli::register_unpack(app);
   pgolf::cli::register_train(app);
   pgolf::cli::register_eval(app);
+  pgolf::cli::register_run(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
