@@ -23,5 +23,6 @@ void register_prepare(CLI::App& app);
 void register_tokenizer(CLI::App& app);
 void register_pack(CLI::App& app);
 void register_unpack(CLI::App& app);
+void register_bench(CLI::App& app);
 
 }  // namespace pgolf::cli

@@ -31,6 +31,7 @@ int main(int argc, char** argv) {
   pgolf::cli::register_tokenizer(app);
   pgolf::cli::register_pack(app);
   pgolf::cli::register_unpack(app);
+  pgolf::cli::register_bench(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
