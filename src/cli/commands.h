@@ -26,5 +26,6 @@ void register_unpack(CLI::App& app);
 void register_train(CLI::App& app);
 void register_eval(CLI::App& app);
 void register_run(CLI::App& app);
+void register_bench(CLI::App& app);
 
 }  // namespace pgolf::cli

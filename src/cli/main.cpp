@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   pgolf::cli::register_train(app);
   pgolf::cli::register_eval(app);
   pgolf::cli::register_run(app);
+  pgolf::cli::register_bench(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
