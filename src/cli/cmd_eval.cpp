@@ -17,7 +17,7 @@
 #include "eval/modes.h"
 #include "quant/artifact.h"
 #include "quant/pack.h"
-#include "train/cpu_engine.h"
+#include "model/engine_factory.h"
 
 namespace pgolf::cli {
 
@@ -27,6 +27,7 @@ struct EvalArgs {
   PresetOptions preset;
   std::string artifact, checkpoint, val, tokenizer;
   std::vector<std::string> modes;
+  std::string device = "auto";
   bool as_json = false;
 };
 
@@ -113,7 +114,8 @@ void run_eval(const EvalArgs& a) {
   const EvalInputs inputs{tokens, &tables, tokenizer.bos_id(), resolve_eval_seq_len(cfg)};
 
   auto comm = make_single_process_communicator();
-  CpuEngine engine(cfg, *comm);
+  std::unique_ptr<Engine> engine_ptr = make_engine(cfg, *comm, resolve_device(a.device));
+  Engine& engine = *engine_ptr;
   engine.set_looping(model.has_looping());  // the finished model runs its looped plan
   if (!a.as_json)
     fmt::print("eval {} ({}, {} engine): {} validation targets, T_eval {}, load:{:.0f}ms dequantize:{:.0f}ms "
@@ -153,6 +155,7 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--mode", args.modes, "flat|sliding|ttt-sgd|ttt-adamw|ttt-lora|ttt-phased; several run in order "
                                         "(comma-separated or repeated; default: eval_modes)")
       ->delimiter(',');
+  cmd->add_option("--device", args.device, "auto (CUDA when a GPU is present), cpu or cuda")->capture_default_str();
   cmd->add_flag("--json", args.as_json, "print one JSON object");
   cmd->callback([] { run_eval(args); });
 }

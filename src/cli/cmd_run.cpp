@@ -7,7 +7,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "dist/communicator.h"
-#include "train/cpu_engine.h"
+#include "model/engine_factory.h"
 #include "train/default_corpus.h"
 #include "train/pipeline.h"
 #include "train/trainer.h"
@@ -21,6 +21,7 @@ void register_run(CLI::App& app) {
   static PresetOptions preset;
   static std::string data, val, tokenizer, out, default_dir = "data/default",
                                                  fortune_dir = "/usr/share/games/fortunes";
+  static std::string device = "auto";
   static bool no_plots = false;
   preset.add_to(cmd, false);
   cmd->add_option("--data", data, "glob of the training shards (sets train_files)");
@@ -29,6 +30,7 @@ void register_run(CLI::App& app) {
   cmd->add_option("--out", out, "run directory (default: run_dir with {preset} replaced)");
   cmd->add_option("--default-data", default_dir, "where the default corpus is prepared (no --preset)")->capture_default_str();
   cmd->add_option("--fortunes", fortune_dir, "the fortune texts of the default corpus")->capture_default_str();
+  cmd->add_option("--device", device, "auto (CUDA when a GPU is present), cpu or cuda")->capture_default_str();
   cmd->add_flag("--no-plots", no_plots, "do not draw curves.png (gnuplot)");
   cmd->callback([] {
     Config cfg = Config::load(preset.preset.empty() ? std::string("default") : preset.preset);
@@ -47,9 +49,8 @@ void register_run(CLI::App& app) {
     po.progress = ::isatty(2) != 0;
     po.plots = !no_plots;
     auto comm = make_single_process_communicator();
-    const EngineMaker make = [](const Config& c, Communicator& cm) -> std::unique_ptr<Engine> {
-      return std::make_unique<CpuEngine>(c, cm);
-    };
+    const std::string backend = resolve_device(device);
+    const EngineMaker make = [backend](const Config& c, Communicator& cm) { return make_engine(c, cm, backend); };
     run_pipeline(cfg, *comm, make, po);
   });
 }

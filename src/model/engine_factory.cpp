@@ -7,6 +7,7 @@
 #include "train/cpu_engine.h"
 #ifdef PGOLF_HAVE_CUDA
 #include "backend/cuda/cuda_engine.h"
+#include "backend/cuda/device.h"
 #endif
 
 namespace pgolf {
@@ -26,6 +27,15 @@ bool cuda_available() {
 #else
   return false;
 #endif
+}
+
+std::string resolve_device(const std::string& requested) {
+  if (requested == "cpu" || requested == "cuda") return requested;
+  PG_CHECK(requested == "auto", "unknown device '{}': expected auto, cpu or cuda", requested);
+#ifdef PGOLF_HAVE_CUDA
+  if (cuda::device_count() > 0) return "cuda";
+#endif
+  return "cpu";
 }
 
 std::unique_ptr<Engine> make_engine(const Config& config, Communicator& comm, const std::string& device,

@@ -33,4 +33,8 @@ std::unique_ptr<Engine> make_engine(const Config& config, Communicator& comm, co
 
 bool cuda_available();  // pgolf was built with the CUDA backend
 
+// "auto" → "cuda" when pgolf has the CUDA backend and a GPU is present, else "cpu"; "cpu" and "cuda"
+// pass through (an unknown name is an error).
+std::string resolve_device(const std::string& requested);
+
 }  // namespace pgolf

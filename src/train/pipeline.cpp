@@ -25,7 +25,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-nlohmann::json flat_json(const FlatEvalResult& r) {
+nlohmann::ordered_json flat_json(const FlatEvalResult& r) {
   return {{"val_loss", r.val_loss}, {"val_bpb", r.val_bpb}, {"tokens", r.tokens}, {"bytes", r.bytes},
           {"seconds", r.seconds}};
 }
@@ -56,18 +56,18 @@ TensorMap calibrate_hessians(Engine& engine, Communicator& comm, const Config& c
   return out;
 }
 
-std::string fmt_bpb(const nlohmann::json& j) {
+std::string fmt_bpb(const nlohmann::ordered_json& j) {
   return j.is_number() ? fmt::format("{:.5f}", j.get<double>()) : std::string("-");
 }
 
 }  // namespace
 
-nlohmann::json run_pipeline(const Config& cfg, Communicator& comm, const EngineMaker& make_engine,
+nlohmann::ordered_json run_pipeline(const Config& cfg, Communicator& comm, const EngineMaker& make_engine,
                             const PipelineOptions& options) {
   const bool root = comm.rank() == 0;
   const fs::path& dir = options.run_dir;
-  nlohmann::json results = {{"preset", cfg.preset_name()}, {"world_size", comm.world_size()}};
-  nlohmann::json phases = nlohmann::json::object();
+  nlohmann::ordered_json results = {{"preset", cfg.preset_name()}, {"world_size", comm.world_size()}};
+  nlohmann::ordered_json phases = nlohmann::ordered_json::object();
   auto t_all = Clock::now();
 
   // ---- 1. train (averaging and the post-average diagnostic inside) -------------------------------
@@ -87,7 +87,7 @@ nlohmann::json run_pipeline(const Config& cfg, Communicator& comm, const EngineM
   results["train_time_ms"] = train_ms;
   results["ms_per_step"] = steps > 0 ? train_ms / static_cast<double>(steps) : 0.0;
   results["tokens_per_s"] = train_ms > 0 ? static_cast<double>(steps * tokens_per_step) / (train_ms / 1000.0) : 0.0;
-  results["params"] = engine->layout().total();
+  results["params"] = engine->layout().count();
   PG_CHECK(!tr.validations.empty(), "the training run ended without a validation");
   results["val_live"] = flat_json(tr.validations.back().val);
   const FlatEvalResult& pre = tr.averaged ? tr.averaged->val : tr.validations.back().val;
@@ -153,8 +153,8 @@ nlohmann::json run_pipeline(const Config& cfg, Communicator& comm, const EngineM
 
   // ---- 5. the preset's scoring evaluations, each from the dequantized weights -------------------
   const EvalInputs inputs{val, &tables, tokenizer.bos_id(), resolve_eval_seq_len(cfg)};
-  nlohmann::json evals = nlohmann::json::array();
-  nlohmann::json final_score = results["val_post_quant"]["val_bpb"];
+  nlohmann::ordered_json evals = nlohmann::ordered_json::array();
+  nlohmann::ordered_json final_score = results["val_post_quant"]["val_bpb"];
   std::string final_mode = "roundtrip";
   for (const auto& mode : cfg.get_string_list("eval_modes")) {
     check_eval_mode(mode);
@@ -163,7 +163,7 @@ nlohmann::json run_pipeline(const Config& cfg, Communicator& comm, const EngineM
     t0 = Clock::now();
     const EvalOutcome o = run_eval_mode(mode, *engine, comm, cfg, inputs);
     phases["eval_" + mode] = since(t0);
-    nlohmann::json e = {{"mode", o.mode},       {"val_loss", o.val_loss()}, {"val_bpb", o.val_bpb()},
+    nlohmann::ordered_json e = {{"mode", o.mode},       {"val_loss", o.val_loss()}, {"val_bpb", o.val_bpb()},
                         {"tokens", o.tokens()}, {"bytes", o.bytes()},       {"score_seconds", o.score_seconds},
                         {"train_seconds", o.train_seconds}, {"legal", o.legal}, {"complete", o.complete},
                         {"note", o.note}};
@@ -190,7 +190,7 @@ nlohmann::json run_pipeline(const Config& cfg, Communicator& comm, const EngineM
   return results;
 }
 
-std::string results_table(const nlohmann::json& r) {
+std::string results_table(const nlohmann::ordered_json& r) {
   std::ostringstream os;
   auto row = [&](const std::string& k, const std::string& v) { os << fmt::format("| {:<34} | {:>24} |\n", k, v); };
   os << fmt::format("| {:<34} | {:>24} |\n|{:-<36}|{:->26}|\n", "pgolf run: " + r.value("preset", std::string()),

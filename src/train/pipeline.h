@@ -26,11 +26,11 @@ struct PipelineOptions {
 };
 
 // Runs the pipeline on every rank (collective); returns the results object (also results.json).
-nlohmann::json run_pipeline(const Config& config, Communicator& comm, const EngineMaker& make_engine,
+nlohmann::ordered_json run_pipeline(const Config& config, Communicator& comm, const EngineMaker& make_engine,
                             const PipelineOptions& options);
 
 // The results table of run_pipeline's JSON, as printed at the end of a run.
-std::string results_table(const nlohmann::json& results);
+std::string results_table(const nlohmann::ordered_json& results);
 
 // Writes <run_dir>/curves.png (training loss and validation / held-out bpb against the step) from
 // metrics.jsonl with gnuplot; throws naming the problem when gnuplot is missing or fails.
