@@ -48,7 +48,7 @@ void run(benchmark::State& state, const std::string& preset) {
     model.backward();
   }
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(B * T), benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["params"] = static_cast<double>(model.params().layout().total());
+  state.counters["params"] = static_cast<double>(model.params().layout().count());
 }
 
 void BM_CpuModelBaseline(benchmark::State& state) { run(state, "baseline"); }

@@ -7,8 +7,10 @@
 #
 # Environment: OUT — when set, gtest XML reports and full logs are written there;
 # GTEST_FILTER — passed to the test programs by gtest itself; BENCH_ARGS — arguments of the kernel
-# benchmark (the model benchmarks run after it); SKIP_BENCH=1 — no benchmarks; SKIP_DIST=1 — no
-# multi-process check (pgolf dist-selftest). Exit status: 0 when every program succeeded.
+# benchmark (the model benchmarks run after it); SKIP_KERNEL_BENCH=1 — no bench_cuda runs;
+# SKIP_BENCH=1 — tests only. The last benchmarks are `pgolf bench` (whole training steps of the
+# CUDA engine) for baseline (65,536 tokens of 1,024) and s691 (98,304 tokens of 2,048). SKIP_DIST=1 —
+# no multi-process check (pgolf dist-selftest). Exit status: 0 when every program succeeded.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bundle="${1:-$here/pgolf-devpack.tar.xz}"
@@ -78,7 +80,7 @@ if [ "${SKIP_DIST:-0}" != 1 ]; then
   [ "$rc" = 0 ] || status=1
 fi
 
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "${SKIP_KERNEL_BENCH:-0}" != 1 ]; then
   # The kernels (GEMMs, attention), then one forward + backward of the full-size s691 (98,304 tokens
   # of 2048) and baseline (65,536 tokens of 1024) models with their per-kernel breakdown.
   : >"$logs/bench_cuda.log"
@@ -93,6 +95,22 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   done
 fi
 
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  # Whole optimizer steps of the CUDA engine (forward, backward, optimizer, EMA; one CUDA graph each)
+  # at the one-GPU protocol's batches, the optimizer step alone, the evaluation forward, and the top
+  # kernels of a step.
+  : >"$logs/pgolf_bench.log"
+  for args in "--preset baseline --batch-tokens 65536 --seq-len 1024" "--preset s691 --batch-tokens 98304 --seq-len 2048"; do
+    echo "== pgolf bench $args"
+    start=$SECONDS
+    # shellcheck disable=SC2086
+    timeout 300 "$bin/pgolf" bench $args --profile 2>&1 | tee -a "$logs/pgolf_bench.log"
+    rc=${PIPESTATUS[0]}
+    rows+=("$(printf '%-40s %6s %7s %7s %7ss' "pgolf bench ${args%% --batch*}" "$rc" - - "$((SECONDS - start))")")
+    [ "$rc" = 0 ] || status=1
+  done
+fi
+
 echo
 echo "== summary"
 printf '%-40s %6s %7s %7s %8s\n' program exit passed failed time
@@ -103,5 +121,9 @@ done
 if [ -f "$logs/bench_cuda.log" ]; then
   echo
   grep -E '^ *(device|kernel|gemm|linear|attn|optim|model)' "$logs/bench_cuda.log"
+fi
+if [ -f "$logs/pgolf_bench.log" ]; then
+  echo
+  grep -E '^(bench | +(train step|optimizer step|eval forward|device memory))' "$logs/pgolf_bench.log"
 fi
 exit "$status"

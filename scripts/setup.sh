@@ -13,7 +13,7 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   build-essential cmake ninja-build pkg-config git xz-utils zstd \
   libsentencepiece-dev sentencepiece libzstd-dev liblzma-dev libbrotli-dev zlib1g-dev \
   libcli11-dev nlohmann-json3-dev libtomlplusplus-dev libfmt-dev libopenblas-dev \
-  libgtest-dev libgmock-dev libbenchmark-dev gnuplot-nox
+  libgtest-dev libgmock-dev libbenchmark-dev gnuplot-nox fortunes fortunes-min
 
 cmake --preset "$preset"
 cmake --build --preset "$preset" -j "$(nproc)"

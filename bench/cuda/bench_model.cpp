@@ -11,7 +11,7 @@
 #include "backend/cuda/gpu_model.h"
 #include "core/config.h"
 #include "core/rng.h"
-#include "kernel_profile.h"
+#include "backend/cuda/kernel_profile.h"
 
 namespace pgolf::cuda {
 
@@ -47,7 +47,8 @@ void bench_model(const ModelBenchOptions& o) {
   // (the orthogonal init of the full-size matrices would also cost seconds of host time).
   ParamSet<float> params(ParamLayout(param_specs(cfg)));
   Rng rng(2);
-  for (float& x : params.all()) x = static_cast<float>(0.02 * rng.normal());
+  for (size_t i = 0; i < params.layout().size(); ++i)
+    for (float& x : params[i]) x = static_cast<float>(0.02 * rng.normal());
   Batch batch;
   batch.rows = o.tokens / o.seq;
   batch.seq_len = o.seq;
@@ -72,11 +73,11 @@ void bench_model(const ModelBenchOptions& o) {
   PG_CUDA_CHECK(cudaMemGetInfo(&free_after, &total));
 
   // MFU = tokens/s × (6·N + 6·L·d·T) / 989e12 (ENGINEERING §5), L = the layers the plan runs.
-  const double n_params = static_cast<double>(params.layout().total());
+  const double n_params = static_cast<double>(params.layout().count());
   const double layers = model.num_virtual_layers();
   const double flops_per_token = 6.0 * n_params + 6.0 * layers * cfg.model_dim * o.seq;
   const double tokens_per_s = o.tokens / (ms * 1e-3);
-  fmt::print("model {}: {} parameters, {} layers, {} tokens ({} x {})\n", o.preset, params.layout().total(),
+  fmt::print("model {}: {} parameters, {} layers, {} tokens ({} x {})\n", o.preset, params.layout().count(),
              model.num_virtual_layers(), o.tokens, batch.rows, o.seq);
   fmt::print("model {} forward            {:9.2f} ms\n", o.preset, fwd_ms);
   fmt::print("model {} forward+backward   {:9.2f} ms  {:6.3f} M tokens/s  MFU {:5.1f} %\n", o.preset, ms,

@@ -128,7 +128,7 @@ void register_dist_selftest(CLI::App& app) {
   cmd->add_option("--fail-rank", fail_rank, "this rank fails on purpose after joining (tests the failure path)");
   cmd->add_option("--timeout", timeout, "seconds to wait for the other ranks (default PGOLF_DIST_TIMEOUT or 600)");
   cmd->callback([] {
-    if (auto status = nproc.launch_ranks()) return exit_command(*status);
+    if (auto status = nproc.launch_ranks("pgolf dist-selftest", "")) return exit_command(*status);
     Rendezvous rv(read_launch_env(), timeout > 0.0 ? timeout : dist_timeout_seconds());
     const LaunchInfo& launch = rv.launch();
     char host[256] = {};

@@ -11,8 +11,8 @@
 #include "cli/launch.h"
 #include "core/error.h"
 #include "dist/communicator.h"
+#include "model/engine_factory.h"
 #include "train/checkpoint.h"
-#include "train/engine_factory.h"
 #include "train/trainer.h"
 
 namespace pgolf::cli {
@@ -51,7 +51,7 @@ fs::path resumed_run_dir(const fs::path& checkpoint, const std::string& out) {
 void register_train(CLI::App& app) {
   auto* cmd = app.add_subcommand("train", "train a preset on token shards: logs, metrics, checkpoints, resume");
   static PresetOptions preset;
-  static std::string data, val, tokenizer, out, resume, backend = "cpu";
+  static std::string data, val, tokenizer, out, resume, device = "auto";
   static int threads = 0;
   static NprocOption nproc;
   preset.add_to(cmd, false);
@@ -63,17 +63,12 @@ void register_train(CLI::App& app) {
                   "continue from a checkpoint (its configuration is used unless --preset is given; "
                   "keys that shape training must match)");
   cmd->add_option("--threads", threads, "CPU threads (0 = OpenMP's default)");
-  cmd->add_option("--backend", backend, "engine: cpu, or cuda where built in (multi-process runs need cuda)");
+  cmd->add_option("--device", device, "auto (CUDA when a GPU is present), cpu or cuda")->capture_default_str();
   nproc.add_to(cmd);
   cmd->footer(keys_footer);
   cmd->callback([] {
-    const EngineBackend& engine_kind = engine_backend(backend);
-    PG_CHECK(nproc.nproc <= 1 || engine_kind.device_collectives,
-             "pgolf train --nproc {}: the {} engine runs in one process; multi-process training needs the CUDA "
-             "engine and NCCL, one process per GPU (the CPU engine's data-parallel logic is tested with ranks as "
-             "threads of one process)",
-             nproc.nproc, backend);
-    if (auto status = nproc.launch_ranks()) return exit_command(*status);
+    const std::string backend = resolve_device(device);
+    if (auto status = nproc.launch_ranks("pgolf train", backend)) return exit_command(*status);
     if (threads > 0) omp_set_num_threads(threads);
     std::unique_ptr<Checkpoint> checkpoint;
     Config config;
@@ -93,15 +88,14 @@ void register_train(CLI::App& app) {
     if (!tokenizer.empty()) config.set("tokenizer_path", tokenizer);
     if (run_dir.empty()) run_dir = out.empty() ? resolve_run_dir(config) : fs::path(out);
 
-    const ProcessGroup group = join_process_group("pgolf train", engine_kind.device_collectives);
-    const std::unique_ptr<Engine> engine = engine_kind.make(config, *group.comm);
-    const bool lead = group.comm->rank() == 0;
+    const ProcessGroup group = join_process_group("pgolf train", backend);
+    const std::unique_ptr<Engine> engine = make_engine(config, *group.comm, backend);
     TrainOptions options;
     options.run_dir = run_dir;
     options.resume = checkpoint.get();
     options.echo = true;
     options.progress = ::isatty(STDERR_FILENO);
-    if (!lead) return (void)train(*engine, *group.comm, config, options);  // rank 0 reports
+    if (!group.lead()) return (void)train(*engine, *group.comm, config, options);  // rank 0 reports
     fmt::print("pgolf train: preset {}, run directory {}, {} threads, {} engine, {} rank(s)\n", config.preset_name(),
                run_dir.string(), omp_get_max_threads(), engine->backend_name(), group.comm->world_size());
     const TrainResult r = train(*engine, *group.comm, config, options);

@@ -24,6 +24,9 @@ void register_tokenizer(CLI::App& app);
 void register_pack(CLI::App& app);
 void register_unpack(CLI::App& app);
 void register_train(CLI::App& app);
+void register_eval(CLI::App& app);
+void register_run(CLI::App& app);
+void register_bench(CLI::App& app);
 void register_dist_selftest(CLI::App& app);
 
 }  // namespace pgolf::cli

@@ -25,9 +25,20 @@ void NprocOption::add_to(CLI::App* cmd) {
                   "or srun, which start the processes themselves)");
 }
 
-std::optional<int> NprocOption::launch_ranks() const {
+namespace {
+void require_multi_process_device(const std::string& command, int processes, const std::string& device) {
+  PG_CHECK(device == "cuda",
+           "{}: {} processes, but the {} engine runs in one process; multi-process runs need the CUDA engine "
+           "(--device cuda) and NCCL, one process per GPU (the CPU engine's data-parallel logic is tested with "
+           "ranks as threads of one process)",
+           command, processes, device);
+}
+}  // namespace
+
+std::optional<int> NprocOption::launch_ranks(const std::string& command, const std::string& device) const {
   PG_CHECK(nproc >= 1, "--nproc {} must be at least 1", nproc);
   if (nproc == 1) return std::nullopt;
+  if (!device.empty()) require_multi_process_device(command + " --nproc " + std::to_string(nproc), nproc, device);
   const LaunchInfo launch = read_launch_env();
   if (launch.launcher != "none") {
     PG_CHECK(launch.local_world_size < 0 || launch.local_world_size == nproc,
@@ -47,31 +58,24 @@ void exit_command(int status) {
   if (status != 0) throw CLI::RuntimeError(status);
 }
 
-ProcessGroup join_process_group(const std::string& command, bool device_collectives) {
+ProcessGroup join_process_group(const std::string& command, const std::string& device) {
   ProcessGroup group;
   group.launch = read_launch_env();
-  if (!device_collectives) {
-    PG_CHECK(!group.launch.multi_process(),
-             "{}: {} processes were started ({}), but a host engine runs in one process: multi-process runs need "
-             "the CUDA engine and NCCL, one process per GPU (the CPU engine's data-parallel logic is tested with "
-             "ranks as threads of one process)",
-             command, group.launch.world_size, group.launch.launcher);
+  if (!group.launch.multi_process()) {
     group.comm = make_single_process_communicator();
     return group;
   }
+  require_multi_process_device(fmt::format("{} ({} started {} processes)", command, group.launch.launcher,
+                                           group.launch.world_size),
+                               group.launch.world_size, device);
 #ifdef PGOLF_HAVE_NCCL
-  int local_rank = 0;
-  if (group.launch.multi_process()) {
-    group.rendezvous = std::make_unique<Rendezvous>(group.launch);
-    local_rank = group.rendezvous->launch().local_rank;
-  }
-  group.device = bind_local_gpu(local_rank, false);
-  // The engine gives its stream with set_stream before its first collective.
-  if (group.rendezvous) group.comm = std::make_unique<NcclCommunicator>(*group.rendezvous, nullptr);
-  else group.comm = std::make_unique<NcclCommunicator>(nullptr);
+  group.rendezvous = std::make_unique<Rendezvous>(group.launch);
+  bind_local_gpu(group.rendezvous->launch().local_rank, false);
+  // The engine gives its stream (set_stream) when it is made.
+  group.comm = std::make_unique<NcclCommunicator>(*group.rendezvous, nullptr);
   return group;
 #else
-  fail("{}: this pgolf was built without NCCL, which device engines need for their collectives", command);
+  fail("{}: this pgolf was built without NCCL, which multi-process CUDA runs need", command);
 #endif
 }
 

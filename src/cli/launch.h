@@ -22,8 +22,9 @@ struct NprocOption {
   void add_to(CLI::App* cmd);
   // --nproc N > 1 outside any launcher: starts the N ranks, waits and returns their exit status
   // (the command is then done). Otherwise nullopt: this process runs the command itself; under a
-  // launcher that said how many processes it started here, N must match that number.
-  std::optional<int> launch_ranks() const;
+  // launcher that said how many processes it started here, N must match that number. `device` is
+  // the command's engine ("cpu" runs in one process: refused, naming `command`), empty without one.
+  std::optional<int> launch_ranks(const std::string& command, const std::string& device) const;
 };
 
 // Ends a command callback with `status` as the program's exit status.
@@ -34,12 +35,12 @@ struct ProcessGroup {
   LaunchInfo launch;
   std::unique_ptr<Rendezvous> rendezvous;  // several processes only; outlives comm (declared first)
   std::unique_ptr<Communicator> comm;
-  int device = -1;  // the CUDA device bound to this rank, -1 for host engines
+  bool lead() const { return comm->rank() == 0; }  // rank 0 prints and writes
 };
 
-// Joins the run of this process for an engine whose collectives act on host buffers
-// (device_collectives = false: one process, any launch of several is refused with a message naming
-// `command`) or on device buffers (NCCL, at every world size, on the GPU of the local rank).
-ProcessGroup join_process_group(const std::string& command, bool device_collectives);
+// Joins the run of this process for an engine on `device` ("cpu" or "cuda"). One process: the
+// single-process communicator. Several (a launcher's WORLD_SIZE > 1): CUDA only, through NCCL, each
+// rank on the GPU of its local rank; the CPU engine is refused with a message naming `command`.
+ProcessGroup join_process_group(const std::string& command, const std::string& device);
 
 }  // namespace pgolf::cli

@@ -36,6 +36,9 @@ int main(int argc, char** argv) {
   pgolf::cli::register_pack(app);
   pgolf::cli::register_unpack(app);
   pgolf::cli::register_train(app);
+  pgolf::cli::register_eval(app);
+  pgolf::cli::register_run(app);
+  pgolf::cli::register_bench(app);
   pgolf::cli::register_dist_selftest(app);
   try {
     app.parse(argc, argv);

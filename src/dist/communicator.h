@@ -41,6 +41,8 @@ class Communicator {
   // The CUDA stream (a cudaStream_t) device communicators enqueue their collectives on, in order
   // with the engine's kernels; host communicators have no stream and ignore it.
   virtual void set_stream(void* stream) {}
+  // Whether the collectives act on device buffers (NCCL) rather than host memory.
+  virtual bool device_buffers() const { return false; }
 
   template <typename T>
   void all_reduce(T* data, size_t count, ReduceOp op) {

@@ -44,6 +44,7 @@ class NcclCommunicator final : public Communicator {
   int64_t fetch_add(int64_t inc) override;
   void reset_counter(int64_t value) override;
   void set_stream(void* stream) override { stream_ = stream; }
+  bool device_buffers() const override { return true; }
 
   void* stream() const { return stream_; }
   // Stops NCCL's work at once (failure paths); every later call fails.

@@ -183,6 +183,20 @@ std::span<const T> CpuModel<T>::layer_output(int v, int lane) const {
   return lane == 0 ? L.out : L.out1;
 }
 
+template <typename T>
+std::span<const T> CpuModel<T>::layer_activation(int v, const std::string& name) const {
+  const LayerActs& L = layers_.at(static_cast<size_t>(v));
+  const AttnActs& A = L.attn;
+  const MlpActs& M = L.mlp;
+  const std::pair<const char*, const std::vector<T>*> table[] = {
+      {"x_in", &L.x_in}, {"n", &L.n},         {"q", &A.q}, {"k", &A.k_rope},   {"v", &values(A)},
+      {"y", &A.y},       {"y_xsa", &A.y_xsa}, {"a", &A.a}, {"x_mid", &L.x_mid}, {"m", &M.m},
+      {"pre", &M.pre},   {"post", &M.post},   {"f", &M.f}};
+  for (const auto& [n, t] : table)
+    if (name == n) return *t;
+  fail("layer_activation: no activation named '{}'", name);
+}
+
 // ---- embedding -------------------------------------------------------------------------------------
 
 template <typename T>

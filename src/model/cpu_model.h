@@ -13,6 +13,7 @@
 // Gradients accumulate into grads() (PyTorch's .grad semantics): call zero_grad() between steps.
 #pragma once
 
+#include <array>
 #include <map>
 #include <span>
 #include <string>
@@ -25,6 +26,14 @@
 #include "model/params.h"
 
 namespace pgolf {
+
+// Names of the per-layer activations a forward saves, in the order it computes them (diagnostics:
+// CpuModel::layer_activation and its GPU twin). q and k are after QK-norm and RoPE (q with its
+// gain), v is what attention read, y its output, y_xsa the XSA output; a and f are the attention and
+// MLP branches, x_mid the residual between them, m the MLP norm, pre / post the MLP hidden state.
+inline constexpr std::array<const char*, 13> kLayerActivations = {"x_in", "n",     "q",     "k",   "v",
+                                                                  "y",    "y_xsa", "a",     "x_mid", "m",
+                                                                  "pre",  "post",  "f"};
 
 template <typename T>
 class CpuModel {
@@ -75,6 +84,9 @@ class CpuModel {
   bool is_parallel(int v) const { return layers_.at(static_cast<size_t>(v)).parallel; }
   // Output of virtual layer v (lane 1 exists only for parallel layers).
   std::span<const T> layer_output(int v, int lane = 0) const;
+  // A saved activation of virtual layer v named in kLayerActivations; empty where the layer has none
+  // (y_xsa without XSA, x_mid in a parallel layer).
+  std::span<const T> layer_activation(int v, const std::string& name) const;
   // Inputs of the quantized matrices of virtual layer v in the last forward (GPTQ calibration, SPEC
   // §5.7): the normed attention input n [N, d] (c_q, c_k, c_v), the attention output entering the
   // output projection [N, q_dim] (after XSA and the gate), the normed MLP input m [N, d] (fc) and the

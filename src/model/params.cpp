@@ -8,7 +8,8 @@ ParamLayout::ParamLayout(std::vector<ParamSpec> specs) : specs_(std::move(specs)
     PG_CHECK(!index_.count(specs_[i].name), "duplicate parameter name '{}'", specs_[i].name);
     index_[specs_[i].name] = i;
     offsets_.push_back(total_);
-    total_ += specs_[i].numel();
+    count_ += specs_[i].numel();
+    total_ += (specs_[i].numel() + kParamAlignFloats - 1) / kParamAlignFloats * kParamAlignFloats;
   }
 }
 

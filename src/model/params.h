@@ -1,6 +1,12 @@
 // ParamSet: all parameters of a model in one contiguous array, in param_specs() order, with a view
 // per named tensor. Gradients, optimizer moments and EMA copies use the same layout, so an optimizer
 // can walk them together by offset. The CUDA engine mirrors this layout on the device.
+//
+// Every tensor starts at a multiple of kParamAlignFloats (256 bytes): GEMMs that write weight
+// gradients in place and vectorized kernels need aligned tensor starts (a scalar such as
+// bigram.scale would otherwise shift every later tensor by 4 bytes). The gaps between tensors are
+// padding: zero in parameters and gradients, never read by name, and harmless to whole-array
+// passes (norms, EMA, copies) as long as they stay zero.
 #pragma once
 
 #include <algorithm>
@@ -14,6 +20,8 @@
 
 namespace pgolf {
 
+constexpr int64_t kParamAlignFloats = 64;  // 256 bytes
+
 class ParamLayout {
  public:
   ParamLayout() = default;
@@ -21,7 +29,8 @@ class ParamLayout {
 
   const std::vector<ParamSpec>& specs() const { return specs_; }
   size_t size() const { return specs_.size(); }
-  int64_t total() const { return total_; }
+  int64_t total() const { return total_; }  // floats of the array, padding included
+  int64_t count() const { return count_; }  // parameters (sum of the tensors' sizes)
   int64_t offset(size_t i) const { return offsets_[i]; }
   int64_t numel(size_t i) const { return specs_[i].numel(); }
   const ParamSpec& spec(size_t i) const { return specs_[i]; }
@@ -33,6 +42,7 @@ class ParamLayout {
   std::vector<int64_t> offsets_;
   std::unordered_map<std::string, size_t> index_;
   int64_t total_ = 0;
+  int64_t count_ = 0;
 };
 
 template <typename T>

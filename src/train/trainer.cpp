@@ -163,7 +163,7 @@ TrainResult train(Engine& engine, Communicator& comm, const Config& config, cons
   engine.set_qat(state.qat);
   engine.set_looping(state.looping);
 
-  log.line(fmt::format("model_params:{} backend:{}", engine.layout().total(), engine.backend_name()));
+  log.line(fmt::format("model_params:{} backend:{}", engine.layout().count(), engine.backend_name()));
   log.line(fmt::format("world_size:{} grad_accum_steps:{}", world, grad_accum));
   log.line(fmt::format("train_batch_tokens:{} train_seq_len:{} iterations:{} max_wallclock_seconds:{:.3f}",
                        config.get_int("train_batch_tokens"), config.get_int("train_seq_len"), iterations,

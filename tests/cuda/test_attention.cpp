@@ -166,10 +166,11 @@ void check_case(const std::string& name, const AttentionInputs& in) {
   const AttentionOutputs<double> ref = host_attention<double, false>(in);
   const AttentionOutputs<float> naive = host_attention<float, true>(in);
   DeviceAttention dev(in);
-  for (const AttentionTuning tuning : {AttentionTuning{4, 4}, AttentionTuning{8, 8}}) {
+  for (const AttentionTuning tuning : {AttentionTuning{4, 4}, AttentionTuning{8, 8}, AttentionTuning{4, 8, true}}) {
     SCOPED_TRACE("forward_warps " + std::to_string(tuning.forward_warps) + ", backward_warps " +
-                 std::to_string(tuning.backward_warps));
-    const std::string tag = name + "/w" + std::to_string(tuning.forward_warps) + "_";
+                 std::to_string(tuning.backward_warps) + (tuning.deterministic ? ", deterministic dq" : ""));
+    const std::string tag =
+        name + "/w" + std::to_string(tuning.forward_warps) + (tuning.deterministic ? "_det_" : "_");
     const AttentionOutputs<float> got = dev.run(tuning);
     expect_within_naive(tag + "o", got.o, naive.o, ref.o, 2.0);
     expect_within_naive(tag + "lse", got.lse, naive.lse, ref.lse, 4.0);
@@ -177,12 +178,13 @@ void check_case(const std::string& name, const AttentionInputs& in) {
     expect_within_naive(tag + "dk", got.dk, naive.dk, ref.dk, 2.0);
     expect_within_naive(tag + "dv", got.dv, naive.dv, ref.dv, 2.0);
 
-    // A second run gives the same bits, except dq, whose fp32 atomic sums may come in another order.
+    // A second run gives the same bits, except the atomic dq, whose fp32 sums may come in another order.
     const AttentionOutputs<float> again = dev.run(tuning);
     EXPECT_EQ(again.o, got.o) << "forward output differs between two runs (a race?)";
     EXPECT_EQ(again.lse, got.lse) << "LSE differs between two runs (a race?)";
     EXPECT_EQ(again.dk, got.dk) << "dk differs between two runs (a race?)";
     EXPECT_EQ(again.dv, got.dv) << "dv differs between two runs (a race?)";
+    if (tuning.deterministic) EXPECT_EQ(again.dq, got.dq) << "deterministic dq differs between two runs";
   }
 }
 

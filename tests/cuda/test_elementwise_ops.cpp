@@ -77,6 +77,20 @@ TEST_F(ElementwiseOpsTest, EmbeddingSumsAndScatterAdd) {
   cuda::embedding_backward(d_ids.data(), n, d_dout.data(), dim, d_dtable.data(), nullptr);
   sync_device();
   expect_within_naive("embedding_backward", d_dtable.download(), dnaive, dref, kF32Bound);
+
+  // The sorted (deterministic) scatter-add: the same bound, and the same bits on a second run.
+  const size_t ws_bytes = cuda::embedding_sort_workspace_bytes(n);
+  auto ws = poisoned_buffer<unsigned char>(ws_bytes);
+  std::vector<std::vector<float>> sorted;
+  for (int run = 0; run < 2; ++run) {
+    DeviceBuffer<float> d_sorted(dtable_init);
+    cuda::embedding_backward_sorted(d_ids.data(), n, d_dout.data(), dim, d_sorted.data(), rows, ws.data(), ws_bytes,
+                                    nullptr);
+    sync_device();
+    sorted.push_back(d_sorted.download());
+  }
+  expect_within_naive("embedding_backward_sorted", sorted[0], dnaive, dref, kF32Bound);
+  EXPECT_EQ(sorted[0], sorted[1]) << "the sorted scatter-add differs between two runs";
 }
 
 TEST_F(ElementwiseOpsTest, NgramIndicesEqualTheCpuRules) {

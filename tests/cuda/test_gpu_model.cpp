@@ -11,61 +11,12 @@
 #include "model/golden_config.h"
 #include "model/init.h"
 #include "model/tiny_models.h"
+#include "tiny64.h"
 
 namespace pgolf::test {
 namespace {
 
 class GpuModelTest : public CudaTest {};
-
-// The stack's preset at head dim 64 (2 query heads, 1 KV head, d = 128) with the tiny models' features.
-ModelConfig tiny64_config(const std::string& stack) {
-  const bool trigram = stack == "s562_trigram";
-  Config c = Config::load(trigram ? "s562" : stack);
-  c.set("vocab_size", int64_t{128});
-  c.set("model_dim", int64_t{128});
-  c.set("num_heads", int64_t{2});
-  c.set("num_kv_heads", int64_t{1});
-  c.set("mlp_mult", 2.0);
-  if (stack == "baseline" || stack == "s600") c.set("num_layers", int64_t{3});
-  if (stack == "s691" || stack == "s562" || trigram) {
-    c.set("num_layers", int64_t{4});
-    c.set("rope_dims", int64_t{16});
-    c.set("xsa_last_n", int64_t{2});
-    c.set("bigram_vocab_size", int64_t{61});
-    c.set("bigram_dim", int64_t{16});
-  }
-  if (stack == "s691") {
-    c.set("rope_ntk_ref_len", int64_t{32});  // NTK base active at T = 80
-    c.set("ve_dim", int64_t{16});
-    c.set("ve_layers", std::vector<int64_t>{2, 3});
-  }
-  if (trigram) c.set("trigram_hash", true);
-  if (stack == "s600") c.set("bigram_direct_size", int64_t{50});
-  if (stack == "s1560") {
-    c.set("num_layers", int64_t{5});
-    c.set("rope_dims", int64_t{16});
-    c.set("xsa_last_n", int64_t{5});
-    c.set("num_loops", int64_t{1});
-    c.set("loop_start", int64_t{1});
-    c.set("loop_end", int64_t{2});
-    c.set("parallel_start_layer", int64_t{3});
-  }
-  return ModelConfig::from_config(c);
-}
-
-// 2 rows of 80 tokens; packed: segments cut mid-row, of length 1, and an empty padding segment.
-Batch batch64(int vocab, bool packed, uint64_t seed) {
-  Batch b;
-  b.rows = 2;
-  b.seq_len = 80;
-  Rng rng(seed);
-  for (int64_t i = 0; i < b.tokens(); ++i) {
-    b.inputs.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
-    b.targets.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
-  }
-  if (packed) b.cu_seqlens = {0, 5, 69, 80, 81, 133, 160, 160};
-  return b;
-}
 
 ParamSet<double> perturbed_params(const ModelConfig& cfg, uint64_t seed) {
   CpuModel<double> model(cfg);
@@ -235,7 +186,7 @@ TEST_F(GpuModelTest, LoraAdaptersOnFrozenBase) {
     for (LoraTarget t : {LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O, LoraTarget::Mlp, LoraTarget::Head}) {
       for (int slot = 0; slot < (t == LoraTarget::Head ? 1 : ref.num_virtual_layers()); ++slot) {
         const auto* a = lora.find(t, slot);
-        for (const auto [offset, count] : {std::pair{a->a_offset, batch.rows * lc.rank * a->in},
+        for (const auto& [offset, count] : {std::pair{a->a_offset, batch.rows * lc.rank * a->in},
                                            std::pair{a->b_offset, batch.rows * a->out * lc.rank}}) {
           const std::span<const float> g(got.data() + offset, static_cast<size_t>(count));
           const std::span<const double> r(lora.grads().data() + offset, static_cast<size_t>(count));

@@ -1,53 +1,35 @@
-// A short training run of a small s691-style model on FineWeb tokens, on the GPU and on the CPU
-// (CpuModel<float>) from the same initial weights, batches and optimizer (adamw_step.h): the GPU's
-// loss curve must follow the CPU's. bf16 activations move each step's loss by ~1e-3 relative
-// (gpu_model_check.h) and the two runs' weights drift apart a little every step; over 30 steps at
-// loss ~6 the curves must stay within 0.05 (under 1 %) of each other while both fall by at least 0.3.
+// A short training run of a small s691-style model on FineWeb tokens, on the GPU and on the CPU from
+// the same initial weights, batches and optimizer (adamw_step.h): the GPU's loss curve must follow the
+// CPU's. The CPU reference computes as the GPU model does with its weights: fp32 master weights stepped
+// by AdamW, the forward and backward on their bf16-rounded copies (in fp32 arithmetic). Each step's
+// loss then differs by the bf16 activations only (~1e-3 relative, gpu_model_check.h) and the two runs'
+// weights drift apart a little every step; over 30 steps at loss ~6 the curves must stay within 0.05
+// (under 1 %) of each other while both fall by at least 0.3.
+//
+// Why the bf16 weight copies in the reference: this run is sensitive at step 21, where a plain fp32
+// CPU run and any bf16-weight run part by ~0.11 (0.107 measured on an H100 for the GPU, 0.114 for the
+// CPU reference on bf16 copies, which itself follows the GPU within 0.007) before re-converging by
+// step 29. With AdamW's β2 = 0.95 the run spikes there and the spike's height is chaotic (GPU runs
+// 6.2 to 7.3, fp32 CPU 6.54): adamw_step.h uses β2 = 0.99. test_gpu_step_check.cpp checks the kernels
+// step by step on the CPU run's own weights.
 #include <gtest/gtest.h>
 
 #include <cstdio>
 
 #include "adamw_step.h"
 #include "backend/cuda/gpu_model.h"
+#include "core/half.h"
 #include "cuda_test_util.h"
 #include "data/shard.h"
 #include "model/cpu_model.h"
 #include "model/init.h"
 #include "test_util.h"
+#include "training_run.h"
 
 namespace pgolf::test {
 namespace {
 
 class GpuTrainingTest : public CudaTest {};
-
-ModelConfig small_s691() {
-  Config c = Config::load("s691");
-  c.set("model_dim", int64_t{128});
-  c.set("num_heads", int64_t{2});
-  c.set("num_kv_heads", int64_t{1});
-  c.set("num_layers", int64_t{4});
-  c.set("mlp_mult", 2.0);
-  c.set("rope_ntk_ref_len", int64_t{128});  // NTK base active at T = 256, as the preset's 1024 at 2048
-  c.set("xsa_last_n", int64_t{2});
-  c.set("bigram_dim", int64_t{32});
-  c.set("ve_dim", int64_t{32});
-  c.set("ve_layers", std::vector<int64_t>{2, 3});
-  return ModelConfig::from_config(c);
-}
-
-// Step s: rows consecutive windows of T + 1 tokens (inputs and next-token targets).
-Batch batch_at(std::span<const uint16_t> tokens, int step, int rows, int T) {
-  Batch b;
-  b.rows = rows, b.seq_len = T;
-  for (int r = 0; r < rows; ++r) {
-    const size_t start = (static_cast<size_t>(step) * rows + r) * (T + 1);
-    for (int t = 0; t < T; ++t) {
-      b.inputs.push_back(tokens[start + t]);
-      b.targets.push_back(tokens[start + t + 1]);
-    }
-  }
-  return b;
-}
 
 TEST_F(GpuTrainingTest, LossCurveFollowsTheCpuRun) {
   const ModelConfig cfg = small_s691();
@@ -58,9 +40,10 @@ TEST_F(GpuTrainingTest, LossCurveFollowsTheCpuRun) {
   init_params(init, 2024);
   const AdamW opt;
 
-  CpuModel<float> cpu(cfg);
-  cpu.params() = init;
-  std::vector<float> cm(init.all().size(), 0.f), cv(cm.size(), 0.f);
+  CpuModel<float> cpu(cfg), fp32(cfg);  // bf16 weight copies (the reference) / plain fp32 (printed)
+  ParamSet<float> master = init;
+  fp32.params() = init;
+  std::vector<float> cm(init.all().size(), 0.f), cv(cm.size(), 0.f), fm(cm), fv(cm);
   cuda::GpuModel gpu(cfg, cuda::GpuModelOptions{int64_t{rows} * T});
   gpu.load_params(init);
   const int64_t n = gpu.layout().total();
@@ -68,13 +51,18 @@ TEST_F(GpuTrainingTest, LossCurveFollowsTheCpuRun) {
   gm.fill_bytes(0);
   gv.fill_bytes(0);
 
-  std::vector<double> cpu_loss, gpu_loss;
+  std::vector<double> cpu_loss, fp32_loss, gpu_loss;
   for (int s = 0; s < steps; ++s) {
     const Batch batch = batch_at(shard.tokens(), s, rows, T);
+    for (size_t i = 0; i < master.all().size(); ++i) cpu.params().all()[i] = round_to_bf16(master.all()[i]);
     cpu.zero_grad();
     cpu_loss.push_back(cpu.forward(batch));
     cpu.backward();
-    adamw_step_host(cpu.params().all(), cm, cv, cpu.grads().all(), opt, s + 1);
+    adamw_step_host(master.all(), cm, cv, cpu.grads().all(), opt, s + 1);
+    fp32.zero_grad();
+    fp32_loss.push_back(fp32.forward(batch));
+    fp32.backward();
+    adamw_step_host(fp32.params().all(), fm, fv, fp32.grads().all(), opt, s + 1);
 
     gpu.zero_grad();
     gpu.set_batch(batch);
@@ -85,11 +73,11 @@ TEST_F(GpuTrainingTest, LossCurveFollowsTheCpuRun) {
     gpu_loss.push_back(gpu.loss());
   }
   double worst = 0;
-  std::printf("  step   cpu fp32   gpu bf16   |diff|\n");
+  std::printf("  step   cpu bf16 weights   gpu      |diff|     (cpu fp32)\n");
   for (int s = 0; s < steps; ++s) {
     const double diff = std::fabs(gpu_loss[s] - cpu_loss[s]);
     worst = std::max(worst, diff);
-    std::printf("  %4d   %.5f    %.5f    %.2e\n", s, cpu_loss[s], gpu_loss[s], diff);
+    std::printf("  %4d   %.5f          %.5f  %.2e   (%.5f)\n", s, cpu_loss[s], gpu_loss[s], diff, fp32_loss[s]);
   }
   EXPECT_LE(worst, 0.05) << "the GPU loss curve left the CPU's";
   EXPECT_LE(cpu_loss.back(), cpu_loss.front() - 0.3) << "the CPU run did not learn";

@@ -47,23 +47,26 @@ TEST(DistCli, UnderALauncherNprocOnlyChecks) {
       << mismatch.output;
 }
 
-TEST(DistCli, TrainRefusesSeveralCpuProcesses) {
-  const auto spawn = test::run_pgolf("train --preset tiny --nproc 2");
-  EXPECT_NE(spawn.status, 0);
-  EXPECT_TRUE(contains(spawn.output, "pgolf train --nproc 2: the cpu engine runs in one process; multi-process "
-                                     "training needs the CUDA engine and NCCL"))
-      << spawn.output;
-  test::ScopedEnv launched(
-      {{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "29500"}});
-  const auto ranked = test::run_pgolf("train --preset tiny");
-  EXPECT_NE(ranked.status, 0);
-  EXPECT_TRUE(contains(ranked.output, "pgolf train: 2 processes were started (torchrun), but a host engine runs in "
-                                      "one process"))
-      << ranked.output;
+// Every command with --nproc refuses several CPU-engine processes before starting any.
+TEST(DistCli, CommandsRefuseSeveralCpuProcesses) {
+  for (const std::string& command : {"train --preset tiny", "eval --preset tiny", "run --preset tiny",
+                                     "bench --preset tiny"}) {
+    const auto r = test::run_pgolf(command + " --device cpu --nproc 2");
+    const std::string name = command.substr(0, command.find(' '));
+    EXPECT_NE(r.status, 0) << command;
+    EXPECT_TRUE(contains(r.output, "pgolf " + name + " --nproc 2: 2 processes, but the cpu engine runs in one "
+                                   "process; multi-process runs need the CUDA engine (--device cuda) and NCCL"))
+        << r.output;
+    EXPECT_FALSE(contains(r.output, "[rank ")) << r.output;
+  }
 }
 
-TEST(DistCli, UnknownEngineListsTheBuiltIns) {
-  const auto r = test::run_pgolf("train --preset tiny --backend tpu");
+TEST(DistCli, TrainUnderALauncherRefusesTheCpuEngine) {
+  test::ScopedEnv launched(
+      {{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "29500"}});
+  const auto r = test::run_pgolf("train --preset tiny --device cpu");
   EXPECT_NE(r.status, 0);
-  EXPECT_TRUE(contains(r.output, "engine backend 'tpu' is not built into this pgolf (available: cpu")) << r.output;
+  EXPECT_TRUE(contains(r.output, "pgolf train (torchrun started 2 processes): 2 processes, but the cpu engine runs "
+                                 "in one process"))
+      << r.output;
 }

@@ -19,10 +19,12 @@ ParamLayout small_layout() {
                       {"c", {}, ParamGroup::Scalar, InitKind::Zeros}});
 }
 
+// Every tensor random; the layout's padding between tensors stays zero, as in real parameters.
 ParamSet<float> random_params(const ParamLayout& layout, uint64_t seed) {
   ParamSet<float> p(layout);
   Rng rng(seed);
-  for (float& x : p.all()) x = static_cast<float>(rng.normal());
+  for (size_t i = 0; i < layout.size(); ++i)
+    for (float& x : p[i]) x = static_cast<float>(rng.normal());
   return p;
 }
 

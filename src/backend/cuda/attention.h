@@ -35,6 +35,9 @@ struct AttentionShape {
 struct AttentionTuning {
   int forward_warps = 4;
   int backward_warps = 8;
+  // Backward: dQ from a separate pass that sums the key tiles in order (the same bits on every run)
+  // instead of fp32 atomics from the key-tile blocks (whose order, and so whose last bits, vary).
+  bool deterministic = false;
 };
 
 void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -45,7 +48,8 @@ void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, cons
 size_t attention_backward_workspace_bytes(const AttentionShape& shape);
 
 // dq, dk, dv from the forward's o and lse and the output gradient d_o. Every element of dq, dk and
-// dv is written (no accumulation into them).
+// dv is written (no accumulation into them). dk and dv are deterministic; dq only with
+// tuning.deterministic.
 void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse,
                         const __nv_bfloat16* d_o, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv,

@@ -91,8 +91,8 @@ __device__ __forceinline__ void store_shared_u32(uint32_t address, uint32_t valu
 }
 
 // 8 warps per multiprocessor (one block of 8 warps or two of 4): up to 255 registers a thread, as
-// K, V, dK and dV stay in registers.
-template <int kWarps>
+// K, V, dK and dV stay in registers. kAtomicDq = false leaves dQ to the deterministic pass.
+template <int kWarps, bool kAtomicDq>
 __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps) attention_backward_kernel(const BackwardParams p) {
   constexpr int kThreads = kWarps * 32, kBlockN = 16 * kWarps, kBlockM = kBackwardBlockM;
   constexpr float kScaleLog2 = kSoftmaxScale * kLog2e;
@@ -226,14 +226,16 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps) attention_backward_ke
         }
       }
       // dSᵀ rows of this warp → shared memory (bf16, the same rounding as the dK product used).
+      if constexpr (kAtomicDq) {
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
+        for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r)
-          store_shared_u32(ds_tile.pair_address(warp * 16 + (lane >> 2) + r * 8, nt * 8 + 2 * (lane & 3)),
-                           pack_bf16(dp[nt][2 * r], dp[nt][2 * r + 1]));
+          for (int r = 0; r < 2; ++r)
+            store_shared_u32(ds_tile.pair_address(warp * 16 + (lane >> 2) + r * 8, nt * 8 + 2 * (lane & 3)),
+                             pack_bf16(dp[nt][2 * r], dp[nt][2 * r + 1]));
+        }
       }
-    } else {
+    } else if constexpr (kAtomicDq) {
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
@@ -241,7 +243,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps) attention_backward_ke
           store_shared_u32(ds_tile.pair_address(warp * 16 + (lane >> 2) + r * 8, nt * 8 + 2 * (lane & 3)), 0u);
       }
     }
-    __syncthreads();
+    __syncthreads();  // (also: every warp is done with this query buffer before the next load into it)
+    if constexpr (!kAtomicDq) continue;
 
     // dQ_tile[64 x 64] = dS [queries x keys] · K [keys x head dim]; dS read transposed from dSᵀ.
     float dq[kDqCols / 8][4] = {};
@@ -283,18 +286,27 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps) attention_backward_ke
   }
 }
 
-template <int kWarps>
+template <int kWarps, bool kAtomicDq>
 void launch_backward(const BackwardParams& p, const AttentionShape& shape, cudaStream_t stream) {
   constexpr int bytes = backward_smem_bytes<kWarps>();
   static const bool configured = [] {
-    PG_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kernel<kWarps>,
+    PG_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kernel<kWarps, kAtomicDq>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     return true;
   }();
   (void)configured;
   dim3 grid(segment_tile_grid(shape, 16 * kWarps), shape.num_kv_heads);
-  attention_backward_kernel<kWarps><<<grid, kWarps * 32, bytes, stream>>>(p);
+  attention_backward_kernel<kWarps, kAtomicDq><<<grid, kWarps * 32, bytes, stream>>>(p);
   PG_CUDA_LAUNCH_CHECK();
+}
+
+template <bool kAtomicDq>
+void launch_backward(const BackwardParams& p, const AttentionShape& shape, int warps, cudaStream_t stream) {
+  switch (warps) {
+    case 4: launch_backward<4, kAtomicDq>(p, shape, stream); break;
+    case 8: launch_backward<8, kAtomicDq>(p, shape, stream); break;
+    default: PG_CUDA_REQUIRE(false, "attention_backward: tuning.backward_warps must be 4 or 8");
+  }
 }
 
 size_t dq_accum_bytes(const AttentionShape& s) {
@@ -351,11 +363,12 @@ void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, con
                    shape.num_heads / shape.num_kv_heads,
                    static_cast<int64_t>(shape.num_heads) * kHeadDim,
                    static_cast<int64_t>(shape.num_kv_heads) * kHeadDim};
-  switch (tuning.backward_warps) {
-    case 4: launch_backward<4>(p, shape, stream); break;
-    case 8: launch_backward<8>(p, shape, stream); break;
-    default: PG_CUDA_REQUIRE(false, "attention_backward: tuning.backward_warps must be 4 or 8");
+  if (tuning.deterministic) {
+    launch_backward<false>(p, shape, tuning.backward_warps, stream);
+    launch_attention_dq(shape, q, k, v, d_o, lse, delta, dq, stream);
+    return;
   }
+  launch_backward<true>(p, shape, tuning.backward_warps, stream);
   {
     const int threads = 256;
     const int64_t count = rows * kHeadDim;

@@ -69,4 +69,10 @@ inline void check_aligned16(const void* p, const char* what) {
   PG_CUDA_REQUIRE(p != nullptr && (reinterpret_cast<uintptr_t>(p) & 15) == 0, what);
 }
 
+// The deterministic dQ pass (attention_dq.cu): dq written (bf16) from q, k, v, dO, the forward's LSE
+// and D = rowsum(dO ∘ O) [H, N].
+void launch_attention_dq(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                         const __nv_bfloat16* v, const __nv_bfloat16* d_o, const float* lse, const float* delta,
+                         __nv_bfloat16* dq, cudaStream_t stream);
+
 }  // namespace pgolf::cuda::attention_detail

@@ -27,6 +27,14 @@ void embedding_forward(const int32_t* ids, const __nv_bfloat16* table, int64_t n
 
 // dtable[ids[i], :] += dout[i, :] (fp32 atomics: repeated ids sum in an unspecified order, so the last
 // bits may differ between runs).
+// dtable[ids[i]] += dout[i] with fp32 atomics (the order of the sums, and so their last bits, vary).
 void embedding_backward(const int32_t* ids, int64_t n, const float* dout, int dim, float* dtable, cudaStream_t stream);
+
+// The same sums in a fixed order: the ids are sorted (stable radix sort, so equal ids keep their token
+// order) and each table row's tokens are added in token order — the same bits on every run. ids in
+// [0, table_rows); the workspace holds embedding_sort_workspace_bytes(n) bytes (device, 256-aligned).
+size_t embedding_sort_workspace_bytes(int64_t max_n);
+void embedding_backward_sorted(const int32_t* ids, int64_t n, const float* dout, int dim, float* dtable,
+                               int table_rows, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 }  // namespace pgolf::cuda

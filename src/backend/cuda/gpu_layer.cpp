@@ -13,12 +13,6 @@
 
 namespace pgolf::cuda {
 
-namespace {
-// The value tensor attention reads in virtual layer v: the value-residual mix, or the raw projection
-// (also for the first layer of a stack that does not mix it).
-bool mixes_values(const ModelConfig& m, int v) { return m.value_residual && !(v == 0 && !m.value_residual_layer0_mix); }
-}  // namespace
-
 // n [N, d] → a [N, d]: qkv = n·[Wq; Wk; Wv]ᵀ (+ LoRA) → value path, QK-norm + RoPE + gain → attention
 // → XSA → gate → a = y·Woᵀ (+ LoRA_o(n)).
 void GpuModel::Impl::forward_attention(int v) {
@@ -32,7 +26,7 @@ void GpuModel::Impl::forward_attention(int v) {
   lora_forward(LoraTarget::K, v, b.n, b.qkv + qd, qkv_w);
   lora_forward(LoraTarget::V, v, b.n, b.qkv + qd + kvd, qkv_w);
 
-  const bool mix = mixes_values(m, v);
+  const bool mix = mixes_values(v);
   value_forward(b.qkv + qd + kvd, qkv_w, p.ve_scale >= 0 ? io.ve : nullptr, P_or_null(p.ve_scale),
                 mix && v > 0 ? layers[0].v_raw : nullptr, mix ? P(p.vr_lambda) : nullptr, b.v_raw, b.v,
                 ValueShape{N, kvd}, stream);
@@ -65,7 +59,7 @@ void GpuModel::Impl::backward_attention(int v) {
   const LayerParams& p = lp[static_cast<size_t>(L.physical)];
   LayerBuf& b = layers[static_cast<size_t>(v)];
   const int n = static_cast<int>(N);
-  const bool mix = mixes_values(m, v);
+  const bool mix = mixes_values(v);
   const bf16* vals = mix ? b.v : b.v_raw;
   const bf16* y_xsa = p.xsa ? b.y_xsa : b.y;  // the tensors fed to the gate and to Wo
   const bf16* y_wo = p.gate_w >= 0 ? b.y_gated : y_xsa;
@@ -86,7 +80,7 @@ void GpuModel::Impl::backward_attention(int v) {
   const AttentionShape shape = attention_shape();
   if (Dh == kAttentionHeadDim)
     attention_backward(shape, b.q, b.k, vals, b.y, b.lse, dy, bw.dq, bw.dk, bw.dv, bw.attn_ws, bw.attn_ws_bytes,
-                       stream);
+                       stream, AttentionTuning{.deterministic = deterministic});
   else
     attention_reference_backward(shape, Dh, max_seqlen, b.q, b.k, vals, b.y, b.lse, dy, bw.dq, bw.dk, bw.dv,
                                  bw.attn_ws, bw.attn_ws_bytes, stream);

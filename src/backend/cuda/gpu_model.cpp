@@ -55,7 +55,7 @@ int64_t GpuModel::Impl::offset(const std::string& name) const { return layout.of
 int64_t GpuModel::Impl::offset_if(const std::string& name) const { return layout.has(name) ? offset(name) : -1; }
 
 GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
-    : cfg(config), layout(param_specs(config)), max_tokens(options.max_tokens) {
+    : cfg(config), layout(param_specs(config)), max_tokens(options.max_tokens), deterministic(options.deterministic) {
   const ModelConfig& m = cfg;
   d = m.model_dim, qd = m.q_dim(), kvd = m.kv_dim(), hid = m.mlp_hidden, V = m.vocab_size;
   H = m.num_heads, Hkv = m.num_kv_heads, Dh = m.head_dim;
@@ -69,6 +69,10 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
     PG_CHECK(value % 8 == 0, "GpuModel: {} = {} must be a multiple of 8 (16-byte rows)", what, value);
   PG_CHECK(d <= 1024, "GpuModel: model_dim {} is above the row kernels' 1024", d);
   PG_CHECK(Dh <= 64 && 64 % H == 0, "GpuModel: head_dim {} must be at most 64 and num_heads {} divide 64", Dh, H);
+  PG_CHECK(!deterministic || Dh == kAttentionHeadDim,
+           "GpuModel: deterministic mode needs the flash attention kernels (head_dim 64, not {}): the reference "
+           "attention's backward sums with atomics",
+           Dh);
   if (m.bigram_vocab_size > 0)
     PG_CHECK(m.bigram_dim % 8 == 0, "GpuModel: bigram_dim {} must be a multiple of 8", m.bigram_dim);
   if (m.ve_enabled) PG_CHECK(m.ve_dim % 8 == 0, "GpuModel: ve_dim {} must be a multiple of 8", m.ve_dim);
@@ -144,9 +148,20 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
   arena = std::make_unique<Arena>(counter.bytes + 4096);
   ArenaAlloc carver{arena.get()};
   allocate(carver);
+
+  const size_t staging_ints = static_cast<size_t>(3 * max_tokens + 65);
+  void* host = nullptr;
+  PG_CUDA_CHECK(cudaMallocHost(&host, staging_ints * 4 + static_cast<size_t>(max_tokens) * 4));
+  staging.ids = static_cast<int32_t*>(host);
+  staging.targets = staging.ids + max_tokens;
+  staging.cu = staging.targets + max_tokens;
+  staging.weights = reinterpret_cast<float*>(staging.cu + max_tokens + 65);
+  PG_CUDA_CHECK(cudaEventCreateWithFlags(&staging.free, cudaEventDisableTiming));
 }
 
 GpuModel::Impl::~Impl() {
+  if (staging.free) cudaEventDestroy(staging.free);
+  if (staging.ids) cudaFreeHost(staging.ids);
   if (stream) cudaStreamDestroy(stream);
 }
 
@@ -330,6 +345,10 @@ void GpuModel::Impl::allocate(Alloc& a) {
   bw.attn_ws_bytes = Dh == kAttentionHeadDim ? attention_backward_workspace_bytes(shape)
                                               : attention_reference_workspace_bytes(shape, Dh);
   bw.attn_ws = a.template get<unsigned char>(static_cast<int64_t>(bw.attn_ws_bytes), "attention workspace");
+  if (deterministic) {
+    bw.sort_ws_bytes = embedding_sort_workspace_bytes(n);
+    bw.sort_ws = a.template get<unsigned char>(static_cast<int64_t>(bw.sort_ws_bytes), "embedding sort workspace");
+  }
   bw.reduce.floats = reduce_floats();
   bw.reduce.data = a.template get<float>(static_cast<int64_t>(bw.reduce.floats), "reduction workspace");
 }
@@ -389,6 +408,14 @@ void GpuModel::Impl::lora_backward(LoraTarget target, int slot, const bf16* dy, 
                       l.grads.data() + ad->b_offset, s, stream);
 }
 
+void GpuModel::Impl::embedding_grad(const int32_t* ids, const float* dout, int dim, float* dtable, int table_rows) {
+  if (!dtable) return;
+  if (deterministic)
+    embedding_backward_sorted(ids, N, dout, dim, dtable, table_rows, bw.sort_ws, bw.sort_ws_bytes, stream);
+  else
+    embedding_backward(ids, N, dout, dim, dtable, stream);
+}
+
 AttentionShape GpuModel::Impl::attention_shape() const {
   AttentionShape s;
   s.total_tokens = static_cast<int>(N), s.num_heads = H, s.num_kv_heads = Hkv;
@@ -420,12 +447,18 @@ void GpuModel::Impl::set_batch(const Batch& batch) {
   max_seqlen = 1;
   for (size_t s = 0; s + 1 < cu.size(); ++s) max_seqlen = std::max(max_seqlen, cu[s + 1] - cu[s]);
   has_targets = !batch.targets.empty();
-  PG_CUDA_CHECK(cudaMemcpyAsync(io.ids, batch.inputs.data(), static_cast<size_t>(N) * 4, cudaMemcpyHostToDevice,
-                                stream));
+  // Through the pinned staging (free again once the previous upload has left it): asynchronous copies,
+  // no wait for the stream, so the upload overlaps the work queued before it.
+  PG_CUDA_CHECK(cudaEventSynchronize(staging.free));
+  std::copy(batch.inputs.begin(), batch.inputs.end(), staging.ids);
+  std::copy(batch.targets.begin(), batch.targets.end(), staging.targets);
+  std::copy(cu.begin(), cu.end(), staging.cu);
+  PG_CUDA_CHECK(cudaMemcpyAsync(io.ids, staging.ids, static_cast<size_t>(N) * 4, cudaMemcpyHostToDevice, stream));
   if (has_targets)
-    PG_CUDA_CHECK(cudaMemcpyAsync(io.targets, batch.targets.data(), static_cast<size_t>(N) * 4,
-                                  cudaMemcpyHostToDevice, stream));
-  PG_CUDA_CHECK(cudaMemcpyAsync(io.cu, cu.data(), cu.size() * 4, cudaMemcpyHostToDevice, stream));
+    PG_CUDA_CHECK(cudaMemcpyAsync(io.targets, staging.targets, static_cast<size_t>(N) * 4, cudaMemcpyHostToDevice,
+                                  stream));
+  PG_CUDA_CHECK(cudaMemcpyAsync(io.cu, staging.cu, cu.size() * 4, cudaMemcpyHostToDevice, stream));
+  PG_CUDA_CHECK(cudaEventRecord(staging.free, stream));
   auto it = rope_tables.find(T);
   if (it == rope_tables.end()) {
     const cpu::RopeTable t = cpu::make_rope_table(cfg.rope_base_at(static_cast<int>(T)), cfg.rope_dims,
@@ -435,19 +468,29 @@ void GpuModel::Impl::set_batch(const Batch& batch) {
   }
   rope_cos = it->second.first.data();
   rope_sin = it->second.second.data();
-  // The copies above read host memory that the caller may free: wait for them (outside any capture).
-  PG_CUDA_CHECK(cudaStreamSynchronize(stream));
   batch_set = true;
   forward_done = false;
 }
 
+void GpuModel::Impl::upload_token_weights(std::span<const float> weights) {
+  PG_CHECK(static_cast<int64_t>(weights.size()) == N, "GpuModel::backward: {} token weights for {} tokens",
+           weights.size(), N);
+  PG_CUDA_CHECK(cudaEventSynchronize(staging.free));
+  std::copy(weights.begin(), weights.end(), staging.weights);
+  PG_CUDA_CHECK(cudaMemcpyAsync(io.weights, staging.weights, weights.size() * 4, cudaMemcpyHostToDevice, stream));
+  PG_CUDA_CHECK(cudaEventRecord(staging.free, stream));
+}
+
+void GpuModel::Impl::refresh_weights() {
+  const bool quantize = train && qat && has_qat_matrices;
+  refresh_bf16_weights(params.data(), w16.data(), copies.data(), n_copies, copy_rows, quantize, stream);
+  weights_stale = false;
+  weights_quantized = quantize;
+}
+
 void GpuModel::Impl::prepare_weights() {
   const bool quantize = train && qat && has_qat_matrices;
-  if (weights_stale || quantize != weights_quantized) {
-    refresh_bf16_weights(params.data(), w16.data(), copies.data(), n_copies, copy_rows, quantize, stream);
-    weights_stale = false;
-    weights_quantized = quantize;
-  }
+  if (weights_stale || quantize != weights_quantized) refresh_weights();
   if (lora && lora->impl().stale) {
     cast_to_bf16(lora->impl().params.data(), lora->impl().params16.data(), lora->impl().total, stream);
     lora->impl().stale = false;
@@ -499,22 +542,22 @@ void GpuModel::Impl::backward_embedding() {
   }
   float* de = bw.dm;
   rmsnorm_backward(dnorm, io.e, nullptr, io.e_rstd, de, N, d, 1.f, 1.f, false, stream);
-  embedding_backward(io.ids, N, de, d, G(gp.tok_emb), stream);
+  embedding_grad(io.ids, de, d, G(gp.tok_emb), V);
   if (m.bigram_vocab_size > 0) {
     const int db = m.bigram_dim;
     bf16* dp = bw.da;
     scaled_add_backward(de, io.bigram_p, P(gp.bigram_scale), dp, G(gp.bigram_scale), N * d, bw.reduce, stream);
     linear_dw(dp, d, io.bigram_h, db, n, db, d, G(gp.bigram_proj));
     linear_dx(dp, d, W16(gp.w16_bigram_proj), n, db, d, bw.dbigram_h, true, 0.f);
-    embedding_backward(io.bigram_idx, N, bw.dbigram_h, db, G(gp.bigram_embed), stream);
-    if (m.trigram_hash) embedding_backward(io.trigram_idx, N, bw.dbigram_h, db, G(gp.bigram_embed), stream);
+    embedding_grad(io.bigram_idx, bw.dbigram_h, db, G(gp.bigram_embed), m.bigram_vocab_size);
+    if (m.trigram_hash) embedding_grad(io.trigram_idx, bw.dbigram_h, db, G(gp.bigram_embed), m.bigram_vocab_size);
   }
-  if (m.bigram_direct_size > 0) embedding_backward(io.direct_idx, N, de, d, G(gp.bigram_direct), stream);
+  if (m.bigram_direct_size > 0) embedding_grad(io.direct_idx, de, d, G(gp.bigram_direct), m.bigram_direct_size);
   if (io.ve) {
     scaled_add_backward(bw.dve, io.ve_p, P(gp.ve_scale), bw.dve_p, G(gp.ve_scale), N * kvd, bw.reduce, stream);
     linear_dw(bw.dve_p, kvd, io.ve_h, m.ve_dim, n, m.ve_dim, kvd, G(gp.ve_proj));
     linear_dx(bw.dve_p, kvd, W16(gp.w16_ve_proj), n, m.ve_dim, kvd, bw.dve_h, true, 0.f);
-    embedding_backward(io.ids, N, bw.dve_h, m.ve_dim, G(gp.ve_embed), stream);
+    embedding_grad(io.ids, bw.dve_h, m.ve_dim, G(gp.ve_embed), V);
   }
 }
 
@@ -670,13 +713,26 @@ void GpuModel::set_batch(const Batch& batch) { impl_->set_batch(batch); }
 void GpuModel::forward() { impl_->forward(); }
 void GpuModel::backward() { impl_->backward(nullptr); }
 void GpuModel::backward(std::span<const float> token_weights) {
-  PG_CHECK(static_cast<int64_t>(token_weights.size()) == impl_->N, "GpuModel::backward: {} token weights for {} tokens",
-           token_weights.size(), impl_->N);
-  PG_CUDA_CHECK(cudaMemcpyAsync(impl_->io.weights, token_weights.data(), token_weights.size() * 4,
-                                cudaMemcpyHostToDevice, impl_->stream));
-  PG_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+  impl_->upload_token_weights(token_weights);
   impl_->backward(impl_->io.weights);
 }
+
+void GpuModel::prepare_weights() { impl_->prepare_weights(); }
+void GpuModel::refresh_weights() { impl_->refresh_weights(); }
+const float* GpuModel::device_loss() const { return impl_->io.loss; }
+const float* GpuModel::device_token_losses() const { return impl_->io.losses; }
+int GpuModel::physical_layer(int v) const { return impl_->order.at(static_cast<size_t>(v)).physical; }
+
+GpuModel::DeviceLinearInputs GpuModel::linear_inputs(int v) const {
+  const Impl& m = *impl_;
+  PG_CHECK(v >= 0 && v < num_virtual_layers(), "linear_inputs: virtual layer {} of {}", v, num_virtual_layers());
+  const Impl::LayerParams& p = m.lp[static_cast<size_t>(m.order[static_cast<size_t>(v)].physical)];
+  const Impl::LayerBuf& b = m.layers[static_cast<size_t>(v)];
+  const bf16* wo_in = p.gate_w >= 0 ? b.y_gated : (p.xsa ? b.y_xsa : b.y);
+  return {b.n, wo_in, b.m, b.post, m.d, m.qd, m.hid};
+}
+
+const __nv_bfloat16* GpuModel::final_norm_device() const { return impl_->io.h; }
 
 double GpuModel::loss() const {
   if (!impl_->has_targets) return 0.0;
@@ -702,6 +758,33 @@ std::vector<float> GpuModel::layer_output(int v, int lane) const {
   PG_CHECK(lane == 0 || (lane == 1 && parallel), "layer_output: virtual layer {} has no lane {}", v, lane);
   const auto& b = impl_->layers[static_cast<size_t>(v)];
   return impl_->download_bf16(lane == 0 ? b.out : b.out1, impl_->N * impl_->d);
+}
+
+std::vector<float> GpuModel::layer_activation(int v, const std::string& name) const {
+  PG_CHECK(v >= 0 && v < num_virtual_layers(), "layer_activation: virtual layer {} of {}", v, num_virtual_layers());
+  const Impl& m = *impl_;
+  const Impl::VirtualLayer& L = m.order[static_cast<size_t>(v)];
+  const Impl::LayerParams& p = m.lp[static_cast<size_t>(L.physical)];
+  const Impl::LayerBuf& b = m.layers[static_cast<size_t>(v)];
+  const bool mix = m.mixes_values(v);
+  const int64_t N = m.N;
+  const std::pair<const char*, std::pair<const bf16*, int64_t>> table[] = {
+      {"x_in", {b.x_in, m.d}},
+      {"n", {b.n, m.d}},
+      {"q", {b.q, m.qd}},
+      {"k", {b.k, m.kvd}},
+      {"v", {mix ? b.v : b.v_raw, m.kvd}},
+      {"y", {b.y, m.qd}},
+      {"y_xsa", {p.xsa ? b.y_xsa : nullptr, m.qd}},
+      {"a", {b.a, m.d}},
+      {"x_mid", {L.parallel ? nullptr : b.x_mid, m.d}},
+      {"m", {b.m, m.d}},
+      {"pre", {b.pre, m.hid}},
+      {"post", {b.post, m.hid}},
+      {"f", {b.f, m.d}}};
+  for (const auto& [n, t] : table)
+    if (name == n) return t.first ? m.download_bf16(t.first, N * t.second) : std::vector<float>{};
+  fail("layer_activation: no activation named '{}'", name);
 }
 
 std::vector<float> GpuModel::final_norm_output() const {

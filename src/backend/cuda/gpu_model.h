@@ -15,11 +15,13 @@
 // losses with loss() / token_losses().
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "model/batch.h"
@@ -32,7 +34,9 @@ namespace pgolf::cuda {
 class GpuLora;
 
 struct GpuModelOptions {
-  int64_t max_tokens = 0;  // the largest batch (rows · seq_len) set_batch will be given
+  int64_t max_tokens = 0;      // the largest batch (rows · seq_len) set_batch will be given
+  bool deterministic = false;  // backward without atomics: the embedding and attention dQ kernels that
+                               // sum in a fixed order (same bits on every run; slower)
 };
 
 class GpuModel {
@@ -54,6 +58,11 @@ class GpuModel {
   void store_grads(ParamSet<float>& host) const;
   void zero_grad();       // async
   void params_changed();  // params() were written on the device: refresh the bf16 copies at the next forward
+  // The bf16 copies for the current mode (train + late QAT quantizes), refreshed only when stale or of
+  // the other mode (what forward() does first) — or unconditionally, stream-ordered: a captured step ends
+  // with refresh_weights() so that the next replay's forward finds them fresh.
+  void prepare_weights();
+  void refresh_weights();
 
   // ---- modes (as CpuModel) ------------------------------------------------------------------------
   void set_train(bool on);
@@ -65,7 +74,8 @@ class GpuModel {
 
   // ---- one batch ------------------------------------------------------------------------------------
   // Validates the batch (Batch::validate, tokens ≤ max_tokens) and copies its ids, targets and segments
-  // to the device (the one host → device transfer of a step, before the captured region).
+  // to the device through pinned staging memory, asynchronously (the one host → device transfer of a
+  // step, before the captured region). The batch may be freed on return.
   void set_batch(const Batch& batch);
   void forward();   // async: loss, per-token losses and saved activations of the batch
   void backward();  // gradients of the mean loss of the last forward (needs targets)
@@ -77,10 +87,25 @@ class GpuModel {
   std::vector<float> token_losses() const;  // [N] (empty without targets)
   std::vector<float> x0() const;                       // [N, d]
   std::vector<float> layer_output(int v, int lane = 0) const;  // [N, d]; lane 1 of parallel layers
+  // A saved activation of virtual layer v named in kLayerActivations (model/cpu_model.h), as
+  // CpuModel::layer_activation: empty where the layer has none.
+  std::vector<float> layer_activation(int v, const std::string& name) const;
   std::vector<float> final_norm_output() const;        // [N, d]
   std::vector<float> logits() const;  // soft-capped [N, V]; valid until backward() overwrites them
 
   size_t arena_bytes() const;  // device memory of activations and workspaces
+
+  // ---- device views of the last forward (stream-ordered readers: CudaEngine) -------------------------
+  const float* device_loss() const;          // the mean loss (1 float)
+  const float* device_token_losses() const;  // [N]
+  int physical_layer(int v) const;
+  // The inputs of virtual layer v's quantized matrices (as CpuModel::linear_inputs), bf16 [N, cols].
+  struct DeviceLinearInputs {
+    const __nv_bfloat16 *attn_in, *proj_in, *fc_in, *mlp_hidden;
+    int attn_cols, proj_cols, mlp_cols;  // d (attn_in, fc_in), q_dim (proj_in), hidden (mlp_hidden)
+  };
+  DeviceLinearInputs linear_inputs(int v) const;
+  const __nv_bfloat16* final_norm_device() const;  // [N, d]
 
  private:
   struct Impl;

@@ -41,6 +41,7 @@ struct GpuModel::Impl {
   ModelConfig cfg;
   ParamLayout layout;
   int64_t max_tokens = 0;
+  bool deterministic = false;
   int d = 0, qd = 0, kvd = 0, hid = 0, V = 0, H = 0, Hkv = 0, Dh = 0;
   int qkv_w = 0;    // columns of the fused projection output: q_dim + 2·kv_dim
   int gate_ld = 0;  // row stride of the gated-attention logits (H rounded up to 8)
@@ -87,6 +88,13 @@ struct GpuModel::Impl {
   int max_virtual = 0;  // activation slots: the larger of the two plans
 
   // ---- the batch on the device ------------------------------------------------------------------
+  // Pinned host staging of the uploads (ids, targets, cu_seqlens, token weights): the copies are
+  // asynchronous; `staging_free` is recorded after them and waited on before the staging is reused.
+  struct PinnedStaging {
+    int32_t *ids = nullptr, *targets = nullptr, *cu = nullptr;
+    float* weights = nullptr;
+    cudaEvent_t free = nullptr;
+  } staging;
   int64_t B = 0, T = 0, N = 0;
   int num_segments = 0, max_seqlen = 0;
   bool has_targets = false, batch_set = false, forward_done = false;
@@ -136,6 +144,8 @@ struct GpuModel::Impl {
     std::vector<float*> d_enc;  // per encoder slot: the gradient its skip connection sends back
     void* attn_ws = nullptr;
     size_t attn_ws_bytes = 0;
+    void* sort_ws = nullptr;  // deterministic mode: the sorted embedding backward
+    size_t sort_ws_bytes = 0;
     ReduceWorkspace reduce;
   } bw;
 
@@ -152,7 +162,9 @@ struct GpuModel::Impl {
 
   // ---- one step ---------------------------------------------------------------------------------
   void set_batch(const Batch& batch);
+  void upload_token_weights(std::span<const float> weights);
   void prepare_weights();
+  void refresh_weights();
   void forward();
   void backward(const float* weights_device);
   void forward_embedding();
@@ -181,6 +193,11 @@ struct GpuModel::Impl {
   void lora_forward(LoraTarget target, int slot, const bf16* x, bf16* y, int64_t y_ld);
   void lora_backward(LoraTarget target, int slot, const bf16* dy, int64_t dy_ld, const bf16* x, float* dx);
   AttentionShape attention_shape() const;
+  // dtable[ids[i]] += dout[i] for the batch's N tokens: atomics, or the sorted sums in deterministic mode.
+  void embedding_grad(const int32_t* ids, const float* dout, int dim, float* dtable, int table_rows);
+  // The value tensor attention reads in virtual layer v: the value-residual mix, or the raw projection
+  // (also for the first layer of a stack that does not mix it).
+  bool mixes_values(int v) const { return cfg.value_residual && !(v == 0 && !cfg.value_residual_layer0_mix); }
   std::vector<float> download_bf16(const bf16* p, int64_t n) const;
 };
 

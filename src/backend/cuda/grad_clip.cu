@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kPartials)
   if (threadIdx.x == 0) {
     const double norm = sqrt(total);
     state->norm = norm;
-    state->coefficient = optim::clip_coefficient_f32(static_cast<float>(norm), max_norm);
+    state->coefficient = max_norm > 0.f ? optim::clip_coefficient_f32(static_cast<float>(norm), max_norm) : 1.f;
   }
 }
 
@@ -47,7 +47,6 @@ GradClip::GradClip(double max_norm)
 }
 
 void GradClip::enqueue(const float* grads, int64_t count, cudaStream_t stream) {
-  if (!enabled()) return;
   PG_CUDA_REQUIRE(reinterpret_cast<uintptr_t>(grads) % 16 == 0, "GradClip: the gradients must be 16-byte aligned");
   sum_of_squares_partials<<<kPartials, kThreads, 0, stream>>>(grads, count, partials_.data());
   PG_CUDA_LAUNCH_CHECK();
@@ -56,10 +55,13 @@ void GradClip::enqueue(const float* grads, int64_t count, cudaStream_t stream) {
 }
 
 double GradClip::norm(cudaStream_t stream) const {
-  PG_CUDA_REQUIRE(enabled(), "GradClip::norm: clipping is off, the norm is not computed");
   GradClipState host;
   PG_CUDA_CHECK(cudaMemcpyAsync(&host, state_.data(), sizeof(host), cudaMemcpyDeviceToHost, stream));
   PG_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return checked_norm(host);
+}
+
+double GradClip::checked_norm(const GradClipState& host) {
   if (!std::isfinite(host.norm)) {
     const std::string msg = "the gradient norm is " + std::to_string(host.norm) + " (a NaN or infinite gradient)";
     raise_error(msg.c_str(), __FILE__, __LINE__);

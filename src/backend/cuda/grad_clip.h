@@ -16,16 +16,19 @@ namespace pgolf::cuda {
 
 class GradClip {
  public:
-  // `max_norm` <= 0: clipping is off, the coefficient stays 1 and enqueue() does nothing.
+  // `max_norm` <= 0: clipping is off (the coefficient stays 1); the norm is still measured.
   explicit GradClip(double max_norm);
 
-  // state ← (‖grads‖₂, min(1, max_norm / (‖grads‖₂ + 1e-6))). `grads` 16-byte aligned, `count` values.
+  // state ← (‖grads‖₂, min(1, max_norm / (‖grads‖₂ + 1e-6)), or 1 when clipping is off). `grads`
+  // 16-byte aligned, `count` values.
   void enqueue(const float* grads, int64_t count, cudaStream_t stream);
 
   const GradClipState* state() const { return state_.data(); }
   bool enabled() const { return max_norm_ > 0.0; }
   // The last norm (synchronizes with `stream`); throws when it is not finite (a NaN or infinite gradient).
   double norm(cudaStream_t stream) const;
+  // The state's norm as read back without synchronizing by a caller that batches its reads (throws as norm()).
+  static double checked_norm(const GradClipState& host);
 
  private:
   double max_norm_;

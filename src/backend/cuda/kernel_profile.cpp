@@ -1,4 +1,4 @@
-#include "kernel_profile.h"
+#include "backend/cuda/kernel_profile.h"
 
 #include <cupti_activity.h>
 #include <cxxabi.h>

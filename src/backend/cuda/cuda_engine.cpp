@@ -1,0 +1,283 @@
+// CudaEngine: construction, parameters and optimizer state, the training step, evaluation losses.
+// TTT, LoRA and the GPTQ Hessians are in cuda_engine_ttt.cpp.
+#include "backend/cuda/cuda_engine.h"
+
+#include <cmath>
+
+#include "backend/cuda/cuda_engine_impl.h"
+#include "core/error.h"
+
+namespace pgolf::cuda {
+
+namespace {
+
+optim::OptimizerConfig optimizer_config(const Config& c) { return optim::OptimizerConfig::from_config(c); }
+
+GpuModelOptions model_options(const CudaEngineOptions& o) {
+  PG_CHECK(o.max_tokens > 0, "CudaEngine: max_tokens must be positive, got {}", o.max_tokens);
+  GpuModelOptions m;
+  m.max_tokens = o.max_tokens;
+  m.deterministic = o.deterministic;
+  return m;
+}
+
+}  // namespace
+
+CudaEngine::Impl::Impl(const Config& config, Communicator& comm_, const CudaEngineOptions& options_)
+    : options(options_),
+      comm(comm_),
+      model(ModelConfig::from_config(config), model_options(options_)),
+      // With local clipping the optimizer sees gradients that were already clipped (coefficient 1).
+      optimizer(model.layout(), optimizer_config(config),
+                config.get_bool("grad_clip_local") ? 0.0 : config.get_double("grad_clip_norm")),
+      local_clip(config.get_double("grad_clip_norm")),
+      ema_decay(config.get_double("ema_decay")),
+      grad_clip_norm(config.get_double("grad_clip_norm")),
+      grad_clip_local(config.get_bool("grad_clip_local")),
+      graphs(options_.graphs),
+      loss_sum(1, "step loss sum") {
+  // The host communicators reduce host memory; several ranks need one that reduces device buffers
+  // (NCCL), which enqueues on the engine's stream, in order with (and captured into) its graphs.
+  PG_CHECK(comm.world_size() == 1 || comm.device_buffers(),
+           "CudaEngine: {} ranks need a communicator of device buffers (NCCL)", comm.world_size());
+  comm.set_stream(stream());
+  void* host = nullptr;
+  PG_CUDA_CHECK(cudaMallocHost(&host, sizeof(StepReadBack)));
+  readback = new (host) StepReadBack{};
+}
+
+CudaEngine::Impl::~Impl() {
+  if (readback) cudaFreeHost(readback);
+}
+
+std::string CudaEngine::Impl::shape_key(const Batch& b) const {
+  std::string key = "B" + std::to_string(b.rows) + "T" + std::to_string(b.seq_len) + "S" +
+                    std::to_string(b.cu_seqlens.empty() ? b.rows : static_cast<int64_t>(b.cu_seqlens.size()) - 1) +
+                    (b.targets.empty() ? "" : "t");
+  // The reference attention (head dims other than 64) sizes its launch by the longest segment.
+  if (model.config().head_dim != 64) {
+    const std::vector<int32_t> cu = b.segments();
+    int32_t longest = 0;
+    for (size_t s = 0; s + 1 < cu.size(); ++s) longest = std::max(longest, cu[s + 1] - cu[s]);
+    key += "M" + std::to_string(longest);
+  }
+  return key;
+}
+
+void CudaEngine::Impl::read_back(void* dst, const void* src, size_t n) {
+  PG_CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, stream()));
+}
+
+void CudaEngine::Impl::synchronize() { PG_CUDA_CHECK(cudaStreamSynchronize(stream())); }
+
+void CudaEngine::Impl::for_each_row_chunk(const Batch& batch, const std::function<void(const Batch&)>& fn) const {
+  const int64_t max_tokens = options.max_tokens;
+  if (batch.tokens() <= max_tokens) return fn(batch);
+  const int64_t rows_per_chunk = max_tokens / batch.seq_len;
+  PG_CHECK(rows_per_chunk >= 1, "CudaEngine: one row of {} tokens is more than max_tokens = {}", batch.seq_len,
+           max_tokens);
+  const std::vector<int32_t> cu = batch.segments();
+  size_t seg = 0;
+  for (int64_t r0 = 0; r0 < batch.rows; r0 += rows_per_chunk) {
+    const int64_t r1 = std::min(batch.rows, r0 + rows_per_chunk);
+    const int64_t t0 = r0 * batch.seq_len, t1 = r1 * batch.seq_len;
+    Batch chunk;
+    chunk.rows = r1 - r0;
+    chunk.seq_len = batch.seq_len;
+    chunk.inputs.assign(batch.inputs.begin() + t0, batch.inputs.begin() + t1);
+    if (!batch.targets.empty()) chunk.targets.assign(batch.targets.begin() + t0, batch.targets.begin() + t1);
+    if (!batch.cu_seqlens.empty()) {
+      // The segments starting in [t0, t1) (none crosses a row), re-based, closed by the chunk's total.
+      for (; seg + 1 < cu.size() && cu[seg] < t1; ++seg) chunk.cu_seqlens.push_back(cu[seg] - static_cast<int32_t>(t0));
+      chunk.cu_seqlens.push_back(static_cast<int32_t>(t1 - t0));
+    }
+    fn(chunk);
+  }
+}
+
+CudaEngine::CudaEngine(const Config& config, Communicator& comm, const CudaEngineOptions& options)
+    : impl_(std::make_unique<Impl>(config, comm, options)) {}
+CudaEngine::~CudaEngine() = default;
+
+const ModelConfig& CudaEngine::model_config() const { return impl_->model.config(); }
+const ParamLayout& CudaEngine::layout() const { return impl_->model.layout(); }
+GpuModel& CudaEngine::model() { return impl_->model; }
+const CudaEngineOptions& CudaEngine::options() const { return impl_->options; }
+size_t CudaEngine::graphs_captured() const { return impl_->graphs.captured(); }
+
+// ---- parameters and state --------------------------------------------------------------------------
+
+void CudaEngine::load_params(const ParamSet<float>& params) {
+  PG_CHECK(params.layout().total() == layout().total() && params.layout().size() == layout().size(),
+           "load_params: {} parameters in {} tensors, the model has {} in {}", params.layout().count(),
+           params.layout().size(), layout().count(), layout().size());
+  impl_->model.load_params(params);
+}
+
+void CudaEngine::store_params(ParamSet<float>& params) const {
+  if (params.layout().total() != layout().total()) params = ParamSet<float>(layout());
+  impl_->model.store_params(params);
+}
+
+TensorMap CudaEngine::optimizer_state() const {
+  TensorMap t = impl_->optimizer.state_tensors();
+  if (impl_->ema) {
+    TensorMap e = impl_->ema->state_tensors();
+    for (auto& name : e.names()) t.set(name, std::move(e.get(name)));
+  }
+  return t;
+}
+
+void CudaEngine::load_optimizer_state(const TensorMap& state, const std::string& what) {
+  Impl& m = *impl_;
+  m.optimizer.load_state_tensors(state, what);
+  bool has_ema = false;
+  for (auto& n : state.names()) has_ema |= n.rfind("ema/", 0) == 0;
+  if (has_ema) {
+    if (!m.ema) init_ema();
+    m.ema->load_state_tensors(state, what);
+  } else if (m.ema) {
+    m.ema.reset();
+    m.graphs.clear();  // graphs that update the EMA read its buffer
+  }
+}
+
+void CudaEngine::init_ema() {
+  Impl& m = *impl_;
+  m.synchronize();
+  m.ema.reset();
+  m.graphs.clear();  // the new EMA buffer is somewhere else
+  m.ema.emplace(layout(), m.model.params(), m.ema_decay);
+}
+
+void CudaEngine::store_ema(ParamSet<float>& out) const {
+  PG_CHECK(impl_->ema.has_value(), "store_ema: the EMA was never initialised (init_ema)");
+  if (out.layout().total() != layout().total()) out = ParamSet<float>(layout());
+  PG_CUDA_CHECK(cudaDeviceSynchronize());
+  PG_CUDA_CHECK(cudaMemcpy(out.all().data(), impl_->ema->average(), out.all().size() * sizeof(float),
+                           cudaMemcpyDeviceToHost));
+}
+
+void CudaEngine::set_looping(bool on) { impl_->model.set_looping(on); }
+void CudaEngine::set_qat(bool on) {
+  impl_->qat = on;
+  impl_->model.set_qat(on);
+}
+
+// ---- training ----------------------------------------------------------------------------------------
+
+void CudaEngine::Impl::enqueue_micro(bool first) {
+  if (first) model.zero_grad();
+  model.forward();
+  accumulate_loss(model.device_loss(), loss_sum.data(), first, stream());
+  model.backward();
+}
+
+// Scale (accumulation), clip locally or reduce then clip globally, step, average, refresh bf16 copies.
+void CudaEngine::Impl::enqueue_update(int micro_batches, bool update_ema) {
+  const int64_t total = model.layout().total();
+  float* g = model.grads();
+  // Each micro-step's loss is scaled by 1/n in the references; scaling the sum once is the same up to
+  // rounding (exact when n is a power of two), as the CPU engine does.
+  if (micro_batches > 1) scale_f32(g, total, 1.0f / static_cast<float>(micro_batches), stream());
+  if (grad_clip_local) {
+    local_clip.enqueue(g, total, stream());
+    if (grad_clip_norm > 0) apply_clip(g, total, local_clip.state(), stream());
+  }
+  comm.all_reduce(g, static_cast<size_t>(total), DType::F32, ReduceOp::Avg);
+  optimizer.enqueue_step(model.params(), g, stream());
+  if (update_ema) ema->update(model.params(), stream());
+  model.params_changed();
+  model.refresh_weights();
+}
+
+// The graph key's mode part: the last refresh bakes the late-QAT mode in; the EMA update is there or not.
+std::string CudaEngine::Impl::update_mode(bool update_ema) const {
+  return std::string(update_ema ? " ema" : "") + (qat ? " qat" : "");
+}
+
+void CudaEngine::Impl::begin_update(const StepControl& control) {
+  PG_CHECK(!control.update_ema || ema.has_value(), "train_step: update_ema without init_ema");
+  model.prepare_weights();  // the graphs start from fresh bf16 copies of the training mode
+  optimizer.begin_step(control.step, control.lr_scale, control.muon_momentum, stream());
+}
+
+StepResult CudaEngine::Impl::finish_step(const StepControl& control, int micro_batches) {
+  const GradClip& clip = grad_clip_local ? local_clip : optimizer.clip();
+  read_back(&readback->loss_sum, loss_sum.data(), sizeof(double));
+  read_back(&readback->clip, clip.state(), sizeof(GradClipState));
+  synchronize();
+  StepResult r;
+  r.grad_norm = readback->clip.norm;
+  PG_CHECK(std::isfinite(r.grad_norm), "step {}: gradient norm is {} (NaN or infinite loss?)", control.step,
+           r.grad_norm);
+  r.loss = readback->loss_sum / static_cast<double>(micro_batches);
+  comm.all_reduce_host(&r.loss, 1, ReduceOp::Avg);
+  PG_CHECK(std::isfinite(r.loss), "step {}: training loss is {}", control.step, r.loss);
+  return r;
+}
+
+StepResult CudaEngine::train_step(std::span<const Batch> micro_batches, const StepControl& control) {
+  Impl& m = *impl_;
+  PG_CHECK(!micro_batches.empty(), "train_step needs at least one micro-batch");
+  GpuModel& model = m.model;
+  const int n = static_cast<int>(micro_batches.size());
+  model.set_train(true);
+  model.set_frozen_base(false);
+  model.set_lora(nullptr);
+  for (int k = 0; k < n; ++k) {
+    const Batch& b = micro_batches[static_cast<size_t>(k)];
+    PG_CHECK(!b.targets.empty(), "train_step: a micro-batch has no targets");
+    model.set_batch(b);
+    const std::string key = m.shape_key(b) + "v" + std::to_string(model.num_virtual_layers());
+    if (n == 1) {
+      m.begin_update(control);
+      m.graphs.run("train " + key + m.update_mode(control.update_ema), m.stream(), [&] {
+        m.enqueue_micro(true);
+        m.enqueue_update(1, control.update_ema);
+      });
+    } else {
+      model.prepare_weights();
+      m.graphs.run((k == 0 ? "micro0 " : "micro ") + key, m.stream(), [&] { m.enqueue_micro(k == 0); });
+    }
+  }
+  if (n > 1) {
+    m.begin_update(control);
+    m.graphs.run("update n" + std::to_string(n) + m.update_mode(control.update_ema), m.stream(),
+                 [&] { m.enqueue_update(n, control.update_ema); });
+  }
+  return m.finish_step(control, n);
+}
+
+StepResult CudaEngine::optimizer_step(const StepControl& control) {
+  Impl& m = *impl_;
+  m.model.set_train(true);
+  m.begin_update(control);
+  m.graphs.run("update n1" + m.update_mode(control.update_ema), m.stream(),
+               [&] { m.enqueue_update(1, control.update_ema); });
+  return m.finish_step(control, 1);
+}
+
+// ---- evaluation ------------------------------------------------------------------------------------
+
+void CudaEngine::token_losses(const Batch& batch, std::vector<float>& nll) {
+  Impl& m = *impl_;
+  PG_CHECK(!batch.targets.empty(), "token_losses: the batch has no targets");
+  GpuModel& model = m.model;
+  model.set_train(false);
+  model.set_lora(nullptr);
+  nll.clear();
+  nll.reserve(static_cast<size_t>(batch.tokens()));
+  m.for_each_row_chunk(batch, [&](const Batch& chunk) {
+    model.set_batch(chunk);
+    model.prepare_weights();
+    m.graphs.run("eval " + m.shape_key(chunk) + "v" + std::to_string(model.num_virtual_layers()), m.stream(),
+                 [&] { model.forward(); });
+    const size_t at = nll.size();
+    nll.resize(at + static_cast<size_t>(chunk.tokens()));
+    m.read_back(nll.data() + at, model.device_token_losses(), static_cast<size_t>(chunk.tokens()) * sizeof(float));
+    m.synchronize();
+  });
+}
+
+}  // namespace pgolf::cuda

@@ -1,0 +1,100 @@
+// CudaEngine internals shared by cuda_engine.cpp (construction, state, training, evaluation) and
+// cuda_engine_ttt.cpp (score-first TTT, LoRA, GPTQ Hessians). Not part of the interface.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/arena.h"
+#include "backend/cuda/cuda_engine.h"
+#include "backend/cuda/engine_steps.h"
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/gpu_ema.h"
+#include "backend/cuda/gpu_model.h"
+#include "backend/cuda/gpu_optimizer.h"
+#include "backend/cuda/grad_clip.h"
+#include "backend/cuda/step_graphs.h"
+#include "dist/communicator.h"
+#include "model/lora.h"
+
+namespace pgolf::cuda {
+
+// What a step reads back to the host, in one pinned block (one copy each, one synchronisation).
+struct StepReadBack {
+  double loss_sum = 0.0;
+  GradClipState clip;
+};
+
+struct CudaEngine::Impl {
+  Impl(const Config& config, Communicator& comm, const CudaEngineOptions& options);
+  ~Impl();
+
+  CudaEngineOptions options;
+  Communicator& comm;
+  GpuModel model;
+  GpuOptimizer optimizer;  // clips by the global norm unless clipping is local
+  GradClip local_clip;     // grad_clip_local: each rank's gradients, before the reduction
+  std::optional<GpuEma> ema;
+  double ema_decay = 0.0;
+  double grad_clip_norm = 0.0;
+  bool grad_clip_local = false;
+  bool qat = false;
+  StepGraphs graphs;
+  DeviceBuffer<double> loss_sum;  // Σ micro-batch mean losses of the current step (fp64, as the CPU engine)
+  StepReadBack* readback = nullptr;  // pinned
+
+  // Score-first TTT over the base weights.
+  struct Ttt {
+    TttOptimizerConfig config;
+    float multiplier[kTttClasses] = {0.f, 1.f, 1.f, 1.f};  // per class (0 = frozen)
+    DeviceBuffer<uint8_t> classes;
+    DeviceBuffer<float> buf1, buf2;  // SGD momentum / AdamW moments, layout order
+    DeviceBuffer<TttStepScalars> scalars;
+    std::unique_ptr<GradClip> clip;
+    int64_t steps = 0;
+  };
+  std::optional<Ttt> ttt;
+
+  // Per-document LoRA adapters: device adapters for the current sequence length (recreated, keeping
+  // the parameters, when it changes) and their Adam state.
+  struct Lora {
+    LoraConfig config;
+    LoraOptimizerConfig opt;
+    int64_t rows = 0;
+    int slots = 0;
+    int64_t total = 0;
+    std::unique_ptr<GpuLora> adapters;
+    std::vector<float> pending;  // parameters drawn by lora_reset before any adapters exist
+    DeviceBuffer<float> exp_avg, exp_avg_sq;
+    int64_t steps = 0;
+  };
+  std::optional<Lora> lora;
+
+  // GPTQ calibration: Gram matrices XᵀX in fp32 (lazily allocated).
+  std::unique_ptr<GemmRunner> gram_gemm;
+  DeviceBuffer<float> gram;
+
+  cudaStream_t stream() const { return model.stream(); }
+  // Graph key of a batch: everything set_batch hands to the launches as host values.
+  std::string shape_key(const Batch& b) const;
+  // Copies `n` readback bytes from device `src` into the pinned block at `dst` (stream-ordered).
+  void read_back(void* dst, const void* src, size_t n);
+  void synchronize();
+  // The training step's parts (cuda_engine.cpp): one micro-batch's forward + backward, the update.
+  void enqueue_micro(bool first);
+  void enqueue_update(int micro_batches, bool update_ema);
+  std::string update_mode(bool update_ema) const;
+  void begin_update(const StepControl& control);  // outside the graph: fresh weights, optimizer scalars
+  StepResult finish_step(const StepControl& control, int micro_batches);  // the one read-back
+  // Calls fn on `batch`, or, when it has more than max_tokens tokens, on consecutive slices of whole
+  // rows that fit (forward-only work: rows are independent, as segments never cross a row).
+  void for_each_row_chunk(const Batch& batch, const std::function<void(const Batch&)>& fn) const;
+  void ensure_lora_adapters(int64_t seq_len);
+  void lora_optimizer_step();
+  std::vector<float> gram_of(const __nv_bfloat16* x, int64_t rows, int cols);
+};
+
+}  // namespace pgolf::cuda

@@ -1,0 +1,271 @@
+// CudaEngine: score-first TTT over the base weights, per-document LoRA adapters, GPTQ Hessians —
+// the CPU engine's rules (train/cpu_engine.cpp) on the device.
+#include <algorithm>
+
+#include "backend/cuda/cuda_engine_impl.h"
+#include "core/error.h"
+#include "core/rng.h"
+
+namespace pgolf::cuda {
+
+// ---- score-first TTT over the base weights --------------------------------------------------------
+
+void CudaEngine::ttt_begin(const TttOptimizerConfig& config) {
+  Impl& m = *impl_;
+  PG_CHECK(config.freeze_blocks == 0 || !model_config().param_banks,
+           "ttt_freeze_blocks needs per-layer weights; the banked stack stores blocks in shared banks");
+  Impl::Ttt s;
+  s.config = config;
+  const bool adamw = config.kind == TttOptimizerConfig::Kind::AdamW;
+  if (adamw) {
+    s.multiplier[2] = static_cast<float>(config.proj_lr_mult);
+    s.multiplier[3] = static_cast<float>(config.fc_lr_mult);
+  }
+  // Per value: 0 frozen (also the layout's padding), 1 base LR, 2 ".proj." and 3 ".fc." (AdamW only).
+  const ParamLayout& lay = layout();
+  std::vector<uint8_t> classes(static_cast<size_t>(lay.total()), 0);
+  for (size_t i = 0; i < lay.size(); ++i) {
+    const std::string& name = lay.spec(i).name;
+    uint8_t k = 1;
+    if (adamw && name.find(".proj.") != std::string::npos) k = 2;
+    else if (adamw && name.find(".fc.") != std::string::npos) k = 3;
+    for (int b = 0; b < config.freeze_blocks; ++b)
+      if (name.rfind("blocks." + std::to_string(b) + ".", 0) == 0) k = 0;
+    if (s.multiplier[k] == 0.f) k = 0;  // a zero multiplier freezes as the CPU engine's lr_mult 0 does
+    std::fill(classes.begin() + lay.offset(i), classes.begin() + lay.offset(i) + lay.numel(i), k);
+  }
+  s.classes = DeviceBuffer<uint8_t>(classes, "TTT learning-rate classes");
+  s.buf1 = DeviceBuffer<float>(static_cast<size_t>(lay.total()), "TTT optimizer state");
+  s.buf1.fill_bytes(0);
+  if (adamw) {
+    s.buf2 = DeviceBuffer<float>(static_cast<size_t>(lay.total()), "TTT optimizer state");
+    s.buf2.fill_bytes(0);
+  }
+  s.scalars = DeviceBuffer<TttStepScalars>(1, "TTT step scalars");
+  s.clip = std::make_unique<GradClip>(config.grad_clip);
+  m.ttt = std::move(s);
+  m.graphs.clear();  // earlier TTT graphs read the previous state buffers
+}
+
+double CudaEngine::ttt_step(const Batch& batch, double lr_scale) {
+  Impl& m = *impl_;
+  PG_CHECK(m.ttt.has_value(), "ttt_step without ttt_begin");
+  PG_CHECK(!batch.targets.empty(), "ttt_step: the batch has no targets");
+  Impl::Ttt& s = *m.ttt;
+  GpuModel& model = m.model;
+  const cudaStream_t stream = m.stream();
+  model.set_train(true);
+  model.set_frozen_base(false);
+  model.set_lora(nullptr);
+  model.set_batch(batch);
+  model.prepare_weights();
+
+  ++s.steps;
+  const double lr = s.config.lr * lr_scale;
+  TttStepScalars scalars;
+  for (int k = 0; k < kTttClasses; ++k) {
+    scalars.sgd_lr[k] = static_cast<float>(lr) * s.multiplier[k];
+    scalars.adam[k] = optim::adam_coeffs(lr * s.multiplier[k], s.config.beta1, s.config.beta2,
+                                         s.config.weight_decay, s.config.eps, s.steps);
+  }
+  scalars.momentum = static_cast<float>(s.config.momentum);
+  scalars.first_step = s.steps == 1 ? 1 : 0;
+  write_ttt_scalars(s.scalars.data(), scalars, stream);
+
+  const int64_t total = layout().total();
+  const bool adamw = s.config.kind == TttOptimizerConfig::Kind::AdamW;
+  const std::string key = std::string(adamw ? "ttt-adamw " : "ttt-sgd ") + m.shape_key(batch) + "v" +
+                          std::to_string(model.num_virtual_layers()) + (m.qat ? " qat" : "");
+  m.graphs.run(key, stream, [&] {
+    model.zero_grad();
+    model.forward();
+    accumulate_loss(model.device_loss(), m.loss_sum.data(), true, stream);
+    model.backward();
+    float* g = model.grads();
+    m.comm.all_reduce(g, static_cast<size_t>(total), DType::F32, ReduceOp::Avg);
+    s.clip->enqueue(g, total, stream);
+    if (adamw)
+      ttt_adamw_step(model.params(), g, s.buf1.data(), s.buf2.data(), s.classes.data(), total, s.scalars.data(),
+                     s.clip->state(), stream);
+    else
+      ttt_sgd_step(model.params(), g, s.buf1.data(), s.classes.data(), total, s.scalars.data(), s.clip->state(),
+                   stream);
+    model.params_changed();
+    model.refresh_weights();
+  });
+  m.read_back(&m.readback->loss_sum, m.loss_sum.data(), sizeof(double));
+  m.read_back(&m.readback->clip, s.clip->state(), sizeof(GradClipState));
+  m.synchronize();
+  GradClip::checked_norm(m.readback->clip);
+  return m.readback->loss_sum;
+}
+
+void CudaEngine::ttt_end() {
+  impl_->synchronize();
+  impl_->ttt.reset();
+  impl_->graphs.clear();
+}
+
+// ---- per-document LoRA TTT ------------------------------------------------------------------------
+
+void CudaEngine::lora_begin(const LoraConfig& lora, int64_t rows, const LoraOptimizerConfig& opt) {
+  Impl& m = *impl_;
+  Impl::Lora s;
+  s.config = lora;
+  s.opt = opt;
+  s.rows = rows;
+  s.slots = m.model.num_virtual_layers();
+  std::vector<LoraAdapterLayout> adapters;
+  s.total = lora_layout(model_config(), lora, rows, s.slots, adapters);
+  s.exp_avg = DeviceBuffer<float>(static_cast<size_t>(s.total), "LoRA Adam state");
+  s.exp_avg_sq = DeviceBuffer<float>(static_cast<size_t>(s.total), "LoRA Adam state");
+  s.exp_avg.fill_bytes(0);
+  s.exp_avg_sq.fill_bytes(0);
+  m.lora = std::move(s);
+}
+
+void CudaEngine::lora_reset(uint64_t seed) {
+  Impl& m = *impl_;
+  PG_CHECK(m.lora.has_value(), "lora_reset without lora_begin");
+  Impl::Lora& s = *m.lora;
+  // The CPU adapters' draw (BatchedLinearLoRA.reset), so both engines start from the same values.
+  LoraAdapters<float> host(model_config(), s.config, s.rows, s.slots);
+  Rng rng(seed);
+  host.reset(rng);
+  s.pending.assign(host.params().begin(), host.params().end());
+  if (s.adapters) {
+    s.adapters->upload(s.pending);
+    s.pending.clear();
+  }
+  s.exp_avg.fill_bytes(0);
+  s.exp_avg_sq.fill_bytes(0);
+  s.steps = 0;
+}
+
+// Adapters for batches of `seq_len` tokens per row; a new length moves the parameters to new adapters.
+void CudaEngine::Impl::ensure_lora_adapters(int64_t seq_len) {
+  Lora& s = *lora;
+  if (s.adapters && s.adapters->seq_len() == seq_len) return;
+  std::vector<float> params = s.adapters ? s.adapters->download_params() : s.pending;
+  PG_CHECK(!params.empty(), "LoRA adapters were never initialised (lora_reset)");
+  s.adapters = std::make_unique<GpuLora>(model.config(), s.config, s.rows, s.slots, seq_len);
+  s.adapters->upload(params);
+  s.pending.clear();
+}
+
+void CudaEngine::Impl::lora_optimizer_step() {
+  Lora& s = *lora;
+  ++s.steps;
+  const optim::AdamCoeffs c =
+      optim::adam_coeffs(s.opt.lr, s.opt.beta1, s.opt.beta2, s.opt.weight_decay, s.opt.eps, s.steps);
+  adamw_flat(s.adapters->params(), s.adapters->grads(), s.exp_avg.data(), s.exp_avg_sq.data(), s.total, c, stream());
+  s.adapters->params_changed();
+}
+
+void CudaEngine::lora_score_and_train(const Batch& batch, std::span<const float> token_weights,
+                                      std::vector<float>& nll) {
+  Impl& m = *impl_;
+  PG_CHECK(m.lora.has_value(), "lora_score_and_train without lora_begin");
+  PG_CHECK(batch.rows == m.lora->rows, "LoRA batch has {} rows, the adapters {}", batch.rows, m.lora->rows);
+  PG_CHECK(!batch.targets.empty(), "lora_score_and_train: the batch has no targets");
+  m.ensure_lora_adapters(batch.seq_len);
+  GpuModel& model = m.model;
+  model.set_train(false);
+  model.set_frozen_base(true);
+  model.set_lora(m.lora->adapters.get());
+  model.set_batch(batch);
+  model.forward();
+  nll = model.token_losses();
+  if (!token_weights.empty()) {
+    m.lora->adapters->zero_grad();
+    model.backward(token_weights);
+    m.lora_optimizer_step();
+  }
+  model.set_lora(nullptr);
+  model.set_frozen_base(false);
+}
+
+void CudaEngine::lora_train_step(const Batch& batch, std::span<const float> token_weights) {
+  Impl& m = *impl_;
+  PG_CHECK(m.lora.has_value(), "lora_train_step without lora_begin");
+  PG_CHECK(batch.rows == m.lora->rows, "LoRA batch has {} rows, the adapters {}", batch.rows, m.lora->rows);
+  m.ensure_lora_adapters(batch.seq_len);
+  GpuModel& model = m.model;
+  model.set_train(false);
+  model.set_frozen_base(true);
+  model.set_lora(m.lora->adapters.get());
+  model.set_batch(batch);
+  model.forward();
+  m.lora->adapters->zero_grad();
+  model.backward(token_weights);
+  m.lora_optimizer_step();
+  model.set_lora(nullptr);
+  model.set_frozen_base(false);
+}
+
+void CudaEngine::lora_end() {
+  impl_->model.set_lora(nullptr);
+  impl_->synchronize();
+  impl_->lora.reset();
+}
+
+// ---- GPTQ calibration -----------------------------------------------------------------------------
+
+// xᵀx for x [rows, cols] (bf16 activations, fp32 products and sums), on the host.
+std::vector<float> CudaEngine::Impl::gram_of(const __nv_bfloat16* x, int64_t rows, int cols) {
+  if (!gram_gemm) gram_gemm = std::make_unique<GemmRunner>();
+  const size_t need = static_cast<size_t>(cols) * cols;
+  if (gram.size() < need) gram = DeviceBuffer<float>(need, "Hessian scratch");
+  GemmShape s;
+  s.m = cols, s.n = cols, s.k = static_cast<int>(rows), s.trans_a = true, s.output = GemmOutput::kF32;
+  gram_gemm->run(s, x, x, gram.data(), 1.f, 0.f, stream());
+  std::vector<float> product(need);
+  read_back(product.data(), gram.data(), need * sizeof(float));
+  synchronize();
+  return product;
+}
+
+namespace {
+
+// hessians[name] += product ([cols, cols], created zero on first use).
+void add_to(TensorMap& hessians, const std::string& name, int cols, const std::vector<float>& product) {
+  if (!hessians.has(name)) {
+    HostTensor h(DType::F32, {cols, cols});
+    std::fill(h.bytes.begin(), h.bytes.end(), uint8_t{0});
+    hessians.set(name, std::move(h));
+  }
+  HostTensor& h = hessians.get(name);
+  PG_CHECK(h.shape == (Shape{cols, cols}), "accumulate_hessians: {} has shape {}, expected [{},{}]", name,
+           shape_str(h.shape), cols, cols);
+  auto acc = h.as<float>();
+  for (size_t i = 0; i < product.size(); ++i) acc[i] += product[i];
+}
+
+}  // namespace
+
+void CudaEngine::accumulate_hessians(const Batch& batch, TensorMap& hessians) {
+  Impl& m = *impl_;
+  GpuModel& model = m.model;
+  model.set_train(false);
+  model.set_lora(nullptr);
+  m.for_each_row_chunk(batch, [&](const Batch& chunk) {
+    model.set_batch(chunk);
+    model.forward();
+    const int64_t N = chunk.tokens();
+    for (int v = 0; v < model.num_virtual_layers(); ++v) {
+      const std::string b = "blocks." + std::to_string(model.physical_layer(v)) + ".";
+      const GpuModel::DeviceLinearInputs in = model.linear_inputs(v);
+      // q, k and v read the same input: the same bits under the three names.
+      const std::vector<float> attn = m.gram_of(in.attn_in, N, in.attn_cols);
+      for (const char* w : {"attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight"})
+        add_to(hessians, b + w, in.attn_cols, attn);
+      add_to(hessians, b + "attn.proj.weight", in.proj_cols, m.gram_of(in.proj_in, N, in.proj_cols));
+      add_to(hessians, b + "mlp.fc.weight", in.attn_cols, m.gram_of(in.fc_in, N, in.attn_cols));
+      add_to(hessians, b + "mlp.proj.weight", in.mlp_cols, m.gram_of(in.mlp_hidden, N, in.mlp_cols));
+    }
+    const int d = model.config().model_dim;
+    add_to(hessians, "tok_emb.weight", d, m.gram_of(model.final_norm_device(), N, d));
+  });
+}
+
+}  // namespace pgolf::cuda

@@ -1,0 +1,355 @@
+// CudaEngine against CpuEngine (train/cpu_engine.cpp, the behavioural reference) on the head-dim-64
+// tiny models (tiny64.h), with gpu_model_check.h's bf16 tolerances, and the engine's own guarantees:
+// one graph per step shape, the same results with and without graphs, bit-exact replay from saved
+// state in deterministic mode.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+
+#include "backend/cuda/cuda_engine.h"
+#include "backend/cuda/gpu_model.h"
+#include "cuda_test_util.h"
+#include "dist/communicator.h"
+#include "gpu_model_check.h"
+#include "model/engine_factory.h"
+#include "model/init.h"
+#include "model/tiny_models.h"
+#include "optim/clip.h"
+#include "tiny64.h"
+#include "train/cpu_engine.h"
+
+namespace pgolf::test {
+namespace {
+
+class CudaEngineTest : public CudaTest {};
+
+Config engine_config(const std::string& stack) {
+  Config c = tiny64_preset(stack);
+  c.set("grad_clip_norm", 0.3);
+  return c;
+}
+
+ParamSet<float> initial_params(const Config& c, uint64_t seed) {
+  CpuModel<float> m(ModelConfig::from_config(c));
+  perturbed_init(m, seed);
+  return m.params();
+}
+
+std::unique_ptr<cuda::CudaEngine> cuda_engine(const Config& c, Communicator& comm, int64_t max_tokens = 160,
+                                              bool deterministic = false, bool graphs = true) {
+  return std::make_unique<cuda::CudaEngine>(c, comm, cuda::CudaEngineOptions{max_tokens, deterministic, graphs});
+}
+
+ParamSet<float> params_of(const Engine& e) {
+  ParamSet<float> p(e.layout());
+  e.store_params(p);
+  return p;
+}
+
+bool same_bits(std::span<const float> a, std::span<const float> b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+StepControl step(int64_t s, bool ema = false) { return {s, 1.0, 0.9, ema}; }
+
+// ---- training ---------------------------------------------------------------------------------------
+
+// Five steps on a fixed batch (the loss falls from ~5.5 towards 1; later steps memorise the batch
+// and amplify every difference): both engines learn, and the GPU follows the CPU — the first step at
+// the kernel tolerance (same weights), later steps within 5 % relative: each step's gradient differs
+// by up to kGradTol (5 %), the updates have normalised sizes (Muon, AdamW), so the weights, and the
+// losses, stay within a few percent after a handful of steps (observed: 2.5 % at most, s1560).
+TEST_F(CudaEngineTest, TrainingStepsFollowTheCpuEngine) {
+  constexpr int kSteps = 5;
+  for (const std::string stack : {"baseline", "s691", "s1560"}) {
+    SCOPED_TRACE(stack);
+    const Config c = engine_config(stack);
+    auto comm = make_single_process_communicator();
+    CpuEngine cpu(c, *comm);
+    auto gpu = cuda_engine(c, *comm);
+    const ParamSet<float> init = initial_params(c, 3);
+    cpu.load_params(init);
+    gpu->load_params(init);
+    cpu.set_looping(stack == "s1560");
+    gpu->set_looping(stack == "s1560");
+    const Batch b = batch64(cpu.model_config().vocab_size, stack == "s691", 7);
+    std::vector<StepResult> rc, rg;
+    for (int s = 0; s < kSteps; ++s) {
+      rc.push_back(cpu.train_step(std::span<const Batch>(&b, 1), step(s)));
+      rg.push_back(gpu->train_step(std::span<const Batch>(&b, 1), step(s)));
+      std::printf("  [%s] step %d loss cpu %.5f gpu %.5f  norm cpu %.4f gpu %.4f\n", stack.c_str(), s, rc[s].loss,
+                  rg[s].loss, rc[s].grad_norm, rg[s].grad_norm);
+    }
+    EXPECT_LE(std::fabs(rg[0].loss - rc[0].loss), kMeanLossTol);
+    EXPECT_NEAR(rg[0].grad_norm, rc[0].grad_norm, kGradTol * rc[0].grad_norm);
+    for (int s = 0; s < kSteps; ++s) EXPECT_NEAR(rg[s].loss, rc[s].loss, 0.05 * rc[s].loss) << "step " << s;
+    EXPECT_LT(rc.back().loss, 0.5 * rc.front().loss);
+    EXPECT_LT(rg.back().loss, 0.5 * rg.front().loss);
+    EXPECT_EQ(gpu->graphs_captured(), 1u) << "steady-state steps replay one graph";
+  }
+}
+
+// Two micro-batches of one row each = one batch of both rows (equal token counts): the same loss and
+// gradient norm up to the GEMMs' summation order.
+TEST_F(CudaEngineTest, GradientAccumulationOverMicroBatches) {
+  const Config c = engine_config("s691");
+  auto comm = make_single_process_communicator();
+  const ParamSet<float> init = initial_params(c, 5);
+  const Batch both = batch64(128, false, 8);
+  Batch rows[2];
+  for (int r = 0; r < 2; ++r) {
+    rows[r].rows = 1, rows[r].seq_len = both.seq_len;
+    rows[r].inputs.assign(both.inputs.begin() + r * 80, both.inputs.begin() + (r + 1) * 80);
+    rows[r].targets.assign(both.targets.begin() + r * 80, both.targets.begin() + (r + 1) * 80);
+  }
+  auto one = cuda_engine(c, *comm), two = cuda_engine(c, *comm);
+  one->load_params(init);
+  two->load_params(init);
+  for (int s = 0; s < 3; ++s) {
+    const StepResult a = one->train_step(std::span<const Batch>(&both, 1), step(s));
+    const StepResult b = two->train_step(rows, step(s));
+    std::printf("  step %d: one batch loss %.6f norm %.6f, two micro-batches loss %.6f norm %.6f\n", s, a.loss,
+                a.grad_norm, b.loss, b.grad_norm);
+    if (s == 0) {
+      EXPECT_NEAR(a.loss, b.loss, 1e-3 * a.loss);
+      EXPECT_NEAR(a.grad_norm, b.grad_norm, 1e-2 * a.grad_norm);
+    }
+  }
+  // Steady state: micro-batch graphs (first, next) and the update graph.
+  EXPECT_EQ(two->graphs_captured(), 3u);
+}
+
+// Deterministic mode with and without CUDA graphs: the same bits (the graphs replay what the eager
+// launches do), and a replay from saved parameters and optimizer state reproduces the losses bit for bit.
+TEST_F(CudaEngineTest, SaveReloadReplayIsBitExact) {
+  Config c = engine_config("s691");
+  c.set("ema_enabled", true);
+  auto comm = make_single_process_communicator();
+  const Batch b1 = batch64(128, true, 11), b2 = batch64(128, false, 12);
+  auto batch_of = [&](int s) -> const Batch& { return s % 2 ? b2 : b1; };
+  auto a = cuda_engine(c, *comm, 160, true, true);
+  a->load_params(initial_params(c, 13));
+  a->init_ema();
+  for (int s = 0; s < 3; ++s) a->train_step(std::span<const Batch>(&batch_of(s), 1), step(s, true));
+  const ParamSet<float> saved = params_of(*a);
+  const TensorMap state = a->optimizer_state();
+  std::vector<double> losses;
+  for (int s = 3; s < 7; ++s) losses.push_back(a->train_step(std::span<const Batch>(&batch_of(s), 1), step(s, true)).loss);
+
+  for (const bool graphs : {true, false}) {
+    SCOPED_TRACE(graphs ? "graphs" : "eager");
+    auto r = cuda_engine(c, *comm, 160, true, graphs);
+    r->load_params(saved);
+    r->load_optimizer_state(state, "saved state");
+    for (int s = 3; s < 7; ++s) {
+      const double l = r->train_step(std::span<const Batch>(&batch_of(s), 1), step(s, true)).loss;
+      EXPECT_EQ(l, losses[static_cast<size_t>(s - 3)]) << "step " << s;
+    }
+    EXPECT_TRUE(same_bits(params_of(*r).all(), params_of(*a).all()));
+    ParamSet<float> ea(a->layout()), er(r->layout());
+    a->store_ema(ea);
+    r->store_ema(er);
+    EXPECT_TRUE(same_bits(ea.all(), er.all()));
+  }
+}
+
+// The GPU's optimizer state loads into the CPU engine (the same names) and back.
+TEST_F(CudaEngineTest, OptimizerStateMovesBetweenEngines) {
+  Config c = engine_config("baseline");
+  c.set("ema_enabled", true);
+  auto comm = make_single_process_communicator();
+  const Batch b = batch64(128, false, 21);
+  auto gpu = cuda_engine(c, *comm);
+  gpu->load_params(initial_params(c, 22));
+  gpu->init_ema();
+  for (int s = 0; s < 2; ++s) gpu->train_step(std::span<const Batch>(&b, 1), step(s, true));
+  const TensorMap state = gpu->optimizer_state();
+  CpuEngine cpu(c, *comm);
+  cpu.load_params(params_of(*gpu));
+  cpu.load_optimizer_state(state, "GPU state");
+  const TensorMap back = cpu.optimizer_state();
+  ASSERT_EQ(back.names(), state.names());
+  for (const auto& name : state.names()) EXPECT_EQ(back.get(name).bytes, state.get(name).bytes) << name;
+  // Both continue from step 2 with the same state.
+  const double lc = cpu.train_step(std::span<const Batch>(&b, 1), step(2, true)).loss;
+  const double lg = gpu->train_step(std::span<const Batch>(&b, 1), step(2, true)).loss;
+  EXPECT_NEAR(lg, lc, kMeanLossTol);
+}
+
+// ---- evaluation -------------------------------------------------------------------------------------
+
+TEST_F(CudaEngineTest, TokenLossesMatchTheCpuAndChunkByRows) {
+  const Config c = engine_config("s562");
+  auto comm = make_single_process_communicator();
+  const ParamSet<float> p = initial_params(c, 31);
+  CpuEngine cpu(c, *comm);
+  cpu.load_params(p);
+  auto whole = cuda_engine(c, *comm, 160);
+  auto chunked = cuda_engine(c, *comm, 80);  // one row at a time
+  whole->load_params(p);
+  chunked->load_params(p);
+  for (const bool packed : {false, true}) {
+    const Batch b = batch64(128, packed, 32);
+    std::vector<float> ref, got, rows;
+    cpu.token_losses(b, ref);
+    whole->token_losses(b, got);
+    chunked->token_losses(b, rows);
+    EXPECT_LE(rel_frobenius(got, ref), kTokenLossTol);
+    EXPECT_LE(rel_frobenius(rows, ref), kTokenLossTol);
+    EXPECT_LE(rel_frobenius(rows, got), 1e-3) << "a row's losses do not depend on the other rows";
+  }
+  const Batch b = batch64(128, false, 33);
+  EXPECT_THROW(chunked->train_step(std::span<const Batch>(&b, 1), step(0)), Error) << "training batches must fit";
+}
+
+// ---- score-first TTT ------------------------------------------------------------------------------
+
+// One SGD step moves every weight by −lr·clip(g), with g the gradient the deterministic GPU model
+// computes on the same weights and batch.
+TEST_F(CudaEngineTest, SgdTttStepIsClippedSgd) {
+  const Config c = engine_config("baseline");
+  auto comm = make_single_process_communicator();
+  const ParamSet<float> p0 = initial_params(c, 41);
+  const Batch b = batch64(128, false, 42);
+  cuda::GpuModel model(ModelConfig::from_config(c), cuda::GpuModelOptions{160, true});
+  model.load_params(p0);
+  model.zero_grad();
+  model.set_batch(b);
+  model.forward();
+  model.backward();
+  ParamSet<float> g(model.layout());
+  model.store_grads(g);
+  optim::clip_grad_norm(g.all(), 1.0);
+
+  auto e = cuda_engine(c, *comm, 160, true);
+  e->load_params(p0);
+  e->ttt_begin({TttOptimizerConfig::Kind::Sgd, 0.01, 0.9});
+  e->ttt_step(b, 0.5);
+  const ParamSet<float> p1 = params_of(*e);
+  double worst = 0, scale = 0;
+  for (size_t i = 0; i < g.all().size(); ++i) {
+    worst = std::max(worst, static_cast<double>(std::fabs(p1.all()[i] - (p0.all()[i] - 0.005f * g.all()[i]))));
+    scale = std::max(scale, std::fabs(0.005 * g.all()[i]));
+  }
+  // The clip coefficients differ by the norms' summation order (a few ulp); the update is otherwise exact.
+  EXPECT_LE(worst, 1e-5 * scale + 1e-7) << "largest step " << scale;
+  e->ttt_end();
+}
+
+// AdamW TTT: frozen blocks and a zero fc multiplier leave their weights bit for bit; everything else
+// moves; several steps lower the loss as the CPU engine's do.
+TEST_F(CudaEngineTest, AdamwTttFreezesAndFollowsTheCpu) {
+  const Config c = engine_config("baseline");
+  auto comm = make_single_process_communicator();
+  const ParamSet<float> p0 = initial_params(c, 43);
+  const Batch b = batch64(128, false, 44);
+  TttOptimizerConfig cfg;
+  cfg.kind = TttOptimizerConfig::Kind::AdamW;
+  cfg.lr = 1e-3;
+  cfg.freeze_blocks = 1;
+  cfg.proj_lr_mult = 2.0;
+  cfg.fc_lr_mult = 0.0;
+  CpuEngine cpu(c, *comm);
+  auto gpu = cuda_engine(c, *comm);
+  cpu.load_params(p0);
+  gpu->load_params(p0);
+  cpu.ttt_begin(cfg);
+  gpu->ttt_begin(cfg);
+  for (int s = 0; s < 4; ++s) {
+    const double lc = cpu.ttt_step(b, 1.0), lg = gpu->ttt_step(b, 1.0);
+    std::printf("  ttt step %d loss cpu %.5f gpu %.5f\n", s, lc, lg);
+    EXPECT_LE(std::fabs(lg - lc), 5 * kMeanLossTol);
+  }
+  const ParamSet<float> p1 = params_of(*gpu);
+  for (size_t i = 0; i < p0.layout().size(); ++i) {
+    const std::string& n = p0.layout().spec(i).name;
+    const bool frozen = n.rfind("blocks.0.", 0) == 0 || n.find(".fc.") != std::string::npos;
+    EXPECT_EQ(same_bits(p0[i], p1[i]), frozen) << n;
+  }
+  std::vector<float> before, after;
+  cpu.token_losses(b, before);
+  gpu->token_losses(b, after);
+  EXPECT_LE(rel_frobenius(after, before), 5 * kTokenLossTol) << "the two engines' TTT weights score alike";
+}
+
+// ---- LoRA -------------------------------------------------------------------------------------------
+
+// Fresh adapters (B = 0) score exactly as the base model; training lowers the next score and never
+// touches the base weights; the scores follow the CPU engine's.
+TEST_F(CudaEngineTest, LoraScoresFirstThenLearns) {
+  const Config c = engine_config("s1560");
+  auto comm = make_single_process_communicator();
+  const ParamSet<float> p0 = initial_params(c, 51);
+  const Batch b = batch64(128, false, 52);
+  CpuEngine cpu(c, *comm);
+  auto gpu = cuda_engine(c, *comm);
+  LoraConfig lc;
+  lc.rank = 8;
+  lc.targets = {true, true, true, true, true, true};
+  const std::vector<float> weights(static_cast<size_t>(b.tokens()), 1.0f / static_cast<float>(b.tokens()));
+  std::vector<std::vector<float>> scores(2);
+  int k = 0;
+  for (Engine* e : {static_cast<Engine*>(&cpu), static_cast<Engine*>(gpu.get())}) {
+    e->load_params(p0);
+    e->set_looping(true);
+    std::vector<float> base, first, after;
+    e->token_losses(b, base);
+    e->lora_begin(lc, b.rows, {1e-2, 0.9, 0.999, 1e-10, 0.0});
+    e->lora_reset(1);
+    e->lora_score_and_train(b, weights, first);
+    for (size_t i = 0; i < first.size(); ++i) ASSERT_NEAR(first[i], base[i], 1e-6) << e->backend_name() << " " << i;
+    e->lora_train_step(b, weights);
+    e->lora_score_and_train(b, {}, after);
+    double s0 = 0, s1 = 0;
+    for (size_t i = 0; i < first.size(); ++i) s0 += first[i], s1 += after[i];
+    std::printf("  [%s] LoRA: mean loss %.5f -> %.5f\n", e->backend_name(), s0 / first.size(), s1 / after.size());
+    EXPECT_LT(s1, s0) << e->backend_name();
+    EXPECT_TRUE(same_bits(params_of(*e).all(), p0.all())) << e->backend_name() << ": the base weights moved";
+    e->lora_end();
+    scores[static_cast<size_t>(k++)] = after;
+  }
+  EXPECT_LE(rel_frobenius(scores[1], scores[0]), 2 * kTokenLossTol);
+}
+
+// ---- GPTQ Hessians ----------------------------------------------------------------------------------
+
+TEST_F(CudaEngineTest, HessiansMatchTheCpuEngine) {
+  const Config c = engine_config("s691");
+  auto comm = make_single_process_communicator();
+  const ParamSet<float> p = initial_params(c, 61);
+  CpuEngine cpu(c, *comm);
+  auto gpu = cuda_engine(c, *comm, 80);  // two row chunks: the sums run over both
+  cpu.load_params(p);
+  gpu->load_params(p);
+  const Batch b = batch64(128, false, 62);
+  TensorMap hc, hg;
+  cpu.accumulate_hessians(b, hc);
+  gpu->accumulate_hessians(b, hg);
+  ASSERT_EQ(hg.names(), hc.names());
+  EXPECT_EQ(hg.size(), static_cast<size_t>(6 * cpu.model_config().num_layers + 1));
+  double worst = 0;
+  for (const auto& name : hc.names()) {
+    const double e = rel_frobenius(hg.get(name).as<float>(), hc.get(name).as<float>());
+    EXPECT_LE(e, 2 * kActivationTol) << name;  // XᵀX of bf16 activations: twice their relative error
+    worst = std::max(worst, e);
+  }
+  std::printf("  Hessians: worst rel error %.2e\n", worst);
+  EXPECT_EQ(hg.get("blocks.2.attn.c_q.weight").bytes, hg.get("blocks.2.attn.c_v.weight").bytes);
+}
+
+// ---- the factory ------------------------------------------------------------------------------------
+
+TEST_F(CudaEngineTest, FactoryBuildsBothBackends) {
+  const Config c = engine_config("baseline");
+  auto comm = make_single_process_communicator();
+  EXPECT_STREQ(make_engine(c, *comm, "cpu")->backend_name(), "cpu");
+  EngineOptions o;
+  o.max_tokens = 160;
+  EXPECT_STREQ(make_engine(c, *comm, "cuda", o)->backend_name(), "cuda");
+  EXPECT_THROW(make_engine(c, *comm, "gpu"), Error);
+}
+
+}  // namespace
+}  // namespace pgolf::test

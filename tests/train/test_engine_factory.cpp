@@ -1,0 +1,60 @@
+// make_engine and `pgolf bench` on the CPU engine (the CUDA engine's tests are in tests/cuda).
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "dist/communicator.h"
+#include "model/engine_factory.h"
+#include "model/tiny_models.h"
+#include "test_util.h"
+
+using namespace pgolf;
+
+TEST(EngineFactory, BuildsTheCpuEngineAndRefusesUnknownDevices) {
+  const Config c = test::tiny_preset("baseline");
+  auto comm = make_single_process_communicator();
+  auto e = make_engine(c, *comm, "cpu");
+  EXPECT_STREQ(e->backend_name(), "cpu");
+  EXPECT_EQ(e->layout().count(), param_count(ModelConfig::from_config(c)));
+  EXPECT_THROW(make_engine(c, *comm, "tpu"), Error);
+  if (!cuda_available()) EXPECT_THROW(make_engine(c, *comm, "cuda"), Error);
+}
+
+TEST(EngineFactory, DefaultMaxTokensIsTheLargerOfTheMicroBatchAndATttBatch) {
+  Config c = Config::load("s691");  // 786,432 tokens over 8 / world accumulation steps; TTT 32 x 2048
+  EXPECT_EQ(default_max_tokens(c, 1), 98304);
+  EXPECT_EQ(default_max_tokens(c, 8), 98304);
+  c.set("grad_accum_steps", int64_t{1});
+  EXPECT_EQ(default_max_tokens(c, 1), 786432);
+  c.set("train_batch_tokens", int64_t{8192});
+  EXPECT_EQ(default_max_tokens(c, 1), 65536);
+}
+
+TEST(BenchCommand, TimesACpuTrainingStepAndReportsJson) {
+  const std::string args =
+      "bench --preset s691 --device cpu --set num_layers=2 --set model_dim=64 --set num_heads=2 --set num_kv_heads=1 "
+      "--set bigram_dim=32 --set ve_dim=32 --set ve_layers=[1] --set xsa_last_n=1 --seq-len 64 --batch-tokens 256 "
+      "--steps 2 --warmup 1 --json";
+  const auto r = test::run_pgolf(args);
+  ASSERT_EQ(r.status, 0) << r.output;
+  const nlohmann::json j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j.at("device"), "cpu");
+  EXPECT_EQ(j.at("tokens_per_step").get<int64_t>(), 256);
+  EXPECT_EQ(j.at("seq_len").get<int64_t>(), 64);
+  EXPECT_EQ(j.at("layers").get<int64_t>(), 2);
+  Config c = Config::load("s691");
+  for (const char* kv : {"num_layers=2", "model_dim=64", "num_heads=2", "num_kv_heads=1", "bigram_dim=32", "ve_dim=32",
+                         "ve_layers=[1]", "xsa_last_n=1"})
+    c.set_from_string(kv);
+  EXPECT_EQ(j.at("params").get<int64_t>(), param_count(ModelConfig::from_config(c)));
+  const double tokens_per_s = j.at("tokens_per_s").get<double>(), ms = j.at("ms_per_step").get<double>();
+  EXPECT_GT(ms, 0.0);
+  EXPECT_NEAR(tokens_per_s, 256.0 / (ms * 1e-3), 1e-6 * tokens_per_s);
+  EXPECT_GT(j.at("eval_tokens_per_s").get<double>(), 0.0);
+  EXPECT_FALSE(j.contains("optimizer_ms")) << "the optimizer step alone is timed on the GPU only";
+}
+
+TEST(BenchCommand, RejectsABatchThatIsNotAMultipleOfTheSequenceLength) {
+  const auto r = test::run_pgolf("bench --preset baseline --device cpu --seq-len 64 --batch-tokens 100 --steps 1");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("multiple"), std::string::npos) << r.output;
+}
