@@ -9,23 +9,16 @@
 # GTEST_FILTER — passed to the test programs by gtest itself; BENCH_ARGS — arguments of the kernel
 # benchmark (the model benchmarks run after it); SKIP_KERNEL_BENCH=1 — no bench_cuda runs;
 # SKIP_BENCH=1 — tests only. The last benchmarks are `pgolf bench` (whole training steps of the
-# CUDA engine) for baseline (65,536 tokens of 1,024) and s691 (98,304 tokens of 2,048). SKIP_DIST=1 —
+# CUDA engine) for baseline (65,536 tokens of 1,024), s691 and s1560 (98,304 tokens of 2,048), also
+# written as JSON (pgolf_bench_PRESET.json) when OUT is set. SKIP_DIST=1 —
 # no multi-process check (pgolf dist-selftest). Exit status: 0 when every program succeeded.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bundle="${1:-$here/pgolf-devpack.tar.xz}"
 work="$(mktemp -d)"
 tar -C "$work" -xJf "$bundle" || { echo "device-check: cannot unpack $bundle" >&2; exit 1; }
-bin="$work/pgolf/bin"
-# The tests find the bundled shared data (golden dumps, FineWeb prefix) through PGOLF_SHARED_DIR.
-[ -d "$work/pgolf/shared" ] && export PGOLF_SHARED_DIR="$work/pgolf/shared"
-export PGOLF_CONFIG_DIR="$work/pgolf/configs"
-export LD_LIBRARY_PATH="$bin/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# NCCL: the toolkit's copy where it has one, else the one the Python wheels (nvidia-nccl) installed.
-if ldd "$bin/pgolf" | grep -q 'libnccl.so.2 => not found'; then
-  nccl_lib="$(python3 -c 'import glob, site; print(next(iter(sorted(f for d in site.getsitepackages() for f in glob.glob(d + "/nvidia/**/libnccl.so.2", recursive=True))), ""))' 2>/dev/null)"
-  [ -n "$nccl_lib" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$(dirname "$nccl_lib")" && echo "== NCCL from $nccl_lib"
-fi
+# shellcheck source=device-env.sh
+source "$here/device-env.sh" "$work"
 logs="${OUT:-$work/logs}"
 mkdir -p "$logs"
 
@@ -100,12 +93,17 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # at the one-GPU protocol's batches, the optimizer step alone, the evaluation forward, and the top
   # kernels of a step.
   : >"$logs/pgolf_bench.log"
-  for args in "--preset baseline --batch-tokens 65536 --seq-len 1024" "--preset s691 --batch-tokens 98304 --seq-len 2048"; do
+  for args in "--preset baseline --batch-tokens 65536 --seq-len 1024" "--preset s691 --batch-tokens 98304 --seq-len 2048" \
+    "--preset s1560 --batch-tokens 98304 --seq-len 2048"; do
+    preset="$(echo "$args" | cut -d' ' -f2)"
     echo "== pgolf bench $args"
     start=$SECONDS
     # shellcheck disable=SC2086
     timeout 300 "$bin/pgolf" bench $args --profile 2>&1 | tee -a "$logs/pgolf_bench.log"
     rc=${PIPESTATUS[0]}
+    # The same measurement as one JSON object (the record kept in bench/).
+    # shellcheck disable=SC2086
+    [ "$rc" = 0 ] && { timeout 300 "$bin/pgolf" bench $args --profile --json >"$logs/pgolf_bench_$preset.json" || rc=$?; }
     rows+=("$(printf '%-40s %6s %7s %7s %7ss' "pgolf bench ${args%% --batch*}" "$rc" - - "$((SECONDS - start))")")
     [ "$rc" = 0 ] || status=1
   done

@@ -6,8 +6,9 @@
 #
 #   scripts/device-pack.sh [OUTPUT_DIR]        (default: .devpack in the repository root)
 #
-# Writes OUTPUT_DIR/pgolf-devpack.tar.xz (tar + xz) and copies scripts/device-check.sh beside it;
-# on the GPU machine, `bash OUTPUT_DIR/device-check.sh` unpacks and runs everything. The shared data the
+# Writes OUTPUT_DIR/pgolf-devpack.tar.xz (tar + xz) and copies scripts/device-{check,env,run}.sh beside
+# it; on the GPU machine, `bash OUTPUT_DIR/device-check.sh` unpacks and runs everything, and
+# `bash OUTPUT_DIR/device-run.sh` runs a preset end to end (pgolf run) on data of scripts/device-stage.sh. The shared data the
 # GPU tests read (the golden dumps of the five stacks, the FineWeb validation prefix) travel in the
 # bundle's shared/ folder, taken from PGOLF_SHARED_DIR (default: ../shared beside the repository).
 set -euo pipefail
@@ -28,6 +29,8 @@ stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/pgolf/bin/lib"
 cp "${programs[@]}" "$stage/pgolf/bin/"
+# The code archive pgolf run counts and packs, from the build beside the pgolf binary.
+cp build/pgolf_code.tar.xz "$stage/pgolf/bin/"
 cp -r configs "$stage/pgolf/configs"
 shared="${PGOLF_SHARED_DIR:-$root/../shared}"
 mkdir -p "$stage/pgolf/shared/golden" "$stage/pgolf/shared/data/fineweb_val_prefix"
@@ -61,7 +64,7 @@ done < <(for p in "${programs[@]}"; do ldd "$p"; done | awk '$2 == "=>" {print $
 tmp="$out/pgolf-devpack.tar.xz.tmp.$$"
 tar -C "$stage" -cf - pgolf | xz -T2 -3 >"$tmp"
 mv "$tmp" "$out/pgolf-devpack.tar.xz"
-cp scripts/device-check.sh "$out/device-check.sh"
+cp scripts/device-check.sh scripts/device-env.sh scripts/device-run.sh "$out/"
 
 echo "device-pack: $(du -h "$out/pgolf-devpack.tar.xz" | cut -f1) in $out/pgolf-devpack.tar.xz"
 echo "  programs:  ${programs[*]}"

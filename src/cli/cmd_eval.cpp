@@ -49,7 +49,7 @@ LoadedModel load_model(const EvalArgs& a) {
     const Artifact art = read_artifact(a.artifact);  // decompressed and verified
     m.load_seconds = seconds_since(t0);
     m.config = a.preset.preset.empty() ? Config::from_toml(art.config_toml, a.artifact) : Config::load(a.preset.preset);
-    for (const auto& s : a.preset.sets) m.config.set_from_string(s);
+    a.preset.apply(m.config);
     t0 = EvalClock::now();
     m.weights = artifact_weights(art);
     m.dequantize_seconds = seconds_since(t0);

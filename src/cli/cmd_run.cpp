@@ -49,7 +49,7 @@ void register_run(CLI::App& app) {
       cfg.set("val_files", d.val_glob);
       cfg.set("tokenizer_path", d.tokenizer);
     }
-    for (const auto& s : preset.sets) cfg.set_from_string(s);
+    preset.apply(cfg);
     if (!data.empty()) cfg.set("train_files", data);
     if (!val.empty()) cfg.set("val_files", val);
     if (!tokenizer.empty()) cfg.set("tokenizer_path", tokenizer);

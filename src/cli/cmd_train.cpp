@@ -76,8 +76,11 @@ void register_train(CLI::App& app) {
     if (!resume.empty()) {
       checkpoint = std::make_unique<Checkpoint>(load_checkpoint(resume));
       config = preset.preset.empty() ? checkpoint->config : preset.resolve();
-      if (preset.preset.empty())
-        for (auto& s : preset.sets) config.set_from_string(s);
+      if (preset.preset.empty()) {
+        PG_CHECK(!preset.one_gpu, "pgolf train --resume {}: --one-gpu applies to a preset; the checkpoint's "
+                 "configuration already holds its batch", resume);
+        preset.apply(config);
+      }
       run_dir = resumed_run_dir(resume, out);
     } else {
       PG_CHECK(!preset.preset.empty(), "pgolf train needs --preset NAME (or --resume CHECKPOINT)");

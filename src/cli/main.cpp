@@ -13,13 +13,29 @@ namespace pgolf::cli {
 void PresetOptions::add_to(CLI::App* cmd, bool required) {
   auto* o = cmd->add_option("--preset", preset, "preset name (configs/NAME.toml) or path to a .toml file");
   if (required) o->required();
+  cmd->add_flag("--one-gpu", one_gpu,
+                "the one-GPU protocol: one GPU's share of the batch (train_batch_tokens / 8), no gradient accumulation");
   cmd->add_option("--set", sets, "override a configuration key: --set key=value (repeatable)")->take_all();
 }
 
 Config PresetOptions::resolve() const {
   Config c = Config::load(preset.empty() ? std::string("baseline") : preset);
-  for (auto& s : sets) c.set_from_string(s);
+  apply(c);
   return c;
+}
+
+void PresetOptions::apply(Config& c) const {
+  if (one_gpu) apply_one_gpu_protocol(c);
+  for (auto& s : sets) c.set_from_string(s);
+}
+
+void apply_one_gpu_protocol(Config& c) {
+  const int64_t batch = c.get_int("train_batch_tokens");
+  const int64_t seq = c.get_int("train_seq_len");
+  PG_CHECK(batch % 8 == 0 && (batch / 8) % seq == 0,
+           "--one-gpu: train_batch_tokens {} / 8 is not a whole number of train_seq_len {} sequences", batch, seq);
+  c.set("train_batch_tokens", batch / 8);
+  c.set("grad_accum_steps", int64_t{1});
 }
 
 }  // namespace pgolf::cli

@@ -39,9 +39,7 @@ ncclRedOp_t nccl_op(ReduceOp op, DType t, int world) {
     case ReduceOp::Avg:
       // As the host communicators: an integer average would truncate.
       PG_CHECK(t == DType::F32 || t == DType::F64 || t == DType::BF16, "integer all-reduce does not support Avg");
-      // The average of one rank is its value: a sum, which NCCL copies. NCCL's own one-rank average
-      // (a scaling kernel) left the last element of an out-of-place reduce-scatter of 1,048,577
-      // elements unwritten (F32, F64 and BF16 on an H100), where the sum was exact.
+      // The average of one rank is its value: a sum, which NCCL does as a plain copy (no scaling pass).
       return world == 1 ? ncclSum : ncclAvg;
   }
   fail("unknown reduce op");
@@ -58,13 +56,16 @@ class DeviceBufferSpace final : public BufferSpace {
     return p;
   }
   void release(void* p) override { cudaFree(p); }
+  // Copies on the collectives' stream, then waits for it: a plain cudaMemcpy from pageable memory
+  // may return before its DMA lands, and a non-blocking stream does not wait for the legacy stream,
+  // so a collective launched next could read a partly written input.
   void upload(void* dst, const void* src, size_t bytes) override {
+    PG_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
     PG_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    PG_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
   }
   void download(void* dst, const void* src, size_t bytes) override {
+    PG_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     PG_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    PG_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
   }
 
  private:
