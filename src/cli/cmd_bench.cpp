@@ -65,7 +65,9 @@ void run_bench(const BenchOptions& o) {
   Config cfg = o.preset.resolve();
   const ModelConfig mc = ModelConfig::from_config(cfg);
   const int64_t T = o.seq_len > 0 ? o.seq_len : cfg.get_int("train_seq_len");
-  const int64_t tokens = o.batch_tokens > 0 ? o.batch_tokens : cfg.get_int("train_batch_tokens") / 8;
+  // --one-gpu has already divided the configured batch by 8.
+  const int64_t tokens =
+      o.batch_tokens > 0 ? o.batch_tokens : cfg.get_int("train_batch_tokens") / (o.preset.one_gpu ? 1 : 8);
   PG_CHECK(T > 0 && tokens > 0 && tokens % T == 0, "bench: --batch-tokens {} must be a positive multiple of --seq-len {}",
            tokens, T);
   PG_CHECK(o.steps > 0 && o.warmup >= 0, "bench: --steps must be positive and --warmup non-negative");

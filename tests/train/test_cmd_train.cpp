@@ -77,3 +77,31 @@ TEST(CmdTrain, ResumeWithoutARunDirectoryNeedsOut) {
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("missing.safetensors"), std::string::npos) << r.output;
 }
+
+// --one-gpu gives each step one GPU's share of the preset's batch (tiny: 8,192 / 8 = 1,024 tokens)
+// with no accumulation, and the resolved configuration written beside the run says so (a --set
+// still has the last word); a batch that does not divide is refused.
+TEST(CmdTrain, OneGpuProtocolDividesTheBatch) {
+  test::TempDir data, run;
+  test::write_synthetic_shards(data.path());
+  const std::string args =
+      "train --preset tiny --one-gpu --data " + quoted(data / "train_*.bin") + " --val " +
+      quoted(test::val_prefix_shard()) + " --tokenizer " + quoted(test::sp1024_model()) + " --out " +
+      quoted(run.path()) + " --threads 1 --set iterations=1 --set val_loss_every=0 --set val_batch_tokens=512" +
+      " --set val_max_tokens=512";
+  const auto r = test::run_pgolf(args);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("grad_accum_steps:1"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("train_batch_tokens:1024 "), std::string::npos) << r.output;
+  std::ifstream cfg(run / "config.toml");
+  const std::string text((std::istreambuf_iterator<char>(cfg)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("train_batch_tokens = 1024"), std::string::npos) << text;
+  EXPECT_NE(text.find("grad_accum_steps = 1"), std::string::npos) << text;
+
+  // 2,000 / 8 = 250 tokens is not a whole number of 32-token sequences.
+  test::TempDir presets;
+  std::ofstream(presets / "odd.toml") << "train_seq_len = 32\ntrain_batch_tokens = 2000\n";
+  const auto bad = test::run_pgolf("train --preset " + quoted(presets / "odd.toml") + " --one-gpu");
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.output.find("--one-gpu: train_batch_tokens 2000 / 8"), std::string::npos) << bad.output;
+}
