@@ -49,8 +49,9 @@ inline ByteTables made_up_tables(int vocab) {
   return t;
 }
 
-inline Config eval_test_config() {
-  Config c = tiny_preset("baseline");
+// The evaluation settings of these tests (any model): every mode gets several chunks, documents,
+// batches and phases at T = 16.
+inline void apply_eval_test_settings(Config& c) {
   c.set("vocab_size", int64_t{kEvalVocab});
   c.set("eval_stride", int64_t{4});
   c.set("eval_batch_seqs", int64_t{8});
@@ -68,6 +69,11 @@ inline Config eval_test_config() {
   c.set("phased_ttt_prefix_docs", int64_t{5});
   c.set("phased_ttt_phases", int64_t{2});
   c.set("phased_ttt_lr", 0.02);
+}
+
+inline Config eval_test_config() {
+  Config c = tiny_preset("baseline");
+  apply_eval_test_settings(c);
   return c;
 }
 
