@@ -24,6 +24,7 @@ void register_run(CLI::App& app) {
                                                  fortune_dir = "/usr/share/games/fortunes";
   static std::string device = "auto";
   static bool no_plots = false;
+  static std::string plot_only;
   static NprocOption nproc;
   preset.add_to(cmd, false);
   cmd->add_option("--data", data, "glob of the training shards (sets train_files)");
@@ -34,8 +35,16 @@ void register_run(CLI::App& app) {
   cmd->add_option("--fortunes", fortune_dir, "the fortune texts of the default corpus")->capture_default_str();
   cmd->add_option("--device", device, "auto (CUDA when a GPU is present), cpu or cuda")->capture_default_str();
   cmd->add_flag("--no-plots", no_plots, "do not draw curves.png (gnuplot)");
+  cmd->add_option("--plot-only", plot_only,
+                  "draw curves.png of the run directory given (from its metrics.jsonl), e.g. of a run made with "
+                  "--no-plots on a machine without gnuplot, and do nothing else");
   nproc.add_to(cmd);
   cmd->callback([] {
+    if (!plot_only.empty()) {
+      plot_curves(plot_only);
+      fmt::print("{}\n", (fs::path(plot_only) / "curves.png").string());
+      return;
+    }
     const std::string backend = resolve_device(device);
     if (auto status = nproc.launch_ranks("pgolf run", backend)) return exit_command(*status);
     const ProcessGroup group = join_process_group("pgolf run", backend);
