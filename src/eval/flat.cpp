@@ -52,6 +52,27 @@ FlatEvalOptions FlatEvalOptions::from_config(const Config& c, int grad_accum, in
   return o;
 }
 
+std::pair<int64_t, int64_t> FlatEvalOptions::rank_range(int64_t total_seqs, int rank, int world) const {
+  const int64_t begin = total_seqs * rank / world;
+  int64_t end = total_seqs * (rank + 1) / world;
+  if (rank_seq_multiple > 0) end = begin + (end - begin) / rank_seq_multiple * rank_seq_multiple;
+  return {begin, end};
+}
+
+void FlatEvalOptions::check_scores_something(std::span<const uint16_t> tokens, int world, const std::string& what) const {
+  const int64_t total_seqs = tokens.size() < 2 ? 0 : static_cast<int64_t>(tokens.size() - 1) / seq_len;
+  int64_t scored = 0;
+  for (int r = 0; r < world; ++r) {
+    const auto [begin, end] = rank_range(total_seqs, r, world);
+    scored += end - begin;
+  }
+  PG_CHECK(scored > 0,
+           "{}: {} sequences of {} tokens over {} rank(s) leave nothing to score with val_rank_seq_multiple {} "
+           "(each rank's share is cut to a multiple of it): give more validation tokens (val_max_tokens) or "
+           "set val_rank_seq_multiple = 0",
+           what, total_seqs, seq_len, world, rank_seq_multiple);
+}
+
 namespace {
 
 // Sequences [first, first + count) of the stream as one batch: dense rows of seq_len, or (document
@@ -97,9 +118,8 @@ FlatEvalResult evaluate_flat(Engine& engine, Communicator& comm, std::span<const
            o.batch_tokens, local_tokens, o.seq_len);
   const int64_t batch_seqs = local_tokens / o.seq_len;
   const int64_t total_seqs = static_cast<int64_t>(tokens.size() - 1) / o.seq_len;
-  const int64_t seq_begin = total_seqs * rank / world;
-  int64_t seq_end = total_seqs * (rank + 1) / world;
-  if (o.rank_seq_multiple > 0) seq_end = seq_begin + (seq_end - seq_begin) / o.rank_seq_multiple * o.rank_seq_multiple;
+  o.check_scores_something(tokens, world, "flat evaluation");
+  const auto [seq_begin, seq_end] = o.rank_range(total_seqs, rank, world);
 
   BpbAccumulator acc;
   std::vector<float> nll;

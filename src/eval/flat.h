@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/config.h"
@@ -40,6 +41,12 @@ struct FlatEvalOptions {
 
   // val_batch_tokens, val_doc_isolated, val_rank_seq_multiple and T_eval from the preset.
   static FlatEvalOptions from_config(const Config& c, int grad_accum, int bos_id);
+
+  // The sequences [begin, end) that `rank` of `world` scores out of `total_seqs`.
+  std::pair<int64_t, int64_t> rank_range(int64_t total_seqs, int rank, int world) const;
+  // Fails, naming `what` and the settings, when no rank would score anything from `tokens` (the
+  // truncated stream) — checked before training, so a run does not end in an empty evaluation.
+  void check_scores_something(std::span<const uint16_t> tokens, int world, const std::string& what) const;
 };
 
 struct FlatEvalResult {

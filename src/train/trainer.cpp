@@ -140,6 +140,8 @@ TrainResult train(Engine& engine, Communicator& comm, const Config& config, cons
   const std::vector<uint16_t> heldout_tokens =
       heldout_glob.empty() ? std::vector<uint16_t>() : load_eval_tokens(heldout_glob, config);
   const FlatEvalOptions eval_options = FlatEvalOptions::from_config(config, grad_accum, tokenizer.bos_id());
+  eval_options.check_scores_something(val_tokens, world, "validation " + config.get_string("val_files"));
+  if (!heldout_tokens.empty()) eval_options.check_scores_something(heldout_tokens, world, "held-out " + heldout_glob);
 
   // Weights, optimizer state, averages, data position and latches: fresh or from the checkpoint.
   ParamSet<float> params(engine.layout());

@@ -244,3 +244,25 @@ TEST(FlatEval, RejectsStreamsThatAreNotWholeSequences) {
     EXPECT_NE(std::string(err.what()).find("not whole sequences of 32"), std::string::npos) << err.what();
   }
 }
+
+// val_rank_seq_multiple larger than every rank's share leaves nothing to score: refused with the
+// settings named (the trainer checks this before training), and accepted once one rank scores.
+TEST(FlatEval, RefusesSettingsThatScoreNothing) {
+  FlatEvalOptions o;
+  o.seq_len = 32;
+  o.rank_seq_multiple = 4;
+  const std::vector<uint16_t> three(3 * 32 + 1, 5), four(4 * 32 + 1, 5);
+  try {
+    o.check_scores_something(three, 1, "validation v.bin");
+    FAIL() << "expected an error";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("validation v.bin: 3 sequences of 32 tokens over 1 rank(s) leave nothing "
+                                           "to score with val_rank_seq_multiple 4"),
+              std::string::npos)
+        << err.what();
+  }
+  EXPECT_NO_THROW(o.check_scores_something(four, 1, "v"));
+  EXPECT_THROW(o.check_scores_something(four, 2, "v"), Error) << "2 sequences per rank";
+  o.rank_seq_multiple = 0;
+  EXPECT_NO_THROW(o.check_scores_something(three, 2, "v"));
+}
