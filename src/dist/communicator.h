@@ -43,6 +43,10 @@ class Communicator {
   virtual void set_stream(void* stream) {}
   // Whether the collectives act on device buffers (NCCL) rather than host memory.
   virtual bool device_buffers() const { return false; }
+  // Whether the device collectives may be captured into a CUDA graph (NCCL's can). A communicator
+  // that synchronises its ranks on the host while enqueueing (the thread device communicator) says
+  // no, and the CUDA engine then launches its steps eagerly.
+  virtual bool graph_capturable() const { return true; }
 
   template <typename T>
   void all_reduce(T* data, size_t count, ReduceOp op) {

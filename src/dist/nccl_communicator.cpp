@@ -47,31 +47,6 @@ ncclRedOp_t nccl_op(ReduceOp op, DType t, int world) {
 
 cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
-class DeviceBufferSpace final : public BufferSpace {
- public:
-  explicit DeviceBufferSpace(void* stream) : stream_(as_stream(stream)) {}
-  void* allocate(size_t bytes) override {
-    void* p = nullptr;
-    PG_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(bytes, 1)));
-    return p;
-  }
-  void release(void* p) override { cudaFree(p); }
-  // Copies on the collectives' stream, then waits for it: a plain cudaMemcpy from pageable memory
-  // may return before its DMA lands, and a non-blocking stream does not wait for the legacy stream,
-  // so a collective launched next could read a partly written input.
-  void upload(void* dst, const void* src, size_t bytes) override {
-    PG_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
-    PG_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  }
-  void download(void* dst, const void* src, size_t bytes) override {
-    PG_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
-    PG_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  }
-
- private:
-  cudaStream_t stream_;
-};
-
 }  // namespace
 
 NcclCommunicator::NcclCommunicator(Rendezvous& rendezvous, void* stream)
@@ -255,10 +230,6 @@ int bind_local_gpu(int local_rank, bool allow_shared) {
   }
   PG_CUDA_CHECK(cudaSetDevice(device));
   return device;
-}
-
-std::unique_ptr<BufferSpace> make_device_buffer_space(void* stream) {
-  return std::make_unique<DeviceBufferSpace>(stream);
 }
 
 std::string nccl_version() {

@@ -12,6 +12,7 @@
 
 #include "dist/collective_checks.h"
 #include "dist/communicator.h"
+#include "dist/cuda_thread_communicator.h"  // make_device_buffer_space
 #include "dist/rendezvous.h"
 
 struct ncclComm;
@@ -72,9 +73,6 @@ class NcclCommunicator final : public Communicator {
 // local ranks beyond the visible GPUs share them round-robin (NCCL itself refuses two ranks of one
 // communicator on one GPU). Returns the device index.
 int bind_local_gpu(int local_rank, bool allow_shared);
-
-// Device memory for check_collectives; copies wait for `stream` (a cudaStream_t).
-std::unique_ptr<BufferSpace> make_device_buffer_space(void* stream);
 
 // The version of the NCCL library loaded, e.g. "2.28.9".
 std::string nccl_version();

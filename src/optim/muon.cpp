@@ -41,16 +41,6 @@ void nesterov_all(std::span<float> u, std::span<const float> g, std::span<float>
 
 }  // namespace
 
-SliceShard SliceShard::of(int64_t slices, int rank, int world_size) {
-  PG_CHECK(world_size >= 1 && rank >= 0 && rank < world_size, "slice shard: rank {} outside world size {}", rank,
-           world_size);
-  SliceShard s;
-  s.per_rank = (slices + world_size - 1) / world_size;
-  s.first = rank * s.per_rank;
-  s.count = std::clamp<int64_t>(slices - s.first, 0, s.per_rank);
-  return s;
-}
-
 Muon::Muon(const ParamLayout& layout, std::vector<size_t> members, MuonOptions options)
     : members_(std::move(members)), options_(options) {
   PG_CHECK(options_.ns_steps >= 0, "muon_backend_steps must be >= 0, got {}", options_.ns_steps);

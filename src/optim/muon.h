@@ -20,20 +20,13 @@
 
 #include "model/params.h"
 #include "optim/newton_schulz.h"
+#include "optim/parallel_muon_plan.h"  // SliceShard
 
 namespace pgolf {
 class Communicator;
 }
 
 namespace pgolf::optim {
-
-// The slices of a bank that one rank owns under Parallel Muon.
-struct SliceShard {
-  int64_t per_rank = 0;  // P: padded slices / world size
-  int64_t first = 0;     // rank · P
-  int64_t count = 0;     // owned real slices: min(P, slices − first), possibly 0
-  static SliceShard of(int64_t slices, int rank, int world_size);
-};
 
 struct MuonOptions {
   double lr = 0.02;            // base learning rate (times the schedule's lr scale)

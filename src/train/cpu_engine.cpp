@@ -6,6 +6,7 @@
 #include "backend/cpu/gemm.h"
 #include "core/rng.h"
 #include "optim/clip.h"
+#include "optim/parallel_muon_plan.h"
 #include "optim/update_math.h"
 
 namespace pgolf {
@@ -17,21 +18,10 @@ CpuEngine::CpuEngine(const Config& config, Communicator& comm)
       ema_decay_(config.get_double("ema_decay")),
       grad_clip_norm_(config.get_double("grad_clip_norm")),
       grad_clip_local_(config.get_bool("grad_clip_local")) {
-  const ParamLayout& lay = layout();
-  int64_t replicated = 0;
-  for (size_t i = 0; i < lay.size(); ++i) {
-    const ParamSpec& s = lay.spec(i);
-    if (s.group == ParamGroup::Matrix && s.shape.size() == 3) {
-      parallel_muon_ = true;
-      continue;
-    }
-    if (!replicated_runs_.empty() && replicated_runs_.back().first + replicated_runs_.back().second == lay.offset(i))
-      replicated_runs_.back().second += s.numel();
-    else
-      replicated_runs_.emplace_back(lay.offset(i), s.numel());
-    replicated += s.numel();
-  }
-  replicated_buffer_.resize(static_cast<size_t>(replicated));
+  const optim::ParallelMuonPlan plan = optim::ParallelMuonPlan::of(layout(), comm_.rank(), comm_.world_size());
+  parallel_muon_ = !plan.banks.empty();
+  replicated_runs_ = plan.replicated;
+  replicated_buffer_.resize(static_cast<size_t>(plan.replicated_values));
   PG_CHECK(!parallel_muon_ || comm_.world_size() == 1 || grad_clip_norm_ <= 0.0 || grad_clip_local_,
            "the banked stack (Parallel Muon) on {} ranks clips each rank's local gradient: set grad_clip_local = true "
            "(as #549 / S1560) or grad_clip_norm = 0",
@@ -87,14 +77,10 @@ double CpuEngine::reduce_and_clip(bool clip_local, double max_norm, bool banks_l
   if (clip_local) norm = max_norm > 0 ? optim::clip_grad_norm(g, max_norm) : optim::global_l2_norm(g);
   if (comm_.world_size() == 1) return norm;
   if (banks_local) {
-    float* buf = replicated_buffer_.data();
-    for (auto [off, n] : replicated_runs_) buf = std::copy_n(g.begin() + off, n, buf);
-    comm_.all_reduce(replicated_buffer_.data(), replicated_buffer_.size(), ReduceOp::Avg);
-    const float* src = replicated_buffer_.data();
-    for (auto [off, n] : replicated_runs_) {
-      std::copy_n(src, n, g.begin() + off);
-      src += n;
-    }
+    std::vector<float>& buf = replicated_buffer_;
+    for (const optim::CopyRun& r : replicated_runs_) std::copy_n(g.begin() + r.from, r.count, buf.begin() + r.to);
+    comm_.all_reduce(buf.data(), buf.size(), ReduceOp::Avg);
+    for (const optim::CopyRun& r : replicated_runs_) std::copy_n(buf.begin() + r.to, r.count, g.begin() + r.from);
   } else {
     comm_.all_reduce(g.data(), g.size(), ReduceOp::Avg);
   }

@@ -66,10 +66,10 @@ class CpuEngine final : public Engine {
   double ema_decay_;
   double grad_clip_norm_;
   bool grad_clip_local_;
-  // Banked stacks step with Parallel Muon; (offset, count) of the runs of replicated (non-bank)
-  // parameters in layout order.
+  // Banked stacks step with Parallel Muon; the replicated (non-bank) parameters' runs into the packed
+  // all-reduce buffer (optim/parallel_muon_plan.h).
   bool parallel_muon_ = false;
-  std::vector<std::pair<int64_t, int64_t>> replicated_runs_;
+  std::vector<optim::CopyRun> replicated_runs_;
   std::vector<float> replicated_buffer_;
 
   // Score-first TTT over the base weights.

@@ -6,12 +6,26 @@
 
 #include "backend/cuda/cuda_engine_impl.h"
 #include "core/error.h"
+#include "optim/parallel_muon_plan.h"
 
 namespace pgolf::cuda {
 
 namespace {
 
 optim::OptimizerConfig optimizer_config(const Config& c) { return optim::OptimizerConfig::from_config(c); }
+
+// The optimizer's own (global) clip norm: none when each rank clips its local gradients. The
+// banked stack on several ranks (Parallel Muon) never holds averaged bank gradients, so it can clip
+// only locally, as the references and the CPU engine do.
+double global_clip_norm(const Config& c, const ParamLayout& layout, const Communicator& comm) {
+  const optim::ParallelMuonPlan plan = optim::ParallelMuonPlan::of(layout, comm.rank(), comm.world_size());
+  const bool local = c.get_bool("grad_clip_local");
+  PG_CHECK(!plan.active() || c.get_double("grad_clip_norm") <= 0.0 || local,
+           "the banked stack (Parallel Muon) on {} ranks clips each rank's local gradient: set grad_clip_local = true "
+           "(as #549 / S1560) or grad_clip_norm = 0",
+           comm.world_size());
+  return local ? 0.0 : c.get_double("grad_clip_norm");
+}
 
 GpuModelOptions model_options(const CudaEngineOptions& o) {
   PG_CHECK(o.max_tokens > 0, "CudaEngine: max_tokens must be positive, got {}", o.max_tokens);
@@ -28,19 +42,24 @@ CudaEngine::Impl::Impl(const Config& config, Communicator& comm_, const CudaEngi
       comm(comm_),
       model(ModelConfig::from_config(config), model_options(options_)),
       // With local clipping the optimizer sees gradients that were already clipped (coefficient 1).
-      optimizer(model.layout(), optimizer_config(config),
-                config.get_bool("grad_clip_local") ? 0.0 : config.get_double("grad_clip_norm")),
+      optimizer(model.layout(), optimizer_config(config), global_clip_norm(config, model.layout(), comm_), &comm_),
       local_clip(config.get_double("grad_clip_norm")),
       ema_decay(config.get_double("ema_decay")),
       grad_clip_norm(config.get_double("grad_clip_norm")),
       grad_clip_local(config.get_bool("grad_clip_local")),
-      graphs(options_.graphs),
+      graphs(options_.graphs && comm_.graph_capturable()),
       loss_sum(1, "step loss sum") {
   // The host communicators reduce host memory; several ranks need one that reduces device buffers
   // (NCCL), which enqueues on the engine's stream, in order with (and captured into) its graphs.
   PG_CHECK(comm.world_size() == 1 || comm.device_buffers(),
            "CudaEngine: {} ranks need a communicator of device buffers (NCCL)", comm.world_size());
   comm.set_stream(stream());
+  if (optimizer.parallel_muon()) {
+    const optim::ParallelMuonPlan& plan = optimizer.parallel_muon_plan();
+    replicated_to_buffer = SegmentCopy(plan.replicated, "replicated gradient packing");
+    buffer_to_replicated = SegmentCopy(optim::reversed(plan.replicated), "replicated gradient unpacking");
+    replicated_buffer = DeviceBuffer<float>(static_cast<size_t>(plan.replicated_values), "replicated gradients");
+  }
   void* host = nullptr;
   PG_CUDA_CHECK(cudaMallocHost(&host, sizeof(StepReadBack)));
   readback = new (host) StepReadBack{};
@@ -120,7 +139,7 @@ void CudaEngine::store_params(ParamSet<float>& params) const {
 }
 
 TensorMap CudaEngine::optimizer_state() const {
-  TensorMap t = impl_->optimizer.state_tensors();
+  TensorMap t = impl_->optimizer.state_tensors(impl_->stream());  // a collective under Parallel Muon
   if (impl_->ema) {
     TensorMap e = impl_->ema->state_tensors();
     for (auto& name : e.names()) t.set(name, std::move(e.get(name)));
@@ -173,18 +192,26 @@ void CudaEngine::Impl::enqueue_micro(bool first) {
   model.backward();
 }
 
-// Scale (accumulation), clip locally or reduce then clip globally, step, average, refresh bf16 copies.
+// Scale (accumulation), clip locally or reduce then clip globally, step, average, refresh bf16 copies:
+// the CPU engine's reduce_and_clip and step. Under Parallel Muon only the replicated gradients are
+// averaged here (packed, one all-reduce); the optimizer reduce-scatters the banks' local gradients.
 void CudaEngine::Impl::enqueue_update(int micro_batches, bool update_ema) {
   const int64_t total = model.layout().total();
   float* g = model.grads();
   // Each micro-step's loss is scaled by 1/n in the references; scaling the sum once is the same up to
   // rounding (exact when n is a power of two), as the CPU engine does.
   if (micro_batches > 1) scale_f32(g, total, 1.0f / static_cast<float>(micro_batches), stream());
-  if (grad_clip_local) {
+  if (clips_locally()) {
     local_clip.enqueue(g, total, stream());
     if (grad_clip_norm > 0) apply_clip(g, total, local_clip.state(), stream());
   }
-  comm.all_reduce(g, static_cast<size_t>(total), DType::F32, ReduceOp::Avg);
+  if (optimizer.parallel_muon()) {
+    replicated_to_buffer.enqueue(g, replicated_buffer.data(), stream());
+    comm.all_reduce(replicated_buffer.data(), replicated_buffer.size(), DType::F32, ReduceOp::Avg);
+    buffer_to_replicated.enqueue(replicated_buffer.data(), g, stream());
+  } else {
+    comm.all_reduce(g, static_cast<size_t>(total), DType::F32, ReduceOp::Avg);
+  }
   optimizer.enqueue_step(model.params(), g, stream());
   if (update_ema) ema->update(model.params(), stream());
   model.params_changed();
@@ -203,7 +230,7 @@ void CudaEngine::Impl::begin_update(const StepControl& control) {
 }
 
 StepResult CudaEngine::Impl::finish_step(const StepControl& control, int micro_batches) {
-  const GradClip& clip = grad_clip_local ? local_clip : optimizer.clip();
+  const GradClip& clip = clips_locally() ? local_clip : optimizer.clip();
   read_back(&readback->loss_sum, loss_sum.data(), sizeof(double));
   read_back(&readback->clip, clip.state(), sizeof(GradClipState));
   synchronize();

@@ -1,7 +1,7 @@
 // CudaEngine: the Engine on the GPU (GpuModel + GpuOptimizer + GpuEma), with CpuEngine's semantics
 // (train/cpu_engine.cpp is the behavioural reference): accumulation scaling, rank averaging of the
-// flat gradient buffer through the Communicator (one call, device pointers), local or global
-// clipping, EMA, the optimizer state under optim/'s names, score-first TTT (SGD / AdamW with
+// flat gradient buffer through the Communicator (one call, device pointers; banked stacks on several
+// ranks run Parallel Muon instead, gpu_optimizer.h), local or global clipping, EMA, the optimizer state under optim/'s names, score-first TTT (SGD / AdamW with
 // per-group learning rates and frozen blocks), per-document LoRA adapters with Adam, GPTQ Hessians.
 //
 // A training step of one micro-batch is, in steady state: the batch's asynchronous upload (pinned
@@ -34,7 +34,8 @@ struct CudaEngineOptions {
 
 class CudaEngine final : public Engine {
  public:
-  // `comm` must outlive the engine; with more than one rank it must reduce device buffers (NCCL).
+  // `comm` must outlive the engine; with more than one rank it must reduce device buffers (NCCL, or
+  // the thread device communicator of the tests, under which steps are not captured into graphs).
   CudaEngine(const Config& config, Communicator& comm, const CudaEngineOptions& options);
   ~CudaEngine() override;
   CudaEngine(const CudaEngine&) = delete;

@@ -16,6 +16,7 @@
 #include "backend/cuda/gpu_model.h"
 #include "backend/cuda/gpu_optimizer.h"
 #include "backend/cuda/grad_clip.h"
+#include "backend/cuda/segment_copy.h"
 #include "backend/cuda/step_graphs.h"
 #include "dist/communicator.h"
 #include "model/lora.h"
@@ -36,7 +37,10 @@ struct CudaEngine::Impl {
   Communicator& comm;
   GpuModel model;
   GpuOptimizer optimizer;  // clips by the global norm unless clipping is local
-  GradClip local_clip;     // grad_clip_local: each rank's gradients, before the reduction
+  GradClip local_clip;     // grad_clip_local or Parallel Muon: each rank's gradients, before the reduction
+  // Parallel Muon: the replicated (non-bank) gradients packed for their one all-reduce.
+  SegmentCopy replicated_to_buffer, buffer_to_replicated;
+  DeviceBuffer<float> replicated_buffer;
   std::optional<GpuEma> ema;
   double ema_decay = 0.0;
   double grad_clip_norm = 0.0;
@@ -78,6 +82,9 @@ struct CudaEngine::Impl {
   DeviceBuffer<float> gram;
 
   cudaStream_t stream() const { return model.stream(); }
+  // Whether the gradient norm (and the clip) is each rank's local one, measured before the reduction:
+  // grad_clip_local, or Parallel Muon, under which no rank ever holds the averaged bank gradients.
+  bool clips_locally() const { return grad_clip_local || optimizer.parallel_muon(); }
   // Graph key of a batch: everything set_batch hands to the launches as host values.
   std::string shape_key(const Batch& b) const;
   // Copies `n` readback bytes from device `src` into the pinned block at `dst` (stream-ordered).

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "dist/communicator.h"
 #include "optim/state_io.h"
 
 namespace pgolf::cuda {
@@ -43,15 +44,26 @@ const std::string kStatePrefix = "optim/";
 
 }  // namespace
 
-GpuOptimizer::GpuOptimizer(const ParamLayout& layout, const optim::OptimizerConfig& config, double grad_clip_norm)
+GpuOptimizer::GpuOptimizer(const ParamLayout& layout, const optim::OptimizerConfig& config, double grad_clip_norm,
+                           Communicator* comm)
     : layout_(layout),
       config_(config),
+      comm_(comm),
+      plan_(optim::ParallelMuonPlan::of(layout, comm ? comm->rank() : 0, comm ? comm->world_size() : 1)),
       adam_members_(members_where(layout, false)),
       muon_members_(members_where(layout, true)),
       clip_(grad_clip_norm),
       adamw_(adam_tensors(layout, adam_members_)),
-      muon_(muon_tensors(layout, muon_members_, config), config.matrix.ns_steps, config.matrix.row_normalize),
-      scalars_(1, "optimizer step scalars") {}
+      muon_(muon_tensors(layout, muon_members_, config), config.matrix.ns_steps, config.matrix.row_normalize, &plan_),
+      scalars_(1, "optimizer step scalars") {
+  PG_CHECK(!plan_.active() || comm_->device_buffers(),
+           "GpuOptimizer: Parallel Muon over {} ranks needs a communicator of device buffers", plan_.world_size);
+  // The bank gradients are reduced before any clip coefficient could reach them (the references clip
+  // each rank's local gradients before the reduce-scatter).
+  PG_CHECK(!plan_.active() || grad_clip_norm <= 0.0,
+           "GpuOptimizer: under Parallel Muon ({} ranks) the optimizer cannot clip; clip the local gradients first",
+           plan_.world_size);
+}
 
 void GpuOptimizer::begin_step(int64_t step_index, double lr_scale, double momentum, cudaStream_t stream) {
   PG_CHECK(step_index == steps_taken_,
@@ -74,8 +86,21 @@ void GpuOptimizer::begin_step(int64_t step_index, double lr_scale, double moment
 
 void GpuOptimizer::enqueue_step(float* params, const float* grads, cudaStream_t stream) {
   clip_.enqueue(grads, layout_.total(), stream);
+  if (!muon_.sharded()) {
+    adamw_.enqueue(params, grads, scalars_.data(), clip_.state(), stream);
+    muon_.enqueue(params, grads, scalars_.data(), clip_.state(), stream);
+    return;
+  }
+  // Parallel Muon (the clip coefficient is 1: nothing is clipped here).
+  const size_t block = static_cast<size_t>(muon_.block_values());
+  muon_.enqueue_pack_bank_grads(grads, stream);
+  comm_->reduce_scatter(muon_.bank_grad_blocks(), muon_.bank_grad_shard(), block, DType::BF16, ReduceOp::Avg);
   adamw_.enqueue(params, grads, scalars_.data(), clip_.state(), stream);
-  muon_.enqueue(params, grads, scalars_.data(), clip_.state(), stream);
+  muon_.enqueue_prepare(grads, scalars_.data(), clip_.state(), stream);
+  muon_.enqueue_newton_schulz(stream);
+  muon_.enqueue_export_updates(stream);
+  comm_->all_gather(muon_.update_block(), muon_.update_gather(), block, DType::BF16);
+  muon_.enqueue_apply(params, scalars_.data(), stream);
 }
 
 void GpuOptimizer::step(float* params, const float* grads, int64_t step_index, double lr_scale, double momentum,
@@ -84,7 +109,13 @@ void GpuOptimizer::step(float* params, const float* grads, int64_t step_index, d
   enqueue_step(params, grads, stream);
 }
 
-TensorMap GpuOptimizer::state_tensors() const {
+TensorMap GpuOptimizer::state_tensors(cudaStream_t stream) {
+  if (muon_.sharded()) {
+    muon_.enqueue_pack_owned_momenta(stream);
+    comm_->all_gather(muon_.update_block(), muon_.update_gather(), static_cast<size_t>(muon_.block_values()),
+                      DType::BF16);
+    muon_.enqueue_unpack_gathered_momenta(stream);
+  }
   PG_CUDA_CHECK(cudaDeviceSynchronize());
   TensorMap out;
   std::vector<float> values;

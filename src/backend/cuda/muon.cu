@@ -43,14 +43,15 @@ __device__ __forceinline__ int find_entry(const T* entries, int count, int64_t i
 // One row of `cols` values, one warp: momentum and Nesterov update (update_math.h), then the
 // optional row normalisation u ← round(u / round(max(‖u‖₂, 1e-7))) (norm in fp64, as the CPU).
 // Returns Σ bf16(u)² of the final u (the Frobenius norm's share of this row), on every lane.
-template <typename Round, typename Momentum>
-__device__ double momentum_row(const float* grad, Momentum* momentum, float* update, int cols, float mu,
+template <typename Round, typename Grad, typename Momentum>
+__device__ double momentum_row(const Grad* grad, Momentum* momentum, float* update, int cols, float mu,
                                float clip_coef, bool row_normalize, Round round) {
   const int lane = threadIdx.x % 32;
   double sum_sq = 0.0;
   for (int j = lane; j < cols; j += 32) {
     float buf = load_float(momentum + j);
-    const float u = optim::muon_nesterov(round(optim::mul_rounded(grad[j], clip_coef)), buf, mu, round);
+    const float u =
+        optim::muon_nesterov(round(optim::mul_rounded(load_float(grad + j), clip_coef)), buf, mu, round);
     store_float(momentum + j, buf);
     update[j] = u;
     const float x = row_normalize ? u : bf16_round(u);
@@ -70,22 +71,28 @@ __device__ double momentum_row(const float* grad, Momentum* momentum, float* upd
 }
 
 __global__ void __launch_bounds__(kThreads)
-    muon_momentum_rows(const float* __restrict__ grads, float* __restrict__ momentum_f32,
-                       __nv_bfloat16* __restrict__ momentum_bf16, float* __restrict__ update,
-                       double* __restrict__ row_sum_sq, const MuonRowSpan* __restrict__ spans, int span_count,
-                       int64_t total_rows, const OptimizerStepScalars* __restrict__ scalars,
-                       const GradClipState* __restrict__ clip, bool row_normalize) {
+    muon_momentum_rows(const float* __restrict__ grads, const __nv_bfloat16* __restrict__ grad_shard,
+                       float* __restrict__ momentum_f32, __nv_bfloat16* __restrict__ momentum_bf16,
+                       float* __restrict__ update, double* __restrict__ row_sum_sq,
+                       const MuonRowSpan* __restrict__ spans, int span_count, int64_t total_rows,
+                       const OptimizerStepScalars* __restrict__ scalars, const GradClipState* __restrict__ clip,
+                       bool row_normalize) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (row >= total_rows) return;
   const MuonRowSpan span = spans[find_entry(spans, span_count, row, &MuonRowSpan::row_begin)];
   const int64_t local = (row - span.row_begin) * span.cols;
-  const float* grad = grads + span.param_offset + local;
   float* u = update + span.update_offset + local;
   const float mu = scalars->muon_momentum, clip_coef = clip->coefficient;
-  const double sum_sq = span.bank ? momentum_row(grad, momentum_bf16 + span.momentum_offset + local, u, span.cols, mu,
-                                                 clip_coef, row_normalize, RoundBf16{})
-                                  : momentum_row(grad, momentum_f32 + span.momentum_offset + local, u, span.cols, mu,
-                                                 clip_coef, row_normalize, optim::KeepF32{});
+  double sum_sq;
+  if (span.sharded)
+    sum_sq = momentum_row(grad_shard + span.grad_offset + local, momentum_bf16 + span.momentum_offset + local, u,
+                          span.cols, mu, clip_coef, row_normalize, RoundBf16{});
+  else if (span.bank)
+    sum_sq = momentum_row(grads + span.grad_offset + local, momentum_bf16 + span.momentum_offset + local, u,
+                          span.cols, mu, clip_coef, row_normalize, RoundBf16{});
+  else
+    sum_sq = momentum_row(grads + span.grad_offset + local, momentum_f32 + span.momentum_offset + local, u,
+                          span.cols, mu, clip_coef, row_normalize, optim::KeepF32{});
   if (threadIdx.x % 32 == 0) row_sum_sq[row] = sum_sq;
 }
 
@@ -142,7 +149,7 @@ __global__ void __launch_bounds__(kTile* kTileRowsPerPass)
     const MuonSlot& s = t.slot;
     const float denom = denominators[t.slot_index];
     const float* u = update + s.update_offset;
-    const bool transposed = s.rows > s.cols;  // the same for the whole block
+    const bool transposed = s.x_transposed;  // the same for the whole block
 #pragma unroll 1  // unrolled, the IEEE division's slow-path call spills the other iterations' registers
     for (int i = threadIdx.y; i < kTile; i += kTileRowsPerPass) {
       const int r = t.r0 + i, c = t.c0 + threadIdx.x;
@@ -163,7 +170,28 @@ __global__ void __launch_bounds__(kTile* kTileRowsPerPass)
   });
 }
 
-// p ← decayed_step(p, u, 1 − lr·wd, alpha) with the orthogonalised u read back from the batch:
+// Calls op(r·cols + c, u) for every element (r, c) of the tile in the stored orientation, u read
+// from the slot's x (a transposed x goes through shared memory, so reads and writes are coalesced).
+template <typename Op>
+__device__ __forceinline__ void for_each_stored_value(const TileOrigin& t, float (&tile)[kTile][kTile + 1], Op op) {
+  const MuonSlot& s = t.slot;
+  const bool transposed = s.x_transposed;  // the same for the whole block
+  if (transposed) {
+    for (int i = threadIdx.y; i < kTile; i += kTileRowsPerPass) {
+      const int c = t.c0 + i, r = t.r0 + threadIdx.x;
+      if (r < s.rows && c < s.cols) tile[i][threadIdx.x] = __bfloat162float(s.x[static_cast<int64_t>(c) * s.x_ld + r]);
+    }
+    __syncthreads();
+  }
+  for (int i = threadIdx.y; i < kTile; i += kTileRowsPerPass) {
+    const int r = t.r0 + i, c = t.c0 + threadIdx.x;
+    if (r >= s.rows || c >= s.cols) continue;
+    const float u = transposed ? tile[threadIdx.x][i] : __bfloat162float(s.x[static_cast<int64_t>(r) * s.x_ld + c]);
+    op(static_cast<int64_t>(r) * s.cols + c, u);
+  }
+}
+
+// p ← decayed_step(p, u, 1 − lr·wd, alpha) with the orthogonalised u read back from x:
 // matrices u = bf16(u · scale), alpha = −lr; banks alpha = −lr · scale (update_math.h, muon.cpp).
 // (At least 6 blocks per SM: 42 registers, which the loop needs without spilling.)
 __global__ void __launch_bounds__(kTile* kTileRowsPerPass, 6)
@@ -174,26 +202,25 @@ __global__ void __launch_bounds__(kTile* kTileRowsPerPass, 6)
   const float decay = scalars->muon_decay;
   for_each_tile(slots, slot_count, total_tiles, [&](const TileOrigin& t) {
     const MuonSlot& s = t.slot;
-    const bool transposed = s.rows > s.cols;  // the same for the whole block
-    if (transposed) {
-      for (int i = threadIdx.y; i < kTile; i += kTileRowsPerPass) {
-        const int c = t.c0 + i, r = t.r0 + threadIdx.x;
-        if (r < s.rows && c < s.cols)
-          tile[i][threadIdx.x] = __bfloat162float(s.x[static_cast<int64_t>(c) * s.x_ld + r]);
-      }
-      __syncthreads();
-    }
     const float alpha = static_cast<float>(s.bank ? -optim::mul_rounded(lr, s.shape_scale) : -lr);
     const float update_scale = static_cast<float>(s.shape_scale);
     float* p = params + s.param_offset;
-    for (int i = threadIdx.y; i < kTile; i += kTileRowsPerPass) {
-      const int r = t.r0 + i, c = t.c0 + threadIdx.x;
-      if (r >= s.rows || c >= s.cols) continue;
-      const int64_t idx = static_cast<int64_t>(r) * s.cols + c;
-      float u = transposed ? tile[threadIdx.x][i] : __bfloat162float(s.x[static_cast<int64_t>(r) * s.x_ld + c]);
+    for_each_stored_value(t, tile, [&](int64_t idx, float u) {
       if (!s.bank) u = bf16_round(u * update_scale);
       p[idx] = optim::decayed_step(p[idx], u, decay, alpha);
-    }
+    });
+  });
+}
+
+// Parallel Muon: the orthogonalised owned bank slices, in their stored orientation, into the rank's
+// block of the all-gather (at each slot's param_offset).
+__global__ void __launch_bounds__(kTile* kTileRowsPerPass)
+    muon_export(__nv_bfloat16* __restrict__ block, const MuonSlot* __restrict__ slots, int slot_count,
+                int64_t total_tiles) {
+  __shared__ float tile[kTile][kTile + 1];
+  for_each_tile(slots, slot_count, total_tiles, [&](const TileOrigin& t) {
+    __nv_bfloat16* out = block + t.slot.param_offset;
+    for_each_stored_value(t, tile, [&](int64_t idx, float u) { out[idx] = __float2bfloat16_rn(u); });
   });
 }
 
@@ -201,9 +228,20 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-GpuMuon::GpuMuon(const std::vector<MuonTensor>& tensors, int ns_steps, bool row_normalize)
-    : ns_steps_(ns_steps), row_normalize_(row_normalize) {
+GpuMuon::GpuMuon(const std::vector<MuonTensor>& tensors, int ns_steps, bool row_normalize,
+                 const optim::ParallelMuonPlan* plan)
+    : ns_steps_(ns_steps), row_normalize_(row_normalize), sharded_(plan != nullptr && plan->active()) {
   PG_CUDA_REQUIRE(ns_steps >= 0, "GpuMuon: muon_backend_steps must be >= 0");
+  if (sharded_) {
+    // Zeroed once: the padding of the blocks is never written.
+    block_values_ = plan->block_values;
+    const size_t block = static_cast<size_t>(block_values_), world = static_cast<size_t>(plan->world_size);
+    grad_blocks_ = DeviceBuffer<__nv_bfloat16>(world * block, "Parallel Muon gradient blocks");
+    grad_shard_ = DeviceBuffer<__nv_bfloat16>(block, "Parallel Muon gradient shard");
+    update_block_ = DeviceBuffer<__nv_bfloat16>(block, "Parallel Muon update block");
+    update_gather_ = DeviceBuffer<__nv_bfloat16>(world * block, "Parallel Muon gathered updates");
+    for (auto* b : {&grad_blocks_, &grad_shard_, &update_block_, &update_gather_}) b->fill_bytes(0);
+  }
   struct ShapeKey {  // the wide shape [n, m] and form of a set of slots
     int64_t n, m;
     NsForm form;
@@ -212,37 +250,65 @@ GpuMuon::GpuMuon(const std::vector<MuonTensor>& tensors, int ns_steps, bool row_
   std::vector<ShapeKey> keys;
   std::vector<size_t> slot_key;
   std::vector<MuonRowSpan> spans;
-  std::vector<MuonSlot> slots;
+  std::vector<MuonSlot> batch_slots, export_slots, apply_slots;
+  std::vector<size_t> exported;                 // batch slot of each export slot
+  std::vector<int64_t> grad_base, momentum_base;  // of the sharded banks, for the plan's copies
+  size_t banks_seen = 0;
   int64_t update_size = 0, momentum_f32_size = 0, momentum_bf16_size = 0;
   for (const MuonTensor& t : tensors) {
     PG_CUDA_REQUIRE(t.slices >= 1 && t.rows >= 1 && t.cols >= 1 && (t.bank || t.slices == 1),
                     "GpuMuon: a tensor needs positive sizes, and only banks have slices");
     PG_CUDA_REQUIRE(t.rows <= (1 << 30) && t.cols <= (1 << 30), "GpuMuon: a matrix dimension exceeds 2^30");
-    const int64_t numel = t.slices * t.rows * t.cols;
+    const int64_t slice = t.rows * t.cols, numel = t.slices * slice;
     int64_t& momentum_size = t.bank ? momentum_bf16_size : momentum_f32_size;
-    spans.push_back(MuonRowSpan{total_rows_, t.param_offset, update_size, momentum_size, static_cast<int32_t>(t.cols),
-                                t.bank ? 1 : 0});
+    const optim::ParallelMuonPlan::Bank* sharded_bank = nullptr;
+    if (sharded_ && t.bank) {
+      PG_CUDA_REQUIRE(banks_seen < plan->banks.size(), "GpuMuon: more banks than the Parallel Muon plan holds");
+      sharded_bank = &plan->banks[banks_seen++];
+      PG_CUDA_REQUIRE(sharded_bank->param_offset == t.param_offset && sharded_bank->slices == t.slices &&
+                          sharded_bank->rows == t.rows && sharded_bank->cols == t.cols,
+                      "GpuMuon: a bank differs from the Parallel Muon plan's");
+      grad_base.push_back(t.param_offset);
+      momentum_base.push_back(momentum_size);
+    }
+    // The slices this rank orthogonalises: all of them, or a sharded bank's own (possibly none).
+    const int64_t first = sharded_bank ? sharded_bank->shard.first : 0;
+    const int64_t count = sharded_bank ? sharded_bank->shard.count : t.slices;
+    if (count > 0)
+      spans.push_back(MuonRowSpan{total_rows_, sharded_bank ? sharded_bank->block_offset : t.param_offset, update_size,
+                                  momentum_size + first * slice, static_cast<int32_t>(t.cols), t.bank ? 1 : 0,
+                                  sharded_bank ? 1 : 0});
     tensors_.push_back(TensorState{numel, momentum_size, t.bank});
 
     const int64_t n = std::min(t.rows, t.cols), m = std::max(t.rows, t.cols);
     const NsForm form = t.bank ? NsForm::kSquareThenScale : NsForm::kScaleThenSquare;
+    const double shape_scale = std::sqrt(std::max(1.0, static_cast<double>(t.rows) / static_cast<double>(t.cols)));
+    const int32_t rows = static_cast<int32_t>(t.rows), cols = static_cast<int32_t>(t.cols);
+    const int32_t bank = t.bank ? 1 : 0;
     size_t k = 0;
     while (k < keys.size() && !(keys[k].n == n && keys[k].m == m && keys[k].form == form)) ++k;
-    if (k == keys.size()) keys.push_back(ShapeKey{n, m, form, 0});
-    const double shape_scale = std::sqrt(std::max(1.0, static_cast<double>(t.rows) / static_cast<double>(t.cols)));
-    for (int64_t s = 0; s < t.slices; ++s) {
-      const int64_t slice_offset = s * t.rows * t.cols;
-      slots.push_back(MuonSlot{total_tiles_, total_rows_ + s * t.rows, update_size + slice_offset,
-                               t.param_offset + slice_offset, static_cast<int32_t>(t.rows),
-                               static_cast<int32_t>(t.cols), 0, t.bank ? 1 : 0, shape_scale, nullptr});
+    if (k == keys.size() && count > 0) keys.push_back(ShapeKey{n, m, form, 0});
+    for (int64_t local = 0; local < count; ++local) {
+      batch_slots.push_back(MuonSlot{0, total_rows_ + local * t.rows, update_size + local * slice,
+                                     t.param_offset + (first + local) * slice, rows, cols, 0, t.rows > t.cols ? 1 : 0,
+                                     bank, shape_scale, nullptr});
       slot_key.push_back(k);
       ++keys[k].count;
-      total_tiles_ += ceil_div(t.rows, kTile) * ceil_div(t.cols, kTile);
+      if (!sharded_bank) continue;
+      exported.push_back(batch_slots.size() - 1);
+      export_slots.push_back(batch_slots.back());
+      export_slots.back().param_offset = sharded_bank->block_offset + local * slice;  // in the rank's block
     }
-    total_rows_ += t.slices * t.rows;
-    update_size += numel;
+    // A sharded bank's every slice is applied from the gathered updates (stored orientation).
+    if (sharded_bank)
+      for (int64_t s = 0; s < t.slices; ++s)
+        apply_slots.push_back(MuonSlot{0, 0, 0, t.param_offset + s * slice, rows, cols, cols, 0, bank, shape_scale,
+                                       update_gather_.data() + plan->packed_offset(banks_seen - 1, s)});
+    total_rows_ += count * t.rows;
+    update_size += count * slice;
     momentum_size += numel;
   }
+  PG_CUDA_REQUIRE(!sharded_ || banks_seen == plan->banks.size(), "GpuMuon: fewer banks than the Parallel Muon plan");
 
   // A batch of a few matrices costs the latency of its launches (six per iteration) rather than its
   // work: its matrices join the smallest batch of the same form with at least kOwnBatch matrices whose
@@ -270,16 +336,42 @@ GpuMuon::GpuMuon(const std::vector<MuonTensor>& tensors, int ns_steps, bool row_
                                                             static_cast<int>(keys[k].m), keys[k].form));
   }
   std::vector<int> filled(groups_.size(), 0);
-  for (size_t i = 0; i < slots.size(); ++i) {
+  for (size_t i = 0; i < batch_slots.size(); ++i) {
     const int g = group_of[batch_key[slot_key[i]]];
     const int64_t index = filled[g]++;
-    slots[i].x = groups_[g]->x() + index * groups_[g]->n() * groups_[g]->m();
-    slots[i].x_ld = groups_[g]->m();
+    batch_slots[i].x = groups_[g]->x() + index * groups_[g]->n() * groups_[g]->m();
+    batch_slots[i].x_ld = groups_[g]->m();
   }
+  for (size_t j = 0; j < export_slots.size(); ++j) {
+    export_slots[j].x = batch_slots[exported[j]].x;
+    export_slots[j].x_ld = batch_slots[exported[j]].x_ld;
+  }
+  // Everything else is applied from its batch.
+  for (const MuonSlot& slot : batch_slots)
+    if (!(sharded_ && slot.bank)) apply_slots.push_back(slot);
   if (tensors.empty()) return;
 
-  spans_ = DeviceBuffer<MuonRowSpan>(spans, "Muon row table");
-  slots_ = DeviceBuffer<MuonSlot>(slots, "Muon slot table");
+  auto number_tiles = [](std::vector<MuonSlot>& slots) {
+    int64_t tiles = 0;
+    for (MuonSlot& slot : slots) {
+      slot.tile_begin = tiles;
+      tiles += ceil_div(slot.rows, kTile) * ceil_div(slot.cols, kTile);
+    }
+    return tiles;
+  };
+  batch_tiles_ = number_tiles(batch_slots);
+  export_tiles_ = number_tiles(export_slots);
+  apply_tiles_ = number_tiles(apply_slots);
+  if (!spans.empty()) spans_ = DeviceBuffer<MuonRowSpan>(spans, "Muon row table");
+  if (!batch_slots.empty()) batch_slots_ = DeviceBuffer<MuonSlot>(batch_slots, "Muon batch slot table");
+  if (!export_slots.empty()) export_slots_ = DeviceBuffer<MuonSlot>(export_slots, "Muon export slot table");
+  if (!apply_slots.empty()) apply_slots_ = DeviceBuffer<MuonSlot>(apply_slots, "Muon apply slot table");
+  if (sharded_) {
+    grads_to_blocks_ = SegmentCopy(plan->banks_to_blocks(grad_base), "Parallel Muon gradient packing");
+    momenta_to_block_ = SegmentCopy(plan->owned_to_block(momentum_base), "Parallel Muon momentum packing");
+    gathered_to_momenta_ =
+        SegmentCopy(optim::reversed(plan->banks_to_blocks(momentum_base)), "Parallel Muon momentum unpacking");
+  }
   if (momentum_f32_size > 0) {
     momentum_f32_ = DeviceBuffer<float>(static_cast<size_t>(momentum_f32_size), "Muon momentum (fp32)");
     momentum_f32_.fill_bytes(0);
@@ -288,9 +380,11 @@ GpuMuon::GpuMuon(const std::vector<MuonTensor>& tensors, int ns_steps, bool row_
     momentum_bf16_ = DeviceBuffer<__nv_bfloat16>(static_cast<size_t>(momentum_bf16_size), "Muon momentum (bf16)");
     momentum_bf16_.fill_bytes(0);
   }
-  update_ = DeviceBuffer<float>(static_cast<size_t>(update_size), "Muon update");
-  row_sumsq_ = DeviceBuffer<double>(static_cast<size_t>(total_rows_), "Muon row sums of squares");
-  denominators_ = DeviceBuffer<float>(slots.size(), "Muon Frobenius denominators");
+  if (update_size > 0) {
+    update_ = DeviceBuffer<float>(static_cast<size_t>(update_size), "Muon update");
+    row_sumsq_ = DeviceBuffer<double>(static_cast<size_t>(total_rows_), "Muon row sums of squares");
+    denominators_ = DeviceBuffer<float>(batch_slots.size(), "Muon Frobenius denominators");
+  }
   // One iteration on the zeroed batches builds every GEMM plan now, outside any graph capture.
   if (ns_steps_ > 0)
     for (auto& g : groups_) g->run(gemm_, 1, nullptr);
@@ -299,6 +393,7 @@ GpuMuon::GpuMuon(const std::vector<MuonTensor>& tensors, int ns_steps, bool row_
 
 void GpuMuon::enqueue(float* params, const float* grads, const OptimizerStepScalars* scalars, const GradClipState* clip,
                       cudaStream_t stream) {
+  PG_CUDA_REQUIRE(!sharded_, "GpuMuon::enqueue: Parallel Muon runs its phases around the caller's collectives");
   enqueue_prepare(grads, scalars, clip, stream);
   enqueue_newton_schulz(stream);
   enqueue_apply(params, scalars, stream);
@@ -306,16 +401,16 @@ void GpuMuon::enqueue(float* params, const float* grads, const OptimizerStepScal
 
 void GpuMuon::enqueue_prepare(const float* grads, const OptimizerStepScalars* scalars, const GradClipState* clip,
                               cudaStream_t stream) {
-  if (tensors_.empty()) return;
+  if (total_rows_ == 0) return;  // no Muon tensor, or a rank that owns no slice of any bank
   muon_momentum_rows<<<static_cast<unsigned>(ceil_div(total_rows_, kRowsPerBlock)), kThreads, 0, stream>>>(
-      grads, momentum_f32_.data(), momentum_bf16_.data(), update_.data(), row_sumsq_.data(), spans_.data(),
-      static_cast<int>(spans_.size()), total_rows_, scalars, clip, row_normalize_);
+      grads, grad_shard_.data(), momentum_f32_.data(), momentum_bf16_.data(), update_.data(), row_sumsq_.data(),
+      spans_.data(), static_cast<int>(spans_.size()), total_rows_, scalars, clip, row_normalize_);
   PG_CUDA_LAUNCH_CHECK();
-  muon_frobenius<<<static_cast<unsigned>(slots_.size()), kThreads, 0, stream>>>(row_sumsq_.data(), slots_.data(),
-                                                                                denominators_.data());
+  muon_frobenius<<<static_cast<unsigned>(batch_slots_.size()), kThreads, 0, stream>>>(
+      row_sumsq_.data(), batch_slots_.data(), denominators_.data());
   PG_CUDA_LAUNCH_CHECK();
-  muon_pack<<<static_cast<unsigned>(ceil_div(total_tiles_, kTilesPerBlock)), dim3(kTile, kTileRowsPerPass), 0,
-              stream>>>(update_.data(), slots_.data(), static_cast<int>(slots_.size()), total_tiles_,
+  muon_pack<<<static_cast<unsigned>(ceil_div(batch_tiles_, kTilesPerBlock)), dim3(kTile, kTileRowsPerPass), 0,
+              stream>>>(update_.data(), batch_slots_.data(), static_cast<int>(batch_slots_.size()), batch_tiles_,
                         denominators_.data());
   PG_CUDA_LAUNCH_CHECK();
 }
@@ -325,10 +420,34 @@ void GpuMuon::enqueue_newton_schulz(cudaStream_t stream) {
 }
 
 void GpuMuon::enqueue_apply(float* params, const OptimizerStepScalars* scalars, cudaStream_t stream) {
-  if (tensors_.empty()) return;
-  muon_apply<<<static_cast<unsigned>(ceil_div(total_tiles_, kTilesPerBlock)), dim3(kTile, kTileRowsPerPass), 0,
-               stream>>>(params, slots_.data(), static_cast<int>(slots_.size()), total_tiles_, scalars);
+  if (apply_tiles_ == 0) return;
+  muon_apply<<<static_cast<unsigned>(ceil_div(apply_tiles_, kTilesPerBlock)), dim3(kTile, kTileRowsPerPass), 0,
+               stream>>>(params, apply_slots_.data(), static_cast<int>(apply_slots_.size()), apply_tiles_, scalars);
   PG_CUDA_LAUNCH_CHECK();
+}
+
+void GpuMuon::enqueue_pack_bank_grads(const float* grads, cudaStream_t stream) {
+  PG_CUDA_REQUIRE(sharded_, "GpuMuon: the bank gradients are packed under Parallel Muon only");
+  grads_to_blocks_.enqueue(grads, grad_blocks_.data(), stream);
+}
+
+void GpuMuon::enqueue_export_updates(cudaStream_t stream) {
+  PG_CUDA_REQUIRE(sharded_, "GpuMuon: updates are exported under Parallel Muon only");
+  if (export_tiles_ == 0) return;  // this rank owns no slice
+  muon_export<<<static_cast<unsigned>(ceil_div(export_tiles_, kTilesPerBlock)), dim3(kTile, kTileRowsPerPass), 0,
+                stream>>>(update_block_.data(), export_slots_.data(), static_cast<int>(export_slots_.size()),
+                          export_tiles_);
+  PG_CUDA_LAUNCH_CHECK();
+}
+
+void GpuMuon::enqueue_pack_owned_momenta(cudaStream_t stream) {
+  PG_CUDA_REQUIRE(sharded_, "GpuMuon: momenta are gathered under Parallel Muon only");
+  momenta_to_block_.enqueue(momentum_bf16_.data(), update_block_.data(), stream);
+}
+
+void GpuMuon::enqueue_unpack_gathered_momenta(cudaStream_t stream) {
+  PG_CUDA_REQUIRE(sharded_, "GpuMuon: momenta are gathered under Parallel Muon only");
+  gathered_to_momenta_.enqueue(update_gather_.data(), momentum_bf16_.data(), stream);
 }
 
 std::vector<float> GpuMuon::momentum(size_t k) const {

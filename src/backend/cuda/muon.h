@@ -13,6 +13,16 @@
 //
 // The arithmetic of every element is optim/update_math.h's, so phases 1–3 and 5 give the CPU's bits;
 // only the products' fp32 accumulation order differs from the CPU (see newton_schulz.h).
+//
+// Parallel Muon (given an active optim::ParallelMuonPlan: banks and several ranks), the twin of
+// optim/muon.cpp's sharded banks: the caller reduce-scatters bank_grad_blocks() (filled by
+// enqueue_pack_bank_grads: every bank's local gradient in bf16, zero-padded, packed in rank blocks)
+// into bank_grad_shard(); phases 1–4 then run on this rank's slices of the banks only (their
+// gradient read from the shard, their momentum kept current only there); enqueue_export_updates
+// writes the orthogonalised slices into update_block(), which the caller all-gathers into
+// update_gather(); phase 5 applies every slice of every bank from there. 2-D matrices keep the
+// one-rank path (their gradients are averaged by the caller). The collectives are the caller's
+// (gpu_optimizer.cpp), between the phases, on the same stream.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -25,7 +35,9 @@
 #include "backend/cuda/arena.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/newton_schulz.h"
+#include "backend/cuda/segment_copy.h"
 #include "backend/cuda/step_scalars.h"
+#include "optim/parallel_muon_plan.h"
 
 namespace pgolf::cuda {
 
@@ -38,33 +50,40 @@ struct MuonTensor {
   bool bank = false;
 };
 
-// Device tables of the kernels. The rows of one tensor (all its slices), for phase 1:
+// Device tables of the kernels. The rows of one tensor (all its slices, or a sharded bank's owned
+// slices), for phase 1:
 struct MuonRowSpan {
   int64_t row_begin;        // index of the tensor's first row among all Muon rows
-  int64_t param_offset;     // in params / grads
+  int64_t grad_offset;      // in grads, or (sharded) in the bank gradient shard
   int64_t update_offset;    // in the u scratch
   int64_t momentum_offset;  // in the fp32 or the bf16 momentum array
   int32_t cols;
-  int32_t bank;  // bf16 gradient and momentum
+  int32_t bank;     // bf16 gradient and momentum
+  int32_t sharded;  // the gradient is the bf16 reduce-scattered shard (Parallel Muon)
 };
-// One matrix (or bank slice) in its Newton–Schulz batch, for phases 2, 3 and 5:
+// One matrix (or bank slice) and where its orthogonalised update x lives: its Newton–Schulz batch
+// (phases 2, 3, 5 and the export of Parallel Muon) or the all-gathered updates (phase 5 of banks
+// under Parallel Muon).
 struct MuonSlot {
-  int64_t tile_begin;     // index of its first 32×32 tile among all slots' tiles
-  int64_t row_begin;      // index of its first row among all Muon rows
-  int64_t update_offset;  // in the u scratch
-  int64_t param_offset;   // in params
-  int32_t rows, cols;     // stored orientation; rows > cols is transposed into the batch
-  int32_t x_ld;           // row stride of its wide matrix in the batch (> max(rows, cols) when zero-padded)
+  int64_t tile_begin;     // index of its first 32×32 tile among its table's tiles
+  int64_t row_begin;      // index of its first row among all Muon rows (phases 2, 3)
+  int64_t update_offset;  // in the u scratch (phase 3)
+  int64_t param_offset;   // in params (phase 5), or in update_block() (the export)
+  int32_t rows, cols;     // stored orientation
+  int32_t x_ld;           // row stride of x (> max(rows, cols) when zero-padded in a batch)
+  int32_t x_transposed;   // x holds the matrix transposed: a tall matrix in its wide batch orientation
   int32_t bank;           // shape scale on the lr (banks) or on the update (matrices)
   double shape_scale;     // sqrt(max(1, rows / cols))
-  __nv_bfloat16* x;       // its wide [min, max] matrix at the top left of its batch entry
+  __nv_bfloat16* x;       // its matrix at the top left of its batch entry, or in the gathered updates
 };
 
 class GpuMuon {
  public:
   // Builds the tables, the Newton–Schulz batches and their GEMM plans (so a step can be captured
-  // into a CUDA graph right away). Synchronizes the device.
-  GpuMuon(const std::vector<MuonTensor>& tensors, int ns_steps, bool row_normalize);
+  // into a CUDA graph right away). Synchronizes the device. With an active `plan` (whose banks are
+  // the bank tensors, in order) the banks run Parallel Muon on this rank's slices.
+  GpuMuon(const std::vector<MuonTensor>& tensors, int ns_steps, bool row_normalize,
+          const optim::ParallelMuonPlan* plan = nullptr);
   GpuMuon(const GpuMuon&) = delete;
   GpuMuon& operator=(const GpuMuon&) = delete;
 
@@ -76,6 +95,21 @@ class GpuMuon {
                        cudaStream_t stream);
   void enqueue_newton_schulz(cudaStream_t stream);
   void enqueue_apply(float* params, const OptimizerStepScalars* scalars, cudaStream_t stream);
+
+  // Parallel Muon (sharded() only; see above). The blocks hold block_values() bf16 values per rank.
+  bool sharded() const { return sharded_; }
+  int64_t block_values() const { return block_values_; }
+  void enqueue_pack_bank_grads(const float* grads, cudaStream_t stream);  // → bank_grad_blocks()
+  __nv_bfloat16* bank_grad_blocks() { return grad_blocks_.data(); }       // world blocks
+  __nv_bfloat16* bank_grad_shard() { return grad_shard_.data(); }         // this rank's block
+  void enqueue_export_updates(cudaStream_t stream);                       // → update_block()
+  __nv_bfloat16* update_block() { return update_block_.data(); }          // this rank's block
+  __nv_bfloat16* update_gather() { return update_gather_.data(); }        // world blocks
+  // The bank momenta for a checkpoint: this rank's slices into update_block(), and, once the caller
+  // has all-gathered it into update_gather(), every rank's slices from there into the momentum
+  // buffers (whose other slices this rank never reads).
+  void enqueue_pack_owned_momenta(cudaStream_t stream);
+  void enqueue_unpack_gathered_momenta(cudaStream_t stream);
 
   size_t tensor_count() const { return tensors_.size(); }
   // Momentum buffer of tensor k in fp32 (bf16 values for banks), copied synchronously.
@@ -96,7 +130,12 @@ class GpuMuon {
   std::vector<TensorState> tensors_;
   int ns_steps_;
   bool row_normalize_;
-  int64_t total_rows_ = 0, total_tiles_ = 0;
+  bool sharded_ = false;
+  int64_t block_values_ = 0;
+  int64_t total_rows_ = 0;
+  // Tiles of the three slot tables: the slots of the batches (phases 2, 3), the owned bank slices
+  // (export), every slot's update (phase 5).
+  int64_t batch_tiles_ = 0, export_tiles_ = 0, apply_tiles_ = 0;
 
   GemmRunner gemm_;
   std::vector<std::unique_ptr<BatchedNewtonSchulz>> groups_;
@@ -106,7 +145,10 @@ class GpuMuon {
   DeviceBuffer<double> row_sumsq_;    // Σ bf16(u)² of every row, after row normalisation
   DeviceBuffer<float> denominators_;  // per slot
   DeviceBuffer<MuonRowSpan> spans_;
-  DeviceBuffer<MuonSlot> slots_;
+  DeviceBuffer<MuonSlot> batch_slots_, export_slots_, apply_slots_;
+  // Parallel Muon: the collectives' buffers and the copies into and out of them.
+  DeviceBuffer<__nv_bfloat16> grad_blocks_, grad_shard_, update_block_, update_gather_;
+  SegmentCopy grads_to_blocks_, momenta_to_block_, gathered_to_momenta_;
 };
 
 }  // namespace pgolf::cuda
