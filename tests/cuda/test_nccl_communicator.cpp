@@ -1,14 +1,21 @@
 // NcclCommunicator at world size 1 on the GPU: every collective in every dtype against the values it
-// must give (dist/collective_checks.h), with and without a rendezvous store, and its errors. Several
+// must give (dist/collective_checks.h), with and without a rendezvous store, its errors, and the CUDA
+// engine trained through it against the single-process engine. Several
 // ranks are checked across processes by `pgolf dist-selftest --nproc N` (scripts/device-check.sh).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <functional>
 #include <string>
 
+#include "backend/cuda/cuda_engine.h"
 #include "core/error.h"
 #include "cuda_test_util.h"
+#include "model/cpu_model.h"
+#include "model/init.h"
+#include "model/tiny_models.h"
+#include "tiny64.h"
 
 #ifdef PGOLF_HAVE_NCCL
 #include "dist/nccl_communicator.h"
@@ -102,6 +109,43 @@ TEST_F(NcclTest, OneGpuPerLocalRankUnlessSharingIsAllowed) {
       << e;
   EXPECT_EQ(bind_local_gpu(gpus, true), 0);  // round-robin
   ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+}
+
+// The CUDA engine through NCCL at world size 1 takes the path of a multi-process run (gradients
+// all-reduced on the engine's stream, captured into the step's graph) and must give the single-process
+// engine's bits: losses, gradient norms, weights and EMA after a few steps (deterministic mode).
+TEST_F(NcclTest, EngineTrainingMatchesTheSingleProcessPath) {
+  for (const std::string stack : {"s691", "s1560"}) {
+    Config c = tiny64_preset(stack);
+    c.set("grad_clip_norm", 0.3);
+    CpuModel<float> init(ModelConfig::from_config(c));
+    perturbed_init(init, 71);
+    auto single = make_single_process_communicator();
+    NcclCommunicator nccl(stream_);
+    std::vector<std::vector<double>> losses(2);
+    std::vector<ParamSet<float>> params, emas;
+    int k = 0;
+    for (Communicator* comm : {single.get(), static_cast<Communicator*>(&nccl)}) {
+      cuda::CudaEngine e(c, *comm, cuda::CudaEngineOptions{160, true, true});
+      e.load_params(init.params());
+      e.set_looping(e.model_config().has_looping());
+      e.init_ema();
+      for (int s = 0; s < 3; ++s) {
+        const Batch b = batch64(128, false, 80 + static_cast<uint64_t>(s));
+        const StepResult r = e.train_step(std::span<const Batch>(&b, 1), {s, 1.0, 0.9, true});
+        losses[static_cast<size_t>(k)].push_back(r.loss);
+        losses[static_cast<size_t>(k)].push_back(r.grad_norm);
+      }
+      params.emplace_back(e.layout());
+      emas.emplace_back(e.layout());
+      e.store_params(params.back());
+      e.store_ema(emas.back());
+      ++k;
+    }
+    EXPECT_EQ(losses[1], losses[0]) << stack;
+    EXPECT_TRUE(std::equal(params[0].all().begin(), params[0].all().end(), params[1].all().begin())) << stack;
+    EXPECT_TRUE(std::equal(emas[0].all().begin(), emas[0].all().end(), emas[1].all().begin())) << stack;
+  }
 }
 
 #else
