@@ -1,7 +1,7 @@
 // Hopper warpgroup MMA building blocks (sm_90a): shared-memory matrix descriptors for the
 // 128-byte-swizzled tiles of mma.cuh (SwizzledTile64), wgmma.mma_async m64n64k16 bf16 → fp32 with A
-// in registers, and the fences and waits around it. Only compiled into device code for sm_90a
-// (__CUDA_ARCH_FEAT_SM90_ALL); kernels that use it guard their bodies the same way.
+// in registers, and the fences and waits around it. The instructions exist only on sm_90a: kernels
+// that use these guard their bodies with __CUDA_ARCH_FEAT_SM90_ALL.
 //
 // A warpgroup is 4 consecutive warps starting at a warp index divisible by 4; it issues one wgmma
 // together. Register fragments of m64nNk16 (PTX ISA "Register fragments"), per warp w of the group
