@@ -1,8 +1,8 @@
 // bench_cuda: times the GPU kernels of a training step on the current device, in TFLOP/s — the
 // cuBLASLt products of the linear layers (forward, input gradient, fp32 weight gradient) at
 // M = tokens per step, flash attention forward and backward (dense rows and variable-length
-// documents), and the optimizer step of the s691 and s1560 layouts with its parts. CUDA events
-// around each call; warm-up, then the median of the repeats.
+// documents; on Hopper also the wgmma forward), and the optimizer step of the s691 and s1560
+// layouts with its parts. CUDA events around each call; warm-up, then the median of the repeats.
 //
 //   bench_cuda [--tokens N] [--seq T] [--reps R] [--only gemm|attention|optim]
 //   (defaults: 98304 tokens, T 2048, 20 repeats, every section)
@@ -120,7 +120,8 @@ double attention_pass_flops(const std::vector<int32_t>& cu, int heads) {
   return 4.0 * pairs * heads * kAttentionHeadDim;
 }
 
-void bench_attention(const std::string& label, const std::vector<int32_t>& cu_host, const Timer& timer) {
+// hopper: the device runs the wgmma forward (sm_90).
+void bench_attention(const std::string& label, const std::vector<int32_t>& cu_host, bool hopper, const Timer& timer) {
   const int n = cu_host.back(), heads = 8, kv_heads = 4;
   DeviceBuffer<int32_t> cu(cu_host);
   AttentionShape shape;
@@ -149,6 +150,17 @@ void bench_attention(const std::string& label, const std::vector<int32_t>& cu_ho
     forward(t);  // the backward reads this tuning's O and LSE
     row(fmt::format("attn {} bwd ({} warps)", label, warps), shape_text, timer.median_ms([&] { backward(t); }),
         2.5 * fwd_flops);
+  }
+  if (hopper) {  // the wgmma forward at both block shapes and key tiles
+    for (int warps : {4, 8}) {
+      for (int key_tile : {64, 128}) {
+        AttentionTuning t{warps, warps};
+        t.forward_kernel = AttentionForwardKernel::wgmma;
+        t.wgmma_key_tile = key_tile;
+        row(fmt::format("attn {} fwd wgmma w{}/k{}", label, warps, key_tile), shape_text,
+            timer.median_ms([&] { forward(t); }), fwd_flops);
+      }
+    }
   }
   const AttentionTuning defaults{};
   row(fmt::format("attn {} fwd+bwd (w{}/w{})", label, defaults.forward_warps, defaults.backward_warps), shape_text,
@@ -179,14 +191,15 @@ int run(int argc, char** argv) {
   if (section("attention")) {
     std::vector<int32_t> dense;
     for (int t = 0; t <= o.tokens; t += o.seq) dense.push_back(t);
-    bench_attention(fmt::format("dense T={}", o.seq), dense, timer);
+    const bool hopper = dev.cc_major == 9 && dev.cc_minor == 0;
+    bench_attention(fmt::format("dense T={}", o.seq), dense, hopper, timer);
 
     // Documents of uniformly random length 1..T packed into the same number of tokens.
     Rng rng(7);
     std::vector<int32_t> docs{0};
     while (docs.back() < o.tokens)
       docs.push_back(std::min(o.tokens, docs.back() + 1 + static_cast<int>(rng.below(uint64_t(o.seq)))));
-    bench_attention("varlen 1..T", docs, timer);
+    bench_attention("varlen 1..T", docs, hopper, timer);
   }
   if (section("optim")) bench_optimizer(timer);
   PG_CUDA_CHECK(cudaStreamDestroy(stream));

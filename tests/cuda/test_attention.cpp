@@ -5,7 +5,8 @@
 // in fp32, so their error should not exceed the naive one; k = 2 leaves room for a different
 // rounding of near-ties (FlashAttention's tests use 2). The LSE is fp32 in both; the kernel's comes
 // from the hardware exp2/log2 approximations (about 2 ulp) and tensor-core fp32 accumulation where
-// the naive loop uses libm and sequential sums: k = 4.
+// the naive loop uses libm and sequential sums: k = 4. Both forward implementations (mma.sync and
+// Hopper's wgmma) are held to these bounds: they round at the same points.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -160,17 +161,40 @@ struct DeviceAttention {
   }
 };
 
+// The mma.sync forward and the backward at both block shapes (and the deterministic dQ), then the
+// wgmma forward at both block shapes and key tiles, each followed by the default backward.
+std::vector<AttentionTuning> tunings_under_test() {
+  std::vector<AttentionTuning> tunings{{4, 4}, {8, 8}, {4, 8, true}};
+  for (int warps : {4, 8}) {
+    for (int key_tile : {64, 128}) {
+      AttentionTuning t;
+      t.forward_warps = warps;
+      t.forward_kernel = cuda::AttentionForwardKernel::wgmma;
+      t.wgmma_key_tile = key_tile;
+      tunings.push_back(t);
+    }
+  }
+  return tunings;
+}
+
+std::string tuning_label(const AttentionTuning& t) {
+  std::string label = t.forward_kernel == cuda::AttentionForwardKernel::wgmma
+                          ? "wgmma_fw" + std::to_string(t.forward_warps) + "_keys" + std::to_string(t.wgmma_key_tile)
+                          : "mma_fw" + std::to_string(t.forward_warps);
+  label += "_bw" + std::to_string(t.backward_warps);
+  return t.deterministic ? label + "_det" : label;
+}
+
 void check_case(const std::string& name, const AttentionInputs& in) {
   std::printf("  case %s: %d tokens, %zu segments, H %d, Hkv %d\n", name.c_str(), in.tokens, in.cu.size() - 1,
               in.heads, in.kv_heads);
   const AttentionOutputs<double> ref = host_attention<double, false>(in);
   const AttentionOutputs<float> naive = host_attention<float, true>(in);
   DeviceAttention dev(in);
-  for (const AttentionTuning tuning : {AttentionTuning{4, 4}, AttentionTuning{8, 8}, AttentionTuning{4, 8, true}}) {
-    SCOPED_TRACE("forward_warps " + std::to_string(tuning.forward_warps) + ", backward_warps " +
-                 std::to_string(tuning.backward_warps) + (tuning.deterministic ? ", deterministic dq" : ""));
-    const std::string tag =
-        name + "/w" + std::to_string(tuning.forward_warps) + (tuning.deterministic ? "_det_" : "_");
+  for (const AttentionTuning& tuning : tunings_under_test()) {
+    const std::string label = tuning_label(tuning);
+    SCOPED_TRACE(label);
+    const std::string tag = name + "/" + label + "/";
     const AttentionOutputs<float> got = dev.run(tuning);
     expect_within_naive(tag + "o", got.o, naive.o, ref.o, 2.0);
     expect_within_naive(tag + "lse", got.lse, naive.lse, ref.lse, 4.0);
@@ -235,6 +259,12 @@ TEST_F(AttentionTest, SmallWorkspaceAndBadHeadsAreErrors) {
                Error);
   EXPECT_THROW(cuda::attention_forward(dev.shape, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(),
                                        nullptr, AttentionTuning{6, 8}),
+               Error);
+  AttentionTuning odd_key_tile;
+  odd_key_tile.forward_kernel = cuda::AttentionForwardKernel::wgmma;
+  odd_key_tile.wgmma_key_tile = 96;
+  EXPECT_THROW(cuda::attention_forward(dev.shape, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(),
+                                       nullptr, odd_key_tile),
                Error);
 }
 

@@ -29,15 +29,21 @@ struct AttentionShape {
   int num_segments = 0;
 };
 
-// Kernel shapes. The forward kernel gives each warp 16 query rows (a block has 16 · forward_warps);
-// the backward kernel gives each warp 16 keys. Both accept 4 or 8. The defaults are the fastest
-// measured on an H100 (bench_cuda compares them).
+// Forward implementations: FlashAttention-2 on mma.sync (sm_80 instructions), or Hopper's warpgroup
+// MMA (wgmma, needs an sm_90a build and an sm_90 GPU). Same outputs up to accumulation order.
+enum class AttentionForwardKernel { mma_sync, wgmma };
+
+// Kernel shapes. The forward kernel gives each warp 16 query rows (a block has 16 · forward_warps;
+// with wgmma each warpgroup of 4 warps owns 64 of them); the backward kernel gives each warp 16 keys.
+// Both accept 4 or 8. The defaults are the fastest measured on an H100 (bench_cuda compares them).
 struct AttentionTuning {
   int forward_warps = 4;
   int backward_warps = 8;
   // Backward: dQ from a separate pass that sums the key tiles in order (the same bits on every run)
   // instead of fp32 atomics from the key-tile blocks (whose order, and so whose last bits, vary).
   bool deterministic = false;
+  AttentionForwardKernel forward_kernel = AttentionForwardKernel::mma_sync;
+  int wgmma_key_tile = 128;  // keys per K/V tile of the wgmma forward: 64 or 128
 };
 
 void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,

@@ -69,6 +69,23 @@ inline void check_aligned16(const void* p, const char* what) {
   PG_CUDA_REQUIRE(p != nullptr && (reinterpret_cast<uintptr_t>(p) & 15) == 0, what);
 }
 
+// What a forward kernel reads and writes (attention_forward.cu fills it for either implementation).
+struct AttentionForwardParams {
+  const __nv_bfloat16* __restrict__ q;
+  const __nv_bfloat16* __restrict__ k;
+  const __nv_bfloat16* __restrict__ v;
+  __nv_bfloat16* __restrict__ o;
+  float* __restrict__ lse;
+  const int32_t* __restrict__ cu;
+  int num_segments, total_tokens, group;  // group = H / Hkv
+  int64_t q_row_stride, kv_row_stride;    // H * 64, Hkv * 64
+};
+
+// The Hopper forward (attention_forward_wgmma.cu): `warps` 4 or 8 (one or two warpgroups of 64 query
+// rows), `key_tile` 64 or 128 keys per K/V tile.
+void launch_attention_forward_wgmma(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
+                                    int key_tile, cudaStream_t stream);
+
 // The deterministic dQ pass (attention_dq.cu): dq written (bf16) from q, k, v, dO, the forward's LSE
 // and D = rowsum(dO ∘ O) [H, N].
 void launch_attention_dq(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,

@@ -14,17 +14,6 @@ using namespace attention_detail;
 
 constexpr int kForwardBlockN = 64;  // keys per tile
 
-struct ForwardParams {
-  const __nv_bfloat16* __restrict__ q;
-  const __nv_bfloat16* __restrict__ k;
-  const __nv_bfloat16* __restrict__ v;
-  __nv_bfloat16* __restrict__ o;
-  float* __restrict__ lse;
-  const int32_t* __restrict__ cu;
-  int num_segments, total_tokens, group;  // group = H / Hkv
-  int64_t q_row_stride, kv_row_stride;    // H * 64, Hkv * 64
-};
-
 template <int kWarps>
 constexpr int forward_smem_bytes() {
   return (16 * kWarps + 4 * kForwardBlockN) * 128;  // Q tile, then K and V tiles, two buffers each
@@ -32,7 +21,7 @@ constexpr int forward_smem_bytes() {
 
 // At least two blocks per multiprocessor (for 8 warps: at most 128 registers a thread).
 template <int kWarps>
-__global__ void __launch_bounds__(kWarps * 32, 2) attention_forward_kernel(const ForwardParams p) {
+__global__ void __launch_bounds__(kWarps * 32, 2) attention_forward_kernel(const AttentionForwardParams p) {
   constexpr int kThreads = kWarps * 32, kBlockM = 16 * kWarps, kBlockN = kForwardBlockN;
   constexpr float kScaleLog2 = kSoftmaxScale * kLog2e;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -174,7 +163,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) attention_forward_kernel(const
 }
 
 template <int kWarps>
-void launch_forward(const ForwardParams& p, const AttentionShape& shape, cudaStream_t stream) {
+void launch_forward(const AttentionForwardParams& p, const AttentionShape& shape, cudaStream_t stream) {
   constexpr int bytes = forward_smem_bytes<kWarps>();
   static const bool configured = [] {
     PG_CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<kWarps>,
@@ -199,7 +188,7 @@ void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, cons
   check_aligned16(v, "attention_forward: v must be a 16-byte aligned device pointer");
   check_aligned16(o, "attention_forward: o must be a 16-byte aligned device pointer");
   PG_CUDA_REQUIRE(lse != nullptr, "attention_forward: lse must be given");
-  ForwardParams p{q,
+  AttentionForwardParams p{q,
                   k,
                   v,
                   o,
@@ -210,6 +199,10 @@ void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, cons
                   shape.num_heads / shape.num_kv_heads,
                   static_cast<int64_t>(shape.num_heads) * kHeadDim,
                   static_cast<int64_t>(shape.num_kv_heads) * kHeadDim};
+  if (tuning.forward_kernel == AttentionForwardKernel::wgmma) {
+    launch_attention_forward_wgmma(p, shape, tuning.forward_warps, tuning.wgmma_key_tile, stream);
+    return;
+  }
   switch (tuning.forward_warps) {
     case 4: launch_forward<4>(p, shape, stream); break;
     case 8: launch_forward<8>(p, shape, stream); break;

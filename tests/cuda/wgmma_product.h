@@ -1,0 +1,15 @@
+// One 64x64x64 bf16 product on Hopper's warpgroup MMA through the building blocks of
+// backend/cuda/wgmma.cuh, as the wgmma attention kernel uses them (A fragments by ldmatrix from a
+// swizzled tile, B read through a descriptor), so that a layout error shows on plain matrices.
+#pragma once
+
+#include <cuda_bf16.h>
+
+namespace pgolf::test {
+
+// c[64][64] (fp32, row-major) = a · bᵀ when b_rows_are_n (b[n][k], the K-major operand, as K in Q·Kᵀ),
+// else a · b (b[k][n], the MN-major operand, as V in P·V). a [64][64] row-major; all on the device.
+// Runs one warpgroup and waits for it.
+void wgmma_product_device(const __nv_bfloat16* a, const __nv_bfloat16* b, float* c, bool b_rows_are_n);
+
+}  // namespace pgolf::test
