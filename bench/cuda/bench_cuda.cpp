@@ -144,22 +144,19 @@ void bench_attention(const std::string& label, const std::vector<int32_t>& cu_ho
                        dv.data(), ws.data(), ws_bytes, timer.stream, t);
   };
   for (int warps : {4, 8}) {
-    const AttentionTuning t{warps, warps};
-    row(fmt::format("attn {} fwd ({} warps)", label, warps), shape_text, timer.median_ms([&] { forward(t); }),
+    const AttentionTuning t{warps, warps, false, AttentionForwardKernel::mma_sync};
+    row(fmt::format("attn {} fwd mma.sync ({} warps)", label, warps), shape_text, timer.median_ms([&] { forward(t); }),
         fwd_flops);
     forward(t);  // the backward reads this tuning's O and LSE
     row(fmt::format("attn {} bwd ({} warps)", label, warps), shape_text, timer.median_ms([&] { backward(t); }),
         2.5 * fwd_flops);
   }
-  if (hopper) {  // the wgmma forward at both block shapes and key tiles
+  if (hopper) {  // the wgmma forward at both block shapes
     for (int warps : {4, 8}) {
-      for (int key_tile : {64, 128}) {
-        AttentionTuning t{warps, warps};
-        t.forward_kernel = AttentionForwardKernel::wgmma;
-        t.wgmma_key_tile = key_tile;
-        row(fmt::format("attn {} fwd wgmma w{}/k{}", label, warps, key_tile), shape_text,
-            timer.median_ms([&] { forward(t); }), fwd_flops);
-      }
+      AttentionTuning t{warps, warps};
+      t.forward_kernel = AttentionForwardKernel::wgmma;
+      row(fmt::format("attn {} fwd wgmma ({} warps)", label, warps), shape_text, timer.median_ms([&] { forward(t); }),
+          fwd_flops);
     }
   }
   const AttentionTuning defaults{};

@@ -162,24 +162,22 @@ struct DeviceAttention {
 };
 
 // The mma.sync forward and the backward at both block shapes (and the deterministic dQ), then the
-// wgmma forward at both block shapes and key tiles, each followed by the default backward.
+// wgmma forward at both block shapes, each followed by the default backward.
 std::vector<AttentionTuning> tunings_under_test() {
-  std::vector<AttentionTuning> tunings{{4, 4}, {8, 8}, {4, 8, true}};
+  constexpr auto mma = cuda::AttentionForwardKernel::mma_sync;
+  std::vector<AttentionTuning> tunings{{4, 4, false, mma}, {8, 8, false, mma}, {4, 8, true, mma}};
   for (int warps : {4, 8}) {
-    for (int key_tile : {64, 128}) {
-      AttentionTuning t;
-      t.forward_warps = warps;
-      t.forward_kernel = cuda::AttentionForwardKernel::wgmma;
-      t.wgmma_key_tile = key_tile;
-      tunings.push_back(t);
-    }
+    AttentionTuning t;
+    t.forward_warps = warps;
+    t.forward_kernel = cuda::AttentionForwardKernel::wgmma;
+    tunings.push_back(t);
   }
   return tunings;
 }
 
 std::string tuning_label(const AttentionTuning& t) {
   std::string label = t.forward_kernel == cuda::AttentionForwardKernel::wgmma
-                          ? "wgmma_fw" + std::to_string(t.forward_warps) + "_keys" + std::to_string(t.wgmma_key_tile)
+                          ? "wgmma_fw" + std::to_string(t.forward_warps)
                           : "mma_fw" + std::to_string(t.forward_warps);
   label += "_bw" + std::to_string(t.backward_warps);
   return t.deterministic ? label + "_det" : label;
@@ -259,12 +257,6 @@ TEST_F(AttentionTest, SmallWorkspaceAndBadHeadsAreErrors) {
                Error);
   EXPECT_THROW(cuda::attention_forward(dev.shape, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(),
                                        nullptr, AttentionTuning{6, 8}),
-               Error);
-  AttentionTuning odd_key_tile;
-  odd_key_tile.forward_kernel = cuda::AttentionForwardKernel::wgmma;
-  odd_key_tile.wgmma_key_tile = 96;
-  EXPECT_THROW(cuda::attention_forward(dev.shape, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(),
-                                       nullptr, odd_key_tile),
                Error);
 }
 

@@ -82,9 +82,9 @@ struct AttentionForwardParams {
 };
 
 // The Hopper forward (attention_forward_wgmma.cu): `warps` 4 or 8 (one or two warpgroups of 64 query
-// rows), `key_tile` 64 or 128 keys per K/V tile.
+// rows), 128 keys per K/V tile.
 void launch_attention_forward_wgmma(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
-                                    int key_tile, cudaStream_t stream);
+                                    cudaStream_t stream);
 
 // The deterministic dQ pass (attention_dq.cu): dq written (bf16) from q, k, v, dO, the forward's LSE
 // and D = rowsum(dO ∘ O) [H, N].
