@@ -9,6 +9,7 @@
 #include "cli/commands.h"
 #include "core/safetensors.h"
 #include "quant/compress.h"
+#include "quant/fit.h"
 #include "quant/pack.h"
 
 namespace pgolf::cli {
@@ -36,11 +37,13 @@ void run_pack(const PackArgs& args) {
   if (!args.hessians.empty()) hessians = load_safetensors(args.hessians);
 
   auto t0 = std::chrono::steady_clock::now();
-  const Artifact artifact = build_artifact(cfg, params, args.hessians.empty() ? nullptr : &hessians);
+  Artifact artifact = build_artifact(cfg, params, args.hessians.empty() ? nullptr : &hessians);
   const double quantize_s = seconds_since(t0);
   t0 = std::chrono::steady_clock::now();
-  ArtifactSizes sizes;
-  const auto bytes = serialize_artifact(artifact, &sizes);
+  const FittedArtifact fitted = fit_artifact(artifact, FitOptions::from_config(cfg, code_bytes));
+  const auto& bytes = fitted.file;
+  const ArtifactSizes& sizes = fitted.sizes;
+  const FitReport& fit = fitted.report;
   const double compress_s = seconds_since(t0);
   t0 = std::chrono::steady_clock::now();
   parse_artifact(bytes, args.out);  // verify before writing: checksums, decompression, tables
@@ -48,7 +51,7 @@ void run_pack(const PackArgs& args) {
   write_file_atomic(args.out, bytes);
 
   const int64_t model_bytes = static_cast<int64_t>(bytes.size());
-  const int64_t total = model_bytes + code_bytes;
+  const int64_t total = model_bytes + code_bytes, cap = fit.cap_bytes;
   std::map<std::string, int> per_label;
   for (const auto& t : artifact.model.tensors) ++per_label[t.plan.label];
   if (args.as_json) {
@@ -63,8 +66,9 @@ void run_pack(const PackArgs& args) {
                         {"code_bytes", code_bytes},
                         {"code_archive", archive.string()},
                         {"total_bytes", total},
-                        {"cap_bytes", kArtifactCapBytes},
-                        {"under_cap", total <= kArtifactCapBytes},
+                        {"cap_bytes", cap},
+                        {"under_cap", fit.under_cap()},
+                        {"fit", fit.to_json()},
                         {"quantize_seconds", quantize_s},
                         {"compress_seconds", compress_s},
                         {"verify_seconds", verify_s}};
@@ -78,8 +82,11 @@ void run_pack(const PackArgs& args) {
              sizes.payload_bytes, sizes.codes_bytes, sizes.scales_bytes, sizes.passthrough_bytes, sizes.header_bytes);
   fmt::print("  model_bytes   {:>12}\n", model_bytes);
   fmt::print("  code_bytes    {:>12}  ({})\n", code_bytes, archive.string());
-  fmt::print("  total_bytes   {:>12}  cap {}: {} (margin {})\n", total, kArtifactCapBytes,
-             total <= kArtifactCapBytes ? "under_cap" : "OVER THE CAP", kArtifactCapBytes - total);
+  if (fit.pruned > 0)
+    fmt::print("  fit {}: zeroed {} of {} codes of magnitude 1 (model was {} bytes; {} compressions)\n",
+               artifact_fit_name(fit.mode), fit.pruned, fit.candidates, fit.model_bytes_before, fit.compressions);
+  fmt::print("  total_bytes   {:>12}  cap {}: {} (margin {})\n", total, cap, fit.under_cap() ? "under_cap" : "OVER THE CAP",
+             cap - total);
   fmt::print("  quantize {:.2f} s, compress {:.2f} s, verify {:.2f} s\n", quantize_s, compress_s, verify_s);
   fmt::print("wrote {}\n", args.out);
 }

@@ -15,6 +15,7 @@
 #include "eval/flat.h"
 #include "eval/modes.h"
 #include "quant/artifact.h"
+#include "quant/fit.h"
 #include "quant/pack.h"
 #include "train/trainer.h"
 
@@ -111,22 +112,23 @@ nlohmann::ordered_json run_pipeline(const Config& cfg, Communicator& comm, const
   const fs::path artifact_path = dir / "final_model.pgolf";
   if (root) {
     t0 = Clock::now();
-    const Artifact art = build_artifact(cfg, tr.final_params.to_tensors(), full_gptq ? &hessians : nullptr);
+    Artifact art = build_artifact(cfg, tr.final_params.to_tensors(), full_gptq ? &hessians : nullptr);
     phases["quantize"] = since(t0);
     t0 = Clock::now();
-    ArtifactSizes sizes;
-    const size_t model_bytes = write_artifact(artifact_path, art, &sizes);
-    phases["compress"] = since(t0);
     const int64_t code_bytes = code_archive_bytes(default_code_archive());
-    const int64_t total = static_cast<int64_t>(model_bytes) + code_bytes;
+    const FittedArtifact fitted = fit_artifact(art, FitOptions::from_config(cfg, code_bytes));
+    write_file_atomic(artifact_path, fitted.file);
+    phases["compress"] = since(t0);
+    const FitReport& fit = fitted.report;
     results["artifact"] = {{"path", artifact_path.string()},
                            {"scheme", art.scheme},
                            {"compressor", art.compression.name()},
-                           {"model_bytes", model_bytes},
+                           {"model_bytes", fit.model_bytes},
                            {"code_bytes", code_bytes},
-                           {"total_bytes", total},
-                           {"cap_bytes", kArtifactCapBytes},
-                           {"under_cap", total <= kArtifactCapBytes}};
+                           {"total_bytes", fit.model_bytes + code_bytes},
+                           {"cap_bytes", fit.cap_bytes},
+                           {"under_cap", fit.under_cap()},
+                           {"fit", fit.to_json()}};
   }
   comm.barrier();
 
@@ -214,8 +216,11 @@ std::string results_table(const nlohmann::ordered_json& r) {
     row("artifact " + a["scheme"].get<std::string>() + " + " + a["compressor"].get<std::string>(),
         fmt::format("{} B", a["model_bytes"].get<int64_t>()));
     row("code bytes", fmt::format("{} B", a["code_bytes"].get<int64_t>()));
-    row("total bytes (cap 16,000,000)", fmt::format("{} B {}", a["total_bytes"].get<int64_t>(),
-                                                   a["under_cap"].get<bool>() ? "ok" : "OVER"));
+    if (a.contains("fit") && a["fit"]["pruned"].get<int64_t>() > 0)
+      row("fit: +-1 codes zeroed", fmt::format("{} of {}", a["fit"]["pruned"].get<int64_t>(),
+                                              a["fit"]["candidates"].get<int64_t>()));
+    row(fmt::format("total bytes (cap {})", a["cap_bytes"].get<int64_t>()),
+        fmt::format("{} B {}", a["total_bytes"].get<int64_t>(), a["under_cap"].get<bool>() ? "ok" : "OVER"));
   }
   for (const auto& [phase, s] : r["phase_seconds"].items()) row("time: " + phase, fmt::format("{:.1f} s", s.get<double>()));
   return os.str();

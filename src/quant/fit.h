@@ -1,0 +1,76 @@
+// Fitting the artifact under the size cap (config keys artifact_fit, artifact_cap_bytes): when code
+// bytes + compressed model bytes exceed the cap, zero the quantized codes of magnitude 1 (±1 → 0, zeros
+// compress far better) whose removal changes the dequantized weights least, as few as the real
+// compressed size requires.
+//
+// Cost of zeroing a ±1 code in row r: scale[r]², the squared change of its dequantized value. No
+// Hessian weighting: the Hessians exist only for gptq_full and are not in the artifact (pack runs
+// without them), and one criterion for every scheme keeps the choice reproducible from the artifact.
+// Candidates are ordered by cost, ties by tensor order then element index (stable, deterministic).
+//
+// Search for the smallest k (the k cheapest candidates zeroed) with model + code <= cap, on the real
+// compressed size: k = 0 first (fits → nothing changes), then k = all (does not fit → error), then
+// secant steps between the closest fitting and non-fitting k, with a bisection step whenever the
+// secant moves the same end twice, until the two are adjacent. Each trial is one full serialization.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/config.h"
+#include "quant/artifact.h"
+#include "quant/pack.h"
+
+namespace pgolf {
+
+enum class ArtifactFit { None, PruneUnitCodes };  // config names: "none", "prune_pm1"
+ArtifactFit artifact_fit_from_name(const std::string& name);
+const char* artifact_fit_name(ArtifactFit f);
+
+struct FitOptions {
+  ArtifactFit mode = ArtifactFit::None;
+  int64_t code_bytes = 0;
+  int64_t cap_bytes = kArtifactCapBytes;
+
+  // artifact_fit and artifact_cap_bytes; code bytes are measured by the caller.
+  static FitOptions from_config(const Config& c, int64_t code_bytes);
+};
+
+struct FitReport {
+  ArtifactFit mode = ArtifactFit::None;
+  int64_t candidates = 0;          // ±1 codes in the quantized tensors (counted only when pruning is needed)
+  int64_t pruned = 0;              // k: codes zeroed
+  double pruned_cost = 0.0;        // Σ scale² over the zeroed codes
+  int64_t model_bytes_before = 0;  // the artifact file before pruning
+  int64_t model_bytes = 0;         // the artifact file written
+  int64_t code_bytes = 0, cap_bytes = 0;
+  int compressions = 0;            // full serializations the search made
+  bool under_cap() const { return model_bytes + code_bytes <= cap_bytes; }
+  // {"mode", "candidates", "pruned", "pruned_cost", "model_bytes_before", "compressions"} for results.
+  nlohmann::ordered_json to_json() const;
+};
+
+struct FittedArtifact {
+  std::vector<uint8_t> file;  // serialize_artifact of the (pruned) artifact
+  ArtifactSizes sizes;
+  FitReport report;
+};
+
+// Serializes `a`, pruning its ±1 codes first if asked and needed (a.model is updated in place to what
+// the file holds). With mode None the artifact is serialized as it is, whatever its size. Throws when
+// even zeroing every ±1 code leaves the total above the cap.
+FittedArtifact fit_artifact(Artifact& a, const FitOptions& options);
+
+// One ±1 code that may be zeroed: its tensor (index in QuantizedModel::tensors), element and cost.
+struct PruneCandidate {
+  int32_t tensor = 0;
+  int64_t index = 0;
+  double cost = 0.0;
+};
+// Every ±1 code of the quantized tensors, cheapest first (ties: tensor order, then index).
+std::vector<PruneCandidate> unit_code_candidates(const QuantizedModel& m);
+
+}  // namespace pgolf

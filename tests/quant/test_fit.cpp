@@ -1,0 +1,171 @@
+// Fitting the artifact under the cap by zeroing ±1 codes (quant/fit.h), on a small s1560 model (full
+// GPTQ int6 + int8 embeddings) with artificial caps: the result fits with the fewest of the cheapest
+// codes zeroed, deterministically; an impossible cap is refused; "none" and an artifact already under
+// the cap are left untouched.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <functional>
+
+#include "quant/fit.h"
+#include "quant/rowwise.h"
+#include "small_models.h"
+#include "test_util.h"
+
+using namespace pgolf;
+using ::testing::HasSubstr;
+
+namespace {
+
+// zlib-6 instead of the preset's brotli-11 keeps each of the search's compressions fast.
+Artifact small_s1560_artifact() {
+  Config cfg = test::small_config("s1560");
+  apply_compressor_spec(cfg, "zlib-6");
+  const TensorMap params = stand_in_parameters(cfg, 0.1, 42);
+  const TensorMap h = test::random_hessians(params, cfg.get_int("passthrough_max_numel"), 7);
+  return build_artifact(cfg, params, &h);
+}
+
+int64_t file_bytes(const Artifact& a) { return static_cast<int64_t>(serialize_artifact(a).size()); }
+
+FitOptions prune_to(int64_t cap, int64_t code_bytes = 1000) {
+  return {ArtifactFit::PruneUnitCodes, code_bytes, cap};
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+class Fit : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    original_ = new Artifact(small_s1560_artifact());
+    original_bytes_ = file_bytes(*original_);
+  }
+  static void TearDownTestSuite() { delete original_; }
+  static Artifact* original_;
+  static int64_t original_bytes_;
+};
+Artifact* Fit::original_ = nullptr;
+int64_t Fit::original_bytes_ = 0;
+
+TEST_F(Fit, CandidatesAreEveryUnitCodeCheapestFirstWithItsSquaredScale) {
+  const auto cands = unit_code_candidates(original_->model);
+  int64_t unit_codes = 0;
+  for (const auto& t : original_->model.tensors)
+    for (int8_t c : t.codes) unit_codes += (c == 1 || c == -1);
+  ASSERT_GT(unit_codes, 1000);
+  EXPECT_EQ(static_cast<int64_t>(cands.size()), unit_codes);
+  for (size_t i = 0; i < cands.size(); ++i) {
+    const QuantizedTensor& t = original_->model.tensors[cands[i].tensor];
+    const int8_t code = t.codes[cands[i].index];
+    ASSERT_TRUE(code == 1 || code == -1) << i;
+    const std::vector<float> s = scale_values(t.scale);
+    const int64_t cols = static_cast<int64_t>(t.codes.size() / s.size());
+    const double scale = s[cands[i].index / cols];
+    ASSERT_EQ(cands[i].cost, scale * scale) << i;
+    if (i > 0) {
+      const auto& p = cands[i - 1];
+      const bool ordered = p.cost < cands[i].cost ||
+                           (p.cost == cands[i].cost && (p.tensor < cands[i].tensor ||
+                                                        (p.tensor == cands[i].tensor && p.index < cands[i].index)));
+      ASSERT_TRUE(ordered) << "candidate " << i << " is out of order";
+    }
+  }
+}
+
+TEST_F(Fit, PrunesTheFewestCheapestUnitCodesThatFit) {
+  const int64_t code_bytes = 1000;
+  const int64_t cap = code_bytes + original_bytes_ - original_bytes_ / 50;  // 2 % too small
+  Artifact a = *original_;
+  const FittedArtifact fitted = fit_artifact(a, prune_to(cap, code_bytes));
+  const FitReport& r = fitted.report;
+  EXPECT_EQ(r.model_bytes_before, original_bytes_);
+  EXPECT_EQ(r.model_bytes, static_cast<int64_t>(fitted.file.size()));
+  EXPECT_LE(r.model_bytes + code_bytes, cap);
+  EXPECT_TRUE(r.under_cap());
+  EXPECT_EQ(serialize_artifact(a), fitted.file) << "the file must hold the pruned model";
+
+  const auto cands = unit_code_candidates(original_->model);
+  EXPECT_EQ(r.candidates, static_cast<int64_t>(cands.size()));
+  ASSERT_GT(r.pruned, 0);
+  ASSERT_LT(r.pruned, r.candidates);
+  // Exactly the k cheapest candidates were zeroed, nothing else changed.
+  std::vector<std::vector<int8_t>> expected;
+  for (const auto& t : original_->model.tensors) expected.push_back(t.codes);
+  double cost = 0.0;
+  for (int64_t i = 0; i < r.pruned; ++i) {
+    expected[cands[i].tensor][cands[i].index] = 0;
+    cost += cands[i].cost;
+  }
+  for (size_t ti = 0; ti < expected.size(); ++ti) ASSERT_EQ(a.model.tensors[ti].codes, expected[ti]) << ti;
+  EXPECT_DOUBLE_EQ(r.pruned_cost, cost);
+
+  // k is minimal: with one code fewer zeroed the artifact is over the cap.
+  Artifact one_fewer = *original_;
+  for (int64_t i = 0; i + 1 < r.pruned; ++i) one_fewer.model.tensors[cands[i].tensor].codes[cands[i].index] = 0;
+  EXPECT_GT(file_bytes(one_fewer) + code_bytes, cap);
+
+  // The search compresses far fewer times than a bisection over all candidates would.
+  EXPECT_LE(r.compressions, 24) << "k " << r.pruned << " of " << r.candidates;
+  // The pruned artifact reads back with the zeroed codes.
+  const Artifact back = parse_artifact(fitted.file, "fitted");
+  for (size_t ti = 0; ti < expected.size(); ++ti) ASSERT_EQ(back.model.tensors[ti].codes, expected[ti]) << ti;
+}
+
+TEST_F(Fit, IsDeterministic) {
+  const int64_t cap = 500 + original_bytes_ - original_bytes_ / 30;
+  Artifact a = *original_, b = *original_;
+  const FittedArtifact fa = fit_artifact(a, prune_to(cap, 500));
+  const FittedArtifact fb = fit_artifact(b, prune_to(cap, 500));
+  EXPECT_EQ(fa.report.pruned, fb.report.pruned);
+  EXPECT_EQ(fa.report.compressions, fb.report.compressions);
+  EXPECT_EQ(fa.file, fb.file);
+}
+
+TEST_F(Fit, AnImpossibleCapIsRefusedWithTheSizes) {
+  Artifact a = *original_;
+  const std::string err = error_of([&] { fit_artifact(a, prune_to(2000, 1000)); });
+  EXPECT_THAT(err, HasSubstr("cannot fit"));
+  EXPECT_THAT(err, HasSubstr("artifact_cap_bytes 2000"));
+  EXPECT_THAT(err, HasSubstr(std::to_string(original_bytes_)));
+}
+
+TEST_F(Fit, NoneLeavesAnArtifactOverTheCapUntouched) {
+  Artifact a = *original_;
+  const FittedArtifact f = fit_artifact(a, {ArtifactFit::None, 1000, 2000});
+  EXPECT_FALSE(f.report.under_cap());
+  EXPECT_EQ(f.report.pruned, 0);
+  EXPECT_EQ(f.report.compressions, 1);
+  EXPECT_EQ(f.file, serialize_artifact(*original_));
+  for (size_t ti = 0; ti < a.model.tensors.size(); ++ti)
+    ASSERT_EQ(a.model.tensors[ti].codes, original_->model.tensors[ti].codes);
+}
+
+TEST_F(Fit, AnArtifactUnderTheCapIsNotPruned) {
+  Artifact a = *original_;
+  const FittedArtifact f = fit_artifact(a, prune_to(original_bytes_ + 1000, 1000));  // exactly at the cap
+  EXPECT_TRUE(f.report.under_cap());
+  EXPECT_EQ(f.report.pruned, 0);
+  EXPECT_EQ(f.report.candidates, 0);
+  EXPECT_EQ(f.report.compressions, 1);
+  EXPECT_EQ(f.file, serialize_artifact(*original_));
+}
+
+TEST(FitConfig, S1560PrunesOthersDoNotAndTheCapIsTheChallenges) {
+  EXPECT_EQ(FitOptions::from_config(Config::load("s1560"), 7).mode, ArtifactFit::PruneUnitCodes);
+  const FitOptions base = FitOptions::from_config(Config::load("s691"), 7);
+  EXPECT_EQ(base.mode, ArtifactFit::None);
+  EXPECT_EQ(base.cap_bytes, 16'000'000);
+  EXPECT_EQ(base.code_bytes, 7);
+  Config bad = Config::load("s691");
+  bad.set_from_string("artifact_fit=prune_all");
+  EXPECT_THAT(error_of([&] { FitOptions::from_config(bad, 0); }), HasSubstr("artifact_fit = 'prune_all'"));
+}
+
+}  // namespace
