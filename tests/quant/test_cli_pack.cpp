@@ -68,6 +68,35 @@ TEST_F(PackCli, ReportsModelAndCodeBytesAgainstTheCap) {
   EXPECT_THAT(text.output, HasSubstr("under_cap"));
 }
 
+TEST_F(PackCli, FitsUnderASmallCapByPruningUnitCodesOrSaysOver) {
+  const auto unpruned = run_json(pack_args(" --json"));
+  EXPECT_EQ(unpruned["fit"]["mode"], "none");
+  const int64_t total = unpruned["total_bytes"].get<int64_t>();
+  const int64_t cap = total - unpruned["model_bytes"].get<int64_t>() / 50;  // 2 % of the model too small
+  const std::string cap_set = " --set artifact_cap_bytes=" + std::to_string(cap);
+
+  const auto over = run_json(pack_args(cap_set + " --json"));
+  EXPECT_FALSE(over["under_cap"].get<bool>());
+  EXPECT_EQ(over["total_bytes"].get<int64_t>(), total);
+  EXPECT_EQ(over["fit"]["pruned"].get<int64_t>(), 0);
+  const auto text = test::run_pgolf(pack_args(cap_set));
+  ASSERT_EQ(text.status, 0) << text.output;
+  EXPECT_THAT(text.output, HasSubstr("OVER THE CAP"));
+
+  const auto fitted = run_json(pack_args(cap_set + " --set artifact_fit=prune_pm1 --json"));
+  EXPECT_TRUE(fitted["under_cap"].get<bool>());
+  EXPECT_EQ(fitted["cap_bytes"].get<int64_t>(), cap);
+  EXPECT_LE(fitted["total_bytes"].get<int64_t>(), cap);
+  EXPECT_EQ(fitted["model_bytes"].get<int64_t>(), static_cast<int64_t>(std::filesystem::file_size(dir_ / "a.pgolf")));
+  EXPECT_EQ(fitted["fit"]["model_bytes_before"], unpruned["model_bytes"]);
+  EXPECT_GT(fitted["fit"]["pruned"].get<int64_t>(), 0);
+  EXPECT_LT(fitted["fit"]["pruned"].get<int64_t>(), fitted["fit"]["candidates"].get<int64_t>());
+
+  const auto impossible = test::run_pgolf(pack_args(" --set artifact_fit=prune_pm1 --set artifact_cap_bytes=1000"));
+  EXPECT_NE(impossible.status, 0);
+  EXPECT_THAT(impossible.output, HasSubstr("cannot fit"));
+}
+
 TEST_F(PackCli, UnpackWritesTheDequantizedCheckpoint) {
   ASSERT_EQ(test::run_pgolf(pack_args()).status, 0);
   const auto j = run_json("unpack --json --artifact " + (dir_ / "a.pgolf").string() + " --out " +
