@@ -5,7 +5,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
+#include <functional>
 #include <string>
 
 namespace pgolf::test {
@@ -20,6 +22,16 @@ inline std::filesystem::path data_dir() { return shared_dir() / "data"; }
 inline std::filesystem::path sp1024_model() { return data_dir() / "tokenizers" / "fineweb_1024_bpe.model"; }
 inline std::filesystem::path val_prefix_shard() {
   return data_dir() / "fineweb_val_prefix" / "fineweb_val_prefix_000000.bin";
+}
+
+// The message of the exception (a pgolf::Error, usually) that `fn` throws; "(no error)" when it returns.
+inline std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no error)";
 }
 
 // A fresh directory under the system temp dir, removed when the object goes out of scope.

@@ -15,6 +15,7 @@
 #include "model/cpu_model.h"
 #include "model/init.h"
 #include "model/tiny_models.h"
+#include "test_util.h"
 #include "tiny64.h"
 
 #ifdef PGOLF_HAVE_NCCL
@@ -45,15 +46,6 @@ class NcclTest : public CudaTest {
   }
   cudaStream_t stream_ = nullptr;
 };
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 TEST_F(NcclTest, EveryCollectiveAndDtypeAtWorldSizeOne) {
   NcclCommunicator comm(stream_);

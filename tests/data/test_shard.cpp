@@ -8,20 +8,10 @@
 #include "test_util.h"
 
 using namespace pgolf;
+using test::error_of;
 using ::testing::HasSubstr;
 
 namespace {
-
-// The message of the pgolf::Error that `fn` throws ("" if it throws none).
-template <typename Fn>
-std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 std::vector<uint8_t> shard_bytes(int32_t magic, int32_t version, int32_t count, const std::vector<uint16_t>& ids) {
   std::vector<uint8_t> b(1024 + 2 * ids.size(), 0);

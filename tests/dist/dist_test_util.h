@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "test_util.h"
+
 namespace pgolf::test {
 
 // Runs `body` in a forked child process; its exit status is 0 when body returns, 1 when it throws
@@ -37,16 +39,6 @@ inline int wait_status(pid_t pid) {
   int status = 0;
   if (::waitpid(pid, &status, 0) != pid) return -1;
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
-// The message of the pgolf::Error (or other exception) `fn` throws; "(no error)" when it returns.
-inline std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 // Sets (or, with nullopt, unsets) environment variables until the end of the scope.

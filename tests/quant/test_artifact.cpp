@@ -16,6 +16,7 @@
 #include "test_util.h"
 
 using namespace pgolf;
+using test::error_of;
 using ::testing::HasSubstr;
 
 namespace {
@@ -38,15 +39,6 @@ Artifact small_artifact(const std::string& preset, const std::string& compressor
   const TensorMap h = test::random_hessians(params, cfg.get_int("passthrough_max_numel"), 7);
   if (params_out) *params_out = params;
   return build_artifact(cfg, params, &h);
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 class ArtifactRoundTrip : public ::testing::TestWithParam<Case> {};

@@ -14,6 +14,7 @@
 #include "test_util.h"
 
 using namespace pgolf;
+using test::error_of;
 using ::testing::HasSubstr;
 
 namespace {
@@ -31,15 +32,6 @@ int64_t file_bytes(const Artifact& a) { return static_cast<int64_t>(serialize_ar
 
 FitOptions prune_to(int64_t cap, int64_t code_bytes = 1000) {
   return {ArtifactFit::PruneUnitCodes, code_bytes, cap};
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 class Fit : public ::testing::Test {
