@@ -187,6 +187,7 @@ TEST(CodeArchive, IsReproducedByteForByteFromTheSameSources) {
   const auto out = dir / "again.tar.xz";
   const std::string cmd = "cmake -DSOURCE_DIR=" + std::string(PGOLF_SOURCE_DIR) +
                           " -DLIST=" + (build_dir() / "pgolf_code_files.txt").string() + " -DOUT=" + out.string() +
+                          " -DSTRIP=" + (build_dir() / "pgolf_code_strip").string() +
                           " -P " + std::string(PGOLF_SOURCE_DIR) + "/cmake/code_archive.cmake";
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
   EXPECT_EQ(read_file(out), read_file(build_dir() / "pgolf_code.tar.xz"));
@@ -195,6 +196,14 @@ TEST(CodeArchive, IsReproducedByteForByteFromTheSameSources) {
   EXPECT_THAT(list, HasSubstr("configs/s691.toml\n"));
   EXPECT_THAT(list, HasSubstr("scripts/setup.sh\n"));
   EXPECT_THAT(list, ::testing::Not(HasSubstr("tests/")));
+  // The archive holds the minified sources: no comment survives in a C++ file.
+  const std::string listing = "tar -xJOf " + (build_dir() / "pgolf_code.tar.xz").string() +
+                              " src/quant/artifact.cpp > " + (dir / "artifact.cpp").string();
+  ASSERT_EQ(std::system(listing.c_str()), 0) << listing;
+  const std::string minified = read_text_file(dir / "artifact.cpp");
+  EXPECT_THAT(minified, HasSubstr("namespace pgolf"));
+  EXPECT_THAT(minified, ::testing::Not(HasSubstr("// ")));
+  EXPECT_LT(minified.size(), std::filesystem::file_size(std::string(PGOLF_SOURCE_DIR) + "/src/quant/artifact.cpp"));
   EXPECT_EQ(code_archive_bytes(build_dir() / "pgolf_code.tar.xz"),
             static_cast<int64_t>(std::filesystem::file_size(build_dir() / "pgolf_code.tar.xz")));
 }
