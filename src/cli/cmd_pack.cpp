@@ -83,8 +83,10 @@ void run_pack(const PackArgs& args) {
   fmt::print("  model_bytes   {:>12}\n", model_bytes);
   fmt::print("  code_bytes    {:>12}  ({})\n", code_bytes, archive.string());
   if (fit.pruned > 0)
-    fmt::print("  fit {}: zeroed {} of {} codes of magnitude 1 (model was {} bytes; {} compressions)\n",
-               artifact_fit_name(fit.mode), fit.pruned, fit.candidates, fit.model_bytes_before, fit.compressions);
+    fmt::print("  fit {}: zeroed {} of {} codes of magnitude 1 (model was {} bytes; {} compressions in {} rounds, "
+               "k within {} of the smallest)\n",
+               artifact_fit_name(fit.mode), fit.pruned, fit.candidates, fit.model_bytes_before, fit.compressions,
+               fit.rounds, fit.tolerance);
   fmt::print("  total_bytes   {:>12}  cap {}: {} (margin {})\n", total, cap, fit.under_cap() ? "under_cap" : "OVER THE CAP",
              cap - total);
   fmt::print("  quantize {:.2f} s, compress {:.2f} s, verify {:.2f} s\n", quantize_s, compress_s, verify_s);

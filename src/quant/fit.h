@@ -9,9 +9,13 @@
 // Candidates are ordered by cost, ties by tensor order then element index (stable, deterministic).
 //
 // Search for the smallest k (the k cheapest candidates zeroed) with model + code <= cap, on the real
-// compressed size: k = 0 first (fits → nothing changes), then k = all (does not fit → error), then
-// secant steps between the closest fitting and non-fitting k, with a bisection step whenever the
-// secant moves the same end twice, until the two are adjacent. Each trial is one full serialization.
+// compressed size, to within fit_tolerance(candidates): k = 0 first (fits → nothing changes), then
+// k = all (does not fit → error), then rounds of kFitProbes serializations run in parallel (one
+// thread each: a round costs about one compression, and brotli-11 of a 16 MB model takes tens of
+// seconds): a comb of probes centred on the secant estimate between the closest fitting and
+// non-fitting k, spanning a quarter of the gap between them (probes at least `tolerance` apart), or,
+// after two rounds that all landed on one side, probes spread evenly over the gap. It stops when they are at most `tolerance` apart and returns the fitting end. The
+// probe positions do not depend on the number of threads, so the result is the same on every machine.
 #pragma once
 
 #include <cstdint>
@@ -34,6 +38,7 @@ struct FitOptions {
   ArtifactFit mode = ArtifactFit::None;
   int64_t code_bytes = 0;
   int64_t cap_bytes = kArtifactCapBytes;
+  int64_t tolerance = 0;  // the search's precision in codes; 0: fit_tolerance(candidates)
 
   // artifact_fit and artifact_cap_bytes; code bytes are measured by the caller.
   static FitOptions from_config(const Config& c, int64_t code_bytes);
@@ -48,10 +53,20 @@ struct FitReport {
   int64_t model_bytes = 0;         // the artifact file written
   int64_t code_bytes = 0, cap_bytes = 0;
   int compressions = 0;            // full serializations the search made
+  int rounds = 0;                  // sequential rounds of them (the first is k = 0; a round runs in parallel)
+  int64_t tolerance = 0;           // the search's precision in codes
+  int64_t not_fitting = 0;         // the largest k seen not to fit: pruned - not_fitting <= tolerance
   bool under_cap() const { return model_bytes + code_bytes <= cap_bytes; }
   // {"mode", "candidates", "pruned", "pruned_cost", "model_bytes_before", "compressions"} for results.
   nlohmann::ordered_json to_json() const;
 };
+
+// Probes per search round.
+constexpr int kFitProbes = 8;
+
+// The search's precision in codes: 1 (the exact smallest k) up to 16,384 candidates, then 1/16,384 of
+// them (about 600 codes of a full-size s1560 model's ~10 M): bounds the rounds to a few.
+inline int64_t fit_tolerance(int64_t candidates) { return candidates <= 16384 ? 1 : candidates / 16384; }
 
 struct FittedArtifact {
   std::vector<uint8_t> file;  // serialize_artifact of the (pruned) artifact

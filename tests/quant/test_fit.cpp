@@ -5,6 +5,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <iostream>
+
 #include <cmath>
 #include <functional>
 
@@ -30,8 +32,15 @@ Artifact small_s1560_artifact() {
 
 int64_t file_bytes(const Artifact& a) { return static_cast<int64_t>(serialize_artifact(a).size()); }
 
-FitOptions prune_to(int64_t cap, int64_t code_bytes = 1000) {
-  return {ArtifactFit::PruneUnitCodes, code_bytes, cap};
+FitOptions prune_to(int64_t cap, int64_t code_bytes = 1000, int64_t tolerance = 0) {
+  return {ArtifactFit::PruneUnitCodes, code_bytes, cap, tolerance};
+}
+
+// `original` with its k cheapest ±1 codes zeroed.
+Artifact pruned_copy(const Artifact& original, const std::vector<PruneCandidate>& cands, int64_t k) {
+  Artifact a = original;
+  for (int64_t i = 0; i < k; ++i) a.model.tensors[cands[i].tensor].codes[cands[i].index] = 0;
+  return a;
 }
 
 class Fit : public ::testing::Test {
@@ -76,7 +85,7 @@ TEST_F(Fit, PrunesTheFewestCheapestUnitCodesThatFit) {
   const int64_t code_bytes = 1000;
   const int64_t cap = code_bytes + original_bytes_ - original_bytes_ / 50;  // 2 % too small
   Artifact a = *original_;
-  const FittedArtifact fitted = fit_artifact(a, prune_to(cap, code_bytes));
+  const FittedArtifact fitted = fit_artifact(a, prune_to(cap, code_bytes, /*tolerance=*/1));
   const FitReport& r = fitted.report;
   EXPECT_EQ(r.model_bytes_before, original_bytes_);
   EXPECT_EQ(r.model_bytes, static_cast<int64_t>(fitted.file.size()));
@@ -99,18 +108,41 @@ TEST_F(Fit, PrunesTheFewestCheapestUnitCodesThatFit) {
   for (size_t ti = 0; ti < expected.size(); ++ti) ASSERT_EQ(a.model.tensors[ti].codes, expected[ti]) << ti;
   EXPECT_DOUBLE_EQ(r.pruned_cost, cost);
 
-  // k is minimal: with one code fewer zeroed the artifact is over the cap.
-  Artifact one_fewer = *original_;
-  for (int64_t i = 0; i + 1 < r.pruned; ++i) one_fewer.model.tensors[cands[i].tensor].codes[cands[i].index] = 0;
-  EXPECT_GT(file_bytes(one_fewer) + code_bytes, cap);
+  // With tolerance 1, k is minimal: with one code fewer zeroed the artifact is over the cap.
+  EXPECT_EQ(r.tolerance, 1);
+  EXPECT_EQ(r.not_fitting, r.pruned - 1);
+  EXPECT_GT(file_bytes(pruned_copy(*original_, cands, r.pruned - 1)) + code_bytes, cap);
 
-  // The secant search needs no more compressions than plain bisection over the candidates would
-  // (k = 0, k = all, then ceil(log2 candidates) halvings).
+  // The search needs fewer rounds than plain bisection over the candidates would take compressions
+  // (k = 0, k = all, then ceil(log2 candidates) halvings), and at most kFitProbes per round.
   const int bisection = 2 + static_cast<int>(std::ceil(std::log2(static_cast<double>(r.candidates))));
-  EXPECT_LE(r.compressions, bisection) << "k " << r.pruned << " of " << r.candidates;
+  EXPECT_LT(r.rounds, bisection) << "k " << r.pruned << " of " << r.candidates;
+  EXPECT_LE(r.compressions, 2 + (r.rounds - 2) * kFitProbes);
+  std::cout << "[ fit      ] " << r.candidates << " candidates, k " << r.pruned << ", " << r.compressions
+            << " compressions in " << r.rounds << " rounds\n";
   // The pruned artifact reads back with the zeroed codes.
   const Artifact back = parse_artifact(fitted.file, "fitted");
   for (size_t ti = 0; ti < expected.size(); ++ti) ASSERT_EQ(back.model.tensors[ti].codes, expected[ti]) << ti;
+}
+
+// The default precision: k lies within fit_tolerance(candidates) of a k that does not fit, in fewer
+// rounds than the exact search.
+TEST_F(Fit, TheDefaultToleranceBoundsHowFarKIsAboveANonFittingK) {
+  const int64_t code_bytes = 1000;
+  const int64_t cap = code_bytes + original_bytes_ - original_bytes_ / 50;
+  Artifact a = *original_;
+  const FitReport r = fit_artifact(a, prune_to(cap, code_bytes)).report;
+  const auto cands = unit_code_candidates(original_->model);
+  EXPECT_EQ(r.tolerance, fit_tolerance(r.candidates));
+  ASSERT_GT(r.tolerance, 1) << r.candidates << " candidates";
+  EXPECT_LT(r.not_fitting, r.pruned);
+  EXPECT_LE(r.pruned - r.not_fitting, r.tolerance);
+  std::cout << "[ fit      ] " << r.candidates << " candidates, tolerance " << r.tolerance << ", k " << r.pruned
+            << ", " << r.compressions << " compressions in " << r.rounds << " rounds\n";
+  EXPECT_GT(file_bytes(pruned_copy(*original_, cands, r.not_fitting)) + code_bytes, cap);
+  EXPECT_LE(file_bytes(pruned_copy(*original_, cands, r.pruned)) + code_bytes, cap);
+  Artifact b = *original_;
+  EXPECT_LE(r.rounds, fit_artifact(b, prune_to(cap, code_bytes, 1)).report.rounds);
 }
 
 TEST_F(Fit, IsDeterministic) {
@@ -120,6 +152,7 @@ TEST_F(Fit, IsDeterministic) {
   const FittedArtifact fb = fit_artifact(b, prune_to(cap, 500));
   EXPECT_EQ(fa.report.pruned, fb.report.pruned);
   EXPECT_EQ(fa.report.compressions, fb.report.compressions);
+  EXPECT_EQ(fa.report.rounds, fb.report.rounds);
   EXPECT_EQ(fa.file, fb.file);
 }
 
