@@ -50,9 +50,11 @@ __device__ __forceinline__ void store_shared_u32(uint32_t address, uint32_t valu
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(address), "r"(value));
 }
 
-// The 128 threads of one warpgroup (named barrier 1 + warpgroup; 0 is __syncthreads).
+// The 128 threads of one warpgroup: named barrier 1 + warpgroup (0 is __syncthreads). Immediate ids,
+// so that ptxas reserves 2 barriers rather than all 16.
 __device__ __forceinline__ void warpgroup_barrier(int warpgroup) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + warpgroup) : "memory");
+  if (warpgroup == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
+  else asm volatile("bar.sync 2, 128;\n" ::: "memory");
 }
 
 // Rounds the fp32 accumulators of a 64x64 Pᵀ or dSᵀ (rows = keys, columns = queries) to the A
@@ -89,10 +91,11 @@ __device__ __forceinline__ void add_dq_rows(const AttentionBackwardParams& p, co
   }
 }
 
-// Two blocks of one warpgroup or one of two per multiprocessor: up to 255 registers a thread (the
-// dK and dV accumulators, 64 floats, stay in registers with Sᵀ and dPᵀ, 64 more).
+// Registers: the dK and dV accumulators (64 floats) stay with Sᵀ and dPᵀ (64 more) and the A
+// fragments (32). One warpgroup: three blocks per multiprocessor (168 registers, no spills, 12 warps;
+// shared memory 3 x 58 KB); two: one block (186 registers; two would need 128 a thread).
 template <int kWarpgroups>
-__global__ void __launch_bounds__(kWarpgroups * 128, 2 / kWarpgroups)
+__global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
     attention_backward_wgmma_kernel(const AttentionBackwardParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kThreads = kWarpgroups * 128, kBlockN = 64 * kWarpgroups, kBlockM = kQueryTile;
