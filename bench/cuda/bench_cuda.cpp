@@ -120,7 +120,7 @@ double attention_pass_flops(const std::vector<int32_t>& cu, int heads) {
   return 4.0 * pairs * heads * kAttentionHeadDim;
 }
 
-// hopper: the device runs the wgmma forward (sm_90).
+// hopper: the device runs the wgmma kernels (sm_90).
 void bench_attention(const std::string& label, const std::vector<int32_t>& cu_host, bool hopper, const Timer& timer) {
   const int n = cu_host.back(), heads = 8, kv_heads = 4;
   DeviceBuffer<int32_t> cu(cu_host);
@@ -151,12 +151,19 @@ void bench_attention(const std::string& label, const std::vector<int32_t>& cu_ho
     row(fmt::format("attn {} bwd ({} warps)", label, warps), shape_text, timer.median_ms([&] { backward(t); }),
         2.5 * fwd_flops);
   }
-  if (hopper) {  // the wgmma forward at both block shapes
+  if (hopper) {  // the wgmma forward and backward at both block shapes
     for (int warps : {4, 8}) {
       AttentionTuning t{warps, warps};
       t.forward_kernel = AttentionForwardKernel::wgmma;
       row(fmt::format("attn {} fwd wgmma ({} warps)", label, warps), shape_text, timer.median_ms([&] { forward(t); }),
           fwd_flops);
+    }
+    forward(AttentionTuning{});
+    for (int warps : {4, 8}) {
+      AttentionTuning t{warps, warps};
+      t.backward_kernel = AttentionBackwardKernel::wgmma;
+      row(fmt::format("attn {} bwd wgmma ({} warps)", label, warps), shape_text, timer.median_ms([&] { backward(t); }),
+          2.5 * fwd_flops);
     }
   }
   const AttentionTuning defaults{};

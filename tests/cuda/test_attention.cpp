@@ -5,8 +5,8 @@
 // in fp32, so their error should not exceed the naive one; k = 2 leaves room for a different
 // rounding of near-ties (FlashAttention's tests use 2). The LSE is fp32 in both; the kernel's comes
 // from the hardware exp2/log2 approximations (about 2 ulp) and tensor-core fp32 accumulation where
-// the naive loop uses libm and sequential sums: k = 4. Both forward implementations (mma.sync and
-// Hopper's wgmma) are held to these bounds: they round at the same points.
+// the naive loop uses libm and sequential sums: k = 4. Both forward and both backward implementations
+// (mma.sync and Hopper's wgmma) are held to these bounds: they round at the same points.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -162,7 +162,8 @@ struct DeviceAttention {
 };
 
 // The mma.sync forward and the backward at both block shapes (and the deterministic dQ), then the
-// wgmma forward at both block shapes, each followed by the default backward.
+// wgmma forward at both block shapes, each followed by the default backward, then the wgmma backward
+// at both block shapes (one or two warpgroups) after the default forward.
 std::vector<AttentionTuning> tunings_under_test() {
   constexpr auto mma = cuda::AttentionForwardKernel::mma_sync;
   std::vector<AttentionTuning> tunings{{4, 4, false, mma}, {8, 8, false, mma}, {4, 8, true, mma}};
@@ -172,6 +173,12 @@ std::vector<AttentionTuning> tunings_under_test() {
     t.forward_kernel = cuda::AttentionForwardKernel::wgmma;
     tunings.push_back(t);
   }
+  for (int warps : {4, 8}) {
+    AttentionTuning t;
+    t.backward_warps = warps;
+    t.backward_kernel = cuda::AttentionBackwardKernel::wgmma;
+    tunings.push_back(t);
+  }
   return tunings;
 }
 
@@ -179,7 +186,8 @@ std::string tuning_label(const AttentionTuning& t) {
   std::string label = t.forward_kernel == cuda::AttentionForwardKernel::wgmma
                           ? "wgmma_fw" + std::to_string(t.forward_warps)
                           : "mma_fw" + std::to_string(t.forward_warps);
-  label += "_bw" + std::to_string(t.backward_warps);
+  label += t.backward_kernel == cuda::AttentionBackwardKernel::wgmma ? "_wgmma_bw" : "_bw";
+  label += std::to_string(t.backward_warps);
   return t.deterministic ? label + "_det" : label;
 }
 

@@ -12,4 +12,10 @@ namespace pgolf::test {
 // Runs one warpgroup and waits for it.
 void wgmma_product_device(const __nv_bfloat16* a, const __nv_bfloat16* b, float* c, bool b_rows_are_n);
 
+// The same product with A read by the tensor cores from a swizzled tile through a descriptor (as the
+// wgmma attention backward reads K, V and dSᵀ): a [m][k] when a_rows_are_m (K-major, as K in Sᵀ = K·Qᵀ),
+// else a [k][m] (MN-major, as dSᵀ [key][query] for dQ = dS·K); b as above.
+void wgmma_product_shared_a_device(const __nv_bfloat16* a, const __nv_bfloat16* b, float* c, bool a_rows_are_m,
+                                   bool b_rows_are_n);
+
 }  // namespace pgolf::test

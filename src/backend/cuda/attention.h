@@ -33,9 +33,14 @@ struct AttentionShape {
 // MMA (wgmma, needs an sm_90a build and an sm_90 GPU). Same outputs up to accumulation order.
 enum class AttentionForwardKernel { mma_sync, wgmma };
 
+// Backward main kernels: mma.sync (16 keys per warp), or Hopper's wgmma (64 keys per warpgroup,
+// sm_90a build and sm_90 GPU). Both add dQ with fp32 atomics; the deterministic dQ path
+// (AttentionTuning::deterministic) always runs the mma.sync kernel for dK, dV.
+enum class AttentionBackwardKernel { mma_sync, wgmma };
+
 // Kernel shapes. The forward kernel gives each warp 16 query rows (a block has 16 · forward_warps;
-// with wgmma each warpgroup of 4 warps owns 64 of them); the backward kernel gives each warp 16 keys.
-// Both accept 4 or 8. The defaults are the fastest measured on an H100 (bench_cuda compares them).
+// with wgmma each warpgroup of 4 warps owns 64 of them); the backward kernel gives each warp 16 keys
+// (with wgmma each warpgroup 64). Both accept 4 or 8. The defaults are the fastest measured on an H100 (bench_cuda compares them).
 struct AttentionTuning {
   int forward_warps = 4;
   int backward_warps = 8;
@@ -45,6 +50,9 @@ struct AttentionTuning {
   // The Hopper wgmma forward (128 keys per K/V tile) is 9-12 % faster than the mma.sync one on an
   // H100 (docs/PERFORMANCE.md) and gives the same results within the tests' bounds.
   AttentionForwardKernel forward_kernel = AttentionForwardKernel::wgmma;
+  // The wgmma backward (attention_backward_wgmma.cu) is not yet measured on a GPU: mma.sync stays the
+  // default. Ignored when `deterministic` is set.
+  AttentionBackwardKernel backward_kernel = AttentionBackwardKernel::mma_sync;
 };
 
 void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,

@@ -9,6 +9,9 @@
 //             dSᵀ also goes to shared memory, from where the block computes dQ_tile = dS K and adds
 //             it to the fp32 accumulator with vector atomics;
 //   finish:   dQ = bf16(accumulator).
+// AttentionTuning::backward_kernel = wgmma swaps the main kernel for the Hopper one
+// (attention_backward_wgmma.cu, same workspace and semantics); the deterministic path keeps this
+// file's kernel without atomics and the separate dQ pass (attention_dq.cu).
 #include <cmath>
 
 #include "backend/cuda/attention_common.cuh"
@@ -21,20 +24,6 @@ using namespace attention_detail;
 
 constexpr int kBackwardBlockM = 64;  // queries per tile
 
-struct BackwardParams {
-  const __nv_bfloat16* __restrict__ q;
-  const __nv_bfloat16* __restrict__ k;
-  const __nv_bfloat16* __restrict__ v;
-  const __nv_bfloat16* __restrict__ d_o;
-  const float* __restrict__ lse;    // [H, N]
-  const float* __restrict__ delta;  // [H, N]
-  float* __restrict__ dq_accum;     // [N, H, 64]
-  __nv_bfloat16* __restrict__ dk;
-  __nv_bfloat16* __restrict__ dv;
-  const int32_t* __restrict__ cu;
-  int num_segments, total_tokens, group;
-  int64_t q_row_stride, kv_row_stride;
-};
 
 // Eight threads per (token, head) row, 8 elements (16 bytes) each.
 __global__ void attention_backward_prepare_kernel(const __nv_bfloat16* __restrict__ o,
@@ -93,7 +82,7 @@ __device__ __forceinline__ void store_shared_u32(uint32_t address, uint32_t valu
 // 8 warps per multiprocessor (one block of 8 warps or two of 4): up to 255 registers a thread, as
 // K, V, dK and dV stay in registers. kAtomicDq = false leaves dQ to the deterministic pass.
 template <int kWarps, bool kAtomicDq>
-__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps) attention_backward_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps) attention_backward_kernel(const AttentionBackwardParams p) {
   constexpr int kThreads = kWarps * 32, kBlockN = 16 * kWarps, kBlockM = kBackwardBlockM;
   constexpr float kScaleLog2 = kSoftmaxScale * kLog2e;
   static_assert(kThreads >= 2 * kBlockM, "LSE and D rows are copied by one thread each");
@@ -287,7 +276,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps) attention_backward_ke
 }
 
 template <int kWarps, bool kAtomicDq>
-void launch_backward(const BackwardParams& p, const AttentionShape& shape, cudaStream_t stream) {
+void launch_backward(const AttentionBackwardParams& p, const AttentionShape& shape, cudaStream_t stream) {
   constexpr int bytes = backward_smem_bytes<kWarps>();
   static const bool configured = [] {
     PG_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kernel<kWarps, kAtomicDq>,
@@ -301,7 +290,7 @@ void launch_backward(const BackwardParams& p, const AttentionShape& shape, cudaS
 }
 
 template <bool kAtomicDq>
-void launch_backward(const BackwardParams& p, const AttentionShape& shape, int warps, cudaStream_t stream) {
+void launch_backward(const AttentionBackwardParams& p, const AttentionShape& shape, int warps, cudaStream_t stream) {
   switch (warps) {
     case 4: launch_backward<4, kAtomicDq>(p, shape, stream); break;
     case 8: launch_backward<8, kAtomicDq>(p, shape, stream); break;
@@ -348,7 +337,7 @@ void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, con
         o, d_o, delta, dq_accum, shape.total_tokens, shape.num_heads);
     PG_CUDA_LAUNCH_CHECK();
   }
-  BackwardParams p{q,
+  AttentionBackwardParams p{q,
                    k,
                    v,
                    d_o,
@@ -368,7 +357,10 @@ void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, con
     launch_attention_dq(shape, q, k, v, d_o, lse, delta, dq, stream);
     return;
   }
-  launch_backward<true>(p, shape, tuning.backward_warps, stream);
+  if (tuning.backward_kernel == AttentionBackwardKernel::wgmma)
+    launch_attention_backward_wgmma(p, shape, tuning.backward_warps, stream);
+  else
+    launch_backward<true>(p, shape, tuning.backward_warps, stream);
   {
     const int threads = 256;
     const int64_t count = rows * kHeadDim;

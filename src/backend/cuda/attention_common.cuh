@@ -81,10 +81,45 @@ struct AttentionForwardParams {
   int64_t q_row_stride, kv_row_stride;    // H * 64, Hkv * 64
 };
 
+// What a backward main kernel reads and writes (attention_backward.cu fills it for either
+// implementation); delta = rowsum(dO ∘ O) and the fp32 dq accumulator come from the workspace.
+struct AttentionBackwardParams {
+  const __nv_bfloat16* __restrict__ q;
+  const __nv_bfloat16* __restrict__ k;
+  const __nv_bfloat16* __restrict__ v;
+  const __nv_bfloat16* __restrict__ d_o;
+  const float* __restrict__ lse;    // [H, N]
+  const float* __restrict__ delta;  // [H, N]
+  float* __restrict__ dq_accum;     // [N, H, 64]
+  __nv_bfloat16* __restrict__ dk;
+  __nv_bfloat16* __restrict__ dv;
+  const int32_t* __restrict__ cu;
+  int num_segments, total_tokens, group;
+  int64_t q_row_stride, kv_row_stride;
+};
+
+// The wgmma kernels run only on an sm_90 GPU (wgmma is Hopper's; sm_90a code does not run on later
+// architectures either); `what` names the caller in the error.
+inline void require_hopper(const char* what) {
+  static const bool is_hopper = [] {
+    int device = 0, major = 0, minor = 0;
+    PG_CUDA_CHECK(cudaGetDevice(&device));
+    PG_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    PG_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    return major == 9 && minor == 0;
+  }();
+  PG_CUDA_REQUIRE(is_hopper, what);
+}
+
 // The Hopper forward (attention_forward_wgmma.cu): `warps` 4 or 8 (one or two warpgroups of 64 query
 // rows), 128 keys per K/V tile.
 void launch_attention_forward_wgmma(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
                                     cudaStream_t stream);
+
+// The Hopper backward main kernel (attention_backward_wgmma.cu): `warps` 4 or 8 (one or two
+// warpgroups of 64 keys), dq added to p.dq_accum with fp32 atomics, dk and dv written.
+void launch_attention_backward_wgmma(const AttentionBackwardParams& p, const AttentionShape& shape, int warps,
+                                     cudaStream_t stream);
 
 // The deterministic dQ pass (attention_dq.cu): dq written (bf16) from q, k, v, dO, the forward's LSE
 // and D = rowsum(dO ∘ O) [H, N].

@@ -209,19 +209,6 @@ __global__ void __launch_bounds__(kWarpgroups * 128, wgmma_forward_min_blocks<kW
 #endif
 }
 
-// The device runs this kernel only if it is an sm_90 GPU (wgmma is Hopper's; the sm_90a code does not
-// run on later architectures either).
-void require_hopper() {
-  static const bool is_hopper = [] {
-    int device = 0, major = 0, minor = 0;
-    PG_CUDA_CHECK(cudaGetDevice(&device));
-    PG_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    PG_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-    return major == 9 && minor == 0;
-  }();
-  PG_CUDA_REQUIRE(is_hopper, "attention_forward: the wgmma kernel needs an sm_90 (Hopper) GPU");
-}
-
 template <int kWarpgroups, int kBlockN>
 void launch(const AttentionForwardParams& p, const AttentionShape& shape, cudaStream_t stream) {
   constexpr int bytes = wgmma_forward_smem_bytes<kWarpgroups, kBlockN>();
@@ -243,7 +230,7 @@ void launch(const AttentionForwardParams& p, const AttentionShape& shape, cudaSt
 void launch_attention_forward_wgmma(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
                                     cudaStream_t stream) {
   PG_CUDA_REQUIRE(warps == 4 || warps == 8, "attention_forward: tuning.forward_warps must be 4 or 8");
-  require_hopper();
+  require_hopper("attention_forward: the wgmma kernel needs an sm_90 (Hopper) GPU");
   if (warps == 4) launch<1, 128>(p, shape, stream);
   else launch<2, 128>(p, shape, stream);
 }

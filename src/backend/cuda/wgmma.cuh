@@ -1,7 +1,7 @@
 // Hopper warpgroup MMA building blocks (sm_90a): shared-memory matrix descriptors for the
 // 128-byte-swizzled tiles of mma.cuh (SwizzledTile64), wgmma.mma_async m64n64k16 bf16 → fp32 with A
-// in registers, and the fences and waits around it. The instructions exist only on sm_90a: kernels
-// that use these guard their bodies with __CUDA_ARCH_FEAT_SM90_ALL.
+// in registers or in shared memory, and the fences and waits around it. The instructions exist only
+// on sm_90a: kernels that use these guard their bodies with __CUDA_ARCH_FEAT_SM90_ALL.
 //
 // A warpgroup is 4 consecutive warps starting at a warp index divisible by 4; it issues one wgmma
 // together. Register fragments of m64nNk16 (PTX ISA "Register fragments"), per warp w of the group
@@ -31,6 +31,12 @@
 //     bytes, an atom boundary.
 // In both cases every descriptor start is an atom boundary or 32/64/96 bytes into one, the matrix
 // base offset field is 0, and the unused LBO is given the same 1024 bytes as SBO.
+//
+// The A operand (64 rows of m) can come from such a tile too (wgmma_m64n64k16_bf16_ss), with the same
+// two canonical forms and so the same step descriptors: K-major A (imm-trans-a 0) is a tile whose rows
+// are m (64 rows = 8 atoms, e.g. K[key][dh] as the A of Sᵀ = K·Qᵀ), exactly like K-major B with rows n;
+// MN-major A (imm-trans-a 1) is a tile whose rows are k and whose 64 contiguous values are m (e.g.
+// dSᵀ[key][query] as the A = dS of dQ = dS·K), exactly like MN-major B.
 #pragma once
 
 #include <cstdint>
@@ -99,6 +105,27 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16(float (&d)[32], const uint3
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_descriptor), "r"(kAccumulate ? 1 : 0), "n"(kTransposeB));
+}
+
+// d (64x64 fp32) = A (64x16 bf16, descriptor) · B (16x64 bf16, descriptor) + (kAccumulate ? d : 0).
+// kTransposeA = 0: A is K-major (rows = m); 1: A is MN-major (rows = k). kTransposeB as above.
+template <bool kAccumulate, int kTransposeA, int kTransposeB>
+__device__ __forceinline__ void wgmma_m64n64k16_bf16_ss(float (&d)[32], uint64_t a_descriptor,
+                                                        uint64_t b_descriptor) {
+  asm volatile(
+      "{\n"
+      ".reg .pred accumulate;\n"
+      "setp.ne.b32 accumulate, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, accumulate, 1, 1, %35, %36;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(a_descriptor), "l"(b_descriptor), "r"(kAccumulate ? 1 : 0), "n"(kTransposeA), "n"(kTransposeB));
 }
 
 }  // namespace pgolf::cuda
