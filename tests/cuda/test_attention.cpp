@@ -214,7 +214,9 @@ void check_case(const std::string& name, const AttentionInputs& in) {
     EXPECT_EQ(again.lse, got.lse) << "LSE differs between two runs (a race?)";
     EXPECT_EQ(again.dk, got.dk) << "dk differs between two runs (a race?)";
     EXPECT_EQ(again.dv, got.dv) << "dv differs between two runs (a race?)";
-    if (tuning.deterministic) EXPECT_EQ(again.dq, got.dq) << "deterministic dq differs between two runs";
+    if (tuning.deterministic) {
+      EXPECT_EQ(again.dq, got.dq) << "deterministic dq differs between two runs";
+    }
   }
 }
 

@@ -387,9 +387,13 @@ TEST_F(AttentionOpsTest, LoraProductsPerRowOnStridedOutputs) {
   const auto y_got = from_device_bf16(d_y);
   expect_within_naive("lora_h", from_device_bf16(h), h_naive, h_ref, kBf16Bound);
   expect_within_naive("lora_y", columns(y_got, N, y_ld, y_col, out), rounded_bf16(y_naive), y_ref, kBf16Bound);
-  for (int64_t i = 0; i < N; ++i)
-    for (int j = 0; j < y_ld; ++j)
-      if (j < y_col || j >= y_col + out) ASSERT_EQ(y_got[i * y_ld + j], y0[i * y_ld + j]) << "outside the slice";
+  for (int64_t i = 0; i < N; ++i) {
+    for (int j = 0; j < y_ld; ++j) {
+      if (j < y_col || j >= y_col + out) {
+        ASSERT_EQ(y_got[i * y_ld + j], y0[i * y_ld + j]) << "outside the slice";
+      }
+    }
+  }
 
   // Backward from a strided dy and the stored h: dB += dyᵀh, dh = dy B (bf16), dA += dhᵀx, dx += dh A.
   const auto dy_full = random_bf16_values(N * y_ld, rng), dx0 = random_f32_values(N * in, rng);
