@@ -11,7 +11,9 @@
 # SKIP_BENCH=1 — tests only. The last benchmarks are `pgolf bench` (whole training steps of the
 # CUDA engine) for baseline (65,536 tokens of 1,024), s691 and s1560 (98,304 tokens of 2,048), also
 # written as JSON (pgolf_bench_PRESET.json) when OUT is set. SKIP_DIST=1 —
-# no multi-process check (pgolf dist-selftest). Exit status: 0 when every program succeeded.
+# no multi-process check (pgolf dist-selftest). BENCH_SET — e.g. "--set attention_backward=wgmma":
+# the `pgolf bench` runs are repeated with these arguments (JSON pgolf_bench_PRESET_variant.json), to
+# compare a kernel choice on the same machine. Exit status: 0 when every program succeeded.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bundle="${1:-$here/pgolf-devpack.tar.xz}"
@@ -93,9 +95,13 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # at the one-GPU protocol's batches, the optimizer step alone, the evaluation forward, and the top
   # kernels of a step.
   : >"$logs/pgolf_bench.log"
-  for args in "--preset baseline --batch-tokens 65536 --seq-len 1024" "--preset s691 --batch-tokens 98304 --seq-len 2048" \
-    "--preset s1560 --batch-tokens 98304 --seq-len 2048"; do
+  presets=("--preset baseline --batch-tokens 65536 --seq-len 1024" "--preset s691 --batch-tokens 98304 --seq-len 2048"
+    "--preset s1560 --batch-tokens 98304 --seq-len 2048")
+  variants=("${presets[@]}")
+  [ -n "${BENCH_SET:-}" ] && for args in "${presets[@]}"; do variants+=("$args $BENCH_SET"); done
+  for args in "${variants[@]}"; do
     preset="$(echo "$args" | cut -d' ' -f2)"
+    case "$args" in *--set*) preset="${preset}_variant" ;; esac
     echo "== pgolf bench $args"
     start=$SECONDS
     # shellcheck disable=SC2086
@@ -104,7 +110,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     # The same measurement as one JSON object (the record kept in bench/).
     # shellcheck disable=SC2086
     [ "$rc" = 0 ] && { timeout 300 "$bin/pgolf" bench $args --profile --json >"$logs/pgolf_bench_$preset.json" || rc=$?; }
-    rows+=("$(printf '%-40s %6s %7s %7s %7ss' "pgolf bench ${args%% --batch*}" "$rc" - - "$((SECONDS - start))")")
+    rows+=("$(printf '%-40s %6s %7s %7s %7ss' "pgolf bench $preset" "$rc" - - "$((SECONDS - start))")")
     [ "$rc" = 0 ] || status=1
   done
 fi

@@ -27,11 +27,22 @@ double global_clip_norm(const Config& c, const ParamLayout& layout, const Commun
   return local ? 0.0 : c.get_double("grad_clip_norm");
 }
 
-GpuModelOptions model_options(const CudaEngineOptions& o) {
+// attention_forward / attention_backward: "mma_sync" or "wgmma".
+bool wgmma_kernel(const Config& c, const std::string& key) {
+  const std::string name = c.get_string(key);
+  PG_CHECK(name == "mma_sync" || name == "wgmma", "{} = '{}': expected mma_sync | wgmma", key, name);
+  return name == "wgmma";
+}
+
+GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   PG_CHECK(o.max_tokens > 0, "CudaEngine: max_tokens must be positive, got {}", o.max_tokens);
   GpuModelOptions m;
   m.max_tokens = o.max_tokens;
   m.deterministic = o.deterministic;
+  m.attention.forward_kernel =
+      wgmma_kernel(c, "attention_forward") ? AttentionForwardKernel::wgmma : AttentionForwardKernel::mma_sync;
+  m.attention.backward_kernel =
+      wgmma_kernel(c, "attention_backward") ? AttentionBackwardKernel::wgmma : AttentionBackwardKernel::mma_sync;
   return m;
 }
 
@@ -40,7 +51,7 @@ GpuModelOptions model_options(const CudaEngineOptions& o) {
 CudaEngine::Impl::Impl(const Config& config, Communicator& comm_, const CudaEngineOptions& options_)
     : options(options_),
       comm(comm_),
-      model(ModelConfig::from_config(config), model_options(options_)),
+      model(ModelConfig::from_config(config), model_options(config, options_)),
       // With local clipping the optimizer sees gradients that were already clipped (coefficient 1).
       optimizer(model.layout(), optimizer_config(config), global_clip_norm(config, model.layout(), comm_), &comm_),
       local_clip(config.get_double("grad_clip_norm")),

@@ -35,7 +35,7 @@ void GpuModel::Impl::forward_attention(int v) {
                        QkShape{N, T, H, Hkv, Dh, m.rope_dims}, stream);
 
   const AttentionShape shape = attention_shape();
-  if (Dh == kAttentionHeadDim) attention_forward(shape, b.q, b.k, vals, b.y, b.lse, stream);
+  if (Dh == kAttentionHeadDim) attention_forward(shape, b.q, b.k, vals, b.y, b.lse, stream, attention);
   else attention_reference_forward(shape, Dh, max_seqlen, b.q, b.k, vals, b.y, b.lse, stream);
   const bf16* y = b.y;
   if (p.xsa) {
@@ -80,7 +80,7 @@ void GpuModel::Impl::backward_attention(int v) {
   const AttentionShape shape = attention_shape();
   if (Dh == kAttentionHeadDim)
     attention_backward(shape, b.q, b.k, vals, b.y, b.lse, dy, bw.dq, bw.dk, bw.dv, bw.attn_ws, bw.attn_ws_bytes,
-                       stream, AttentionTuning{.deterministic = deterministic});
+                       stream, attention);
   else
     attention_reference_backward(shape, Dh, max_seqlen, b.q, b.k, vals, b.y, b.lse, dy, bw.dq, bw.dk, bw.dv,
                                  bw.attn_ws, bw.attn_ws_bytes, stream);

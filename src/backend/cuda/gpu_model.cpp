@@ -55,7 +55,9 @@ int64_t GpuModel::Impl::offset(const std::string& name) const { return layout.of
 int64_t GpuModel::Impl::offset_if(const std::string& name) const { return layout.has(name) ? offset(name) : -1; }
 
 GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
-    : cfg(config), layout(param_specs(config)), max_tokens(options.max_tokens), deterministic(options.deterministic) {
+    : cfg(config), layout(param_specs(config)), max_tokens(options.max_tokens), deterministic(options.deterministic),
+      attention(options.attention) {
+  attention.deterministic = deterministic;
   const ModelConfig& m = cfg;
   d = m.model_dim, qd = m.q_dim(), kvd = m.kv_dim(), hid = m.mlp_hidden, V = m.vocab_size;
   H = m.num_heads, Hkv = m.num_kv_heads, Dh = m.head_dim;

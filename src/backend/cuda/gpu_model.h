@@ -27,6 +27,7 @@
 #include "model/batch.h"
 #include "model/config.h"
 #include "model/lora.h"
+#include "backend/cuda/attention.h"
 #include "model/params.h"
 
 namespace pgolf::cuda {
@@ -37,6 +38,7 @@ struct GpuModelOptions {
   int64_t max_tokens = 0;      // the largest batch (rows · seq_len) set_batch will be given
   bool deterministic = false;  // backward without atomics: the embedding and attention dQ kernels that
                                // sum in a fixed order (same bits on every run; slower)
+  AttentionTuning attention{};  // the flash attention kernels (its `deterministic` is the one above)
 };
 
 class GpuModel {
