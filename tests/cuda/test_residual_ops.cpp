@@ -108,14 +108,16 @@ TEST_F(ResidualOpsTest, MixNormMatchesResidMixThenRmsNorm) {
     expect_within_naive(tag + "_n", from_device_bf16(nrm), rounded_bf16(n_naive), n_ref, kBf16Bound);
     expect_within_naive(tag + "_rstd", rstd.download(), rstd_naive, rstd_ref, kBf16Bound);
 
-    // Backward: x_in (bf16) and rstd are given; t = g + rms'(dn); dx = m0⊙t, dx0 += m1⊙t, dmix += sums.
+    // Backward: rstd is given, x_in is recomputed from x and x0 on the GPU, so both sides use the x_in the
+    // GPU forward stored; t = g + rms'(dn); dx = m0⊙t, dx0 += m1⊙t, dmix += sums.
+    const auto xin_stored = from_device_bf16(xin);
     const auto dn = random_f32_values(n, rng), g = random_f32_values(n, rng);
     const auto dx0_init = random_f32_values(n, rng), dmix_init = random_f32_values(2 * c.dim, rng);
     auto run_cpu = [&](auto zero) {
       using T = decltype(zero);
       std::vector<T> t(g.begin(), g.end()), dxo(n, T(0)), dx0o(dx0_init.begin(), dx0_init.end());
       std::vector<T> dmixo(dmix_init.begin(), dmix_init.end());
-      const std::vector<T> dnT(dn.begin(), dn.end()), xinT(xin_naive.begin(), xin_naive.end());
+      const std::vector<T> dnT(dn.begin(), dn.end()), xinT(xin_stored.begin(), xin_stored.end());
       const std::vector<T> rT(rstd_naive.begin(), rstd_naive.end()), xT(x.begin(), x.end()), x0T(x0.begin(), x0.end());
       const std::vector<T> mT(mix.begin(), mix.end());
       cpu::rmsnorm_backward<T>(dnT.data(), xinT.data(), rT.data(), t.data(), c.rows, c.dim, T(scale));
@@ -126,10 +128,9 @@ TEST_F(ResidualOpsTest, MixNormMatchesResidMixThenRmsNorm) {
     const auto [dx_ref, dx0_ref, dmix_ref] = run_cpu(0.0);
     const auto [dx_naive, dx0_naive, dmix_naive] = run_cpu(0.f);
     DeviceBuffer<float> ddn(dn), dg(g), drstd(rstd_naive), ddx0(dx0_init), ddmix(dmix_init);
-    auto dxin = to_device_bf16(xin_naive);
     // g_in aliases dx (the sequential block's in-place use).
-    cuda::mix_norm_backward(ddn.data(), dg.data(), dxin.data(), drstd.data(), dx.data(), dx0.data(), dmix.data(),
-                            dg.data(), false, ddx0.data(), ddmix.data(), c.rows, c.dim, scale, tw.ws, nullptr);
+    cuda::mix_norm_backward(ddn.data(), dg.data(), drstd.data(), dx.data(), dx0.data(), dmix.data(), dg.data(), false,
+                            ddx0.data(), ddmix.data(), c.rows, c.dim, scale, tw.ws, nullptr);
     sync_device();
     expect_within_naive(tag + "_dx", dg.download(), dx_naive, dx_ref, kF32Bound);
     expect_within_naive(tag + "_dx0", ddx0.download(), dx0_naive, dx0_ref, kF32Bound);

@@ -174,8 +174,8 @@ void GpuModel::Impl::backward_layer(int v) {
     branch_backward(bw.dm, bw.g, b.x_mid, b.m_rstd, b.a, P(p.attn_scale), P_or_null(p.attn_gate), bw.da,
                     G(p.attn_scale), G(p.attn_gate), N, d, p.ln_scale, bw.reduce, stream);
     backward_attention(v);
-    mix_norm_backward(bw.dn, bw.g, b.x_in, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, false, bw.dx0, G(p.resid_mix),
-                      N, d, p.ln_scale, bw.reduce, stream);
+    mix_norm_backward(bw.dn, bw.g, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, false, bw.dx0, G(p.resid_mix), N, d,
+                      p.ln_scale, bw.reduce, stream);
     return;
   }
   // g, g1: d lane0_out, d lane1_out → d lane0_in, d lane1_in.
@@ -184,8 +184,8 @@ void GpuModel::Impl::backward_layer(int v) {
   backward_mlp(v);
   rmsnorm_backward(bw.dm, b.lane1, nullptr, b.m_rstd, bw.g1, N, d, p.ln_scale, 1.f, true, stream);
   backward_attention(v);
-  mix_norm_backward(bw.dn, nullptr, b.x_in, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, true, bw.dx0,
-                    G(p.resid_mix), N, d, p.ln_scale, bw.reduce, stream);
+  mix_norm_backward(bw.dn, nullptr, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, true, bw.dx0, G(p.resid_mix), N, d,
+                    p.ln_scale, bw.reduce, stream);
 }
 
 }  // namespace pgolf::cuda
