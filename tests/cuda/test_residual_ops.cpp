@@ -191,7 +191,7 @@ TEST_F(ResidualOpsTest, BranchWithGateAndNormMatchesBranchAddThenRmsNorm) {
       DeviceBuffer<float> ddn(dn), dgr(g), drstd(rstd_naive), dds(ds_init), ddg(dg_init);
       auto dout = to_device_bf16(out_naive);
       auto dda = poisoned_buffer<bf16>(n);
-      cuda::branch_backward(ddn.data(), dgr.data(), dout.data(), drstd.data(), da.data(), dscale.data(),
+      cuda::branch_backward(ddn.data(), dgr.data(), nullptr, dout.data(), drstd.data(), da.data(), dscale.data(),
                             gated ? dgate.data() : nullptr, dda.data(), dds.data(), ddg.data(), c.rows, c.dim, ln,
                             tw.ws, nullptr);
       sync_device();
@@ -201,21 +201,37 @@ TEST_F(ResidualOpsTest, BranchWithGateAndNormMatchesBranchAddThenRmsNorm) {
       if (gated) expect_within_naive(tag + "_dgate", ddg.download(), dg_naive, dg_ref, kF32Bound);
       else EXPECT_EQ(ddg.download(), dg_init) << "no gate: its gradient must stay untouched";
 
-      // Without the norm (the MLP branch): g is unchanged, da and the parameter sums as above.
-      auto dda2 = poisoned_buffer<bf16>(n);
-      DeviceBuffer<float> dg2(g);
-      cuda::branch_backward(nullptr, dg2.data(), dout.data(), nullptr, da.data(), dscale.data(),
-                            gated ? dgate.data() : nullptr, dda2.data(), nullptr, nullptr, c.rows, c.dim, 1.f, tw.ws,
-                            nullptr);
-      sync_device();
-      EXPECT_EQ(dg2.download(), g) << "without a norm the running gradient passes unchanged";
-      std::vector<double> da2_ref(n, 0.0);
-      std::vector<float> da2_naive(n, 0.f);
-      cpu::branch_add_backward<double>(to_double(g).data(), to_double(a).data(), to_double(scale).data(),
-                                       gated ? gate_d.data() : nullptr, da2_ref.data(), nullptr, nullptr, c.rows, c.dim);
-      cpu::branch_add_backward<float>(g.data(), a.data(), scale.data(), gate_h, da2_naive.data(), nullptr, nullptr,
-                                      c.rows, c.dim);
-      expect_within_naive(tag + "_da_plain", from_device_bf16(dda2), rounded_bf16(da2_naive), da2_ref, kBf16Bound);
+      // Without the norm (the MLP branch): g is unchanged, da and the parameter sums as above. With g_add
+      // (an encoder output's skip gradient): g += g_add is stored and is the gradient da and the sums see.
+      const auto g_add = random_f32_values(n, rng);
+      for (const bool add : {false, true}) {
+        const std::string what = tag + (add ? "_plain_g_add" : "_plain");
+        std::vector<float> t_naive(g);
+        std::vector<double> t_ref(g.begin(), g.end());
+        if (add) {
+          for (int64_t i = 0; i < n; ++i) {
+            t_naive[i] += g_add[i];
+            t_ref[i] += g_add[i];
+          }
+        }
+        auto dda2 = poisoned_buffer<bf16>(n);
+        DeviceBuffer<float> dg2(g), dg_add(g_add), dds2(ds_init);
+        cuda::branch_backward(nullptr, dg2.data(), add ? dg_add.data() : nullptr, dout.data(), nullptr, da.data(),
+                              dscale.data(), gated ? dgate.data() : nullptr, dda2.data(), dds2.data(), nullptr, c.rows,
+                              c.dim, 1.f, tw.ws, nullptr);
+        sync_device();
+        // One fp32 add per element on both sides: the stored sum is exact to the naive bits.
+        EXPECT_EQ(dg2.download(), t_naive) << what << ": g must be g (+ g_add), bit for bit";
+        std::vector<double> da2_ref(n, 0.0), ds2_ref(ds_init.begin(), ds_init.end());
+        std::vector<float> da2_naive(n, 0.f), ds2_naive(ds_init);
+        cpu::branch_add_backward<double>(t_ref.data(), to_double(a).data(), to_double(scale).data(),
+                                         gated ? gate_d.data() : nullptr, da2_ref.data(), ds2_ref.data(), nullptr,
+                                         c.rows, c.dim);
+        cpu::branch_add_backward<float>(t_naive.data(), a.data(), scale.data(), gate_h, da2_naive.data(),
+                                        ds2_naive.data(), nullptr, c.rows, c.dim);
+        expect_within_naive(what + "_da", from_device_bf16(dda2), rounded_bf16(da2_naive), da2_ref, kBf16Bound);
+        expect_within_naive(what + "_dscale", dds2.download(), ds2_naive, ds2_ref, kF32Bound);
+      }
     }
   }
 }

@@ -206,7 +206,8 @@ __global__ void __launch_bounds__(kRowThreads) branch_forward_kernel(const bf16*
 
 template <int kVec>
 __global__ void __launch_bounds__(kRowThreads) branch_backward_kernel(
-    const float* __restrict__ dn, float* __restrict__ g, const bf16* __restrict__ out, const float* __restrict__ rstd,
+    const float* __restrict__ dn, float* __restrict__ g, const float* __restrict__ g_add, const bf16* __restrict__ out,
+    const float* __restrict__ rstd,
     const bf16* __restrict__ a, const float* __restrict__ branch_scale, const float* __restrict__ gate,
     bf16* __restrict__ da, float* __restrict__ partials, bool want_dscale, bool want_dgate, int64_t rows, int dim,
     float norm_scale) {
@@ -216,7 +217,15 @@ __global__ void __launch_bounds__(kRowThreads) branch_backward_kernel(
   branch_coef<kVec>(branch_scale, gate, dim, lane, coef);
   PG_ROWS_OF_WARP(r, rows) {
     float t[kVec][8];
-    PG_LANE_VECS(k, f0, dim) { load8(g + r * dim + f0, t[k]); }
+    PG_LANE_VECS(k, f0, dim) {
+      load8(g + r * dim + f0, t[k]);
+      if (g_add) {
+        float extra[8];
+        load8(g_add + r * dim + f0, extra);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) t[k][e] += extra[e];
+      }
+    }
     if (dn) {
       float d[kVec][8], u[kVec][8];
       PG_LANE_VECS(k, f0, dim) {
@@ -224,6 +233,8 @@ __global__ void __launch_bounds__(kRowThreads) branch_backward_kernel(
         load8(out + r * dim + f0, u[k]);
       }
       add_norm_backward<kVec>(d, u, rstd[r], norm_scale, dim, lane, t);
+    }
+    if (dn || g_add) {
       PG_LANE_VECS(k, f0, dim) { store8(g + r * dim + f0, t[k]); }
     }
     PG_LANE_VECS(k, f0, dim) {
@@ -477,7 +488,7 @@ void branch_forward(const bf16* x, const bf16* a, const float* branch_scale, con
   PG_CUDA_LAUNCH_CHECK();
 }
 
-void branch_backward(const float* dn, float* g, const bf16* out, const float* rstd, const bf16* a,
+void branch_backward(const float* dn, float* g, const float* g_add, const bf16* out, const float* rstd, const bf16* a,
                      const float* branch_scale, const float* gate, bf16* da, float* dscale, float* dgate, int64_t rows,
                      int dim, float norm_scale, const ReduceWorkspace& ws, cudaStream_t stream) {
   check_row_dim(dim, "branch_backward");
@@ -489,7 +500,8 @@ void branch_backward(const float* dn, float* g, const bf16* out, const float* rs
   float* partials = any ? ws.data : nullptr;
   dispatch_row_vec(dim, [&](auto vec) {
     branch_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
-        dn, g, out, rstd, a, branch_scale, gate, da, partials, dscale != nullptr, want_dgate, rows, dim, norm_scale);
+        dn, g, g_add, out, rstd, a, branch_scale, gate, da, partials, dscale != nullptr, want_dgate, rows, dim,
+        norm_scale);
   });
   PG_CUDA_LAUNCH_CHECK();
   if (any) finish_partial_sums(ws.data, blocks, {{dscale, dim}, {want_dgate ? dgate : nullptr, dim}}, stream);

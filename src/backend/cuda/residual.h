@@ -34,11 +34,14 @@ void branch_forward(const __nv_bfloat16* x, const __nv_bfloat16* a, const float*
                     __nv_bfloat16* out, __nv_bfloat16* n, float* rstd, int64_t rows, int dim, float norm_scale,
                     cudaStream_t stream);
 
-// g holds d out. With dn: g += RMSNorm backward of dn (through the stored out), in place. Then
-// da = branch_scale⊙σ⊙g (bf16), dscale += σ⊙Σ g⊙a, dgate += branch_scale⊙σ(1−σ)⊙Σ g⊙a.
-void branch_backward(const float* dn, float* g, const __nv_bfloat16* out, const float* rstd, const __nv_bfloat16* a,
-                     const float* branch_scale, const float* gate, __nv_bfloat16* da, float* dscale, float* dgate,
-                     int64_t rows, int dim, float norm_scale, const ReduceWorkspace& ws, cudaStream_t stream);
+// g holds d out. With g_add: g += g_add first (a second gradient of out, e.g. through a U-Net skip:
+// one pass instead of a separate add). With dn: g += RMSNorm backward of dn (through the stored out).
+// g is stored back when either is given. Then da = branch_scale⊙σ⊙g (bf16), dscale += σ⊙Σ g⊙a,
+// dgate += branch_scale⊙σ(1−σ)⊙Σ g⊙a.
+void branch_backward(const float* dn, float* g, const float* g_add, const __nv_bfloat16* out, const float* rstd,
+                     const __nv_bfloat16* a, const float* branch_scale, const float* gate, __nv_bfloat16* da,
+                     float* dscale, float* dgate, int64_t rows, int dim, float norm_scale, const ReduceWorkspace& ws,
+                     cudaStream_t stream);
 
 // U-Net skip: out = x + w⊙s, or with a gate lerp(w⊙s, x, σ(gate)) = w⊙s + σ⊙(x − w⊙s).
 void skip_forward(const __nv_bfloat16* x, const __nv_bfloat16* s, const float* w, const float* gate,
