@@ -207,10 +207,9 @@ __global__ void __launch_bounds__(kRowThreads) branch_forward_kernel(const bf16*
 template <int kVec>
 __global__ void __launch_bounds__(kRowThreads) branch_backward_kernel(
     const float* __restrict__ dn, float* __restrict__ g, const float* __restrict__ g_add, const bf16* __restrict__ out,
-    const float* __restrict__ rstd,
-    const bf16* __restrict__ a, const float* __restrict__ branch_scale, const float* __restrict__ gate,
-    bf16* __restrict__ da, float* __restrict__ partials, bool want_dscale, bool want_dgate, int64_t rows, int dim,
-    float norm_scale) {
+    const float* __restrict__ rstd, const bf16* __restrict__ a, const float* __restrict__ branch_scale,
+    const float* __restrict__ gate, bf16* __restrict__ da, float* __restrict__ partials, bool want_dscale,
+    bool want_dgate, int64_t rows, int dim, float norm_scale) {
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   float coef[kVec][8], acc[kVec][8] = {};
