@@ -108,14 +108,16 @@ TEST_F(ResidualOpsTest, MixNormMatchesResidMixThenRmsNorm) {
     expect_within_naive(tag + "_n", from_device_bf16(nrm), rounded_bf16(n_naive), n_ref, kBf16Bound);
     expect_within_naive(tag + "_rstd", rstd.download(), rstd_naive, rstd_ref, kBf16Bound);
 
-    // Backward: x_in (bf16) and rstd are given; t = g + rms'(dn); dx = m0⊙t, dx0 += m1⊙t, dmix += sums.
+    // Backward: rstd is given, x_in is recomputed from x and x0 on the GPU, so both sides use the x_in the
+    // GPU forward stored; t = g + rms'(dn); dx = m0⊙t, dx0 += m1⊙t, dmix += sums.
+    const auto xin_stored = from_device_bf16(xin);
     const auto dn = random_f32_values(n, rng), g = random_f32_values(n, rng);
     const auto dx0_init = random_f32_values(n, rng), dmix_init = random_f32_values(2 * c.dim, rng);
     auto run_cpu = [&](auto zero) {
       using T = decltype(zero);
       std::vector<T> t(g.begin(), g.end()), dxo(n, T(0)), dx0o(dx0_init.begin(), dx0_init.end());
       std::vector<T> dmixo(dmix_init.begin(), dmix_init.end());
-      const std::vector<T> dnT(dn.begin(), dn.end()), xinT(xin_naive.begin(), xin_naive.end());
+      const std::vector<T> dnT(dn.begin(), dn.end()), xinT(xin_stored.begin(), xin_stored.end());
       const std::vector<T> rT(rstd_naive.begin(), rstd_naive.end()), xT(x.begin(), x.end()), x0T(x0.begin(), x0.end());
       const std::vector<T> mT(mix.begin(), mix.end());
       cpu::rmsnorm_backward<T>(dnT.data(), xinT.data(), rT.data(), t.data(), c.rows, c.dim, T(scale));
@@ -126,10 +128,9 @@ TEST_F(ResidualOpsTest, MixNormMatchesResidMixThenRmsNorm) {
     const auto [dx_ref, dx0_ref, dmix_ref] = run_cpu(0.0);
     const auto [dx_naive, dx0_naive, dmix_naive] = run_cpu(0.f);
     DeviceBuffer<float> ddn(dn), dg(g), drstd(rstd_naive), ddx0(dx0_init), ddmix(dmix_init);
-    auto dxin = to_device_bf16(xin_naive);
     // g_in aliases dx (the sequential block's in-place use).
-    cuda::mix_norm_backward(ddn.data(), dg.data(), dxin.data(), drstd.data(), dx.data(), dx0.data(), dmix.data(),
-                            dg.data(), false, ddx0.data(), ddmix.data(), c.rows, c.dim, scale, tw.ws, nullptr);
+    cuda::mix_norm_backward(ddn.data(), dg.data(), drstd.data(), dx.data(), dx0.data(), dmix.data(), dg.data(), false,
+                            ddx0.data(), ddmix.data(), c.rows, c.dim, scale, tw.ws, nullptr);
     sync_device();
     expect_within_naive(tag + "_dx", dg.download(), dx_naive, dx_ref, kF32Bound);
     expect_within_naive(tag + "_dx0", ddx0.download(), dx0_naive, dx0_ref, kF32Bound);
@@ -190,7 +191,7 @@ TEST_F(ResidualOpsTest, BranchWithGateAndNormMatchesBranchAddThenRmsNorm) {
       DeviceBuffer<float> ddn(dn), dgr(g), drstd(rstd_naive), dds(ds_init), ddg(dg_init);
       auto dout = to_device_bf16(out_naive);
       auto dda = poisoned_buffer<bf16>(n);
-      cuda::branch_backward(ddn.data(), dgr.data(), dout.data(), drstd.data(), da.data(), dscale.data(),
+      cuda::branch_backward(ddn.data(), dgr.data(), nullptr, dout.data(), drstd.data(), da.data(), dscale.data(),
                             gated ? dgate.data() : nullptr, dda.data(), dds.data(), ddg.data(), c.rows, c.dim, ln,
                             tw.ws, nullptr);
       sync_device();
@@ -200,21 +201,37 @@ TEST_F(ResidualOpsTest, BranchWithGateAndNormMatchesBranchAddThenRmsNorm) {
       if (gated) expect_within_naive(tag + "_dgate", ddg.download(), dg_naive, dg_ref, kF32Bound);
       else EXPECT_EQ(ddg.download(), dg_init) << "no gate: its gradient must stay untouched";
 
-      // Without the norm (the MLP branch): g is unchanged, da and the parameter sums as above.
-      auto dda2 = poisoned_buffer<bf16>(n);
-      DeviceBuffer<float> dg2(g);
-      cuda::branch_backward(nullptr, dg2.data(), dout.data(), nullptr, da.data(), dscale.data(),
-                            gated ? dgate.data() : nullptr, dda2.data(), nullptr, nullptr, c.rows, c.dim, 1.f, tw.ws,
-                            nullptr);
-      sync_device();
-      EXPECT_EQ(dg2.download(), g) << "without a norm the running gradient passes unchanged";
-      std::vector<double> da2_ref(n, 0.0);
-      std::vector<float> da2_naive(n, 0.f);
-      cpu::branch_add_backward<double>(to_double(g).data(), to_double(a).data(), to_double(scale).data(),
-                                       gated ? gate_d.data() : nullptr, da2_ref.data(), nullptr, nullptr, c.rows, c.dim);
-      cpu::branch_add_backward<float>(g.data(), a.data(), scale.data(), gate_h, da2_naive.data(), nullptr, nullptr,
-                                      c.rows, c.dim);
-      expect_within_naive(tag + "_da_plain", from_device_bf16(dda2), rounded_bf16(da2_naive), da2_ref, kBf16Bound);
+      // Without the norm (the MLP branch): g is unchanged, da and the parameter sums as above. With g_add
+      // (an encoder output's skip gradient): g += g_add is stored and is the gradient da and the sums see.
+      const auto g_add = random_f32_values(n, rng);
+      for (const bool add : {false, true}) {
+        const std::string what = tag + (add ? "_plain_g_add" : "_plain");
+        std::vector<float> t_naive(g);
+        std::vector<double> t_ref(g.begin(), g.end());
+        if (add) {
+          for (int64_t i = 0; i < n; ++i) {
+            t_naive[i] += g_add[i];
+            t_ref[i] += g_add[i];
+          }
+        }
+        auto dda2 = poisoned_buffer<bf16>(n);
+        DeviceBuffer<float> dg2(g), dg_add(g_add), dds2(ds_init);
+        cuda::branch_backward(nullptr, dg2.data(), add ? dg_add.data() : nullptr, dout.data(), nullptr, da.data(),
+                              dscale.data(), gated ? dgate.data() : nullptr, dda2.data(), dds2.data(), nullptr, c.rows,
+                              c.dim, 1.f, tw.ws, nullptr);
+        sync_device();
+        // One fp32 add per element on both sides: the stored sum is exact to the naive bits.
+        EXPECT_EQ(dg2.download(), t_naive) << what << ": g must be g (+ g_add), bit for bit";
+        std::vector<double> da2_ref(n, 0.0), ds2_ref(ds_init.begin(), ds_init.end());
+        std::vector<float> da2_naive(n, 0.f), ds2_naive(ds_init);
+        cpu::branch_add_backward<double>(t_ref.data(), to_double(a).data(), to_double(scale).data(),
+                                         gated ? gate_d.data() : nullptr, da2_ref.data(), ds2_ref.data(), nullptr,
+                                         c.rows, c.dim);
+        cpu::branch_add_backward<float>(t_naive.data(), a.data(), scale.data(), gate_h, da2_naive.data(),
+                                        ds2_naive.data(), nullptr, c.rows, c.dim);
+        expect_within_naive(what + "_da", from_device_bf16(dda2), rounded_bf16(da2_naive), da2_ref, kBf16Bound);
+        expect_within_naive(what + "_dscale", dds2.download(), ds2_naive, ds2_ref, kF32Bound);
+      }
     }
   }
 }

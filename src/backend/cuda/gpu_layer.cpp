@@ -2,6 +2,7 @@
 // CpuModel's cpu_layer.cpp. Running gradients: bw.g (lane 0 / the residual) and bw.g1 (lane 1), fp32.
 #include "backend/cuda/activation.h"
 #include "backend/cuda/attention_reference.h"
+#include "backend/cuda/elementwise.h"
 #include "backend/cuda/gpu_model_impl.h"
 #include "backend/cuda/head_gate.h"
 #include "backend/cuda/qk_norm_rope.h"
@@ -162,30 +163,32 @@ void GpuModel::Impl::forward_layer(int v) {
 }
 
 // bw.g (and bw.g1 for parallel layers) hold d(output) on entry and d(input) on return; bw.dx0 accumulates.
-void GpuModel::Impl::backward_layer(int v) {
+// g_add (null: none): a second gradient of the output added into bw.g first (an encoder output's skip).
+void GpuModel::Impl::backward_layer(int v, const float* g_add) {
   const VirtualLayer& L = order[static_cast<size_t>(v)];
   const LayerParams& p = lp[static_cast<size_t>(L.physical)];
   LayerBuf& b = layers[static_cast<size_t>(v)];
   if (!L.parallel) {
     // g: d out → (MLP branch) → d x_mid (+ the MLP norm) → (attention branch) → d x_in (+ the norm) → d x.
-    branch_backward(nullptr, bw.g, b.out, nullptr, b.f, P(p.mlp_scale), P_or_null(p.mlp_gate), bw.df, G(p.mlp_scale),
-                    G(p.mlp_gate), N, d, 1.f, bw.reduce, stream);
+    branch_backward(nullptr, bw.g, g_add, b.out, nullptr, b.f, P(p.mlp_scale), P_or_null(p.mlp_gate), bw.df,
+                    G(p.mlp_scale), G(p.mlp_gate), N, d, 1.f, bw.reduce, stream);
     backward_mlp(v);
-    branch_backward(bw.dm, bw.g, b.x_mid, b.m_rstd, b.a, P(p.attn_scale), P_or_null(p.attn_gate), bw.da,
+    branch_backward(bw.dm, bw.g, nullptr, b.x_mid, b.m_rstd, b.a, P(p.attn_scale), P_or_null(p.attn_gate), bw.da,
                     G(p.attn_scale), G(p.attn_gate), N, d, p.ln_scale, bw.reduce, stream);
     backward_attention(v);
-    mix_norm_backward(bw.dn, bw.g, b.x_in, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, false, bw.dx0, G(p.resid_mix),
-                      N, d, p.ln_scale, bw.reduce, stream);
+    mix_norm_backward(bw.dn, bw.g, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, false, bw.dx0, G(p.resid_mix), N, d,
+                      p.ln_scale, bw.reduce, stream);
     return;
   }
   // g, g1: d lane0_out, d lane1_out → d lane0_in, d lane1_in.
+  if (g_add) add_f32(bw.g, g_add, N * d, stream);
   lanes_backward(bw.g, bw.g1, b.x, b.lane1, b.a, b.f, P(p.attn_scale), P(p.mlp_scale), P(p.par_resid), P(p.par_post),
                  bw.da, bw.df, G(p.attn_scale), G(p.mlp_scale), G(p.par_resid), G(p.par_post), N, d, bw.reduce, stream);
   backward_mlp(v);
   rmsnorm_backward(bw.dm, b.lane1, nullptr, b.m_rstd, bw.g1, N, d, p.ln_scale, 1.f, true, stream);
   backward_attention(v);
-  mix_norm_backward(bw.dn, nullptr, b.x_in, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, true, bw.dx0,
-                    G(p.resid_mix), N, d, p.ln_scale, bw.reduce, stream);
+  mix_norm_backward(bw.dn, nullptr, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, true, bw.dx0, G(p.resid_mix), N, d,
+                    p.ln_scale, bw.reduce, stream);
 }
 
 }  // namespace pgolf::cuda

@@ -645,9 +645,10 @@ void GpuModel::Impl::backward(const float* weights_device) {
   for (int v = nv - 1; v >= 0; --v) {
     const VirtualLayer& L = order[static_cast<size_t>(v)];
     LayerBuf& b = layers[static_cast<size_t>(v)];
-    // An encoder output also feeds decoder entry E-1-v through its skip connection.
-    if (v < E && E - 1 - v < plan.num_skips) add_f32(bw.g, bw.d_enc[static_cast<size_t>(E - 1 - v)], N * d, stream);
-    backward_layer(v);
+    // An encoder output also feeds decoder entry E-1-v through its skip connection: that gradient is
+    // added into bw.g by the layer's first backward pass.
+    const bool feeds_skip = v < E && E - 1 - v < plan.num_skips;
+    backward_layer(v, feeds_skip ? bw.d_enc[static_cast<size_t>(E - 1 - v)] : nullptr);
     if (L.skip >= 0) {
       const int k = L.skip;
       skip_backward(bw.g, b.pre_skip, layers[static_cast<size_t>(E - 1 - k)].out, P(gp.skip_weights) + int64_t{k} * d,

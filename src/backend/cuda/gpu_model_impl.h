@@ -171,7 +171,7 @@ struct GpuModel::Impl {
   void forward_embedding();
   void backward_embedding();
   void forward_layer(int v);
-  void backward_layer(int v);
+  void backward_layer(int v, const float* g_add);
   void forward_attention(int v);
   void backward_attention(int v);  // from bw.da → bw.dn
   void forward_mlp(int v, const bf16* input);

@@ -1,7 +1,7 @@
 // Deterministic reductions over token rows: a kernel writes one row of partial sums per block into
-// a workspace [blocks, width]; finish_partial_sums adds the column sums, taken over the blocks in
-// order, into the destination arrays (parameter gradients). No atomics: the same inputs give the
-// same bits on every run.
+// a workspace [blocks, width]; finish_partial_sums adds the column sums, taken over the blocks in an
+// order fixed by the sizes (strided slices of the blocks, then a fixed tree over the slices), into the
+// destination arrays (parameter gradients). No atomics: the same inputs give the same bits on every run.
 #pragma once
 
 #include <cuda_runtime.h>

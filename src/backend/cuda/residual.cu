@@ -65,6 +65,12 @@ __device__ __forceinline__ void scaled_copy(const float (&a)[kVec][8], const flo
 
 // ---- resid_mix + RMSNorm -----------------------------------------------------------------------
 
+// x_in = m0·x + m1·x0 rounded to bf16 as stored, with every fp32 operation rounded on its own (no
+// fused multiply-add): the backward recomputes it from x and x0 and must see the forward's bits.
+__device__ __forceinline__ float mixed_input(float m0, float x, float m1, float x0) {
+  return round_bf16(__fadd_rn(__fmul_rn(m0, x), __fmul_rn(m1, x0)));
+}
+
 template <int kVec>
 __global__ void __launch_bounds__(kRowThreads) mix_norm_forward_kernel(const bf16* __restrict__ x,
                                                                        const bf16* __restrict__ x0,
@@ -84,7 +90,7 @@ __global__ void __launch_bounds__(kRowThreads) mix_norm_forward_kernel(const bf1
       load8(x0 + r * dim + f0, b);
       // The stored (bf16) x_in is what the norm and its backward see.
 #pragma unroll
-      for (int e = 0; e < 8; ++e) u[k][e] = round_bf16(m0[k][e] * a[e] + m1[k][e] * b[e]);
+      for (int e = 0; e < 8; ++e) u[k][e] = mixed_input(m0[k][e], a[e], m1[k][e], b[e]);
       store8(x_in + r * dim + f0, u[k]);
     }
     const float inv = row_rstd<kVec>(u, dim, lane);
@@ -100,9 +106,9 @@ __global__ void __launch_bounds__(kRowThreads) mix_norm_forward_kernel(const bf1
 
 template <int kVec>
 __global__ void __launch_bounds__(kRowThreads) mix_norm_backward_kernel(
-    const float* __restrict__ dn, const float* g_in, const bf16* __restrict__ x_in, const float* __restrict__ rstd,
-    const bf16* __restrict__ x, const bf16* __restrict__ x0, const float* __restrict__ mix, float* dx,
-    bool accumulate_dx, float* __restrict__ dx0, float* __restrict__ partials, int64_t rows, int dim, float scale) {
+    const float* __restrict__ dn, const float* g_in, const float* __restrict__ rstd, const bf16* __restrict__ x,
+    const bf16* __restrict__ x0, const float* __restrict__ mix, float* dx, bool accumulate_dx, float* __restrict__ dx0,
+    float* __restrict__ partials, int64_t rows, int dim, float scale) {
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   float m0[kVec][8], m1[kVec][8], acc0[kVec][8] = {}, acc1[kVec][8] = {};
@@ -111,8 +117,14 @@ __global__ void __launch_bounds__(kRowThreads) mix_norm_backward_kernel(
   PG_ROWS_OF_WARP(r, rows) {
     float d[kVec][8], u[kVec][8], t[kVec][8];
     PG_LANE_VECS(k, f0, dim) {
+      // x_in recomputed from x and x0 instead of read back: x and x0 are read below anyway (their
+      // second read hits the cache), so the row costs 2 bytes per feature less from memory.
+      float a[8], b[8];
+      load8(x + r * dim + f0, a);
+      load8(x0 + r * dim + f0, b);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) u[k][e] = mixed_input(m0[k][e], a[e], m1[k][e], b[e]);
       load8(dn + r * dim + f0, d[k]);
-      load8(x_in + r * dim + f0, u[k]);
       if (g_in) load8(g_in + r * dim + f0, t[k]);
       else
 #pragma unroll
@@ -194,17 +206,25 @@ __global__ void __launch_bounds__(kRowThreads) branch_forward_kernel(const bf16*
 
 template <int kVec>
 __global__ void __launch_bounds__(kRowThreads) branch_backward_kernel(
-    const float* __restrict__ dn, float* __restrict__ g, const bf16* __restrict__ out, const float* __restrict__ rstd,
-    const bf16* __restrict__ a, const float* __restrict__ branch_scale, const float* __restrict__ gate,
-    bf16* __restrict__ da, float* __restrict__ partials, bool want_dscale, bool want_dgate, int64_t rows, int dim,
-    float norm_scale) {
+    const float* __restrict__ dn, float* __restrict__ g, const float* __restrict__ g_add, const bf16* __restrict__ out,
+    const float* __restrict__ rstd, const bf16* __restrict__ a, const float* __restrict__ branch_scale,
+    const float* __restrict__ gate, bf16* __restrict__ da, float* __restrict__ partials, bool want_dscale,
+    bool want_dgate, int64_t rows, int dim, float norm_scale) {
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   float coef[kVec][8], acc[kVec][8] = {};
   branch_coef<kVec>(branch_scale, gate, dim, lane, coef);
   PG_ROWS_OF_WARP(r, rows) {
     float t[kVec][8];
-    PG_LANE_VECS(k, f0, dim) { load8(g + r * dim + f0, t[k]); }
+    PG_LANE_VECS(k, f0, dim) {
+      load8(g + r * dim + f0, t[k]);
+      if (g_add) {
+        float extra[8];
+        load8(g_add + r * dim + f0, extra);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) t[k][e] += extra[e];
+      }
+    }
     if (dn) {
       float d[kVec][8], u[kVec][8];
       PG_LANE_VECS(k, f0, dim) {
@@ -212,6 +232,8 @@ __global__ void __launch_bounds__(kRowThreads) branch_backward_kernel(
         load8(out + r * dim + f0, u[k]);
       }
       add_norm_backward<kVec>(d, u, rstd[r], norm_scale, dim, lane, t);
+    }
+    if (dn || g_add) {
       PG_LANE_VECS(k, f0, dim) { store8(g + r * dim + f0, t[k]); }
     }
     PG_LANE_VECS(k, f0, dim) {
@@ -439,8 +461,7 @@ void mix_norm_forward(const bf16* x, const bf16* x0, const float* mix, bf16* x_i
   PG_CUDA_LAUNCH_CHECK();
 }
 
-void mix_norm_backward(const float* dn, const float* g_in, const bf16* x_in, const float* rstd, const bf16* x,
-                       const bf16* x0, const float* mix, float* dx, bool accumulate_dx, float* dx0, float* dmix,
+void mix_norm_backward(const float* dn, const float* g_in, const float* rstd, const bf16* x, const bf16* x0, const float* mix, float* dx, bool accumulate_dx, float* dx0, float* dmix,
                        int64_t rows, int dim, float scale, const ReduceWorkspace& ws, cudaStream_t stream) {
   check_row_dim(dim, "mix_norm_backward");
   if (rows == 0) return;
@@ -449,7 +470,7 @@ void mix_norm_backward(const float* dn, const float* g_in, const bf16* x_in, con
   float* partials = dmix ? ws.data : nullptr;
   dispatch_row_vec(dim, [&](auto vec) {
     mix_norm_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
-        dn, g_in, x_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, rows, dim, scale);
+        dn, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, rows, dim, scale);
   });
   PG_CUDA_LAUNCH_CHECK();
   if (dmix) finish_partial_sums(ws.data, blocks, {{dmix, 2 * dim}}, stream);
@@ -466,7 +487,7 @@ void branch_forward(const bf16* x, const bf16* a, const float* branch_scale, con
   PG_CUDA_LAUNCH_CHECK();
 }
 
-void branch_backward(const float* dn, float* g, const bf16* out, const float* rstd, const bf16* a,
+void branch_backward(const float* dn, float* g, const float* g_add, const bf16* out, const float* rstd, const bf16* a,
                      const float* branch_scale, const float* gate, bf16* da, float* dscale, float* dgate, int64_t rows,
                      int dim, float norm_scale, const ReduceWorkspace& ws, cudaStream_t stream) {
   check_row_dim(dim, "branch_backward");
@@ -478,7 +499,8 @@ void branch_backward(const float* dn, float* g, const bf16* out, const float* rs
   float* partials = any ? ws.data : nullptr;
   dispatch_row_vec(dim, [&](auto vec) {
     branch_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
-        dn, g, out, rstd, a, branch_scale, gate, da, partials, dscale != nullptr, want_dgate, rows, dim, norm_scale);
+        dn, g, g_add, out, rstd, a, branch_scale, gate, da, partials, dscale != nullptr, want_dgate, rows, dim,
+        norm_scale);
   });
   PG_CUDA_LAUNCH_CHECK();
   if (any) finish_partial_sums(ws.data, blocks, {{dscale, dim}, {want_dgate ? dgate : nullptr, dim}}, stream);
