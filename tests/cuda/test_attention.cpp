@@ -166,11 +166,14 @@ struct DeviceAttention {
 // at both block shapes (one or two warpgroups) after the default forward.
 std::vector<AttentionTuning> tunings_under_test() {
   constexpr auto mma = cuda::AttentionForwardKernel::mma_sync;
-  std::vector<AttentionTuning> tunings{{4, 4, false, mma}, {8, 8, false, mma}, {4, 8, true, mma}};
+  constexpr auto mma_bwd = cuda::AttentionBackwardKernel::mma_sync;
+  std::vector<AttentionTuning> tunings{{4, 4, false, mma, mma_bwd}, {8, 8, false, mma, mma_bwd}, {4, 8, true, mma, mma_bwd}};
   for (int warps : {4, 8}) {
     AttentionTuning t;
     t.forward_warps = warps;
     t.forward_kernel = cuda::AttentionForwardKernel::wgmma;
+    t.backward_warps = 8;
+    t.backward_kernel = mma_bwd;
     tunings.push_back(t);
   }
   for (int warps : {4, 8}) {

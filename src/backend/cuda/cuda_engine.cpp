@@ -39,10 +39,11 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   GpuModelOptions m;
   m.max_tokens = o.max_tokens;
   m.deterministic = o.deterministic;
-  m.attention.forward_kernel =
-      wgmma_kernel(c, "attention_forward") ? AttentionForwardKernel::wgmma : AttentionForwardKernel::mma_sync;
-  m.attention.backward_kernel =
-      wgmma_kernel(c, "attention_backward") ? AttentionBackwardKernel::wgmma : AttentionBackwardKernel::mma_sync;
+  if (!wgmma_kernel(c, "attention_forward")) m.attention.forward_kernel = AttentionForwardKernel::mma_sync;
+  if (!wgmma_kernel(c, "attention_backward")) {
+    m.attention.backward_kernel = AttentionBackwardKernel::mma_sync;
+    m.attention.backward_warps = 8;  // the mma.sync backward's fastest shape
+  }
   return m;
 }
 
