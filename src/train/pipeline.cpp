@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 #include "core/error.h"
@@ -226,6 +227,34 @@ std::string results_table(const nlohmann::ordered_json& r) {
   return os.str();
 }
 
+namespace {
+
+// A gnuplot y range ("lo:hi") spanning the values of `series` ("step value" rows) after the first 5 %
+// of the steps, with a 5 % margin: the first values (the loss at initialization is several times the
+// final one) would flatten the rest of a curve, so they leave the plot at its top.
+std::string y_range_after_start(std::initializer_list<const std::string*> series) {
+  std::vector<std::pair<int64_t, double>> points;
+  for (const std::string* rows_text : series) {
+    std::istringstream rows(*rows_text);
+    int64_t step;
+    double value;
+    while (rows >> step >> value) points.emplace_back(step, value);
+  }
+  int64_t last = 0;
+  for (const auto& p : points) last = std::max(last, p.first);
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+  for (const auto& [step, value] : points) {
+    if (step < last / 20) continue;
+    lo = std::min(lo, value);
+    hi = std::max(hi, value);
+  }
+  if (!(lo <= hi)) return "*:*";  // nothing after the start: gnuplot's own range
+  const double margin = 0.05 * std::max(hi - lo, 1e-3);
+  return fmt::format("{:.4g}:{:.4g}", lo - margin, hi + margin);
+}
+
+}  // namespace
+
 void plot_curves(const fs::path& run_dir) {
   const fs::path metrics = run_dir / "metrics.jsonl";
   std::ifstream in(metrics);
@@ -244,6 +273,8 @@ void plot_curves(const fs::path& run_dir) {
   }
   PG_CHECK(!train_rows.empty() && !val_rows.empty(), "plot: {} holds no training or validation records",
            metrics.string());
+  const std::string loss_range = y_range_after_start({&train_rows});
+  const std::string bpb_range = y_range_after_start({&val_rows, &heldout_rows});
   const fs::path plot_dir = run_dir / "plot";
   fs::create_directories(plot_dir);
   write_text_file_atomic(plot_dir / "train.dat", train_rows);
@@ -254,13 +285,14 @@ void plot_curves(const fs::path& run_dir) {
       "set output '{0}'\n"
       "set multiplot layout 1,2\n"
       "set grid\nset xlabel 'step'\n"
-      "set title 'training loss'\nplot '{1}/train.dat' using 1:2 with lines title 'train loss'\n"
-      "set title 'validation bits per byte'\nplot '{1}/val.dat' using 1:2 with linespoints title 'val bpb'{2}\n"
+      "set title 'training loss'\nset yrange [{3}]\nplot '{1}/train.dat' using 1:2 with lines title 'train loss'\n"
+      "set title 'validation bits per byte'\nset yrange [{4}]\nplot '{1}/val.dat' using 1:2 with linespoints title 'val bpb'{2}\n"
       "unset multiplot\n",
       (run_dir / "curves.png").string(), plot_dir.string(),
       heldout_rows.empty() ? std::string()
                            : fmt::format(", '{}/heldout.dat' using 1:2 with linespoints title 'held-out bpb'",
-                                         plot_dir.string()));
+                                         plot_dir.string()),
+      loss_range, bpb_range);
   write_text_file_atomic(plot_dir / "curves.gp", script);
   const std::string cmd = "gnuplot '" + (plot_dir / "curves.gp").string() + "' 2>&1";
   FILE* p = ::popen(cmd.c_str(), "r");
