@@ -7,7 +7,9 @@
 #   bash device-run.sh wait NAME SECONDS                     follow until it ends or SECONDS pass
 #
 # Environment: STAGE — the staged data folder (default .stage1 in the current folder); PGROOT — where
-# the bundle, the data and the runs go (default /tmp/pgolf-device; runs in $PGROOT/runs/NAME).
+# the bundle, the data and the runs go (default /tmp/pgolf-device; runs in $PGROOT/runs/NAME);
+# AFTER=OTHER — `start` stages the data now but the run begins when the run OTHER has ended (so two
+# runs can be queued back to back on one GPU without timing each other).
 # `wait` copies the run's results.json, metrics.jsonl, config.toml and log to $OUT/NAME when OUT is
 # set. Exit status of wait: the run's, or 3 while it is still running.
 set -uo pipefail
@@ -15,7 +17,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="${PGROOT:-/tmp/pgolf-device}"
 stage="${STAGE:-.stage1}"
 cmd="${1:-}" name="${2:-}"
-[ -n "$cmd" ] && [ -n "$name" ] || { sed -n '2,12p' "$0"; exit 2; }
+[ -n "$cmd" ] && [ -n "$name" ] || { sed -n '2,15p' "$0"; exit 2; }
 shift 2
 run="$root/runs/$name"
 
@@ -42,7 +44,10 @@ case "$cmd" in
     rm -f "$run.rc"
     echo "== $(date -u +%FT%TZ) pgolf run $* (log $run.log)"
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
-    setsid bash -c '"$@" >"$0.log" 2>&1 </dev/null; echo $? >"$0.rc"' "$run" \
+    after="${AFTER:+$root/runs/$AFTER.rc}"
+    [ -n "$after" ] && echo "== waits for $AFTER to end"
+    setsid bash -c 'while [ -n "$1" ] && [ ! -f "$1" ]; do sleep 2; done; shift
+      "$@" >"$0.log" 2>&1 </dev/null; echo $? >"$0.rc"' "$run" "$after" \
       "$bin/pgolf" run --device cuda --no-plots --data "$data/train_*.bin" --val "$data/val.bin" \
       --tokenizer "$data/tokenizer.model" --out "$run" "${held[@]}" "$@" &
     sleep 20
@@ -62,5 +67,5 @@ case "$cmd" in
     [ -f "$run.rc" ] || { echo "device-run: $name is still running"; exit 3; }
     exit "$(cat "$run.rc")"
     ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
 esac
