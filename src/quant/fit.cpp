@@ -1,11 +1,10 @@
 #include "quant/fit.h"
 
+#include <omp.h>
+
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <exception>
-#include <mutex>
-#include <thread>
 
 #include "quant/rowwise.h"
 
@@ -67,10 +66,6 @@ QuantizedModel with_pruned(const QuantizedModel& original, const std::vector<Pru
   return m;
 }
 
-}  // namespace
-
-namespace {
-
 struct Trial {
   int64_t k = 0;
   std::vector<uint8_t> file;
@@ -78,33 +73,26 @@ struct Trial {
 };
 
 // Serializes the artifact with the k cheapest candidates zeroed, for every k of `ks`, on up to
-// kFitProbes threads (each compression is single-threaded; a round costs about one compression).
+// kFitProbes OpenMP threads (each compression is single-threaded; a round costs about one compression).
 std::vector<Trial> run_trials(const Artifact& base, const QuantizedModel& original,
                               const std::vector<PruneCandidate>& cands, const std::vector<int64_t>& ks) {
+  const int n = static_cast<int>(ks.size());
   std::vector<Trial> trials(ks.size());
-  std::atomic<size_t> next{0};
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  auto work = [&] {
-    for (size_t i = next++; i < ks.size(); i = next++) {
-      try {
-        Artifact copy = base;
-        copy.model = with_pruned(original, cands, ks[i]);
-        trials[i].k = ks[i];
-        trials[i].file = serialize_artifact(copy, &trials[i].sizes);
-      } catch (...) {
-        const std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
-      }
+  std::vector<std::exception_ptr> errors(ks.size());  // exceptions must not leave an OpenMP region
+#pragma omp parallel for schedule(dynamic, 1) num_threads(std::max(1, std::min({n, kFitProbes, omp_get_num_procs()})))
+  for (int i = 0; i < n; ++i) {
+    try {
+      Artifact copy = base;
+      copy.model = with_pruned(original, cands, ks[i]);
+      trials[i].k = ks[i];
+      trials[i].file = serialize_artifact(copy, &trials[i].sizes);
+    } catch (...) {
+      errors[i] = std::current_exception();
     }
-  };
-  const size_t hw = std::max(1u, std::thread::hardware_concurrency());
-  const size_t threads = std::min({ks.size(), hw, static_cast<size_t>(kFitProbes)});
-  std::vector<std::thread> pool;
-  for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
-  work();
-  for (auto& t : pool) t.join();
-  if (error) std::rethrow_exception(error);
+  }
+  for (const std::exception_ptr& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
   return trials;
 }
 
