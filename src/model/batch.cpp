@@ -1,5 +1,7 @@
 #include "model/batch.h"
 
+#include <algorithm>
+
 #include "backend/cpu/attention.h"
 #include "core/error.h"
 
@@ -33,6 +35,57 @@ void Batch::validate(int vocab) const {
       PG_CHECK(b / seq_len == (e - 1) / seq_len, "batch: segment {} = [{}, {}) crosses a row boundary (rows of {})",
                s, b, e, seq_len);
   }
+}
+
+std::vector<Batch> split_batch(const Batch& batch, int64_t max_tokens) {
+  PG_CHECK(max_tokens > 0, "split_batch: max_tokens must be positive, got {}", max_tokens);
+  std::vector<Batch> out;
+  if (batch.tokens() <= max_tokens) {
+    out.push_back(batch);
+    return out;
+  }
+  const std::vector<int32_t> cu = batch.segments();
+  // Slice [t0, t1) of the batch's token arrays, its segment starts re-based and closed by its length.
+  auto slice = [&](int64_t t0, int64_t t1, int64_t rows, int64_t seq_len, size_t& seg, int64_t pad) {
+    Batch b;
+    b.rows = rows;
+    b.seq_len = seq_len;
+    b.inputs.assign(batch.inputs.begin() + t0, batch.inputs.begin() + t1);
+    if (!batch.targets.empty()) b.targets.assign(batch.targets.begin() + t0, batch.targets.begin() + t1);
+    if (!batch.cu_seqlens.empty()) {
+      for (; seg + 1 < cu.size() && cu[seg] < t1; ++seg)
+        if (cu[seg] >= t0 && (b.cu_seqlens.empty() || cu[seg] - t0 > b.cu_seqlens.back()))
+          b.cu_seqlens.push_back(cu[seg] - static_cast<int32_t>(t0));
+      const int32_t len = static_cast<int32_t>(t1 - t0);
+      b.cu_seqlens.push_back(len);
+      b.cu_seqlens.resize((b.cu_seqlens.size() + pad - 1) / pad * pad, len);
+    }
+    return b;
+  };
+  size_t seg = 0;
+  if (batch.seq_len <= max_tokens) {
+    const int64_t rows_per_piece = max_tokens / batch.seq_len;
+    for (int64_t r0 = 0; r0 < batch.rows; r0 += rows_per_piece) {
+      const int64_t r1 = std::min(batch.rows, r0 + rows_per_piece);
+      out.push_back(slice(r0 * batch.seq_len, r1 * batch.seq_len, r1 - r0, batch.seq_len, seg, 1));
+    }
+    return out;
+  }
+  PG_CHECK(batch.rows == 1 && !batch.cu_seqlens.empty(),
+           "split_batch: rows of {} tokens are more than max_tokens = {} (only a single row of segments can be cut)",
+           batch.seq_len, max_tokens);
+  const int64_t total = batch.tokens();
+  size_t end = 0;  // index into cu of the current piece's last segment end
+  for (int64_t t0 = 0; t0 < total;) {
+    // The furthest segment end within max_tokens of t0.
+    while (end + 1 < cu.size() && cu[end + 1] - t0 <= max_tokens) ++end;
+    const int64_t t1 = cu[end];
+    PG_CHECK(t1 > t0, "split_batch: the segment [{}, {}) of {} tokens is more than max_tokens = {}", t0,
+             cu[end + 1], cu[end + 1] - t0, max_tokens);
+    out.push_back(slice(t0, t1, 1, t1 - t0, seg, 64));
+    t0 = t1;
+  }
+  return out;
 }
 
 }  // namespace pgolf

@@ -27,4 +27,13 @@ struct Batch {
   void validate(int vocab) const;
 };
 
+// `batch` cut into consecutive batches of at most max_tokens tokens, for forward-only work (token
+// losses, Hessians), where rows and segments are independent: runs of whole rows when a row fits;
+// a single row longer than max_tokens (document packing, document-isolated evaluation) is cut at
+// segment ends into rows of whole segments, each padded with its total to a multiple of 64
+// cu_seqlens entries. Positions restart per row, so a segment moved to a new row keeps its
+// position differences (RoPE depends only on them). An error when a row of a multi-row batch, or a
+// segment, is longer than max_tokens. The pieces' targets follow their inputs.
+std::vector<Batch> split_batch(const Batch& batch, int64_t max_tokens);
+
 }  // namespace pgolf

@@ -18,7 +18,11 @@ int64_t default_max_tokens(const Config& config, int world_size) {
   const int64_t accum = accum_setting > 0 ? accum_setting : std::max<int64_t>(1, 8 / world_size);
   const int64_t micro = config.get_int("train_batch_tokens") / (world_size * accum);
   const int64_t ttt = config.get_int("ttt_batch_seqs") * config.get_int("train_seq_len");
-  return std::max(micro, ttt);
+  int64_t lora = 0;
+  for (const std::string& mode : config.get_string_list("eval_modes"))
+    if (mode == "ttt-lora" || mode == "ttt-phased")
+      lora = config.get_int("ttt_batch_size") * config.get_int("ttt_eval_seq_len");
+  return std::max({micro, ttt, lora});
 }
 
 bool cuda_available() {

@@ -22,9 +22,10 @@ struct EngineOptions {
   bool graphs = true;          // CUDA: capture the steps as CUDA graphs
 };
 
-// The larger of one rank's training micro-batch (train_batch_tokens / (world_size · accumulation),
-// accumulation = grad_accum_steps or 8 / world_size as the references do) and one TTT batch
-// (ttt_batch_seqs · train_seq_len).
+// The largest of one rank's training micro-batch (train_batch_tokens / (world_size · accumulation),
+// accumulation = grad_accum_steps or 8 / world_size as the references do), one score-first TTT
+// batch (ttt_batch_seqs · train_seq_len) and, when eval_modes has ttt-lora or ttt-phased, one LoRA
+// TTT batch (ttt_batch_size documents · ttt_eval_seq_len).
 int64_t default_max_tokens(const Config& config, int world_size);
 
 // device: "cpu" or "cuda".

@@ -204,6 +204,36 @@ TEST_F(CudaEngineTest, TokenLossesMatchTheCpuAndChunkByRows) {
   EXPECT_THROW(chunked->train_step(std::span<const Batch>(&b, 1), step(0)), Error) << "training batches must fit";
 }
 
+// A single row of segments longer than max_tokens (document-isolated evaluation) is cut at segment
+// ends (split_batch): the losses are the CPU's on the whole row. A stack whose features read the
+// previous token across a cut (s562's bigram hash) refuses the cut.
+TEST_F(CudaEngineTest, TokenLossesCutALongRowAtSegmentEnds) {
+  const Config c = engine_config("s1560");
+  auto comm = make_single_process_communicator();
+  const ParamSet<float> p = initial_params(c, 37);
+  CpuEngine cpu(c, *comm);
+  cpu.load_params(p);
+  auto gpu = cuda_engine(c, *comm, 80);
+  gpu->load_params(p);
+  Batch b = batch64(c.get_int("vocab_size"), true, 34);
+  b.rows = 1;
+  b.seq_len = 160;  // segments 5, 64, 11, 1, 52, 27: pieces [5+64] [11+1+52] [27]
+  ASSERT_EQ(split_batch(b, 80).size(), 3u);
+  std::vector<float> ref, got;
+  cpu.token_losses(b, ref);
+  gpu->token_losses(b, got);
+  ASSERT_EQ(got.size(), ref.size());
+  EXPECT_LE(rel_frobenius(got, ref), kTokenLossTol);
+
+  const Config bigram = engine_config("s562");
+  auto other = cuda_engine(bigram, *comm, 80);
+  other->load_params(initial_params(bigram, 37));
+  Batch d = batch64(bigram.get_int("vocab_size"), true, 34);
+  d.rows = 1;
+  d.seq_len = 160;
+  EXPECT_THROW(other->token_losses(d, got), Error);
+}
+
 // ---- score-first TTT ------------------------------------------------------------------------------
 
 // One SGD step moves every weight by −lr·clip(g), with g the gradient the deterministic GPU model

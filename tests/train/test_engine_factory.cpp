@@ -27,6 +27,11 @@ TEST(EngineFactory, DefaultMaxTokensIsTheLargerOfTheMicroBatchAndATttBatch) {
   EXPECT_EQ(default_max_tokens(c, 1), 786432);
   c.set("train_batch_tokens", int64_t{8192});
   EXPECT_EQ(default_max_tokens(c, 1), 65536);
+  // s1560 scores with LoRA TTT: 64 documents x 2048 tokens, more than its micro-batch.
+  Config s1560 = Config::load("s1560");
+  EXPECT_EQ(default_max_tokens(s1560, 8), 131072);
+  s1560.set("eval_modes", std::vector<std::string>{"flat"});
+  EXPECT_EQ(default_max_tokens(s1560, 8), 98304);
 }
 
 TEST(BenchCommand, TimesACpuTrainingStepAndReportsJson) {

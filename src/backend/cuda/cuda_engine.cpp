@@ -102,27 +102,20 @@ void CudaEngine::Impl::read_back(void* dst, const void* src, size_t n) {
 void CudaEngine::Impl::synchronize() { PG_CUDA_CHECK(cudaStreamSynchronize(stream())); }
 
 void CudaEngine::Impl::for_each_row_chunk(const Batch& batch, const std::function<void(const Batch&)>& fn) const {
-  const int64_t max_tokens = options.max_tokens;
-  if (batch.tokens() <= max_tokens) return fn(batch);
-  const int64_t rows_per_chunk = max_tokens / batch.seq_len;
-  PG_CHECK(rows_per_chunk >= 1, "CudaEngine: one row of {} tokens is more than max_tokens = {}", batch.seq_len,
-           max_tokens);
-  const std::vector<int32_t> cu = batch.segments();
-  size_t seg = 0;
-  for (int64_t r0 = 0; r0 < batch.rows; r0 += rows_per_chunk) {
-    const int64_t r1 = std::min(batch.rows, r0 + rows_per_chunk);
-    const int64_t t0 = r0 * batch.seq_len, t1 = r1 * batch.seq_len;
-    Batch chunk;
-    chunk.rows = r1 - r0;
-    chunk.seq_len = batch.seq_len;
-    chunk.inputs.assign(batch.inputs.begin() + t0, batch.inputs.begin() + t1);
-    if (!batch.targets.empty()) chunk.targets.assign(batch.targets.begin() + t0, batch.targets.begin() + t1);
-    if (!batch.cu_seqlens.empty()) {
-      // The segments starting in [t0, t1) (none crosses a row), re-based, closed by the chunk's total.
-      for (; seg + 1 < cu.size() && cu[seg] < t1; ++seg) chunk.cu_seqlens.push_back(cu[seg] - static_cast<int32_t>(t0));
-      chunk.cu_seqlens.push_back(static_cast<int32_t>(t1 - t0));
+  if (batch.tokens() <= options.max_tokens) return fn(batch);
+  const ModelConfig& cfg = model.config();
+  for (const Batch& piece : split_batch(batch, options.max_tokens)) {
+    // A row cut into shorter rows keeps its position differences, but an NTK RoPE base depends on T,
+    // and the bigram/trigram hashes and SmearGate read the previous token, which a new row lacks.
+    if (piece.seq_len != batch.seq_len) {
+      const bool ntk = cfg.rope_base_at(static_cast<int>(piece.seq_len)) != cfg.rope_base_at(static_cast<int>(batch.seq_len));
+      const bool previous_token = cfg.smear_gate || cfg.bigram_vocab_size > 0 || cfg.bigram_direct_size > 0;
+      PG_CHECK(!ntk && !previous_token,
+               "CudaEngine: a row of {} tokens (more than max_tokens = {}) cannot be cut into rows of {}: the model's {} "
+               "depends on the row",
+               batch.seq_len, options.max_tokens, piece.seq_len, ntk ? "NTK RoPE base" : "previous-token features");
     }
-    fn(chunk);
+    fn(piece);
   }
 }
 

@@ -11,8 +11,9 @@
 // micro-batches: n forward + backward replays, then one update replay. Mode changes (looping, late
 // QAT, EMA on or off, another batch shape) select or capture another graph (step_graphs.h).
 //
-// Batches larger than max_tokens are evaluated (token_losses, accumulate_hessians) in row chunks;
-// training, TTT and LoRA batches must fit.
+// Batches larger than max_tokens are evaluated (token_losses, accumulate_hessians) in pieces of
+// split_batch (whole rows, or a long row of segments cut at segment ends); training, TTT and LoRA
+// batches must fit.
 #pragma once
 
 #include <cstdint>

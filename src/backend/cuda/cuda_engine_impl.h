@@ -96,8 +96,8 @@ struct CudaEngine::Impl {
   std::string update_mode(bool update_ema) const;
   void begin_update(const StepControl& control);  // outside the graph: fresh weights, optimizer scalars
   StepResult finish_step(const StepControl& control, int micro_batches);  // the one read-back
-  // Calls fn on `batch`, or, when it has more than max_tokens tokens, on consecutive slices of whole
-  // rows that fit (forward-only work: rows are independent, as segments never cross a row).
+  // Calls fn on `batch`, or, when it has more than max_tokens tokens, on the pieces of split_batch
+  // (forward-only work: rows and segments are independent).
   void for_each_row_chunk(const Batch& batch, const std::function<void(const Batch&)>& fn) const;
   void ensure_lora_adapters(int64_t seq_len);
   void lora_optimizer_step();
