@@ -96,11 +96,12 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # kernels of a step.
   : >"$logs/pgolf_bench.log"
   presets=("--preset baseline --batch-tokens 65536 --seq-len 1024" "--preset s691 --batch-tokens 98304 --seq-len 2048"
-    "--preset s1560 --batch-tokens 98304 --seq-len 2048")
+    "--preset s1560 --batch-tokens 98304 --seq-len 2048" "--preset s1560 --batch-tokens 98304 --seq-len 2048 --looping")
   variants=("${presets[@]}")
   [ -n "${BENCH_SET:-}" ] && for args in "${presets[@]}"; do variants+=("$args $BENCH_SET"); done
   for args in "${variants[@]}"; do
     preset="$(echo "$args" | cut -d' ' -f2)"
+    case "$args" in *--looping*) preset="${preset}_looping" ;; esac
     case "$args" in *--set*) preset="${preset}_variant" ;; esac
     echo "== pgolf bench $args"
     start=$SECONDS

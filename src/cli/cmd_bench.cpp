@@ -2,7 +2,9 @@
 // backward, optimizer, EMA), of the optimizer step alone, and of the evaluation forward (token_losses
 // on T-windows, what sliding and TTT scoring run). Random tokens and N(0, 0.02²) weights: the timing
 // does not depend on them, but nothing runs on zeros. MFU = tokens/s × (6·N + 6·L·d·T) / 989e12
-// (ENGINEERING §5; L = the layers the plan runs).
+// (ENGINEERING §5; L = the layers the plan runs). With --looping (s1560's depth recurrence, on for
+// the last 65 % of its training) the repeated layers run again: N counts their matrices once more
+// per extra pass and L is the number of virtual layers.
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
 
@@ -38,6 +40,7 @@ struct BenchOptions {
   bool json = false;
   bool profile = false;
   bool deterministic = false;
+  bool looping = false;
   NprocOption nproc;  // several ranks: each times its steps (with the gradient all-reduce), rank 0 reports
 };
 
@@ -92,6 +95,9 @@ void run_bench(const BenchOptions& o) {
     for (float& x : params[i]) x = static_cast<float>(0.02 * rng.normal());
   engine->load_params(params);
   engine->init_ema();
+  PG_CHECK(!o.looping || mc.num_loops > 0, "bench: --looping needs a preset with num_loops > 0 ({} has none)",
+           cfg.preset_name());
+  engine->set_looping(o.looping);
   const Batch batch = random_batch(tokens / T, T, mc.vocab_size, rng);
 
   int64_t step_index = 0;
@@ -102,9 +108,13 @@ void run_bench(const BenchOptions& o) {
   std::vector<float> nll;
   const double eval_s = seconds_per_call(std::max(o.warmup, 1), o.steps, [&](int) { engine->token_losses(batch, nll); });
 
-  const ModelConfig::LayerPlan plan = mc.layer_plan(false);
+  const ModelConfig::LayerPlan plan = mc.layer_plan(o.looping);
   const int64_t layers = static_cast<int64_t>(plan.encoder.size() + plan.decoder.size());
-  const double n_params = static_cast<double>(engine->layout().count());
+  // The matrices of one block (c_q, c_k, c_v, proj, fc, mlp proj), run once more per extra pass.
+  const double block_matrices = static_cast<double>(mc.model_dim) * (2.0 * mc.q_dim() + 2.0 * mc.kv_dim()) +
+                                2.0 * mc.model_dim * static_cast<double>(mc.mlp_hidden);
+  const double n_params = static_cast<double>(engine->layout().count()) +
+                          static_cast<double>(layers - mc.num_layers) * block_matrices;
   const double flops_per_token =
       6.0 * n_params + 6.0 * static_cast<double>(layers) * mc.model_dim * static_cast<double>(T);
   const double tokens_per_s = static_cast<double>(tokens) / step_s;
@@ -117,6 +127,7 @@ void run_bench(const BenchOptions& o) {
   j["world_size"] = comm->world_size();
   j["params"] = engine->layout().count();
   j["layers"] = layers;
+  j["looping"] = o.looping;
   j["seq_len"] = T;
   j["tokens_per_step"] = tokens;
   j["steps"] = o.steps;
@@ -164,9 +175,9 @@ void run_bench(const BenchOptions& o) {
     fmt::print("{}\n", j.dump());
     return;
   }
-  fmt::print("bench {} on {}{}: {} parameters, {} layers, {} tokens per step ({} x {}), {} steps after {} warm-up\n",
+  fmt::print("bench {} on {}{}: {} parameters, {} layers{}, {} tokens per step ({} x {}), {} steps after {} warm-up\n",
              j["preset"].get<std::string>(), o.device, j.contains("gpu") ? " (" + j["gpu"].get<std::string>() + ")" : "",
-             engine->layout().count(), layers, tokens, tokens / T, T, o.steps, o.warmup);
+             engine->layout().count(), layers, o.looping ? " (looping)" : "", tokens, tokens / T, T, o.steps, o.warmup);
   if (comm->world_size() > 1)
     fmt::print("  {} ranks: the figures are rank 0's, per GPU, each step with its gradient all-reduce\n",
                comm->world_size());
@@ -202,6 +213,7 @@ void register_bench(CLI::App& app) {
   cmd->add_flag("--json", o->json, "one JSON object instead of the table");
   cmd->add_flag("--profile", o->profile, "CUDA: the ten kernels that take the most time in a training step (CUPTI)");
   cmd->add_flag("--deterministic", o->deterministic, "CUDA: the deterministic backward kernels");
+  cmd->add_flag("--looping", o->looping, "depth recurrence on (presets with num_loops > 0, e.g. s1560)");
   o->nproc.add_to(cmd);
   cmd->callback([o] { run_bench(*o); });
 }

@@ -63,3 +63,32 @@ TEST(BenchCommand, RejectsABatchThatIsNotAMultipleOfTheSequenceLength) {
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("multiple"), std::string::npos) << r.output;
 }
+
+// --looping runs s1560's recurrent plan: 5 physical layers, layers 1-2 twice more = 9 virtual layers,
+// and the MFU counts the repeated blocks' matrices once per pass.
+TEST(BenchCommand, LoopingCountsTheVirtualLayers) {
+  const std::string small =
+      "bench --preset s1560 --device cpu --set num_layers=5 --set model_dim=64 --set num_heads=2 --set num_kv_heads=1 "
+      "--set vocab_size=256 --set loop_start=1 --set loop_end=2 --set parallel_start_layer=3 --set xsa_last_n=5 "
+      "--seq-len 64 --batch-tokens 128 --steps 1 --warmup 0 --json";
+  const auto plain = test::run_pgolf(small);
+  const auto looped = test::run_pgolf(small + " --looping");
+  ASSERT_EQ(plain.status, 0) << plain.output;
+  ASSERT_EQ(looped.status, 0) << looped.output;
+  const nlohmann::json a = nlohmann::json::parse(plain.output), b = nlohmann::json::parse(looped.output);
+  EXPECT_EQ(a.at("layers").get<int64_t>(), 5);
+  EXPECT_FALSE(a.at("looping").get<bool>());
+  EXPECT_EQ(b.at("layers").get<int64_t>(), 9);
+  EXPECT_TRUE(b.at("looping").get<bool>());
+  // FLOPs per token = MFU · 989e12 / tokens/s: 4 extra block passes of 64·(2·64 + 2·32) + 2·64·256 each
+  // (head dim 32: q 64, k and v 32 wide), plus 4 more layers of the attention term 6·d·T.
+  const auto flops = [](const nlohmann::json& j) {
+    return j.at("mfu").get<double>() * 989e12 / j.at("tokens_per_s").get<double>();
+  };
+  const double block = 64.0 * (2 * 64 + 2 * 32) + 2.0 * 64 * 256;
+  EXPECT_NEAR(flops(b) - flops(a), 6.0 * 4 * block + 6.0 * 4 * 64 * 64, 1e-6 * flops(b));
+
+  const auto refused = test::run_pgolf("bench --preset s691 --device cpu --seq-len 64 --batch-tokens 64 --steps 1 --looping");
+  EXPECT_NE(refused.status, 0);
+  EXPECT_NE(refused.output.find("num_loops"), std::string::npos) << refused.output;
+}
