@@ -25,6 +25,7 @@ LoraTttOptions LoraTttOptions::from_config(const Config& c, int bos_id, bool pha
   o.batch_size = c.get_int("ttt_batch_size");
   o.grad_steps = c.get_int("ttt_grad_steps");
   o.max_seconds = c.get_double("ttt_max_seconds");
+  o.active_rows = c.get_bool("ttt_lora_active_rows");
   o.seed = static_cast<uint64_t>(c.get_int("seed"));
   o.bos_id = bos_id;
   PG_CHECK(o.lora.rank > 0 && o.grad_steps >= 1 && o.chunk > 0 && o.chunk <= o.context && o.batch_size > 0,
@@ -78,8 +79,8 @@ class LoraQueue {
   int64_t rows_ = 0;  // rows of the engine's adapters (0 = none yet)
 };
 
-void LoraQueue::run_batch(int64_t index, std::span<const int64_t> ids) {
-  const int64_t rows = static_cast<int64_t>(ids.size());
+void LoraQueue::run_batch(int64_t index, std::span<const int64_t> batch_ids) {
+  const int64_t rows = static_cast<int64_t>(batch_ids.size());
   if (rows != rows_) {  // adapters are per row: a batch of another size needs other adapters
     if (rows_ > 0) engine_.lora_end();
     engine_.lora_begin(o_.lora, rows, o_.optimizer);
@@ -87,12 +88,14 @@ void LoraQueue::run_batch(int64_t index, std::span<const int64_t> ids) {
   }
   engine_.lora_reset(o_.seed * 1000003ull + static_cast<uint64_t>(index));
   const int64_t C = o_.chunk;
+  // Rows in descending order of chunk counts: the documents with a chunk ci are rows [0, active(ci)),
+  // and with active_rows only those rows run (row b keeps adapter b, so nothing moves).
+  std::vector<int64_t> ids(batch_ids.begin(), batch_ids.end());
+  const auto chunks_of = [&](int64_t id) { return num_doc_chunks(docs_[static_cast<size_t>(id)].pred_len(), C); };
+  std::stable_sort(ids.begin(), ids.end(), [&](int64_t a, int64_t b) { return chunks_of(a) > chunks_of(b); });
   std::vector<int64_t> n_chunks(ids.size());
-  int64_t max_chunks = 0;
-  for (size_t b = 0; b < ids.size(); ++b) {
-    n_chunks[b] = num_doc_chunks(docs_[static_cast<size_t>(ids[b])].pred_len(), C);
-    max_chunks = std::max(max_chunks, n_chunks[b]);
-  }
+  for (size_t b = 0; b < ids.size(); ++b) n_chunks[b] = chunks_of(ids[b]);
+  const int64_t max_chunks = n_chunks.empty() ? 0 : n_chunks.front();
   Batch batch;
   std::vector<float> nll, weights;
   std::vector<Span> scored, trained;
@@ -101,14 +104,17 @@ void LoraQueue::run_batch(int64_t index, std::span<const int64_t> ids) {
     // Width and chunk offset of a full (non-final) chunk ci: the training window of every trained row.
     const ChunkWindow full = doc_chunk_window(ci, (ci + 1) * C, C, o_.context);
     const int64_t width = full.win_len;
-    batch.rows = rows;
+    int64_t batch_rows = rows;
+    if (o_.active_rows)
+      while (batch_rows > 0 && n_chunks[static_cast<size_t>(batch_rows - 1)] <= ci) --batch_rows;
+    batch.rows = batch_rows;
     batch.seq_len = width;
     batch.max_seqlen = static_cast<int32_t>(width);
-    batch.inputs.assign(static_cast<size_t>(rows * width), 0);
-    batch.targets.assign(static_cast<size_t>(rows * width), 0);
+    batch.inputs.assign(static_cast<size_t>(batch_rows * width), 0);
+    batch.targets.assign(static_cast<size_t>(batch_rows * width), 0);
     scored.clear();
     trained.clear();
-    for (int64_t b = 0; b < rows; ++b) {
+    for (int64_t b = 0; b < batch_rows; ++b) {
       if (ci >= n_chunks[static_cast<size_t>(b)]) continue;  // this document is done
       const Document& d = docs_[static_cast<size_t>(ids[static_cast<size_t>(b)])];
       const ChunkWindow w = doc_chunk_window(ci, d.pred_len(), C, o_.context);
@@ -128,7 +134,7 @@ void LoraQueue::run_batch(int64_t index, std::span<const int64_t> ids) {
     // exactly the positions this forward scores.
     weights.clear();
     if (!trained.empty()) {
-      weights.assign(static_cast<size_t>(rows * width), 0.0f);
+      weights.assign(static_cast<size_t>(batch_rows * width), 0.0f);
       for (const Span& s : trained)
         std::fill_n(weights.begin() + s.row * width + s.offset, s.len, 1.0f / static_cast<float>(C));
     }

@@ -8,6 +8,10 @@
 // engine call, trains the adapters on the documents that have a later chunk (per-document mean loss
 // over the chunk; the engine computes the losses before it updates, so the chunk is scored before it
 // is trained on). ttt_grad_steps > 1 adds steps with fresh forwards on the same, already scored, chunk.
+// The rows are the documents in descending order of chunk counts, and a forward holds only the rows
+// of documents that still have a chunk (ttt_lora_active_rows; the references run all 64 rows to the
+// longest document's end). Row results do not depend on other rows: the scores are the same, the
+// work ~ Σ chunks · width instead of 64 · max chunks · width (5.5x less on the FineWeb prefix).
 // A wall-clock cap (ttt_max_seconds) stops handing out batches; what is left is reported unscored.
 //
 // Phased: scoring pauses after the batch holding queue document P_k − 1 (eval/documents.h
@@ -36,6 +40,7 @@ struct LoraTttOptions {
   int64_t batch_size = 64;  // documents per batch
   int64_t grad_steps = 1;   // optimizer steps per chunk
   double max_seconds = 0.0; // 0 = no cap
+  bool active_rows = true;  // forward only the documents with chunks left (false: every row, as the references)
   uint64_t seed = 1337;     // adapters of queue batch j are drawn from seed and j (the same on any rank)
   int bos_id = 1;
   int phases = 0;           // 0 = plain LoRA TTT; > 0: phased global SGD

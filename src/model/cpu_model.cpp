@@ -291,7 +291,8 @@ T CpuModel<T>::forward(const Batch& batch) {
   build_plan();
   const int num_virtual = num_virtual_layers();
   if (lora_) {
-    PG_CHECK(lora_->rows() == batch.rows, "LoRA adapters have {} rows, the batch has {}", lora_->rows(), batch.rows);
+    PG_CHECK(batch.rows <= lora_->rows(), "LoRA adapters have {} rows, the batch has {} (row b uses adapter b)",
+             lora_->rows(), batch.rows);
     PG_CHECK(lora_->slots() == num_virtual, "LoRA adapters have {} slots, the layer plan has {} virtual layers",
              lora_->slots(), num_virtual);
   }

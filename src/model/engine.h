@@ -90,7 +90,8 @@ class Engine {
   virtual void ttt_end() = 0;  // frees the TTT optimizer state
 
   // ---- per-document LoRA TTT (SPEC §6.5) ------------------------------------------------------
-  // Adapters for `rows` documents per batch, one set per virtual layer of the current plan.
+  // Adapters for `rows` documents per batch, one set per virtual layer of the current plan. A batch
+  // may have fewer rows (the documents that still have chunks): its row b uses adapter b.
   virtual void lora_begin(const LoraConfig& lora, int64_t rows, const LoraOptimizerConfig& opt) = 0;
   virtual void lora_reset(uint64_t seed) = 0;  // re-draw A, zero B, zero the optimizer state
   // Forward with the adapters (base frozen): per-token NLL of the batch into `nll` [tokens]; then,

@@ -53,15 +53,25 @@ void LoraAdapters<T>::zero_grad() {
 }
 
 template <typename T>
-void LoraAdapters<T>::reset(Rng& rng) {
-  for (const Adapter& a : adapters_) {
+void draw_lora_params(std::span<const LoraAdapterLayout> adapters, int64_t rows, int rank, Rng& rng,
+                      std::span<T> params) {
+  for (const LoraAdapterLayout& a : adapters) {
     if (a.a_offset < 0) continue;
+    PG_CHECK(a.b_offset + rows * a.out * rank <= static_cast<int64_t>(params.size()),
+             "draw_lora_params: the layout needs more than {} values", params.size());
     const double bound = 1.0 / std::sqrt(static_cast<double>(a.in));
-    for (int64_t k = 0; k < rows_ * config_.rank * a.in; ++k)
-      params_[a.a_offset + k] = static_cast<T>(rng.uniform(-bound, bound));
-    std::fill_n(params_.begin() + a.b_offset, rows_ * a.out * config_.rank, T(0));
+    for (int64_t k = 0; k < rows * rank * a.in; ++k) params[a.a_offset + k] = static_cast<T>(rng.uniform(-bound, bound));
+    std::fill_n(params.begin() + a.b_offset, rows * a.out * rank, T(0));
   }
 }
+
+template <typename T>
+void LoraAdapters<T>::reset(Rng& rng) {
+  draw_lora_params<T>(adapters_, rows_, config_.rank, rng, params_);
+}
+
+template void draw_lora_params<float>(std::span<const LoraAdapterLayout>, int64_t, int, Rng&, std::span<float>);
+template void draw_lora_params<double>(std::span<const LoraAdapterLayout>, int64_t, int, Rng&, std::span<double>);
 
 template class LoraAdapters<float>;
 template class LoraAdapters<double>;

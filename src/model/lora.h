@@ -41,6 +41,12 @@ struct LoraAdapterLayout {
 int64_t lora_layout(const ModelConfig& model, const LoraConfig& config, int64_t rows, int slots,
                     std::vector<LoraAdapterLayout>& adapters);
 
+// BatchedLinearLoRA.reset over a lora_layout: A ~ U(±1/sqrt(in)) drawn adapter by adapter, B = 0.
+// LoraAdapters::reset and the CUDA engine (into its host staging) draw the same values.
+template <typename T>
+void draw_lora_params(std::span<const LoraAdapterLayout> adapters, int64_t rows, int rank, Rng& rng,
+                      std::span<T> params);
+
 template <typename T>
 class LoraAdapters {
  public:

@@ -230,7 +230,7 @@ void CpuEngine::lora_optimizer_step() {
 void CpuEngine::lora_score_and_train(const Batch& batch, std::span<const float> token_weights,
                                      std::vector<float>& nll) {
   PG_CHECK(lora_.has_value(), "lora_score_and_train without lora_begin");
-  PG_CHECK(batch.rows == lora_->adapters->rows(), "LoRA batch has {} rows, the adapters {}", batch.rows,
+  PG_CHECK(batch.rows <= lora_->adapters->rows(), "LoRA batch has {} rows, the adapters {}", batch.rows,
            lora_->adapters->rows());
   model_.set_train(false);
   model_.set_frozen_base(true);

@@ -343,6 +343,57 @@ TEST_F(CudaEngineTest, LoraScoresFirstThenLearns) {
   EXPECT_LE(rel_frobenius(scores[1], scores[0]), 2 * kTokenLossTol);
 }
 
+// LoRA TTT forwards only the documents with chunks left, and its windows grow chunk by chunk: the
+// adapters of lora_begin serve batches of fewer rows (row b uses adapter b) and longer rows (the GPU
+// adapters move to larger hidden-state buffers, parameters and optimizer state kept), and the GPU
+// follows the CPU through such a sequence.
+TEST_F(CudaEngineTest, LoraBatchesOfFewerAndLongerRows) {
+  const Config c = engine_config("s1560");
+  auto comm = make_single_process_communicator();
+  const ParamSet<float> p0 = initial_params(c, 53);
+  CpuEngine cpu(c, *comm);
+  auto gpu = cuda_engine(c, *comm, 3 * 600);
+  LoraConfig lc;
+  lc.rank = 8;
+  lc.targets = {true, true, true, true, true, true};
+  const int vocab = static_cast<int>(c.get_int("vocab_size"));
+  const auto rows_of = [&](int64_t rows, int64_t len, uint64_t seed) {
+    Batch b;
+    b.rows = rows;
+    b.seq_len = len;
+    Rng rng(seed);
+    for (int64_t i = 0; i < rows * len; ++i) {
+      b.inputs.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
+      b.targets.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
+    }
+    return b;
+  };
+  // (rows, tokens per row): all three rows, two, one, then longer rows than the first buffers hold.
+  const std::vector<std::pair<int64_t, int64_t>> steps = {{3, 40}, {2, 64}, {1, 96}, {2, 600}, {3, 520}};
+  std::vector<std::vector<float>> scores[2];
+  int k = 0;
+  for (Engine* e : {static_cast<Engine*>(&cpu), static_cast<Engine*>(gpu.get())}) {
+    e->load_params(p0);
+    e->set_looping(true);
+    e->lora_begin(lc, 3, {1e-2, 0.9, 0.999, 1e-10, 0.0});
+    e->lora_reset(2);
+    uint64_t seed = 60;
+    for (const auto& [rows, len] : steps) {
+      const Batch b = rows_of(rows, len, seed++);
+      const std::vector<float> w(static_cast<size_t>(b.tokens()), 1.0f / static_cast<float>(b.tokens()));
+      std::vector<float> nll;
+      e->lora_score_and_train(b, w, nll);
+      ASSERT_EQ(static_cast<int64_t>(nll.size()), b.tokens());
+      scores[k].push_back(nll);
+    }
+    EXPECT_THROW(e->lora_train_step(rows_of(4, 40, 1), std::vector<float>(160, 0.f)), Error) << "more rows than adapters";
+    e->lora_end();
+    ++k;
+  }
+  for (size_t s = 0; s < steps.size(); ++s)
+    EXPECT_LE(rel_frobenius(scores[1][s], scores[0][s]), 2 * kTokenLossTol) << "step " << s;
+}
+
 // ---- GPTQ Hessians ----------------------------------------------------------------------------------
 
 TEST_F(CudaEngineTest, HessiansMatchTheCpuEngine) {

@@ -191,12 +191,14 @@ class AuditEngine final : public Engine, public ScoreObserver {
   }
   void lora_score_and_train(const Batch& batch, std::span<const float> w, std::vector<float>& nll) override {
     const int64_t seq = audit_.next_seq();
+    lora_tokens += batch.tokens();
     inner_.lora_score_and_train(batch, w, nll);
     remember_forward(batch, nll, seq, true);  // losses of the forward before the update
     if (!w.empty()) lora_steps(batch, w);
   }
   void lora_train_step(const Batch& batch, std::span<const float> w) override {
     audit_.next_seq();
+    lora_tokens += batch.tokens();
     inner_.lora_train_step(batch, w);
     lora_steps(batch, w);
   }
@@ -220,6 +222,7 @@ class AuditEngine final : public Engine, public ScoreObserver {
 
   std::vector<double> lr_scales;   // every ttt_step's lr factor, in order
   int64_t unmatched_scores = 0;    // scores that match no row of the last forward
+  int64_t lora_tokens = 0;         // tokens of the LoRA forwards (score-and-train and extra steps)
 
  private:
   struct Slot {

@@ -29,6 +29,7 @@ const ByteTables& tables() {
 struct ModeRun {
   EvalOutcome outcome;
   std::vector<double> lr_scales;
+  int64_t lora_tokens = 0;
 };
 ModeRun run_mode(const std::string& mode, const Config& c, int ranks = 1) {
   ModeRun run;
@@ -39,6 +40,7 @@ ModeRun run_mode(const std::string& mode, const Config& c, int ranks = 1) {
     if (comm.rank() == 0) {
       run.outcome = o;
       run.lr_scales = engine.lr_scales;
+      run.lora_tokens = engine.lora_tokens;
     }
   });
   return run;
@@ -184,6 +186,23 @@ TEST(EvalModes, TestTimeTrainingLearnsRepeatedContent) {
     const double bpb = run_on(mode, c, s).val_bpb();
     EXPECT_LT(bpb, sliding - 0.05) << mode << ": " << bpb << " vs sliding " << sliding;
   }
+}
+
+// LoRA TTT forwards only the documents that still have chunks (rows in descending order of chunk
+// counts, row b keeping adapter b): the same scores as forwarding every row of the batch to the
+// longest document's end, with less work, and as legal (the audit engine checks score-first).
+TEST(EvalModes, LoraActiveRowsScoreAsAllRows) {
+  Config c = eval_test_config();
+  c.set("ttt_lora_active_rows", false);
+  const ModeRun all = run_mode("ttt-lora", c);
+  c.set("ttt_lora_active_rows", true);
+  const ModeRun active = run_mode("ttt-lora", c);
+  ASSERT_TRUE(all.outcome.complete && active.outcome.complete);
+  EXPECT_TRUE(active.outcome.legal);
+  EXPECT_EQ(active.outcome.tokens(), all.outcome.tokens());
+  EXPECT_EQ(active.outcome.bytes(), all.outcome.bytes());
+  expect_rel_near(active.outcome.sums.loss_sum, all.outcome.sums.loss_sum, 1e-6, "active rows");
+  EXPECT_LT(active.lora_tokens, all.lora_tokens * 9 / 10) << active.lora_tokens << " vs " << all.lora_tokens;  // 2,320 vs 2,784
 }
 
 // The wall-clock cap stops handing out document batches; what is left is reported unscored.

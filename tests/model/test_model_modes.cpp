@@ -196,10 +196,18 @@ TEST(ModelModes, LoraAdaptersArePerRow) {
   for (int64_t i = 0; i < T; ++i) row0_changed |= model.token_losses()[i] != before[i];
   EXPECT_TRUE(row0_changed);
   for (int64_t i = T; i < 2 * T; ++i) EXPECT_EQ(model.token_losses()[i], before[i]) << "row 1 at " << i - T;
-  // The adapters must match the batch and the plan.
+  // A batch of fewer rows uses the first adapters: row 0 alone scores as row 0 of the pair.
+  const std::vector<double> pair(model.token_losses().begin(), model.token_losses().end());
+  Batch first = batch;
+  first.rows = 1;
+  first.inputs.resize(static_cast<size_t>(T));
+  first.targets.resize(static_cast<size_t>(T));
+  model.forward(first);
+  for (int64_t i = 0; i < T; ++i) EXPECT_NEAR(model.token_losses()[i], pair[i], 1e-12) << "row 0 alone at " << i;
+  // More rows than adapters, or another plan, are errors.
   Batch three = batch;
-  three.rows = 1;
-  three.seq_len = 24;
+  three.rows = 3;
+  three.seq_len = 8;
   EXPECT_THROW(model.forward(three), Error);
   model.set_looping(false);
   EXPECT_THROW(model.forward(batch), Error);

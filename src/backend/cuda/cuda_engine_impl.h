@@ -70,8 +70,10 @@ struct CudaEngine::Impl {
     int64_t rows = 0;
     int slots = 0;
     int64_t total = 0;
+    std::vector<LoraAdapterLayout> layout;
     std::unique_ptr<GpuLora> adapters;
-    std::vector<float> pending;  // parameters drawn by lora_reset before any adapters exist
+    PinnedBuffer<float> host;  // lora_reset's draw, and the parameters while the adapters move
+    bool pending = false;      // host holds parameters that no adapters hold yet
     DeviceBuffer<float> exp_avg, exp_avg_sq;
     int64_t steps = 0;
   };

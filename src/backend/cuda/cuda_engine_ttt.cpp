@@ -115,8 +115,8 @@ void CudaEngine::lora_begin(const LoraConfig& lora, int64_t rows, const LoraOpti
   s.opt = opt;
   s.rows = rows;
   s.slots = m.model.num_virtual_layers();
-  std::vector<LoraAdapterLayout> adapters;
-  s.total = lora_layout(model_config(), lora, rows, s.slots, adapters);
+  s.total = lora_layout(model_config(), lora, rows, s.slots, s.layout);
+  s.host = PinnedBuffer<float>(static_cast<size_t>(s.total), "LoRA parameters (host staging)");
   s.exp_avg = DeviceBuffer<float>(static_cast<size_t>(s.total), "LoRA Adam state");
   s.exp_avg_sq = DeviceBuffer<float>(static_cast<size_t>(s.total), "LoRA Adam state");
   s.exp_avg.fill_bytes(0);
@@ -128,29 +128,35 @@ void CudaEngine::lora_reset(uint64_t seed) {
   Impl& m = *impl_;
   PG_CHECK(m.lora.has_value(), "lora_reset without lora_begin");
   Impl::Lora& s = *m.lora;
-  // The CPU adapters' draw (BatchedLinearLoRA.reset), so both engines start from the same values.
-  LoraAdapters<float> host(model_config(), s.config, s.rows, s.slots);
+  // The CPU adapters' draw (LoraAdapters::reset), so both engines start from the same values; drawn
+  // into the pinned staging that every batch reuses.
+  const std::span<float> host(s.host.data(), s.host.size());
   Rng rng(seed);
-  host.reset(rng);
-  s.pending.assign(host.params().begin(), host.params().end());
-  if (s.adapters) {
-    s.adapters->upload(s.pending);
-    s.pending.clear();
-  }
+  draw_lora_params<float>(s.layout, s.rows, s.config.rank, rng, host);
+  s.pending = !s.adapters;
+  if (s.adapters) s.adapters->upload(host);
   s.exp_avg.fill_bytes(0);
   s.exp_avg_sq.fill_bytes(0);
   s.steps = 0;
 }
 
-// Adapters for batches of `seq_len` tokens per row; a new length moves the parameters to new adapters.
+// Adapters for batches of up to `seq_len` tokens per row. A longer row moves the parameters to new
+// adapters whose hidden states hold rows of the next multiple of 512 tokens: a few moves per run
+// (the windows grow chunk by chunk up to the context), not one per chunk.
 void CudaEngine::Impl::ensure_lora_adapters(int64_t seq_len) {
   Lora& s = *lora;
-  if (s.adapters && s.adapters->seq_len() == seq_len) return;
-  std::vector<float> params = s.adapters ? s.adapters->download_params() : s.pending;
-  PG_CHECK(!params.empty(), "LoRA adapters were never initialised (lora_reset)");
-  s.adapters = std::make_unique<GpuLora>(model.config(), s.config, s.rows, s.slots, seq_len);
-  s.adapters->upload(params);
-  s.pending.clear();
+  if (s.adapters && seq_len <= s.adapters->seq_len()) return;
+  const std::span<float> host(s.host.data(), s.host.size());
+  if (s.adapters) {
+    s.adapters->download_params(host);
+    s.adapters.reset();  // free the old hidden states before the larger ones
+  } else {
+    PG_CHECK(s.pending, "LoRA adapters were never initialised (lora_reset)");
+  }
+  const int64_t capacity = (seq_len + 511) / 512 * 512;
+  s.adapters = std::make_unique<GpuLora>(model.config(), s.config, s.rows, s.slots, capacity);
+  s.adapters->upload(host);
+  s.pending = false;
 }
 
 void CudaEngine::Impl::lora_optimizer_step() {
@@ -166,7 +172,7 @@ void CudaEngine::lora_score_and_train(const Batch& batch, std::span<const float>
                                       std::vector<float>& nll) {
   Impl& m = *impl_;
   PG_CHECK(m.lora.has_value(), "lora_score_and_train without lora_begin");
-  PG_CHECK(batch.rows == m.lora->rows, "LoRA batch has {} rows, the adapters {}", batch.rows, m.lora->rows);
+  PG_CHECK(batch.rows <= m.lora->rows, "LoRA batch has {} rows, the adapters {}", batch.rows, m.lora->rows);
   PG_CHECK(!batch.targets.empty(), "lora_score_and_train: the batch has no targets");
   m.ensure_lora_adapters(batch.seq_len);
   GpuModel& model = m.model;
@@ -188,7 +194,7 @@ void CudaEngine::lora_score_and_train(const Batch& batch, std::span<const float>
 void CudaEngine::lora_train_step(const Batch& batch, std::span<const float> token_weights) {
   Impl& m = *impl_;
   PG_CHECK(m.lora.has_value(), "lora_train_step without lora_begin");
-  PG_CHECK(batch.rows == m.lora->rows, "LoRA batch has {} rows, the adapters {}", batch.rows, m.lora->rows);
+  PG_CHECK(batch.rows <= m.lora->rows, "LoRA batch has {} rows, the adapters {}", batch.rows, m.lora->rows);
   m.ensure_lora_adapters(batch.seq_len);
   GpuModel& model = m.model;
   model.set_train(false);

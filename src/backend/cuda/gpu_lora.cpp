@@ -60,6 +60,11 @@ void GpuLora::upload(std::span<const float> params) {
 }
 
 std::vector<float> GpuLora::download_params() const { return impl_->params.download(); }
+void GpuLora::download_params(std::span<float> out) const {
+  PG_CHECK(static_cast<int64_t>(out.size()) == impl_->total, "GpuLora::download_params: {} values for a layout of {}",
+           out.size(), impl_->total);
+  PG_CUDA_CHECK(cudaMemcpy(out.data(), impl_->params.data(), out.size() * 4, cudaMemcpyDeviceToHost));
+}
 std::vector<float> GpuLora::download_grads() const { return impl_->grads.download(); }
 void GpuLora::zero_grad() { impl_->grads.fill_bytes(0); }
 void GpuLora::params_changed() { impl_->stale = true; }

@@ -570,8 +570,8 @@ void GpuModel::Impl::forward() {
   build_plan();
   const int nv = static_cast<int>(order.size());
   if (lora) {
-    PG_CHECK(lora->rows() == B && lora->seq_len() == T,
-             "GpuModel: LoRA adapters are for {} rows of {} tokens, the batch has {} rows of {}", lora->rows(),
+    PG_CHECK(B <= lora->rows() && T <= lora->seq_len(),
+             "GpuModel: LoRA adapters are for up to {} rows of {} tokens, the batch has {} rows of {}", lora->rows(),
              lora->seq_len(), B, T);
     PG_CHECK(lora->slots() == nv, "GpuModel: LoRA adapters have {} slots, the layer plan has {} virtual layers",
              lora->slots(), nv);

@@ -118,8 +118,10 @@ class GpuModel {
 // and gradients, bf16 copies for the GEMMs, and the hidden states of the last forward.
 class GpuLora {
  public:
-  // rows · seq_len tokens per batch; slots = virtual layers of the plan the model runs. rank, d,
-  // q/kv dims and the vocab must be multiples of 8 (GEMM rows of 16 bytes).
+  // Batches of up to `rows` rows of up to `seq_len` tokens (row b uses adapter b; the hidden states
+  // of a smaller batch are packed at the front of their buffers); slots = virtual layers of the
+  // plan the model runs. rank, d, q/kv dims and the vocab must be multiples of 8 (GEMM rows of 16
+  // bytes).
   GpuLora(const ModelConfig& model, const LoraConfig& config, int64_t rows, int slots, int64_t seq_len);
   ~GpuLora();
   GpuLora(const GpuLora&) = delete;
@@ -134,6 +136,7 @@ class GpuLora {
   float* grads();
   void upload(std::span<const float> params);  // host → device (the LoraAdapters<float> layout)
   std::vector<float> download_params() const;
+  void download_params(std::span<float> out) const;  // into `out` (total() values; pinned memory copies fastest)
   std::vector<float> download_grads() const;
   void zero_grad();
   void params_changed();  // params() were written on the device: the bf16 copies refresh at the next forward
