@@ -357,17 +357,7 @@ TEST_F(CudaEngineTest, LoraBatchesOfFewerAndLongerRows) {
   lc.rank = 8;
   lc.targets = {true, true, true, true, true, true};
   const int vocab = static_cast<int>(c.get_int("vocab_size"));
-  const auto rows_of = [&](int64_t rows, int64_t len, uint64_t seed) {
-    Batch b;
-    b.rows = rows;
-    b.seq_len = len;
-    Rng rng(seed);
-    for (int64_t i = 0; i < rows * len; ++i) {
-      b.inputs.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
-      b.targets.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
-    }
-    return b;
-  };
+  const auto rows_of = [&](int64_t rows, int64_t len, uint64_t seed) { return random_rows(vocab, rows, len, seed); };
   // (rows, tokens per row): all three rows, two, one, then longer rows than the first buffers hold.
   const std::vector<std::pair<int64_t, int64_t>> steps = {{3, 40}, {2, 64}, {1, 96}, {2, 600}, {3, 520}};
   std::vector<std::vector<float>> scores[2];

@@ -50,16 +50,22 @@ inline Config tiny64_preset(const std::string& stack) {
 
 inline ModelConfig tiny64_config(const std::string& stack) { return ModelConfig::from_config(tiny64_preset(stack)); }
 
-// 2 rows of 80 tokens; packed: segments cut mid-row, of length 1, and an empty padding segment.
-inline Batch batch64(int vocab, bool packed, uint64_t seed) {
+// `rows` rows of `seq_len` random ids and targets, one segment per row.
+inline Batch random_rows(int vocab, int64_t rows, int64_t seq_len, uint64_t seed) {
   Batch b;
-  b.rows = 2;
-  b.seq_len = 80;
+  b.rows = rows;
+  b.seq_len = seq_len;
   Rng rng(seed);
   for (int64_t i = 0; i < b.tokens(); ++i) {
     b.inputs.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
     b.targets.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
   }
+  return b;
+}
+
+// 2 rows of 80 tokens; packed: segments cut mid-row, of length 1, and an empty padding segment.
+inline Batch batch64(int vocab, bool packed, uint64_t seed) {
+  Batch b = random_rows(vocab, 2, 80, seed);
   if (packed) b.cu_seqlens = {0, 5, 69, 80, 81, 133, 160, 160};
   return b;
 }

@@ -59,7 +59,6 @@ void GpuLora::upload(std::span<const float> params) {
   impl_->stale = true;
 }
 
-std::vector<float> GpuLora::download_params() const { return impl_->params.download(); }
 void GpuLora::download_params(std::span<float> out) const {
   PG_CHECK(static_cast<int64_t>(out.size()) == impl_->total, "GpuLora::download_params: {} values for a layout of {}",
            out.size(), impl_->total);

@@ -135,7 +135,6 @@ class GpuLora {
   float* params();
   float* grads();
   void upload(std::span<const float> params);  // host → device (the LoraAdapters<float> layout)
-  std::vector<float> download_params() const;
   void download_params(std::span<float> out) const;  // into `out` (total() values; pinned memory copies fastest)
   std::vector<float> download_grads() const;
   void zero_grad();
