@@ -19,6 +19,9 @@
 #include "quant/artifact.h"
 #include "quant/pack.h"
 #include "model/engine_factory.h"
+#ifdef PGOLF_HAVE_CUDA
+#include "backend/cuda/kernel_profile.h"
+#endif
 
 namespace pgolf::cli {
 
@@ -30,7 +33,54 @@ struct EvalArgs {
   std::vector<std::string> modes;
   std::string device = "auto";
   bool as_json = false;
+  bool profile = false;
   NprocOption nproc;
+};
+
+// The kernels that took the most GPU time in one mode's evaluation (CUPTI), with their sum: set
+// against the mode's wall time, the sum says how much of it the GPU was busy.
+struct ModeProfile {
+#ifdef PGOLF_HAVE_CUDA
+  cuda::KernelProfile cupti;
+#endif
+  bool on = false;
+  std::string why;
+
+  void start(bool wanted, const std::string& device) {
+    on = false;
+    if (!wanted) return;
+#ifdef PGOLF_HAVE_CUDA
+    PG_CHECK(device == "cuda", "eval: --profile needs --device cuda");
+    on = cupti.start();
+    if (!on) why = cupti.why();
+#else
+    (void)device;
+    PG_CHECK(false, "eval: --profile needs the CUDA build");
+#endif
+  }
+  nlohmann::json stop(bool print) {
+    nlohmann::json j;
+    if (!on) {
+      if (!why.empty()) j["profile_unavailable"] = why;
+      return j;
+    }
+#ifdef PGOLF_HAVE_CUDA
+    const std::vector<cuda::KernelTime> kernels = cupti.stop();
+    double sum = 0;
+    long calls = 0;
+    for (const auto& k : kernels) sum += k.total_ms, calls += k.calls;
+    j["kernel_ms"] = sum;
+    j["kernel_calls"] = calls;
+    if (print) fmt::print("  GPU kernels: {:.1f} ms in {} launches; the most time:\n", sum, calls);
+    for (size_t i = 0; i < kernels.size() && i < 15; ++i) {
+      j["kernels"].push_back({{"name", kernels[i].name}, {"ms", kernels[i].total_ms}, {"calls", kernels[i].calls}});
+      if (print)
+        fmt::print("    {:9.1f} ms {:5.1f} % {:8d}  {}\n", kernels[i].total_ms, 100.0 * kernels[i].total_ms / sum,
+                   kernels[i].calls, kernels[i].name);
+    }
+#endif
+    return j;
+  }
 };
 
 struct LoadedModel {
@@ -129,12 +179,22 @@ void run_eval(const EvalArgs& a) {
                m.source, cfg.preset_name(), engine.backend_name(), tokens.size() - 1, inputs.seq_len,
                1000.0 * m.load_seconds, 1000.0 * m.dequantize_seconds, 1000.0 * tokens_seconds);
   nlohmann::json results = nlohmann::json::array();
+  ModeProfile profile;
   for (const auto& mode : modes) {
     engine.load_params(params);  // every mode starts from the loaded weights
+    profile.start(a.profile, device);
     const EvalOutcome o = run_eval_mode(mode, engine, comm, cfg, inputs);
-    if (!report) continue;
-    if (a.as_json) results.push_back(outcome_json(o));
-    else print_outcome(o);
+    if (!report) {
+      profile.stop(false);
+      continue;
+    }
+    if (!a.as_json) print_outcome(o);
+    const nlohmann::json kernels = profile.stop(!a.as_json);
+    if (a.as_json) {
+      nlohmann::json j = outcome_json(o);
+      if (!kernels.empty()) j["profile"] = kernels;
+      results.push_back(j);
+    }
   }
   if (report && a.as_json)
     fmt::print("{}\n", nlohmann::json{{"source", m.source},
@@ -164,6 +224,8 @@ void register_eval(CLI::App& app) {
       ->delimiter(',');
   cmd->add_option("--device", args.device, "auto (CUDA when a GPU is present), cpu or cuda")->capture_default_str();
   cmd->add_flag("--json", args.as_json, "print one JSON object");
+  cmd->add_flag("--profile", args.profile,
+                "CUDA: each mode's GPU kernel time and the fifteen kernels that take the most of it (CUPTI)");
   args.nproc.add_to(cmd);
   cmd->callback([] { run_eval(args); });
 }

@@ -91,7 +91,8 @@ class Engine {
 
   // ---- per-document LoRA TTT (SPEC §6.5) ------------------------------------------------------
   // Adapters for `rows` documents per batch, one set per virtual layer of the current plan. A batch
-  // may have fewer rows (the documents that still have chunks): its row b uses adapter b.
+  // may have fewer rows (the documents that still have chunks): its row b uses adapter b, and its
+  // optimizer step moves only the adapters of its rows (the other rows keep values and moments).
   virtual void lora_begin(const LoraConfig& lora, int64_t rows, const LoraOptimizerConfig& opt) = 0;
   virtual void lora_reset(uint64_t seed) = 0;  // re-draw A, zero B, zero the optimizer state
   // Forward with the adapters (base frozen): per-token NLL of the batch into `nll` [tokens]; then,

@@ -52,6 +52,16 @@ void LoraAdapters<T>::zero_grad() {
   std::fill(grads_.begin(), grads_.end(), T(0));
 }
 
+std::vector<LoraRowSegment> lora_row_segments(std::span<const LoraAdapterLayout> adapters, int rank) {
+  std::vector<LoraRowSegment> segments;
+  for (const LoraAdapterLayout& a : adapters) {
+    if (a.a_offset < 0) continue;
+    segments.push_back({a.a_offset, rank * a.in});
+    segments.push_back({a.b_offset, a.out * rank});
+  }
+  return segments;
+}
+
 template <typename T>
 void draw_lora_params(std::span<const LoraAdapterLayout> adapters, int64_t rows, int rank, Rng& rng,
                       std::span<T> params) {

@@ -15,6 +15,7 @@
 
 #include "core/rng.h"
 #include "model/config.h"
+#include "model/lora_segment.h"
 
 namespace pgolf {
 
@@ -41,8 +42,12 @@ struct LoraAdapterLayout {
 int64_t lora_layout(const ModelConfig& model, const LoraConfig& config, int64_t rows, int slots,
                     std::vector<LoraAdapterLayout>& adapters);
 
+// Every present adapter's A and B, in layout order: what a step over a batch of fewer rows than the
+// adapters touches (the engines step only the batch's rows; the others keep their values and moments).
+std::vector<LoraRowSegment> lora_row_segments(std::span<const LoraAdapterLayout> adapters, int rank);
+
 // BatchedLinearLoRA.reset over a lora_layout: A ~ U(±1/sqrt(in)) drawn adapter by adapter, B = 0.
-// LoraAdapters::reset and the CUDA engine (into its host staging) draw the same values.
+// LoraAdapters::reset draws these values; the CUDA engine makes the same bits on the device (GpuLora::draw).
 template <typename T>
 void draw_lora_params(std::span<const LoraAdapterLayout> adapters, int64_t rows, int rank, Rng& rng,
                       std::span<T> params);
@@ -67,6 +72,7 @@ class LoraAdapters {
   std::span<T> grads() { return grads_; }
   std::span<const T> grads() const { return grads_; }
   void zero_grad();
+  std::span<const Adapter> layout() const { return adapters_; }
   // BatchedLinearLoRA.reset: A ~ U(±1/sqrt(in)), B = 0, for every adapter and row.
   void reset(Rng& rng);
 

@@ -217,14 +217,20 @@ void CpuEngine::lora_reset(uint64_t seed) {
   lora_->steps = 0;
 }
 
-void CpuEngine::lora_optimizer_step() {
+// One AdamW step of the adapters of the batch's first `rows` rows (the others' documents are done:
+// they keep their values and moments, as on the CUDA engine).
+void CpuEngine::lora_optimizer_step(int64_t rows) {
   LoraState& s = *lora_;
   ++s.steps;
   const optim::AdamCoeffs c =
       optim::adam_coeffs(s.opt.lr, s.opt.beta1, s.opt.beta2, s.opt.weight_decay, s.opt.eps, s.steps);
   std::span<float> p = s.adapters->params();
   std::span<const float> g = s.adapters->grads();
-  for (size_t i = 0; i < p.size(); ++i) optim::adamw_update(p[i], g[i], s.exp_avg[i], s.exp_avg_sq[i], c);
+  for (const LoraRowSegment& seg : lora_row_segments(s.adapters->layout(), static_cast<int>(s.adapters->rank())))
+    for (int64_t i = seg.offset; i < seg.offset + rows * seg.per_row; ++i) {
+      const auto k = static_cast<size_t>(i);
+      optim::adamw_update(p[k], g[k], s.exp_avg[k], s.exp_avg_sq[k], c);
+    }
 }
 
 void CpuEngine::lora_score_and_train(const Batch& batch, std::span<const float> token_weights,
@@ -241,7 +247,7 @@ void CpuEngine::lora_score_and_train(const Batch& batch, std::span<const float> 
   if (!token_weights.empty()) {
     lora_->adapters->zero_grad();
     model_.backward(token_weights);
-    lora_optimizer_step();
+    lora_optimizer_step(batch.rows);
   }
   model_.set_lora(nullptr);
   model_.set_frozen_base(false);
@@ -255,7 +261,7 @@ void CpuEngine::lora_train_step(const Batch& batch, std::span<const float> token
   model_.forward(batch);
   lora_->adapters->zero_grad();
   model_.backward(token_weights);
-  lora_optimizer_step();
+  lora_optimizer_step(batch.rows);
   model_.set_lora(nullptr);
   model_.set_frozen_base(false);
 }

@@ -57,7 +57,7 @@ class CpuEngine final : public Engine {
   // With `banks_local` (Parallel Muon) the bank gradients stay local — the optimizer reduce-scatters
   // them — and the replicated gradients are packed into one buffer and all-reduced in one collective.
   double reduce_and_clip(bool clip_local, double max_norm, bool banks_local);
-  void lora_optimizer_step();
+  void lora_optimizer_step(int64_t rows);
 
   CpuModel<float> model_;
   Communicator& comm_;

@@ -5,6 +5,8 @@
 // QAT, eval mode, per-token loss weights, gradient accumulation, per-row LoRA on a frozen base.
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include "core/safetensors.h"
 #include "cuda_test_util.h"
 #include "gpu_model_check.h"
@@ -207,6 +209,43 @@ TEST_F(GpuModelTest, LoraAdaptersOnFrozenBase) {
     std::printf("  [lora %s] token losses rel %.2e, worst adapter gradient rel %.2e\n", looping ? "looping" : "plain",
                 e_losses, worst);
   }
+}
+
+// GpuLora::draw makes LoraAdapters::reset's values on the device, bit for bit (the engines' TTT starts
+// from the same adapters), also after other values were there; copy_params_from moves them exactly.
+TEST_F(GpuModelTest, LoraDrawOnTheDeviceIsTheHostDraw) {
+  const ModelConfig cfg = tiny64_config("s1560");
+  LoraConfig lc;
+  lc.rank = 16;
+  lc.targets = {true, false, true, true, true, true};  // K off: its slots are skipped in the draw order
+  const int64_t rows = 5;
+  const int slots = 7;
+  LoraAdapters<float> host(cfg, lc, rows, slots);
+  Rng rng(0xfeedull);
+  host.reset(rng);
+  const std::vector<float> want(host.params().begin(), host.params().end());
+  cuda::GpuLora glora(cfg, lc, rows, slots, 64);
+  std::vector<float> noise(want.size());
+  Rng other(3);
+  for (float& x : noise) x = static_cast<float>(other.normal());
+  glora.upload(noise);
+  glora.draw(0xfeedull, nullptr);
+  std::vector<float> got(want.size());
+  glora.download_params(got);
+  int64_t differ = 0, nonzero = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    differ += std::memcmp(&got[i], &want[i], sizeof(float)) != 0 ? 1 : 0;
+    nonzero += want[i] != 0.f ? 1 : 0;
+  }
+  EXPECT_EQ(differ, 0) << "of " << want.size() << " values";
+  EXPECT_GT(nonzero, static_cast<int64_t>(want.size() / 4)) << "the A matrices are drawn";
+  cuda::GpuLora wider(cfg, lc, rows, slots, 128);
+  wider.copy_params_from(glora, nullptr);
+  std::vector<float> moved(want.size());
+  wider.download_params(moved);
+  EXPECT_EQ(std::memcmp(moved.data(), want.data(), want.size() * sizeof(float)), 0);
+  cuda::GpuLora fewer_rows(cfg, lc, rows - 1, slots, 64);
+  EXPECT_THROW(fewer_rows.copy_params_from(glora, nullptr), Error);
 }
 
 TEST_F(GpuModelTest, BatchLargerThanTheArenaIsAnError) {

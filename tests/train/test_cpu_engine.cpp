@@ -193,6 +193,43 @@ TEST(CpuEngine, LoraScoresWithFreshAdaptersThenLearns) {
   e.lora_end();
 }
 
+// A step over a batch of fewer rows moves only those rows' adapters: after a 2-row step, a 1-row
+// step changes row 0's scores but leaves row 1's exactly as they were (its momentum does not move it).
+TEST(CpuEngine, LoraStepMovesOnlyTheBatchRows) {
+  Config c = tiny_engine_config("s1560");
+  auto comm = make_single_process_communicator();
+  CpuEngine e(c, *comm);
+  e.load_params(perturbed_params(c, 13));
+  e.set_looping(true);
+  const Batch two = test::tiny_batch(64, false, 21);
+  Batch one = two;  // row 0 of `two`
+  one.rows = 1;
+  one.inputs.resize(static_cast<size_t>(two.seq_len));
+  one.targets.resize(static_cast<size_t>(two.seq_len));
+  LoraConfig lc;
+  lc.rank = 4;
+  lc.targets = {true, true, true, true, true, true};
+  const auto uniform = [](const Batch& b) {
+    return std::vector<float>(static_cast<size_t>(b.tokens()), 1.0f / static_cast<float>(b.tokens()));
+  };
+  std::vector<float> nll, before, after;
+  e.lora_begin(lc, 2, {1e-2, 0.9, 0.999, 1e-10, 0.1});
+  e.lora_reset(5);
+  e.lora_score_and_train(two, uniform(two), nll);
+  e.lora_train_step(two, uniform(two));
+  e.lora_score_and_train(two, {}, before);
+  e.lora_score_and_train(one, uniform(one), nll);
+  e.lora_score_and_train(two, {}, after);
+  const auto T = static_cast<size_t>(two.seq_len);
+  double row0_change = 0;
+  for (size_t t = 0; t < T; ++t) {
+    row0_change += std::fabs(after[t] - before[t]);
+    EXPECT_EQ(after[T + t], before[T + t]) << "row 1, token " << t;
+  }
+  EXPECT_GT(row0_change, 1e-4) << "the 1-row step trains row 0";
+  e.lora_end();
+}
+
 TEST(CpuEngine, HessiansAreGramMatricesOfTheLinearInputs) {
   Config c = tiny_engine_config("s691");
   auto comm = make_single_process_communicator();

@@ -114,47 +114,4 @@ class DeviceBuffer {
   size_t count_ = 0;
 };
 
-// An owned page-locked host array of `count` T (cudaMallocHost), for large host <-> device copies at
-// full PCIe speed; reused rather than reallocated (pinning gigabytes takes time).
-template <typename T>
-class PinnedBuffer {
- public:
-  PinnedBuffer() = default;
-  explicit PinnedBuffer(size_t count, const std::string& what = "PinnedBuffer") : count_(count) {
-    void* p = nullptr;
-    if (cudaMallocHost(&p, count * sizeof(T)) != cudaSuccess) {
-      (void)cudaGetLastError();
-      const std::string why = "out of pinned host memory: " + what + " needs " + std::to_string(count * sizeof(T)) + " bytes";
-      PG_CUDA_REQUIRE(false, why.c_str());
-    }
-    data_ = static_cast<T*>(p);
-  }
-  ~PinnedBuffer() {
-    if (data_) cudaFreeHost(data_);
-  }
-  PinnedBuffer(PinnedBuffer&& o) noexcept : data_(o.data_), count_(o.count_) {
-    o.data_ = nullptr;
-    o.count_ = 0;
-  }
-  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
-    if (this != &o) {
-      if (data_) cudaFreeHost(data_);
-      data_ = o.data_;
-      count_ = o.count_;
-      o.data_ = nullptr;
-      o.count_ = 0;
-    }
-    return *this;
-  }
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-
-  T* data() { return data_; }
-  size_t size() const { return count_; }
-
- private:
-  T* data_ = nullptr;
-  size_t count_ = 0;
-};
-
 }  // namespace pgolf::cuda

@@ -71,10 +71,11 @@ struct CudaEngine::Impl {
     int slots = 0;
     int64_t total = 0;
     std::vector<LoraAdapterLayout> layout;
-    std::unique_ptr<GpuLora> adapters;
-    PinnedBuffer<float> host;  // lora_reset's draw, and the parameters while the adapters move
-    bool pending = false;      // host holds parameters that no adapters hold yet
+    std::unique_ptr<GpuLora> adapters;  // created at the first batch (its width sizes them)
+    uint64_t seed = 0;                   // lora_reset's draw, made on the device
+    bool pending = false;                // the draw of `seed` is not in any adapters yet
     DeviceBuffer<float> exp_avg, exp_avg_sq;
+    DeviceBuffer<optim::AdamCoeffs> coeffs;  // the current step's, read by the (captured) update
     int64_t steps = 0;
   };
   std::optional<Lora> lora;
@@ -102,7 +103,9 @@ struct CudaEngine::Impl {
   // (forward-only work: rows and segments are independent).
   void for_each_row_chunk(const Batch& batch, const std::function<void(const Batch&)>& fn) const;
   void ensure_lora_adapters(int64_t seq_len);
-  void lora_optimizer_step();
+  // One LoRA TTT engine call: forward (per-token losses into *nll when given), then, with token
+  // weights, the adapters' backward and AdamW step over the batch's rows; a CUDA graph per shape.
+  void lora_step(const Batch& batch, std::span<const float> token_weights, std::vector<float>* nll);
   std::vector<float> gram_of(const __nv_bfloat16* x, int64_t rows, int cols);
 };
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "backend/cuda/cuda_engine_impl.h"
+#include "backend/cuda/lora.h"
 #include "core/error.h"
 #include "core/rng.h"
 
@@ -116,25 +117,23 @@ void CudaEngine::lora_begin(const LoraConfig& lora, int64_t rows, const LoraOpti
   s.rows = rows;
   s.slots = m.model.num_virtual_layers();
   s.total = lora_layout(model_config(), lora, rows, s.slots, s.layout);
-  s.host = PinnedBuffer<float>(static_cast<size_t>(s.total), "LoRA parameters (host staging)");
   s.exp_avg = DeviceBuffer<float>(static_cast<size_t>(s.total), "LoRA Adam state");
   s.exp_avg_sq = DeviceBuffer<float>(static_cast<size_t>(s.total), "LoRA Adam state");
   s.exp_avg.fill_bytes(0);
   s.exp_avg_sq.fill_bytes(0);
+  s.coeffs = DeviceBuffer<optim::AdamCoeffs>(1, "LoRA AdamW coefficients");
   m.lora = std::move(s);
+  m.graphs.clear();  // earlier LoRA graphs read the previous adapters and state
 }
 
 void CudaEngine::lora_reset(uint64_t seed) {
   Impl& m = *impl_;
   PG_CHECK(m.lora.has_value(), "lora_reset without lora_begin");
   Impl::Lora& s = *m.lora;
-  // The CPU adapters' draw (LoraAdapters::reset), so both engines start from the same values; drawn
-  // into the pinned staging that every batch reuses.
-  const std::span<float> host(s.host.data(), s.host.size());
-  Rng rng(seed);
-  draw_lora_params<float>(s.layout, s.rows, s.config.rank, rng, host);
+  // The CPU adapters' draw (LoraAdapters::reset), made on the device with the same bits (GpuLora::draw).
+  s.seed = seed;
   s.pending = !s.adapters;
-  if (s.adapters) s.adapters->upload(host);
+  if (s.adapters) s.adapters->draw(seed, m.stream());
   s.exp_avg.fill_bytes(0);
   s.exp_avg_sq.fill_bytes(0);
   s.steps = 0;
@@ -146,73 +145,72 @@ void CudaEngine::lora_reset(uint64_t seed) {
 void CudaEngine::Impl::ensure_lora_adapters(int64_t seq_len) {
   Lora& s = *lora;
   if (s.adapters && seq_len <= s.adapters->seq_len()) return;
-  const std::span<float> host(s.host.data(), s.host.size());
-  if (s.adapters) {
-    s.adapters->download_params(host);
-    s.adapters.reset();  // free the old hidden states before the larger ones
-  } else {
-    PG_CHECK(s.pending, "LoRA adapters were never initialised (lora_reset)");
-  }
+  PG_CHECK(s.adapters || s.pending, "LoRA adapters were never initialised (lora_reset)");
   const int64_t capacity = (seq_len + 511) / 512 * 512;
-  s.adapters = std::make_unique<GpuLora>(model.config(), s.config, s.rows, s.slots, capacity);
-  s.adapters->upload(host);
+  auto grown = std::make_unique<GpuLora>(model.config(), s.config, s.rows, s.slots, capacity);
+  if (s.adapters)
+    grown->copy_params_from(*s.adapters, stream());  // then freed (cudaFree waits for the copy)
+  else
+    grown->draw(s.seed, stream());
+  s.adapters = std::move(grown);
   s.pending = false;
+  graphs.clear();  // graphs of the smaller adapters read freed buffers
 }
 
-void CudaEngine::Impl::lora_optimizer_step() {
+void CudaEngine::Impl::lora_step(const Batch& batch, std::span<const float> token_weights, std::vector<float>* nll) {
   Lora& s = *lora;
-  ++s.steps;
-  const optim::AdamCoeffs c =
-      optim::adam_coeffs(s.opt.lr, s.opt.beta1, s.opt.beta2, s.opt.weight_decay, s.opt.eps, s.steps);
-  adamw_flat(s.adapters->params(), s.adapters->grads(), s.exp_avg.data(), s.exp_avg_sq.data(), s.total, c, stream());
-  s.adapters->params_changed();
+  PG_CHECK(batch.rows <= s.rows, "LoRA batch has {} rows, the adapters {}", batch.rows, s.rows);
+  PG_CHECK(!batch.targets.empty(), "LoRA TTT: the batch has no targets");
+  ensure_lora_adapters(batch.seq_len);
+  GpuLora& adapters = *s.adapters;
+  model.set_train(false);
+  model.set_frozen_base(true);
+  model.set_lora(&adapters);
+  model.set_batch(batch);
+  // Outside the graph: the bf16 copies of the rows this batch reads (after a step or a draw), the
+  // token weights and the step's AdamW coefficients; the graph reads them from device memory.
+  model.prepare_weights();
+  const bool train = !token_weights.empty();
+  if (train) {
+    model.set_token_weights(token_weights);
+    ++s.steps;
+    write_adam_coeffs(s.coeffs.data(),
+                      optim::adam_coeffs(s.opt.lr, s.opt.beta1, s.opt.beta2, s.opt.weight_decay, s.opt.eps, s.steps),
+                      stream());
+  }
+  const int64_t rows = batch.rows;
+  const std::string key = "lora " + shape_key(batch) + "v" + std::to_string(model.num_virtual_layers()) + " cap" +
+                          std::to_string(adapters.seq_len()) + (train ? " train" : "");
+  graphs.run(key, stream(), [&] {
+    model.forward();
+    if (!train) return;
+    adapters.zero_grad_rows(rows, stream());
+    model.backward_weighted();
+    adapters.adamw_rows(rows, s.exp_avg.data(), s.exp_avg_sq.data(), s.coeffs.data(), stream());
+  });
+  if (train) adapters.params_changed();  // also after a replay, which runs no host code
+  if (nll) *nll = model.token_losses();  // waits for the stream
+  model.set_lora(nullptr);
+  model.set_frozen_base(false);
 }
 
 void CudaEngine::lora_score_and_train(const Batch& batch, std::span<const float> token_weights,
                                       std::vector<float>& nll) {
-  Impl& m = *impl_;
-  PG_CHECK(m.lora.has_value(), "lora_score_and_train without lora_begin");
-  PG_CHECK(batch.rows <= m.lora->rows, "LoRA batch has {} rows, the adapters {}", batch.rows, m.lora->rows);
-  PG_CHECK(!batch.targets.empty(), "lora_score_and_train: the batch has no targets");
-  m.ensure_lora_adapters(batch.seq_len);
-  GpuModel& model = m.model;
-  model.set_train(false);
-  model.set_frozen_base(true);
-  model.set_lora(m.lora->adapters.get());
-  model.set_batch(batch);
-  model.forward();
-  nll = model.token_losses();
-  if (!token_weights.empty()) {
-    m.lora->adapters->zero_grad();
-    model.backward(token_weights);
-    m.lora_optimizer_step();
-  }
-  model.set_lora(nullptr);
-  model.set_frozen_base(false);
+  PG_CHECK(impl_->lora.has_value(), "lora_score_and_train without lora_begin");
+  impl_->lora_step(batch, token_weights, &nll);
 }
 
 void CudaEngine::lora_train_step(const Batch& batch, std::span<const float> token_weights) {
-  Impl& m = *impl_;
-  PG_CHECK(m.lora.has_value(), "lora_train_step without lora_begin");
-  PG_CHECK(batch.rows <= m.lora->rows, "LoRA batch has {} rows, the adapters {}", batch.rows, m.lora->rows);
-  m.ensure_lora_adapters(batch.seq_len);
-  GpuModel& model = m.model;
-  model.set_train(false);
-  model.set_frozen_base(true);
-  model.set_lora(m.lora->adapters.get());
-  model.set_batch(batch);
-  model.forward();
-  m.lora->adapters->zero_grad();
-  model.backward(token_weights);
-  m.lora_optimizer_step();
-  model.set_lora(nullptr);
-  model.set_frozen_base(false);
+  PG_CHECK(impl_->lora.has_value(), "lora_train_step without lora_begin");
+  PG_CHECK(!token_weights.empty(), "lora_train_step: no token weights");
+  impl_->lora_step(batch, token_weights, nullptr);
 }
 
 void CudaEngine::lora_end() {
   impl_->model.set_lora(nullptr);
   impl_->synchronize();
   impl_->lora.reset();
+  impl_->graphs.clear();
 }
 
 // ---- GPTQ calibration -----------------------------------------------------------------------------

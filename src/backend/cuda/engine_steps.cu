@@ -54,15 +54,6 @@ __global__ void ttt_adamw_kernel(float* __restrict__ p, const float* __restrict_
   }
 }
 
-__global__ void adamw_flat_kernel(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
-                                  float* __restrict__ v, int64_t n, const optim::AdamCoeffs c) {
-  PG_GRID_STRIDE(i, n) {
-    float pi = p[i], mi = m[i], vi = v[i];
-    optim::adamw_update(pi, g[i], mi, vi, c);
-    p[i] = pi, m[i] = mi, v[i] = vi;
-  }
-}
-
 int blocks(int64_t n) { return item_blocks(n, kThreads, 8192); }
 
 }  // namespace
@@ -100,13 +91,6 @@ void ttt_adamw_step(float* params, const float* grads, float* exp_avg, float* ex
                     int64_t n, const TttStepScalars* scalars, const GradClipState* clip, cudaStream_t stream) {
   if (n == 0) return;
   ttt_adamw_kernel<<<blocks(n), kThreads, 0, stream>>>(params, grads, exp_avg, exp_avg_sq, classes, n, scalars, clip);
-  PG_CUDA_LAUNCH_CHECK();
-}
-
-void adamw_flat(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, int64_t n,
-                const optim::AdamCoeffs& coeffs, cudaStream_t stream) {
-  if (n == 0) return;
-  adamw_flat_kernel<<<blocks(n), kThreads, 0, stream>>>(params, grads, exp_avg, exp_avg_sq, n, coeffs);
   PG_CUDA_LAUNCH_CHECK();
 }
 

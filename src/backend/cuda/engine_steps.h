@@ -43,8 +43,4 @@ void ttt_sgd_step(float* params, const float* grads, float* momentum, const uint
 void ttt_adamw_step(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, const uint8_t* classes,
                     int64_t n, const TttStepScalars* scalars, const GradClipState* clip, cudaStream_t stream);
 
-// Adam / AdamW over one flat array (the LoRA adapters), coefficients by value.
-void adamw_flat(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, int64_t n,
-                const optim::AdamCoeffs& coeffs, cudaStream_t stream);
-
 }  // namespace pgolf::cuda

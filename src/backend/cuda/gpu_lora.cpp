@@ -1,5 +1,9 @@
 // GpuLora: per-row LoRA adapters on the device, in the flat layout of LoraAdapters (model/lora.h).
+#include <algorithm>
+#include <cmath>
+
 #include "backend/cuda/gpu_model_impl.h"
+#include "backend/cuda/lora.h"
 #include "core/error.h"
 
 namespace pgolf::cuda {
@@ -36,10 +40,22 @@ GpuLora::GpuLora(const ModelConfig& model, const LoraConfig& config, int64_t row
   for (const LoraAdapterLayout& a : l.adapters) present += a.a_offset >= 0 ? 1 : 0;
   l.hidden_storage = DeviceBuffer<bf16>(static_cast<size_t>(present * per_adapter), "LoRA hidden states");
   l.dh = DeviceBuffer<bf16>(static_cast<size_t>(per_adapter), "LoRA backward scratch");
+  const std::vector<LoraRowSegment> segments = lora_row_segments(l.adapters, config.rank);
+  for (const LoraRowSegment& seg : segments) l.max_per_row = std::max(l.max_per_row, seg.per_row);
+  l.segment_count = static_cast<int>(segments.size());
+  if (!segments.empty()) l.segments = DeviceBuffer<LoraRowSegment>(segments, "LoRA row segments");
   l.hidden.assign(l.adapters.size(), nullptr);
   int next = 0;
   for (size_t i = 0; i < l.adapters.size(); ++i)
     if (l.adapters[i].a_offset >= 0) l.hidden[i] = l.hidden_storage.data() + (next++) * per_adapter;
+}
+
+void GpuLora::Impl::prepare(int64_t n, cudaStream_t stream) {
+  PG_CHECK(n >= 0 && n <= rows, "GpuLora: {} rows of adapters for {}", rows, n);
+  if (!stale && n <= cast_rows) return;
+  lora_rows_to_bf16(params.data(), params16.data(), segments.data(), segment_count, n, max_per_row, stream);
+  stale = false;
+  cast_rows = n;
 }
 
 GpuLora::~GpuLora() = default;
@@ -64,8 +80,48 @@ void GpuLora::download_params(std::span<float> out) const {
            out.size(), impl_->total);
   PG_CUDA_CHECK(cudaMemcpy(out.data(), impl_->params.data(), out.size() * 4, cudaMemcpyDeviceToHost));
 }
+void GpuLora::draw(uint64_t seed, cudaStream_t stream) {
+  Impl& l = *impl_;
+  // draw_lora_params's order: adapter by adapter, each A's rows·rank·in draws in layout order.
+  uint64_t first = 0;
+  for (const LoraAdapterLayout& a : l.adapters) {
+    if (a.a_offset < 0) continue;
+    const int64_t n = l.rows * l.config.rank * a.in;
+    lora_uniform(l.params.data() + a.a_offset, n, seed, first, 1.0 / std::sqrt(static_cast<double>(a.in)), stream);
+    first += static_cast<uint64_t>(n);
+    PG_CUDA_CHECK(cudaMemsetAsync(l.params.data() + a.b_offset, 0,
+                                  static_cast<size_t>(l.rows * a.out * l.config.rank) * sizeof(float), stream));
+  }
+  l.stale = true;
+}
+
+void GpuLora::copy_params_from(const GpuLora& other, cudaStream_t stream) {
+  const Impl& o = *other.impl_;
+  Impl& l = *impl_;
+  PG_CHECK(o.total == l.total && o.rows == l.rows && o.slots == l.slots,
+           "GpuLora::copy_params_from: layouts differ ({} / {} values, {} / {} rows)", o.total, l.total, o.rows, l.rows);
+  PG_CUDA_CHECK(cudaMemcpyAsync(l.params.data(), o.params.data(), static_cast<size_t>(l.total) * sizeof(float),
+                                cudaMemcpyDeviceToDevice, stream));
+  l.stale = true;
+}
+
 std::vector<float> GpuLora::download_grads() const { return impl_->grads.download(); }
 void GpuLora::zero_grad() { impl_->grads.fill_bytes(0); }
 void GpuLora::params_changed() { impl_->stale = true; }
+
+void GpuLora::zero_grad_rows(int64_t n, cudaStream_t stream) {
+  const Impl& l = *impl_;
+  PG_CHECK(n >= 0 && n <= l.rows, "GpuLora::zero_grad_rows: {} rows of adapters for {}", l.rows, n);
+  lora_rows_zero(impl_->grads.data(), l.segments.data(), l.segment_count, n, l.max_per_row, stream);
+}
+
+void GpuLora::adamw_rows(int64_t n, float* exp_avg, float* exp_avg_sq, const optim::AdamCoeffs* coeffs,
+                         cudaStream_t stream) {
+  Impl& l = *impl_;
+  PG_CHECK(n >= 0 && n <= l.rows, "GpuLora::adamw_rows: {} rows of adapters for {}", l.rows, n);
+  lora_rows_adamw(l.params.data(), l.grads.data(), exp_avg, exp_avg_sq, coeffs, l.segments.data(), l.segment_count, n,
+                  l.max_per_row, stream);
+  l.stale = true;
+}
 
 }  // namespace pgolf::cuda

@@ -493,10 +493,7 @@ void GpuModel::Impl::refresh_weights() {
 void GpuModel::Impl::prepare_weights() {
   const bool quantize = train && qat && has_qat_matrices;
   if (weights_stale || quantize != weights_quantized) refresh_weights();
-  if (lora && lora->impl().stale) {
-    cast_to_bf16(lora->impl().params.data(), lora->impl().params16.data(), lora->impl().total, stream);
-    lora->impl().stale = false;
-  }
+  if (lora) lora->impl().prepare(B, stream);
 }
 
 // ---- embedding ----------------------------------------------------------------------------------
@@ -716,9 +713,11 @@ void GpuModel::set_batch(const Batch& batch) { impl_->set_batch(batch); }
 void GpuModel::forward() { impl_->forward(); }
 void GpuModel::backward() { impl_->backward(nullptr); }
 void GpuModel::backward(std::span<const float> token_weights) {
-  impl_->upload_token_weights(token_weights);
-  impl_->backward(impl_->io.weights);
+  set_token_weights(token_weights);
+  backward_weighted();
 }
+void GpuModel::set_token_weights(std::span<const float> token_weights) { impl_->upload_token_weights(token_weights); }
+void GpuModel::backward_weighted() { impl_->backward(impl_->io.weights); }
 
 void GpuModel::prepare_weights() { impl_->prepare_weights(); }
 void GpuModel::refresh_weights() { impl_->refresh_weights(); }

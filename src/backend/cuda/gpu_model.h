@@ -27,6 +27,7 @@
 #include "model/batch.h"
 #include "model/config.h"
 #include "model/lora.h"
+#include "optim/update_math.h"
 #include "backend/cuda/attention.h"
 #include "model/params.h"
 
@@ -83,6 +84,9 @@ class GpuModel {
   void backward();  // gradients of the mean loss of the last forward (needs targets)
   // Gradients of Σ_i weights[i]·loss_i (host weights are uploaded first).
   void backward(std::span<const float> token_weights);
+  // The same in two parts: the upload (before a captured region), then the backward that reads it.
+  void set_token_weights(std::span<const float> token_weights);
+  void backward_weighted();
 
   // ---- results of the last forward (each waits for the stream) -------------------------------------
   double loss() const;                     // mean cross-entropy (0 without targets)
@@ -136,9 +140,19 @@ class GpuLora {
   float* grads();
   void upload(std::span<const float> params);  // host → device (the LoraAdapters<float> layout)
   void download_params(std::span<float> out) const;  // into `out` (total() values; pinned memory copies fastest)
+  // draw_lora_params with Rng(seed) on the device (the same bits): A ~ U(±1/√in), B = 0.
+  void draw(uint64_t seed, cudaStream_t stream);
+  // Parameters of `other` (same rows, slots and layout; any seq_len), copied on the device.
+  void copy_params_from(const GpuLora& other, cudaStream_t stream);
   std::vector<float> download_grads() const;
   void zero_grad();
   void params_changed();  // params() were written on the device: the bf16 copies refresh at the next forward
+  // For a batch of `rows` rows (the documents with chunks left): zero their gradients; one AdamW step
+  // of their parameters (moments in the same layout, coefficients on the device). The other rows keep
+  // their values: their documents are done.
+  void zero_grad_rows(int64_t rows, cudaStream_t stream);
+  void adamw_rows(int64_t rows, float* exp_avg, float* exp_avg_sq, const optim::AdamCoeffs* coeffs,
+                  cudaStream_t stream);
 
   struct Impl;
   Impl& impl() { return *impl_; }

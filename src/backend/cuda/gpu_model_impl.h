@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backend/cuda/arena.h"
+#include "backend/cuda/lora.h"
 #include "backend/cuda/attention.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/gpu_model.h"
@@ -30,10 +31,18 @@ struct GpuLora::Impl {
   DeviceBuffer<bf16> params16;
   std::vector<bf16*> hidden;  // per adapter: h [rows·T, rank] of the last forward (null when absent)
   DeviceBuffer<bf16> hidden_storage, dh;  // dh: [rows·T, rank] scratch of the backward
-  bool stale = true;
+  // Every adapter matrix as a row segment (A and B of each adapter), for the kernels that touch only
+  // the rows a batch uses: a LoRA TTT batch shrinks to the documents with chunks left.
+  DeviceBuffer<LoraRowSegment> segments;
+  int segment_count = 0;
+  int64_t max_per_row = 0;
+  bool stale = true;      // params changed since params16 was cast (all rows)
+  int64_t cast_rows = 0;  // rows [0, cast_rows) of params16 are current when !stale
 
   const LoraAdapterLayout* find(LoraTarget target, int slot) const;
   bf16* hidden_of(LoraTarget target, int slot) const;
+  // Casts rows [0, rows) of params to params16 unless they are current.
+  void prepare(int64_t rows, cudaStream_t stream);
 };
 
 struct GpuModel::Impl {

@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "backend/cuda/check.h"
 #include "backend/cuda/lora.h"
 
@@ -22,7 +24,94 @@ GemmShape batched(int m, int n, int k, bool trans_a, bool trans_b, int rows, int
   return g;
 }
 
+__global__ void lora_uniform_kernel(float* dst, int64_t n, uint64_t seed, uint64_t first, double lo, double span) {
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < n;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint64_t z = seed + (first + static_cast<uint64_t>(k) + 1) * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    const double u = static_cast<double>(z >> 11) * (1.0 / 9007199254740992.0);
+    dst[k] = static_cast<float>(__dadd_rn(lo, __dmul_rn(span, u)));
+  }
+}
+
+// Block (x, s) walks rows [0, rows) of segment s with a grid stride over gridDim.x blocks.
+#define PG_SEGMENT_LOOP(i, base, segments, rows)                                                     \
+  const LoraRowSegment seg_ = segments[blockIdx.y];                                               \
+  const int64_t base = seg_.offset, n_ = (rows) * seg_.per_row;                                    \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_;          \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+__global__ void rows_to_bf16_kernel(const float* __restrict__ in, __nv_bfloat16* __restrict__ out,
+                                    const LoraRowSegment* __restrict__ segments, int64_t rows) {
+  PG_SEGMENT_LOOP(i, base, segments, rows) out[base + i] = __float2bfloat16(in[base + i]);
+}
+
+__global__ void rows_zero_kernel(float* __restrict__ x, const LoraRowSegment* __restrict__ segments, int64_t rows) {
+  PG_SEGMENT_LOOP(i, base, segments, rows) x[base + i] = 0.f;
+}
+
+__global__ void rows_adamw_kernel(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
+                                  float* __restrict__ v, const optim::AdamCoeffs* __restrict__ coeffs,
+                                  const LoraRowSegment* __restrict__ segments, int64_t rows) {
+  const optim::AdamCoeffs c = *coeffs;
+  PG_SEGMENT_LOOP(i, base, segments, rows) {
+    const int64_t k = base + i;
+    float pk = p[k], mk = m[k], vk = v[k];
+    optim::adamw_update(pk, g[k], mk, vk, c);
+    p[k] = pk, m[k] = mk, v[k] = vk;
+  }
+}
+
+__global__ void write_adam_coeffs_kernel(optim::AdamCoeffs* device, const optim::AdamCoeffs value) { *device = value; }
+
+constexpr int kRowThreads = 256;
+
+dim3 segment_grid(int count, int64_t rows, int64_t max_per_row) {
+  const int64_t per_block = int64_t{kRowThreads} * 4;  // about four values per thread
+  const int64_t x = std::clamp<int64_t>((rows * max_per_row + per_block - 1) / per_block, 1, 1024);
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(count));
+}
+
 }  // namespace
+
+void lora_rows_to_bf16(const float* in, __nv_bfloat16* out, const LoraRowSegment* segments, int count, int64_t rows,
+                       int64_t max_per_row, cudaStream_t stream) {
+  if (count == 0 || rows <= 0) return;
+  rows_to_bf16_kernel<<<segment_grid(count, rows, max_per_row), kRowThreads, 0, stream>>>(in, out, segments, rows);
+  PG_CUDA_CHECK(cudaGetLastError());
+}
+
+void lora_rows_zero(float* x, const LoraRowSegment* segments, int count, int64_t rows, int64_t max_per_row,
+                    cudaStream_t stream) {
+  if (count == 0 || rows <= 0) return;
+  rows_zero_kernel<<<segment_grid(count, rows, max_per_row), kRowThreads, 0, stream>>>(x, segments, rows);
+  PG_CUDA_CHECK(cudaGetLastError());
+}
+
+void lora_rows_adamw(float* p, const float* g, float* m, float* v, const optim::AdamCoeffs* coeffs,
+                     const LoraRowSegment* segments, int count, int64_t rows, int64_t max_per_row, cudaStream_t stream) {
+  if (count == 0 || rows <= 0) return;
+  rows_adamw_kernel<<<segment_grid(count, rows, max_per_row), kRowThreads, 0, stream>>>(p, g, m, v, coeffs, segments,
+                                                                                         rows);
+  PG_CUDA_CHECK(cudaGetLastError());
+}
+
+void write_adam_coeffs(optim::AdamCoeffs* device, const optim::AdamCoeffs& value, cudaStream_t stream) {
+  write_adam_coeffs_kernel<<<1, 1, 0, stream>>>(device, value);
+  PG_CUDA_CHECK(cudaGetLastError());
+}
+
+void lora_uniform(float* dst, int64_t n, uint64_t seed, uint64_t first, double bound, cudaStream_t stream) {
+  if (n <= 0) return;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 132 * 32);
+  // Rng::uniform(lo, hi) = lo + (hi - lo) · u with lo = -bound, hi = bound.
+  const double lo = -bound, span = bound - lo;
+  lora_uniform_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(dst, n, seed, first, lo, span);
+  PG_CUDA_CHECK(cudaGetLastError());
+}
 
 void lora_forward(GemmRunner& gemm, const __nv_bfloat16* x, const __nv_bfloat16* A, const __nv_bfloat16* B,
                   __nv_bfloat16* h, __nv_bfloat16* y, const LoraGemmShape& s, cudaStream_t stream) {

@@ -10,6 +10,8 @@
 #include <cstdint>
 
 #include "backend/cuda/gemm.h"
+#include "model/lora_segment.h"
+#include "optim/update_math.h"
 
 namespace pgolf::cuda {
 
@@ -29,5 +31,22 @@ void lora_forward(GemmRunner& gemm, const __nv_bfloat16* x, const __nv_bfloat16*
 void lora_backward(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* x, const __nv_bfloat16* A,
                    const __nv_bfloat16* B, const __nv_bfloat16* h, __nv_bfloat16* dh, float* dx, float* dA, float* dB,
                    const LoraGemmShape& shape, cudaStream_t stream);
+
+// Over the first `rows` rows of `count` segments (a device table; max_per_row = the largest per_row):
+// out = bf16(in); x = 0; one AdamW step of p with g and the moments m, v (the same layout), the
+// coefficients read on the device (so that a captured step replays with the current ones).
+void lora_rows_to_bf16(const float* in, __nv_bfloat16* out, const LoraRowSegment* segments, int count, int64_t rows,
+                       int64_t max_per_row, cudaStream_t stream);
+void lora_rows_zero(float* x, const LoraRowSegment* segments, int count, int64_t rows, int64_t max_per_row,
+                    cudaStream_t stream);
+void lora_rows_adamw(float* p, const float* g, float* m, float* v, const optim::AdamCoeffs* coeffs,
+                     const LoraRowSegment* segments, int count, int64_t rows, int64_t max_per_row, cudaStream_t stream);
+// *device = value, in stream order.
+void write_adam_coeffs(optim::AdamCoeffs* device, const optim::AdamCoeffs& value, cudaStream_t stream);
+
+// dst[k] = U(-bound, bound) for k in [0, n): the values Rng(seed) gives at its draws first + k
+// (splitmix64 is counter-based: draw j mixes seed + (j + 1)·γ), bit for bit as on the host (the
+// affine map in round-to-nearest double arithmetic, without contraction, then rounded to float).
+void lora_uniform(float* dst, int64_t n, uint64_t seed, uint64_t first, double bound, cudaStream_t stream);
 
 }  // namespace pgolf::cuda
