@@ -213,10 +213,10 @@ FittedArtifact fit_artifact(Artifact& a, const FitOptions& o) {
 
   int one_sided_rounds = 0;  // consecutive combs whose probes all fell on one side of the boundary
   while (hi - lo > r.tolerance) {
-    // Two predictions of the boundary: the secant between the bracket's ends, and the parabola through
-    // them and the measured k nearest outside (the size bends as k grows: zeroed codes gain more where
-    // more codes are already zero). The comb is centred on the parabola's, its probes half their
-    // distance apart (at least `tolerance`), so it spans twice that distance on either side.
+    // Two predictions of the boundary: the secant between the bracket's ends, and the parabola through them
+    // and the measured k nearest outside (the size bends as k grows). The comb is centred on the parabola's,
+    // its probes half their distance apart (at least `tolerance`), so it spans twice that distance on either
+    // side.
     const double frac = static_cast<double>(size_lo - budget) / static_cast<double>(size_lo - size_hi);
     const double secant_k = static_cast<double>(lo) + frac * static_cast<double>(hi - lo);
     double predicted = secant_k;
