@@ -3,8 +3,10 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <exception>
+#include <map>
 
 #include "quant/rowwise.h"
 
@@ -109,6 +111,39 @@ std::vector<int64_t> probes(int64_t lo, int64_t hi, bool aimed, int64_t target, 
   return ks;
 }
 
+// Where the parabola through three measured (k, size) points crosses `budget` in [lo, hi], where it is
+// above the budget at lo and within it at hi (two of the points): bisection on the parabola.
+double parabola_crossing(const std::array<std::pair<double, double>, 3>& points, double lo, double hi, double budget) {
+  const auto size_at = [&](double k) {  // Lagrange form
+    double size = 0.0;
+    for (int i = 0; i < 3; ++i) {
+      double term = points[i].second;
+      for (int j = 0; j < 3; ++j) {
+        if (j != i) term *= (k - points[j].first) / (points[i].first - points[j].first);
+      }
+      size += term;
+    }
+    return size;
+  };
+  for (int it = 0; it < 64; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    (size_at(mid) > budget ? lo : hi) = mid;
+  }
+  return hi;
+}
+
+// Round 1's probes: k = 0 and a geometric grid k = n / 2^j for j = kFitProbes - 2, ..., 0 (n/64 … n):
+// the bracket it leaves spans a factor 2 of k (or [0, n/64]), short enough that the size is close to
+// linear in k across it.
+std::vector<int64_t> first_round(int64_t n) {
+  std::vector<int64_t> ks = {0};
+  for (int j = kFitProbes - 2; j >= 0; --j) {
+    const int64_t k = n >> j;
+    if (k > ks.back()) ks.push_back(k);
+  }
+  return ks;
+}
+
 }  // namespace
 
 FittedArtifact fit_artifact(Artifact& a, const FitOptions& o) {
@@ -117,51 +152,48 @@ FittedArtifact fit_artifact(Artifact& a, const FitOptions& o) {
   r.mode = o.mode;
   r.code_bytes = o.code_bytes;
   r.cap_bytes = o.cap_bytes;
-  out.file = serialize_artifact(a, &out.sizes);
-  r.compressions = 1;
-  r.rounds = 1;
-  r.model_bytes_before = r.model_bytes = static_cast<int64_t>(out.file.size());
   const int64_t budget = o.cap_bytes - o.code_bytes;  // model bytes allowed
-  if (o.mode == ArtifactFit::None || r.model_bytes <= budget) return out;
+  if (o.mode == ArtifactFit::None) {
+    out.file = serialize_artifact(a, &out.sizes);
+    r.compressions = 1;
+    r.rounds = 1;
+    r.model_bytes_before = r.model_bytes = static_cast<int64_t>(out.file.size());
+    return out;
+  }
 
+  // Round 1: k = 0 and the grid in parallel (the grid costs no extra wall time with kFitProbes cores).
   const std::vector<PruneCandidate> cands = unit_code_candidates(a.model);
   const int64_t n = static_cast<int64_t>(cands.size());
+  QuantizedModel original = std::move(a.model);
+  a.model = QuantizedModel{};  // `a` without its model is what every trial copies
+  std::vector<Trial> grid = run_trials(a, original, cands, first_round(n));
+  r.compressions = static_cast<int>(grid.size());
+  r.rounds = 1;
+  r.model_bytes_before = r.model_bytes = static_cast<int64_t>(grid[0].file.size());
+  if (r.model_bytes <= budget) {
+    a.model = std::move(original);
+    out.file = std::move(grid[0].file);
+    out.sizes = grid[0].sizes;
+    return out;
+  }
   r.candidates = n;
   r.tolerance = o.tolerance > 0 ? o.tolerance : fit_tolerance(n);
-  const QuantizedModel original = std::move(a.model);
-  a.model = QuantizedModel{};
-  // Invariant: k = lo does not fit (size_lo > budget), k = hi fits (out holds its file).
-  int64_t lo = 0, hi = n, size_lo = r.model_bytes;
-  {
-    std::vector<Trial> all = run_trials(a, original, cands, {n});
-    ++r.compressions;
-    ++r.rounds;
-    const int64_t size_hi = static_cast<int64_t>(all[0].file.size());
-    PG_CHECK(size_hi <= budget,
-             "artifact_fit = prune_pm1 cannot fit preset {}: with all {} codes of magnitude 1 zeroed the model takes {} "
-             "bytes + {} code bytes = {}, over the artifact_cap_bytes {} by {} (unpruned: {} model bytes)",
-             a.preset, n, size_hi, o.code_bytes, size_hi + o.code_bytes, o.cap_bytes,
-             size_hi + o.code_bytes - o.cap_bytes, r.model_bytes_before);
-    out.file = std::move(all[0].file);
-    out.sizes = all[0].sizes;
-  }
-  int64_t size_hi = static_cast<int64_t>(out.file.size());
+  const int64_t size_all = static_cast<int64_t>(grid.back().file.size());
+  PG_CHECK(n > 0 && size_all <= budget,
+           "artifact_fit = prune_pm1 cannot fit preset {}: with all {} codes of magnitude 1 zeroed the model takes {} "
+           "bytes + {} code bytes = {}, over the artifact_cap_bytes {} by {} (unpruned: {} model bytes)",
+           a.preset, n, size_all, o.code_bytes, size_all + o.code_bytes, o.cap_bytes,
+           size_all + o.code_bytes - o.cap_bytes, r.model_bytes_before);
 
-  int one_sided_rounds = 0;  // consecutive rounds whose probes all fell on one side of the boundary
-  while (hi - lo > r.tolerance) {
-    // size is about linear in k between the ends: aim at the budget (size_lo > budget >= size_hi).
-    const double frac = static_cast<double>(size_lo - budget) / static_cast<double>(size_lo - size_hi);
-    const int64_t target = lo + static_cast<int64_t>(std::ceil(frac * static_cast<double>(hi - lo)));
-    // The comb spans a quarter of (lo, hi): it straddles the boundary when the secant is off by less
-    // than an eighth of the gap, and then shrinks it 4 · kFitProbes-fold.
-    const int64_t spacing = std::max(r.tolerance, (hi - lo) / (4 * kFitProbes));
-    const std::vector<int64_t> ks = probes(lo, hi, one_sided_rounds < 2, target, spacing);
-    std::vector<Trial> trials = run_trials(a, original, cands, ks);
-    r.compressions += static_cast<int>(trials.size());
-    ++r.rounds;
-    // The smallest fitting probe becomes hi; the largest non-fitting probe below it becomes lo.
+  // Invariant: k = lo does not fit (size_lo > budget), k = hi fits (out holds its file).
+  int64_t lo = 0, size_lo = r.model_bytes, hi = n + 1, size_hi = 0;  // hi = n + 1 until the grid's k = n
+  std::map<int64_t, int64_t> measured;  // every probe's size, by k
+  // The smallest fitting trial becomes hi, then the largest non-fitting one below it lo; true when both
+  // ends moved (the trials straddle the boundary).
+  const auto narrow = [&](std::vector<Trial>& trials) {
     const int64_t old_lo = lo, old_hi = hi;
     for (Trial& t : trials) {
+      measured[t.k] = static_cast<int64_t>(t.file.size());
       if (static_cast<int64_t>(t.file.size()) <= budget && t.k < hi) {
         hi = t.k;
         size_hi = static_cast<int64_t>(t.file.size());
@@ -169,13 +201,47 @@ FittedArtifact fit_artifact(Artifact& a, const FitOptions& o) {
         out.sizes = t.sizes;
       }
     }
-    for (const Trial& t : trials) {
-      if (static_cast<int64_t>(t.file.size()) > budget && t.k > lo && t.k < hi) {
-        lo = t.k;
-        size_lo = static_cast<int64_t>(t.file.size());
+    for (const auto& [k, size] : measured) {
+      if (size > budget && k > lo && k < hi) {
+        lo = k;
+        size_lo = size;
       }
     }
-    one_sided_rounds = (lo == old_lo || hi == old_hi) ? one_sided_rounds + 1 : 0;
+    return lo != old_lo && hi != old_hi;
+  };
+  narrow(grid);
+
+  int one_sided_rounds = 0;  // consecutive combs whose probes all fell on one side of the boundary
+  while (hi - lo > r.tolerance) {
+    // Two predictions of the boundary: the secant between the bracket's ends, and the parabola through them
+    // and the measured k nearest outside (the size bends as k grows). The comb is centred on the parabola's,
+    // its probes half their distance apart (at least `tolerance`), so it spans twice that distance on either
+    // side.
+    const double frac = static_cast<double>(size_lo - budget) / static_cast<double>(size_lo - size_hi);
+    const double secant_k = static_cast<double>(lo) + frac * static_cast<double>(hi - lo);
+    double predicted = secant_k;
+    const auto at_lo = measured.find(lo), after_hi = std::next(measured.find(hi));
+    const bool has_below = at_lo != measured.begin(), has_above = after_hi != measured.end();
+    if (has_below || has_above) {
+      const auto below = has_below ? std::prev(at_lo) : after_hi;
+      const auto outside = !has_above || (has_below && lo - below->first <= after_hi->first - hi) ? below : after_hi;
+      predicted = parabola_crossing({{{double(lo), double(size_lo)}, {double(hi), double(size_hi)},
+                                      {double(outside->first), double(outside->second)}}},
+                                    double(lo), double(hi), double(budget));
+    }
+    const int64_t target = static_cast<int64_t>(std::ceil(predicted));
+    int64_t spacing = std::max(r.tolerance, static_cast<int64_t>(std::ceil(std::abs(predicted - secant_k) / 2)));
+    // After a comb that landed on one side, it spans at least a quarter of (lo, hi) (it straddles the
+    // boundary when the aim is off by less than an eighth of the gap); the probes spread evenly over
+    // (lo, hi) after two such combs, or when that ends the search (a gap of at most kFitProbes + 1
+    // tolerances) or a comb would cover the gap anyway.
+    if (one_sided_rounds == 1) spacing = std::max(spacing, (hi - lo) / (4 * kFitProbes));
+    const bool spread = one_sided_rounds >= 2 || hi - lo <= (kFitProbes + 1) * r.tolerance ||
+                        kFitProbes * spacing >= hi - lo;
+    std::vector<Trial> trials = run_trials(a, original, cands, probes(lo, hi, !spread, target, spacing));
+    r.compressions += static_cast<int>(trials.size());
+    ++r.rounds;
+    one_sided_rounds = narrow(trials) ? 0 : one_sided_rounds + 1;
   }
   a.model = with_pruned(original, cands, hi);
   r.pruned = hi;
