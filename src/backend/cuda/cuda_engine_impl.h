@@ -62,15 +62,14 @@ struct CudaEngine::Impl {
   };
   std::optional<Ttt> ttt;
 
-  // Per-document LoRA adapters: device adapters for the current sequence length (recreated, keeping
-  // the parameters, when it changes) and their Adam state.
+  // Per-document LoRA adapters: device adapters sized for the longest rows so far (grown, keeping the
+  // parameters, by ensure_lora_adapters) and their Adam state.
   struct Lora {
     LoraConfig config;
     LoraOptimizerConfig opt;
     int64_t rows = 0;
     int slots = 0;
     int64_t total = 0;
-    std::vector<LoraAdapterLayout> layout;
     std::unique_ptr<GpuLora> adapters;  // created at the first batch (its width sizes them)
     uint64_t seed = 0;                   // lora_reset's draw, made on the device
     bool pending = false;                // the draw of `seed` is not in any adapters yet

@@ -5,7 +5,6 @@
 #include "backend/cuda/cuda_engine_impl.h"
 #include "backend/cuda/lora.h"
 #include "core/error.h"
-#include "core/rng.h"
 
 namespace pgolf::cuda {
 
@@ -116,7 +115,8 @@ void CudaEngine::lora_begin(const LoraConfig& lora, int64_t rows, const LoraOpti
   s.opt = opt;
   s.rows = rows;
   s.slots = m.model.num_virtual_layers();
-  s.total = lora_layout(model_config(), lora, rows, s.slots, s.layout);
+  std::vector<LoraAdapterLayout> layout;  // GpuLora keeps its own copy
+  s.total = lora_layout(model_config(), lora, rows, s.slots, layout);
   s.exp_avg = DeviceBuffer<float>(static_cast<size_t>(s.total), "LoRA Adam state");
   s.exp_avg_sq = DeviceBuffer<float>(static_cast<size_t>(s.total), "LoRA Adam state");
   s.exp_avg.fill_bytes(0);
