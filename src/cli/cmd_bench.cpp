@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
 
 #include "cli/commands.h"
 #include "cli/launch.h"
@@ -39,6 +40,7 @@ struct BenchOptions {
   int warmup = 3;
   bool json = false;
   bool profile = false;
+  int top = 10;  // kernels listed by --profile
   bool deterministic = false;
   bool looping = false;
   NprocOption nproc;  // several ranks: each times its steps (with the gradient all-reduce), rank 0 reports
@@ -158,7 +160,10 @@ void run_bench(const BenchOptions& o) {
         double sum = 0;
         for (const auto& k : kernels) sum += k.total_ms;
         j["kernel_ms_per_step"] = sum / reps;
-        for (size_t i = 0; i < kernels.size() && i < 10; ++i)
+        std::map<std::string, double> by_category;
+        for (const auto& k : kernels) by_category[cuda::kernel_category(k.name)] += k.total_ms / reps;
+        for (const auto& [category, ms] : by_category) j["kernel_categories_ms"][category] = ms;
+        for (size_t i = 0; i < kernels.size() && i < static_cast<size_t>(o.top); ++i)
           j["kernels"].push_back({{"name", kernels[i].name},
                                   {"ms_per_step", kernels[i].total_ms / reps},
                                   {"share", kernels[i].total_ms / sum},
@@ -189,7 +194,10 @@ void run_bench(const BenchOptions& o) {
     fmt::print("  device memory   {:9.2f} GiB (parameters, optimizer state, EMA, activations)\n",
                j["device_memory_gib"].get<double>());
   if (j.contains("kernels")) {
-    fmt::print("  top kernels of a training step ({:.2f} ms of kernel time):\n", j["kernel_ms_per_step"].get<double>());
+    fmt::print("  top kernels of a training step ({:.2f} ms of kernel time", j["kernel_ms_per_step"].get<double>());
+    for (const auto& [category, ms] : j["kernel_categories_ms"].items())
+      fmt::print("; {} {:.2f}", category, ms.get<double>());
+    fmt::print("):\n");
     for (const auto& k : j["kernels"])
       fmt::print("    {:<72} {:8.3f} ms {:5.1f} % {:4} calls\n", k["name"].get<std::string>(),
                  k["ms_per_step"].get<double>(), 100.0 * k["share"].get<double>(), k["calls_per_step"].get<long>());
@@ -211,7 +219,10 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--steps", o->steps, "timed steps (default 10)");
   cmd->add_option("--warmup", o->warmup, "untimed steps first (default 3; the first ones capture the CUDA graphs)");
   cmd->add_flag("--json", o->json, "one JSON object instead of the table");
-  cmd->add_flag("--profile", o->profile, "CUDA: the ten kernels that take the most time in a training step (CUPTI)");
+  cmd->add_flag("--profile", o->profile,
+                "CUDA: the kernels that take the most time in a training step (CUPTI), and the time per kind "
+                "(gemm, attention, other)");
+  cmd->add_option("--top", o->top, "kernels listed by --profile (default 10)")->check(CLI::PositiveNumber);
   cmd->add_flag("--deterministic", o->deterministic, "CUDA: the deterministic backward kernels");
   cmd->add_flag("--looping", o->looping, "depth recurrence on (presets with num_loops > 0, e.g. s1560)");
   o->nproc.add_to(cmd);

@@ -127,4 +127,11 @@ std::vector<KernelTime> KernelProfile::stop() {
   return out;
 }
 
+const char* kernel_category(const std::string& name) {
+  for (const char* gemm : {"nvjet", "gemm", "Gemm", "cutlass", "xmma", "gemv"})
+    if (name.find(gemm) != std::string::npos) return "gemm";
+  if (name.find("attention") != std::string::npos) return "attention";
+  return "other";
+}
+
 }  // namespace pgolf::cuda

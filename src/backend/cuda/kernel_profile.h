@@ -14,6 +14,11 @@ struct KernelTime {
   long calls = 0;
 };
 
+// The kind of work a kernel does, from its name: "gemm" (cuBLAS/cuBLASLt and the Newton–Schulz
+// products), "attention" (the flash kernels and their prepare/finish passes) or "other" (row,
+// elementwise, loss, optimizer and copy kernels).
+const char* kernel_category(const std::string& name);
+
 class KernelProfile {
  public:
   // False (with why()) when libcupti cannot be loaded or refuses to trace.
