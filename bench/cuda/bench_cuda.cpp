@@ -1,10 +1,12 @@
 // bench_cuda: times the GPU kernels of a training step on the current device, in TFLOP/s — the
 // cuBLASLt products of the linear layers (forward, input gradient, fp32 weight gradient) at
 // M = tokens per step, flash attention forward and backward (dense rows and variable-length
-// documents; on Hopper also the wgmma forward), and the optimizer step of the s691 and s1560
-// layouts with its parts. CUDA events around each call; warm-up, then the median of the repeats.
+// documents; on Hopper also the wgmma forward), the MLP's first product and its gradient with the
+// activation (cuBLASLt + the separate pass against the fused Hopper kernels), and the optimizer step
+// of the s691 and s1560 layouts with its parts. CUDA events around each call; warm-up, then the
+// median of the repeats.
 //
-//   bench_cuda [--tokens N] [--seq T] [--reps R] [--only gemm|attention|optim]
+//   bench_cuda [--tokens N] [--seq T] [--reps R] [--only gemm|attention|mlp|optim]
 //   (defaults: 98304 tokens, T 2048, 20 repeats, every section)
 //   bench_cuda --model PRESET [--tokens N] [--seq T] [--reps R] [--profile]   (bench_model.h)
 #include <cuda_bf16.h>
@@ -18,10 +20,12 @@
 #include <string>
 #include <vector>
 
+#include "backend/cuda/activation.h"
 #include "backend/cuda/arena.h"
 #include "backend/cuda/attention.h"
 #include "backend/cuda/device.h"
 #include "backend/cuda/gemm.h"
+#include "backend/cuda/mlp_gemm.h"
 #include "bench_model.h"
 #include "core/error.h"
 #include "core/half.h"
@@ -58,8 +62,8 @@ Options parse(int argc, char** argv) {
   }
   PG_CHECK(o.tokens > 0 && o.seq > 0 && o.tokens % o.seq == 0 && o.reps > 0,
            "bench_cuda: --tokens must be a positive multiple of --seq, --reps positive");
-  PG_CHECK(o.only.empty() || o.only == "gemm" || o.only == "attention" || o.only == "optim",
-           "bench_cuda: --only takes gemm, attention or optim, got '{}'", o.only);
+  PG_CHECK(o.only.empty() || o.only == "gemm" || o.only == "attention" || o.only == "mlp" || o.only == "optim",
+           "bench_cuda: --only takes gemm, attention, mlp or optim, got '{}'", o.only);
   return o;
 }
 
@@ -110,6 +114,43 @@ void bench_gemms(const Options& o, const Timer& timer) {
           linear_backward_weight(runner, dy.data(), x.data(), dw.data(), m, in, out, 1.f, timer.stream);
         }),
         flops);
+  }
+}
+
+// The MLP's first product with its activation at M = tokens, d = 512, for the hidden sizes of the
+// presets (baseline 1024, s691 1536, s1560 2048): cuBLASLt, the separate pass, and (on Hopper) the
+// fused kernel that does both.
+void bench_mlp(const Options& o, const Timer& timer) {
+  GemmRunner runner;
+  const int m = o.tokens, d = 512;
+  const float slope = 0.5f;
+  for (const int hid : {1024, 1536, 2048}) {
+    const size_t wide = size_t(m) * hid;
+    auto x = random_bf16(size_t(m) * d, 11), w = random_bf16(size_t(hid) * d, 12), pre = random_bf16(wide, 13);
+    DeviceBuffer<__nv_bfloat16> out(wide), post(wide);
+    const double flops = 2.0 * m * d * double(hid);
+    const std::string shape = fmt::format("M={} d={} hid={}", m, d, hid);
+    const double up = timer.median_ms([&] { linear_forward(runner, x.data(), w.data(), out.data(), m, d, hid, timer.stream); });
+    const double act = timer.median_ms(
+        [&] { leaky_relu_sq_forward(pre.data(), post.data(), static_cast<int64_t>(wide), slope, timer.stream); });
+    row("mlp up: cuBLAS x·Wfcᵀ", shape, up, flops);
+    row("mlp up: activation pass", shape, act, 0);
+    row("mlp up: cuBLAS + pass", shape, up + act, flops);
+    const double down = timer.median_ms(
+        [&] { linear_backward_input(runner, x.data(), w.data(), out.data(), m, hid, d, timer.stream); });
+    const double grad = timer.median_ms([&] {
+      leaky_relu_sq_backward(out.data(), pre.data(), post.data(), static_cast<int64_t>(wide), slope, timer.stream);
+    });
+    row("mlp dpre: cuBLAS dF·Wproj", shape, down, flops);
+    row("mlp dpre: activation pass", shape, grad, 0);
+    row("mlp dpre: cuBLAS + pass", shape, down + grad, flops);
+    if (!mlp_fused_supported(d, hid)) continue;
+    row("mlp up: fused (wgmma)", shape, timer.median_ms([&] {
+      mlp_fused_forward(x.data(), w.data(), out.data(), post.data(), m, d, hid, slope, timer.stream);
+    }), flops);
+    row("mlp dpre: fused (wgmma)", shape, timer.median_ms([&] {
+      mlp_fused_backward(x.data(), w.data(), pre.data(), out.data(), m, d, hid, slope, timer.stream);
+    }), flops);
   }
 }
 
@@ -205,6 +246,7 @@ int run(int argc, char** argv) {
       docs.push_back(std::min(o.tokens, docs.back() + 1 + static_cast<int>(rng.below(uint64_t(o.seq)))));
     bench_attention("varlen 1..T", docs, hopper, timer);
   }
+  if (section("mlp")) bench_mlp(o, timer);
   if (section("optim")) bench_optimizer(timer);
   PG_CUDA_CHECK(cudaStreamDestroy(stream));
   return 0;

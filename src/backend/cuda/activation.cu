@@ -1,4 +1,5 @@
 #include "backend/cuda/activation.h"
+#include "backend/cuda/activation.cuh"
 #include "backend/cuda/check.h"
 #include "backend/cuda/kernel_util.cuh"
 
@@ -12,24 +13,21 @@ __global__ void leaky_relu_sq_forward_kernel(const bf16* __restrict__ pre, bf16*
     float v[8];
     load8(pre + t * 8, v);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const float a = fmaxf(v[e], 0.f) + slope * fminf(v[e], 0.f);
-      v[e] = a * a;
-    }
+    for (int e = 0; e < 8; ++e) v[e] = leaky_relu_sq_value(v[e], slope);
     store8(post + t * 8, v);
   }
 }
 
 __global__ void leaky_relu_sq_backward_kernel(const bf16* dpost, const bf16* __restrict__ pre, bf16* dpre,
                                               int64_t vecs, float slope) {
-  const float neg = slope * slope;
+  const float slope_sq = slope * slope;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < vecs;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float d[8], p[8];
     load8(dpost + t * 8, d);
     load8(pre + t * 8, p);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) d[e] *= 2.f * (fmaxf(p[e], 0.f) + neg * fminf(p[e], 0.f));
+    for (int e = 0; e < 8; ++e) d[e] = leaky_relu_sq_gradient(d[e], p[e], slope_sq);
     store8(dpre + t * 8, d);
   }
 }

@@ -44,6 +44,9 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
     m.attention.backward_kernel = AttentionBackwardKernel::mma_sync;
     m.attention.backward_warps = 8;  // the mma.sync backward's fastest shape
   }
+  const std::string mlp = c.get_string("mlp_gemm");
+  PG_CHECK(mlp == "fused" || mlp == "cublas", "mlp_gemm = '{}': expected fused | cublas", mlp);
+  m.mlp_fused = mlp == "fused";
   return m;
 }
 

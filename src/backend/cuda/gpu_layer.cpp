@@ -5,6 +5,7 @@
 #include "backend/cuda/elementwise.h"
 #include "backend/cuda/gpu_model_impl.h"
 #include "backend/cuda/head_gate.h"
+#include "backend/cuda/mlp_gemm.h"
 #include "backend/cuda/qk_norm_rope.h"
 #include "backend/cuda/residual.h"
 #include "backend/cuda/rmsnorm.h"
@@ -121,8 +122,12 @@ void GpuModel::Impl::forward_mlp(int v, const bf16* m_in) {
   LayerBuf& b = layers[static_cast<size_t>(v)];
   const int n = static_cast<int>(N);
   const float slope = cfg.activation == Activation::Leaky2 ? static_cast<float>(cfg.leaky_slope) : 0.f;
-  linear(m_in, d, W16(p.w16_fc), n, d, hid, b.pre, hid, false, 0.f);
-  leaky_relu_sq_forward(b.pre, b.post, N * hid, slope, stream);
+  if (mlp_fused) {
+    mlp_fused_forward(m_in, W16(p.w16_fc), b.pre, b.post, N, d, hid, slope, stream);
+  } else {
+    linear(m_in, d, W16(p.w16_fc), n, d, hid, b.pre, hid, false, 0.f);
+    leaky_relu_sq_forward(b.pre, b.post, N * hid, slope, stream);
+  }
   linear(b.post, hid, W16(p.w16_proj), n, hid, d, b.f, d, false, 0.f);
   lora_forward(LoraTarget::Mlp, v, m_in, b.f, d);
 }
@@ -134,8 +139,12 @@ void GpuModel::Impl::backward_mlp(int v) {
   const int n = static_cast<int>(N);
   const float slope = cfg.activation == Activation::Leaky2 ? static_cast<float>(cfg.leaky_slope) : 0.f;
   linear_dw(bw.df, d, b.post, hid, n, hid, d, G(p.wproj));
-  linear_dx(bw.df, d, W16(p.w16_proj), n, hid, d, bw.dpost, false, 0.f);
-  leaky_relu_sq_backward(bw.dpost, b.pre, bw.dpost, N * hid, slope, stream);
+  if (mlp_fused) {
+    mlp_fused_backward(bw.df, W16(p.w16_proj), b.pre, bw.dpost, N, d, hid, slope, stream);
+  } else {
+    linear_dx(bw.df, d, W16(p.w16_proj), n, hid, d, bw.dpost, false, 0.f);
+    leaky_relu_sq_backward(bw.dpost, b.pre, bw.dpost, N * hid, slope, stream);
+  }
   linear_dw(bw.dpost, hid, b.m, d, n, d, hid, G(p.wfc));
   linear_dx(bw.dpost, hid, W16(p.w16_fc), n, d, hid, bw.dm, true, 0.f);
   lora_backward(LoraTarget::Mlp, v, bw.df, d, b.m, bw.dm);

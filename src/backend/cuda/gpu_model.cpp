@@ -14,6 +14,7 @@
 #include "backend/cuda/gpu_model_impl.h"
 #include "backend/cuda/head_gate.h"
 #include "backend/cuda/lora.h"
+#include "backend/cuda/mlp_gemm.h"
 #include "backend/cuda/ngram_hash.h"
 #include "backend/cuda/qk_norm_rope.h"
 #include "backend/cuda/residual.h"
@@ -62,6 +63,7 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
   d = m.model_dim, qd = m.q_dim(), kvd = m.kv_dim(), hid = m.mlp_hidden, V = m.vocab_size;
   H = m.num_heads, Hkv = m.num_kv_heads, Dh = m.head_dim;
   qkv_w = qd + 2 * kvd;
+  mlp_fused = options.mlp_fused && mlp_fused_supported(d, hid);
   gate_ld = static_cast<int>(round_up(H, 8));
   PG_CHECK(max_tokens > 0, "GpuModel: max_tokens must be positive, got {}", max_tokens);
   PG_CHECK(!(m.branch_gates && m.parallel_start_layer > 0),

@@ -40,6 +40,9 @@ struct GpuModelOptions {
   bool deterministic = false;  // backward without atomics: the embedding and attention dQ kernels that
                                // sum in a fixed order (same bits on every run; slower)
   AttentionTuning attention{};  // the flash attention kernels (its `deterministic` is the one above)
+  // The MLP's first product and its gradient with the activation in the epilogue (mlp_gemm.h) where
+  // the shape and device allow; otherwise cuBLASLt and the separate activation passes.
+  bool mlp_fused = true;
 };
 
 class GpuModel {

@@ -46,10 +46,12 @@ namespace pgolf::cuda {
 // Descriptor (PTX ISA "Matrix Descriptor Format"): bits 0-13 start address >> 4, 16-29 leading byte
 // offset >> 4, 32-45 stride byte offset >> 4, 49-51 base offset (0), 62-63 swizzle (1 = 128 bytes).
 // `address` is a shared-memory address inside a SwizzledTile64 whose start is 1024-byte aligned.
-__device__ __forceinline__ uint64_t swizzled_tile_descriptor(uint32_t address) {
-  constexpr uint64_t kAtomBytesEncoded = 1024 >> 4;  // SBO (and the unused LBO): 8 rows of 128 bytes
-  return static_cast<uint64_t>((address >> 4) & 0x3FFFu) | (kAtomBytesEncoded << 16) | (kAtomBytesEncoded << 32) |
-         (uint64_t{1} << 62);
+// `leading_bytes` (LBO) matters only to an MN-major operand wider than 64 (wgmma n128 with B stored
+// as 64-wide column blocks): the distance between its blocks of 64 values of n.
+__device__ __forceinline__ uint64_t swizzled_tile_descriptor(uint32_t address, uint32_t leading_bytes = 1024) {
+  constexpr uint64_t kAtomBytesEncoded = 1024 >> 4;  // SBO: 8 rows of 128 bytes
+  return static_cast<uint64_t>((address >> 4) & 0x3FFFu) | (static_cast<uint64_t>(leading_bytes >> 4) << 16) |
+         (kAtomBytesEncoded << 32) | (uint64_t{1} << 62);
 }
 
 // The B operand of k-step kk (16 values of k) from a 1024-byte-aligned SwizzledTile64 at tile_base:
@@ -126,6 +128,35 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16_ss(float (&d)[32], uint64_t
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(a_descriptor), "l"(b_descriptor), "r"(kAccumulate ? 1 : 0), "n"(kTransposeA), "n"(kTransposeB));
+}
+
+// d (64x128 fp32: d[4j + e] = row g + 8·(e / 2), col 8j + 2t + (e % 2), j < 16) = A (64x16, descriptor)
+// · B (16x128, descriptor) + (accumulate ? d : 0), `accumulate` chosen at run time. A K-major B (rows =
+// n) is one SwizzledTile64 of 128 rows; an MN-major B (rows = k) is two 64-wide tiles, the second
+// `leading_bytes` after the first (swizzled_tile_descriptor).
+template <int kTransposeA, int kTransposeB>
+__device__ __forceinline__ void wgmma_m64n128k16_bf16_ss(float (&d)[64], uint64_t a_descriptor, uint64_t b_descriptor,
+                                                         bool accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred accumulate;\n"
+      "setp.ne.b32 accumulate, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, accumulate, 1, 1, %67, %68;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a_descriptor), "l"(b_descriptor), "r"(accumulate ? 1 : 0), "n"(kTransposeA), "n"(kTransposeB));
 }
 
 }  // namespace pgolf::cuda

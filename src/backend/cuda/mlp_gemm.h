@@ -1,0 +1,29 @@
+// The MLP's first product and its gradient with the activation fused into the epilogue (Hopper
+// wgmma, sm_90a): the same values as the cuBLASLt product followed by the separate pass of
+// activation.h, up to the product's fp32 summation order, without the pass's extra trip through
+// memory.
+//   forward   pre = bf16(m · Wfcᵀ),  post = bf16(leaky(pre)²)          (post from the rounded pre)
+//   backward  dpre = bf16(bf16(df · Wproj) · f'(pre))                  (no dpost written)
+// m, df [rows, dim]; Wfc [hidden, dim]; Wproj [dim, hidden]; pre, post, dpre [rows, hidden]; bf16,
+// row-major, contiguous, 16-byte aligned.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace pgolf::cuda {
+
+// Whether the fused kernels serve this shape on the current device: dim 512, hidden a positive
+// multiple of 128 and an sm_90 GPU (the kernels trap when the binary lacks sm_90a code, as the wgmma
+// attention kernels do).
+bool mlp_fused_supported(int dim, int hidden);
+
+void mlp_fused_forward(const __nv_bfloat16* m, const __nv_bfloat16* wfc, __nv_bfloat16* pre, __nv_bfloat16* post,
+                       int64_t rows, int dim, int hidden, float slope, cudaStream_t stream);
+
+void mlp_fused_backward(const __nv_bfloat16* df, const __nv_bfloat16* wproj, const __nv_bfloat16* pre,
+                        __nv_bfloat16* dpre, int64_t rows, int dim, int hidden, float slope, cudaStream_t stream);
+
+}  // namespace pgolf::cuda

@@ -1,0 +1,156 @@
+// The fused MLP products (mlp_gemm.h) against the path they replace: the cuBLASLt product (bf16 out)
+// followed by the separate activation pass (activation.h), on the same bf16 inputs.
+//
+// Bound. Both paths sum the same K = 512 products in fp32, in different orders, so each sum s is
+// within γ·S of the exact one (γ = K·2⁻²⁴, S = Σ_k |a_k b_k|) and the two differ by Δ ≤ 2γS. Each is
+// then rounded to bf16 (at most 2⁻⁸ relative, so the two roundings together add at most 2⁻⁷ of the
+// larger magnitude): |pre_fused − pre_cublas| ≤ Δ + 2⁻⁷(1.01·|pre_cublas| + Δ). In the backward,
+// dpre = bf16(dpost · f'(pre)) with f'(pre) exact in fp32 (2·pre or 2·slope²·pre, slope² = 0 or
+// 1/4), so the dpost bound scales by |f'(pre)| and dpre's own rounding adds 2⁻⁷ of its magnitude.
+// post must be exactly act(pre) of the fused kernel's own pre (the same fp32 operations).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "backend/cuda/activation.h"
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/mlp_gemm.h"
+#include "core/error.h"
+#include "core/half.h"
+#include "op_test_util.h"
+
+namespace pgolf::test {
+namespace {
+
+using cuda::DeviceBuffer;
+using bf16 = __nv_bfloat16;
+
+constexpr int kDim = 512;
+
+class MlpGemmTest : public CudaTest {
+ protected:
+  void SetUp() override {
+    CudaTest::SetUp();
+    if (!cuda::mlp_fused_supported(kDim, 1024)) GTEST_SKIP() << "the fused MLP kernels need an sm_90 GPU";
+  }
+};
+
+// S[i, j] = Σ_k |a[i, k]·b(k, j)|, b(k, j) = b[j·k_stride_j + k·k_stride_k].
+std::vector<double> abs_product_sums(const std::vector<float>& a, const std::vector<float>& b, int rows, int cols,
+                                     int64_t col_stride, int64_t k_stride) {
+  std::vector<double> s(static_cast<size_t>(rows) * cols, 0.0);
+  std::vector<double> b_abs(static_cast<size_t>(cols) * kDim);  // [cols, K]
+  for (int j = 0; j < cols; ++j)
+    for (int k = 0; k < kDim; ++k) b_abs[static_cast<size_t>(j) * kDim + k] = std::fabs(b[j * col_stride + k * k_stride]);
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) {
+      double sum = 0.0;
+      for (int k = 0; k < kDim; ++k) sum += std::fabs(a[static_cast<size_t>(i) * kDim + k]) * b_abs[static_cast<size_t>(j) * kDim + k];
+      s[static_cast<size_t>(i) * cols + j] = sum;
+    }
+  return s;
+}
+
+// |x − y| allowed between the two paths' bf16 roundings of one product (the bound above).
+double product_bound(double abs_sum, double cublas_value) {
+  const double delta = 2.0 * kDim * std::ldexp(1.0, -24) * abs_sum;
+  return delta + std::ldexp(1.0, -7) * (1.01 * std::fabs(cublas_value) + delta);
+}
+
+float leaky_sq(float x, float slope) {
+  const float a = std::fmax(x, 0.f) + slope * std::fmin(x, 0.f);
+  return round_to_bf16(a * a);
+}
+
+struct Case {
+  int rows, hidden;
+  float slope;
+};
+
+void check_forward(const Case& c) {
+  SCOPED_TRACE("rows " + std::to_string(c.rows) + " hidden " + std::to_string(c.hidden) + " slope " +
+               std::to_string(c.slope));
+  Rng rng(900 + c.hidden + c.rows);
+  const auto m = random_bf16_values(static_cast<size_t>(c.rows) * kDim, rng);
+  const auto wfc = random_bf16_values(static_cast<size_t>(c.hidden) * kDim, rng, 1.0 / std::sqrt(kDim));
+  auto d_m = to_device_bf16(m), d_w = to_device_bf16(wfc);
+  const size_t n = static_cast<size_t>(c.rows) * c.hidden;
+  auto pre_ref = poisoned_buffer<bf16>(n), post_ref = poisoned_buffer<bf16>(n);
+  auto pre = poisoned_buffer<bf16>(n), post = poisoned_buffer<bf16>(n);
+  cuda::GemmRunner gemm;
+  cuda::linear_forward(gemm, d_m.data(), d_w.data(), pre_ref.data(), c.rows, kDim, c.hidden, nullptr);
+  cuda::leaky_relu_sq_forward(pre_ref.data(), post_ref.data(), static_cast<int64_t>(n), c.slope, nullptr);
+  cuda::mlp_fused_forward(d_m.data(), d_w.data(), pre.data(), post.data(), c.rows, kDim, c.hidden, c.slope, nullptr);
+  sync_device();
+  const auto got_pre = from_device_bf16(pre), got_post = from_device_bf16(post), want_pre = from_device_bf16(pre_ref);
+  const auto abs_sums = abs_product_sums(m, wfc, c.rows, c.hidden, kDim, 1);  // Wfc [hidden, K]
+  size_t bad_pre = 0, bad_post = 0, differing = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!(std::fabs(got_pre[i] - want_pre[i]) <= product_bound(abs_sums[i], want_pre[i]))) ++bad_pre;
+    if (!(got_post[i] == leaky_sq(got_pre[i], c.slope))) ++bad_post;
+    differing += got_pre[i] != want_pre[i];
+  }
+  EXPECT_EQ(bad_pre, 0u) << "pre outside the summation-order bound";
+  EXPECT_EQ(bad_post, 0u) << "post is not act(pre)";
+  EXPECT_LT(differing, n / 10) << "pre differs from cuBLAS's in more than a tenth of the elements";
+}
+
+void check_backward(const Case& c) {
+  SCOPED_TRACE("rows " + std::to_string(c.rows) + " hidden " + std::to_string(c.hidden) + " slope " +
+               std::to_string(c.slope));
+  Rng rng(1900 + c.hidden + c.rows);
+  const size_t n = static_cast<size_t>(c.rows) * c.hidden;
+  const auto df = random_bf16_values(static_cast<size_t>(c.rows) * kDim, rng);
+  const auto wproj = random_bf16_values(static_cast<size_t>(kDim) * c.hidden, rng, 1.0 / std::sqrt(kDim));
+  const auto pre_values = random_bf16_values(n, rng);
+  auto d_df = to_device_bf16(df), d_w = to_device_bf16(wproj), d_pre = to_device_bf16(pre_values);
+  auto dpost_ref = poisoned_buffer<bf16>(n), dpre_ref = poisoned_buffer<bf16>(n), dpre = poisoned_buffer<bf16>(n);
+  cuda::GemmRunner gemm;
+  cuda::linear_backward_input(gemm, d_df.data(), d_w.data(), dpost_ref.data(), c.rows, c.hidden, kDim, nullptr);
+  cuda::leaky_relu_sq_backward(dpost_ref.data(), d_pre.data(), dpre_ref.data(), static_cast<int64_t>(n), c.slope,
+                               nullptr);
+  cuda::mlp_fused_backward(d_df.data(), d_w.data(), d_pre.data(), dpre.data(), c.rows, kDim, c.hidden, c.slope,
+                           nullptr);
+  sync_device();
+  const auto got = from_device_bf16(dpre), want = from_device_bf16(dpre_ref), dpost = from_device_bf16(dpost_ref);
+  const auto abs_sums = abs_product_sums(df, wproj, c.rows, c.hidden, 1, c.hidden);  // Wproj [K, hidden]
+  size_t bad = 0, differing = 0, nonzero = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double p = pre_values[i];
+    const double grad = 2.0 * (p > 0 ? p : double(c.slope) * c.slope * p);  // |f'(pre)|, exact
+    const double dpost_bound = std::fabs(grad) * product_bound(abs_sums[i], dpost[i]);
+    const double bound = dpost_bound + std::ldexp(1.0, -7) * (1.01 * std::fabs(want[i]) + dpost_bound);
+    if (!(std::fabs(got[i] - want[i]) <= bound)) ++bad;
+    differing += got[i] != want[i];
+    nonzero += got[i] != 0.f;
+  }
+  EXPECT_EQ(bad, 0u) << "dpre outside the summation-order bound";
+  EXPECT_LT(differing, n / 10) << "dpre differs from cuBLAS + pass in more than a tenth of the elements";
+  EXPECT_GT(nonzero, n / 3) << "too few nonzero gradients for a meaningful comparison";
+}
+
+// 200 rows: the last 128-row block has 72 (its second warpgroup 8); 300: 44 (the second warpgroup none).
+TEST_F(MlpGemmTest, ForwardMatchesCublasAndPassForEachHiddenSize) {
+  for (const Case& c : {Case{200, 1024, 0.5f}, Case{200, 1536, 0.5f}, Case{200, 2048, 0.5f}, Case{300, 1536, 0.f}})
+    check_forward(c);
+}
+
+TEST_F(MlpGemmTest, BackwardMatchesCublasAndPassForEachHiddenSize) {
+  for (const Case& c : {Case{200, 1024, 0.5f}, Case{200, 1536, 0.5f}, Case{200, 2048, 0.5f}, Case{300, 1536, 0.f}})
+    check_backward(c);
+}
+
+TEST_F(MlpGemmTest, RejectsShapesItDoesNotServe) {
+  EXPECT_FALSE(cuda::mlp_fused_supported(256, 1024));
+  EXPECT_FALSE(cuda::mlp_fused_supported(kDim, 1000));
+  EXPECT_TRUE(cuda::mlp_fused_supported(kDim, 1536));
+  DeviceBuffer<bf16> a(64 * 256), w(256 * 1000), out(64 * 1000), post(64 * 1000);
+  EXPECT_THROW(cuda::mlp_fused_forward(a.data(), w.data(), out.data(), post.data(), 64, 256, 1024, 0.5f, nullptr),
+               Error);
+  EXPECT_THROW(cuda::mlp_fused_backward(a.data(), w.data(), out.data(), post.data(), 64, kDim, 1000, 0.5f, nullptr),
+               Error);
+}
+
+}  // namespace
+}  // namespace pgolf::test
