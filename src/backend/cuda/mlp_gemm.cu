@@ -8,15 +8,18 @@
 // (wgmma.cuh): A K-major; B K-major in the forward (Wfc rows = hidden), MN-major in the backward (Wproj
 // rows = k, stored as two 64-column tiles 8 KB apart).
 //
-// Epilogue per tile and warpgroup, through a 64 x 128 bf16 staging tile of its own:
-//   forward   the accumulators, rounded to bf16 (= pre), go to the staging tile; then each thread moves
-//             16-byte chunks to pre and, with the activation applied to those 8 rounded values, to post.
-//   backward  the staging tile already holds pre's 64 x 128 tile (cp.async, issued with k-step 2 of the
-//             tile); each thread replaces its fragment's pre values by bf16(bf16(acc) · f'(pre)) in
-//             place, and the tile is moved to dpre in 16-byte chunks.
+// Epilogue per tile and warpgroup, through a 64 x 128 bf16 staging tile of its own: when the tile's
+// MMAs are done its output goes to the staging tile at the accumulators' fragment positions —
+//   forward   bf16(acc) = pre;
+//   backward  bf16(bf16(acc) · f'(pre)) = dpre, with pre read at the same positions straight from
+//             global memory into registers at the tile's first k-step (its latency hides behind the
+//             tile's MMAs);
+// and it leaves in 16-byte chunks during the next tile's 8 k-steps, one chunk per thread and k-step,
+// issued while that step's MMAs run (the forward writes post = act(pre) from the same 8 values), so
+// the output traffic overlaps the products instead of following them. The last tile drains at the end.
 // Step s = 8j + k (tile j, k-step k) runs: wait for stage s, barrier, start loading step s + 2 into the
 // stage that step s - 2 used (its MMAs finished: every warpgroup waited for them in step s - 1 before
-// this barrier), issue the 4 MMAs of step s, wait for those of step s - 1.
+// this barrier), issue the 4 MMAs of step s, drain chunk k of tile j - 1, wait for the MMAs of step s - 1.
 #include "backend/cuda/activation.cuh"
 #include "backend/cuda/check.h"
 #include "backend/cuda/device.h"
@@ -57,11 +60,6 @@ struct MlpGemmParams {
 __device__ __forceinline__ void st_shared_u32(uint32_t address, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(address), "r"(v) : "memory");
 }
-__device__ __forceinline__ uint32_t ld_shared_u32(uint32_t address) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(address) : "memory");
-  return v;
-}
 __device__ __forceinline__ uint4 ld_shared_v4(uint32_t address) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -80,7 +78,7 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t v) {
 }
 
 template <bool kBackward>
-__global__ void __launch_bounds__(kThreads, 1) mlp_fused_kernel(const MlpGemmParams p) {
+__global__ void __launch_bounds__(kThreads, 1) mlp_fused_gemm_kernel(const MlpGemmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warpgroup = warp >> 2, wg_tid = tid & 127;
@@ -102,28 +100,37 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_fused_kernel(const MlpGemmPar
     if (s < kSteps) a_slice(k).template load_async<kBlockM, kThreads>(a_rows + k * kStepK, kDim, valid_rows, tid);
     if constexpr (!kBackward) {
       // Wfc rows 128j.., columns 64k..: rows = n.
-      SwizzledTile64{stage(s)}.template load_async<kBlockN, kThreads>(p.b + static_cast<int64_t>(j * kBlockN) * kDim + k * kStepK,
-                                                             kDim, kBlockN, tid);
+      SwizzledTile64{stage(s)}.template load_async<kBlockN, kThreads>(
+          p.b + static_cast<int64_t>(j * kBlockN) * kDim + k * kStepK, kDim, kBlockN, tid);
     } else {
       // Wproj rows 64k.. (= k), columns 128j..: two 64-column tiles.
       const bf16* src = p.b + static_cast<int64_t>(k * kStepK) * p.hidden + j * kBlockN;
 #pragma unroll
       for (int half = 0; half < 2; ++half)
         SwizzledTile64{stage(s) + half * kHalfTileBytes}.template load_async<kStepK, kThreads>(src + half * 64, p.hidden,
-                                                                                     kStepK, tid);
-      if (k == kAhead) {  // pre's tile j for the epilogue; the staging tile was released at step 8j
-        const bf16* pre = p.pre + (row0 + 64 * warpgroup) * p.hidden + j * kBlockN;
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-          staging_half(half).template load_async<64, 128>(pre + half * 64, p.hidden, wg_valid_rows, wg_tid);
-      }
+                                                                                              kStepK, tid);
     }
   };
 
   // Fragment position of acc[4jn + 2r + e]: row frag_row + 8r, column 8jn + frag_col + e of the tile.
   const int frag_row = (warp & 3) * 16 + (lane >> 2), frag_col = 2 * (lane & 3);
+  // Backward: pre at this thread's fragment positions of tile j (bf16 pairs; 0 past the last row),
+  // loaded at the tile's first step and used at its end.
+  uint32_t pre_frag[32];
+  auto load_pre_fragments = [&](int j) {
+    const bf16* pre_rows = p.pre + (row0 + 64 * warpgroup + frag_row) * p.hidden + j * kBlockN + frag_col;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool valid = frag_row + 8 * r < wg_valid_rows;
+#pragma unroll
+      for (int jn = 0; jn < 16; ++jn)
+        pre_frag[2 * jn + r] =
+            valid ? *reinterpret_cast<const uint32_t*>(pre_rows + 8 * r * p.hidden + 8 * jn) : 0u;
+    }
+  };
+  // The tile's output (bf16 pre, or dpre) at the fragment positions of the staging tile.
   const float slope_sq = p.slope * p.slope;
-  auto epilogue = [&](int j, const float (&acc)[64]) {
+  auto stage_output = [&](const float (&acc)[64]) {
 #pragma unroll
     for (int jn = 0; jn < 16; ++jn) {
 #pragma unroll
@@ -133,33 +140,32 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_fused_kernel(const MlpGemmPar
         if constexpr (!kBackward) {
           st_shared_u32(address, pack_bf16(x0, x1));
         } else {
-          const float2 pre = unpack_bf16(ld_shared_u32(address));
+          const float2 pre = unpack_bf16(pre_frag[2 * jn + r]);
           const float d0 = __bfloat162float(__float2bfloat16(x0)), d1 = __bfloat162float(__float2bfloat16(x1));
           st_shared_u32(address, pack_bf16(leaky_relu_sq_gradient(d0, pre.x, slope_sq),
                                            leaky_relu_sq_gradient(d1, pre.y, slope_sq)));
         }
       }
     }
-    warpgroup_barrier(warpgroup);
-    // 16 chunks of 16 bytes per row: 16 threads write one row's 256 contiguous bytes.
+  };
+  // Chunk i (of 8 per thread) of the staged tile j to global memory: 16 chunks of 16 bytes per row,
+  // so 16 threads write one row's 256 contiguous bytes; the forward also writes post from them.
+  auto drain_chunk = [&](int j, int i) {
+    const int chunk_index = wg_tid + i * 128, row = chunk_index >> 4, chunk = chunk_index & 15;
+    if (row >= wg_valid_rows) return;
+    const uint4 v = ld_shared_v4(staging_half(chunk >> 3).chunk_address(row, chunk & 7));
+    const int64_t offset = (row0 + 64 * warpgroup + row) * p.hidden + j * kBlockN + chunk * 8;
+    *reinterpret_cast<uint4*>(p.out + offset) = v;
+    if constexpr (!kBackward) {
+      uint4 post;
+      const uint32_t* in = &v.x;
+      uint32_t* out = &post.x;
 #pragma unroll
-    for (int i = 0; i < 64 * 16 / 128; ++i) {
-      const int chunk_index = wg_tid + i * 128, row = chunk_index >> 4, chunk = chunk_index & 15;
-      if (row >= wg_valid_rows) continue;
-      const uint4 v = ld_shared_v4(staging_half(chunk >> 3).chunk_address(row, chunk & 7));
-      const int64_t offset = (row0 + 64 * warpgroup + row) * p.hidden + j * kBlockN + chunk * 8;
-      *reinterpret_cast<uint4*>(p.out + offset) = v;
-      if constexpr (!kBackward) {
-        uint4 post;
-        const uint32_t* in = &v.x;
-        uint32_t* out = &post.x;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 x = unpack_bf16(in[e]);
-          out[e] = pack_bf16(leaky_relu_sq_value(x.x, p.slope), leaky_relu_sq_value(x.y, p.slope));
-        }
-        *reinterpret_cast<uint4*>(p.post + offset) = post;
+      for (int e = 0; e < 4; ++e) {
+        const float2 x = unpack_bf16(in[e]);
+        out[e] = pack_bf16(leaky_relu_sq_value(x.x, p.slope), leaky_relu_sq_value(x.y, p.slope));
       }
+      *reinterpret_cast<uint4*>(p.post + offset) = post;
     }
   };
 
@@ -175,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_fused_kernel(const MlpGemmPar
       const int s = j * kSteps + k;
       cp_async_wait<kAhead - 1>();  // this thread's copies of step s have landed
       fence_proxy_async_shared();   // ... visible to the tensor cores once every thread is past the barrier
-      __syncthreads();
+      __syncthreads();              // (at k = 0 it also publishes the staged tile j - 1)
       if (s + kAhead < steps) load_step(s + kAhead);
       cp_async_commit();  // possibly empty: keeps one group per step for the wait above
 
@@ -191,12 +197,21 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_fused_kernel(const MlpGemmPar
                                          k > 0 || kk > 0);
       }
       wgmma_commit();
+      // While the tensor cores run: one eighth of the previous tile's output goes out.
+      if (j > 0) drain_chunk(j - 1, k);
+      if constexpr (kBackward) {
+        if (k == 0) load_pre_fragments(j);
+      }
       wgmma_wait<1>();
     }
     wgmma_wait<0>();
     wgmma_fence_operands(acc);
-    epilogue(j, acc);
+    warpgroup_barrier(warpgroup);  // the warpgroup has drained tile j - 1 from the staging tile
+    stage_output(acc);
   }
+  warpgroup_barrier(warpgroup);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) drain_chunk(tiles - 1, i);
 #else
   __trap();  // built without sm_90a (PGOLF_CUDA_ARCH): fail loudly rather than compute nothing
 #endif
@@ -212,12 +227,12 @@ void launch(const MlpGemmParams& p, int dim, const char* what, cudaStream_t stre
   if (p.rows == 0) return;
   static const bool configured = [] {
     PG_CUDA_CHECK(
-        cudaFuncSetAttribute(mlp_fused_kernel<kBackward>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+        cudaFuncSetAttribute(mlp_fused_gemm_kernel<kBackward>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
     return true;
   }();
   (void)configured;
   const int64_t blocks = (p.rows + kBlockM - 1) / kBlockM;
-  mlp_fused_kernel<kBackward><<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(p);
+  mlp_fused_gemm_kernel<kBackward><<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(p);
   PG_CUDA_LAUNCH_CHECK();
 }
 
