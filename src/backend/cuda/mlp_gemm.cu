@@ -9,14 +9,13 @@
 // rows = k, stored as two 64-column tiles 8 KB apart).
 //
 // Epilogue per tile and warpgroup, through a 64 x 128 bf16 staging tile of its own: when the tile's
-// MMAs are done its output goes to the staging tile at the accumulators' fragment positions —
-//   forward   bf16(acc) = pre;
-//   backward  bf16(bf16(acc) · f'(pre)) = dpre, with pre read at the same positions straight from
-//             global memory into registers at the tile's first k-step (its latency hides behind the
-//             tile's MMAs);
-// and it leaves in 16-byte chunks during the next tile's 8 k-steps, one chunk per thread and k-step,
-// issued while that step's MMAs run (the forward writes post = act(pre) from the same 8 values), so
-// the output traffic overlaps the products instead of following them. The last tile drains at the end.
+// MMAs are done, its accumulators rounded to bf16 (pre in the forward, dpost in the backward) go to
+// the staging tile at their fragment positions, and leave in 16-byte chunks during the next tile's 8
+// k-steps, one chunk per thread and k-step, issued while that step's MMAs run, so that the output
+// traffic overlaps the products instead of following them (the last tile drains at the end). A chunk
+// of the forward is written as pre and, activated, as post; one of the backward becomes dpre =
+// bf16(dpost · f'(pre)) with pre's chunk loaded (16 bytes, coalesced) a whole tile earlier, at the
+// same k-step of the tile's own computation. dpost itself is never written.
 // Step s = 8j + k (tile j, k-step k) runs: wait for stage s, barrier, start loading step s + 2 into the
 // stage that step s - 2 used (its MMAs finished: every warpgroup waited for them in step s - 1 before
 // this barrier), issue the 4 MMAs of step s, drain chunk k of tile j - 1, wait for the MMAs of step s - 1.
@@ -112,60 +111,59 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_fused_gemm_kernel(const MlpGe
     }
   };
 
-  // Fragment position of acc[4jn + 2r + e]: row frag_row + 8r, column 8jn + frag_col + e of the tile.
+  // The tile's accumulators rounded to bf16 (pre, or dpost) at their fragment positions of the staging
+  // tile: acc[4jn + 2r + e] is row frag_row + 8r, column 8jn + frag_col + e.
   const int frag_row = (warp & 3) * 16 + (lane >> 2), frag_col = 2 * (lane & 3);
-  // Backward: pre at this thread's fragment positions of tile j (bf16 pairs; 0 past the last row),
-  // loaded at the tile's first step and used at its end.
-  uint32_t pre_frag[32];
-  auto load_pre_fragments = [&](int j) {
-    const bf16* pre_rows = p.pre + (row0 + 64 * warpgroup + frag_row) * p.hidden + j * kBlockN + frag_col;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const bool valid = frag_row + 8 * r < wg_valid_rows;
-#pragma unroll
-      for (int jn = 0; jn < 16; ++jn)
-        pre_frag[2 * jn + r] =
-            valid ? *reinterpret_cast<const uint32_t*>(pre_rows + 8 * r * p.hidden + 8 * jn) : 0u;
-    }
-  };
-  // The tile's output (bf16 pre, or dpre) at the fragment positions of the staging tile.
-  const float slope_sq = p.slope * p.slope;
   auto stage_output = [&](const float (&acc)[64]) {
 #pragma unroll
     for (int jn = 0; jn < 16; ++jn) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const uint32_t address = staging_half(jn / 8).pair_address(frag_row + 8 * r, 8 * (jn % 8) + frag_col);
-        const float x0 = acc[4 * jn + 2 * r], x1 = acc[4 * jn + 2 * r + 1];
-        if constexpr (!kBackward) {
-          st_shared_u32(address, pack_bf16(x0, x1));
-        } else {
-          const float2 pre = unpack_bf16(pre_frag[2 * jn + r]);
-          const float d0 = __bfloat162float(__float2bfloat16(x0)), d1 = __bfloat162float(__float2bfloat16(x1));
-          st_shared_u32(address, pack_bf16(leaky_relu_sq_gradient(d0, pre.x, slope_sq),
-                                           leaky_relu_sq_gradient(d1, pre.y, slope_sq)));
-        }
-      }
+      for (int r = 0; r < 2; ++r)
+        st_shared_u32(staging_half(jn / 8).pair_address(frag_row + 8 * r, 8 * (jn % 8) + frag_col),
+                      pack_bf16(acc[4 * jn + 2 * r], acc[4 * jn + 2 * r + 1]));
     }
   };
-  // Chunk i (of 8 per thread) of the staged tile j to global memory: 16 chunks of 16 bytes per row,
-  // so 16 threads write one row's 256 contiguous bytes; the forward also writes post from them.
-  auto drain_chunk = [&](int j, int i) {
+  // Chunk i (of 8 per thread) of a warpgroup's 64 x 128 tile: 16 chunks of 16 bytes per row, so 16
+  // threads cover one row's 256 contiguous bytes. Its global offset in tile j; -1 past the last row.
+  auto chunk_offset = [&](int j, int i) -> int64_t {
     const int chunk_index = wg_tid + i * 128, row = chunk_index >> 4, chunk = chunk_index & 15;
-    if (row >= wg_valid_rows) return;
+    if (row >= wg_valid_rows) return -1;
+    return (row0 + 64 * warpgroup + row) * p.hidden + j * kBlockN + chunk * 8;
+  };
+  // Backward: pre's chunks of the tile being computed, loaded one chunk per k-step (16-byte loads)
+  // and used a tile later, when the tile drains.
+  uint4 pre_chunk[8];
+  auto load_pre_chunk = [&](int j, int i) {
+    const int64_t offset = chunk_offset(j, i);
+    pre_chunk[i] = offset >= 0 ? __ldg(reinterpret_cast<const uint4*>(p.pre + offset)) : uint4{};
+  };
+  // Chunk i of the staged tile j to global memory: the forward writes pre and post = act(pre), the
+  // backward dpre = bf16(dpost · f'(pre)) — the element math of the separate passes (activation.cuh).
+  const float slope_sq = p.slope * p.slope;
+  auto drain_chunk = [&](int j, int i) {
+    const int64_t offset = chunk_offset(j, i);
+    if (offset < 0) return;
+    const int chunk_index = wg_tid + i * 128, row = chunk_index >> 4, chunk = chunk_index & 15;
     const uint4 v = ld_shared_v4(staging_half(chunk >> 3).chunk_address(row, chunk & 7));
-    const int64_t offset = (row0 + 64 * warpgroup + row) * p.hidden + j * kBlockN + chunk * 8;
-    *reinterpret_cast<uint4*>(p.out + offset) = v;
+    const uint32_t* in = &v.x;
+    uint4 result;
+    uint32_t* out = &result.x;
     if constexpr (!kBackward) {
-      uint4 post;
-      const uint32_t* in = &v.x;
-      uint32_t* out = &post.x;
+      *reinterpret_cast<uint4*>(p.out + offset) = v;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float2 x = unpack_bf16(in[e]);
         out[e] = pack_bf16(leaky_relu_sq_value(x.x, p.slope), leaky_relu_sq_value(x.y, p.slope));
       }
-      *reinterpret_cast<uint4*>(p.post + offset) = post;
+      *reinterpret_cast<uint4*>(p.post + offset) = result;
+    } else {
+      const uint32_t* pre = &pre_chunk[i].x;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 d = unpack_bf16(in[e]), x = unpack_bf16(pre[e]);
+        out[e] = pack_bf16(leaky_relu_sq_gradient(d.x, x.x, slope_sq), leaky_relu_sq_gradient(d.y, x.y, slope_sq));
+      }
+      *reinterpret_cast<uint4*>(p.out + offset) = result;
     }
   };
 
@@ -199,9 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_fused_gemm_kernel(const MlpGe
       wgmma_commit();
       // While the tensor cores run: one eighth of the previous tile's output goes out.
       if (j > 0) drain_chunk(j - 1, k);
-      if constexpr (kBackward) {
-        if (k == 0) load_pre_fragments(j);
-      }
+      if constexpr (kBackward) load_pre_chunk(j, k);  // pre_chunk[k] of tile j - 1 is spent
       wgmma_wait<1>();
     }
     wgmma_wait<0>();
