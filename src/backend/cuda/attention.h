@@ -56,6 +56,8 @@ struct AttentionTuning {
   // H100 (dense T 2048: 2.16 ms, 238 TFLOP/s against 2.60 ms, 198) within the same test bounds.
   // Ignored when `deterministic` is set.
   AttentionBackwardKernel backward_kernel = AttentionBackwardKernel::wgmma;
+  // Keys per K/V tile of the wgmma forward: 64 or 128 (the mma.sync forward always uses 64).
+  int forward_key_tile = 128;
 };
 
 void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
