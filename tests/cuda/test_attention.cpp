@@ -162,8 +162,9 @@ struct DeviceAttention {
 };
 
 // The mma.sync forward and the backward at both block shapes (and the deterministic dQ), then the
-// wgmma forward at both block shapes and key tiles, each followed by the mma.sync backward, then the wgmma backward
-// at both block shapes (one or two warpgroups) after the default forward.
+// wgmma forward at both block shapes and key tiles (64 and 128), each followed by the mma.sync
+// backward, then the wgmma backward at both block shapes (one or two warpgroups) after the default
+// forward.
 std::vector<AttentionTuning> tunings_under_test() {
   constexpr auto mma = cuda::AttentionForwardKernel::mma_sync;
   constexpr auto mma_bwd = cuda::AttentionBackwardKernel::mma_sync;

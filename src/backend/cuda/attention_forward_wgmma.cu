@@ -27,18 +27,23 @@ namespace {
 constexpr int kSwizzleAtomBytes = 1024;  // tile starts must be aligned to this (wgmma.cuh)
 constexpr float kScaleLog2 = kSoftmaxScale * kLog2e;
 
+// Buffers of each of K and V. Copies are issued kStages - 1 steps ahead of their use; a third stage
+// measured slower on an H100 at every block shape (the copies are not what the kernel waits for).
+constexpr int kStages = 2;
+
 template <int kWarpgroups, int kBlockN>
 constexpr int wgmma_forward_smem_bytes() {
-  // Q tile, then K and V tiles, two buffers each; rows of 128 bytes; room to align the start.
-  return (64 * kWarpgroups + 4 * kBlockN) * 128 + kSwizzleAtomBytes;
+  // Q tile, then K and V tiles, kStages buffers each; rows of 128 bytes; room to align the start.
+  return (64 * kWarpgroups + 2 * kStages * kBlockN) * 128 + kSwizzleAtomBytes;
 }
 
 // Blocks per multiprocessor the register budget is set for: one warpgroup keeps S (kBlockN / 2), the
-// previous tile's P (kBlockN / 4), O (32) and Q (16) registers a thread, plus addressing; checked
-// with -Xptxas -v.
+// previous tile's P (kBlockN / 4), O (32) and Q (16) registers a thread, plus addressing. With 64-key
+// tiles that fits 128 registers (4 blocks of one warpgroup or 2 of two; 135 unbounded, no spills at
+// 128: -Xptxas -v); 128-key tiles need about 190.
 template <int kWarpgroups, int kBlockN>
 constexpr int wgmma_forward_min_blocks() {
-  return kWarpgroups == 2 ? 1 : (kBlockN == 64 ? 3 : 2);
+  return (kBlockN == 64 ? 4 : 2) / kWarpgroups;
 }
 
 // Sets the scores of keys after the query to -inf. key0: the tile's first key, warp_row0: the warp's
@@ -62,32 +67,43 @@ __device__ __forceinline__ void mask_causal(float (&s)[kHalves][32], int key0, i
 template <int kHalves>
 __device__ __forceinline__ void online_softmax(float (&s)[kHalves][32], float (&row_max)[2], float (&row_sum)[2],
                                                float (&correction)[2]) {
+  constexpr int kPairs = kHalves * 8;  // pairs of a row's scores this thread holds
+  float base[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float mx = row_max[r];
+    // The tile's max of s by a tree (short dependency chains), scaled once: the scale is positive,
+    // so max(scale·s) = scale·max(s) with the same rounding.
+    float m[8];
 #pragma unroll
-    for (int h = 0; h < kHalves; ++h) {
+    for (int jn = 0; jn < 8; ++jn) {
+      m[jn] = fmaxf(s[0][4 * jn + 2 * r], s[0][4 * jn + 2 * r + 1]);
 #pragma unroll
-      for (int jn = 0; jn < 8; ++jn) mx = fmaxf(mx, fmaxf(s[h][4 * jn + 2 * r], s[h][4 * jn + 2 * r + 1]) * kScaleLog2);
+      for (int h = 1; h < kHalves; ++h) m[jn] = fmaxf(m[jn], fmaxf(s[h][4 * jn + 2 * r], s[h][4 * jn + 2 * r + 1]));
     }
+#pragma unroll
+    for (int n = 4; n >= 1; n /= 2) {
+#pragma unroll
+      for (int i = 0; i < n; ++i) m[i] = fmaxf(m[i], m[i + n]);
+    }
+    float mx = fmaxf(row_max[r], m[0] * kScaleLog2);
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float base = mx == -INFINITY ? 0.f : mx;  // a row with no visible key yet stays empty
-    correction[r] = exp2_approx(row_max[r] - base);
+    base[r] = mx == -INFINITY ? 0.f : mx;  // a row with no visible key yet stays empty
+    correction[r] = exp2_approx(row_max[r] - base[r]);
     row_max[r] = mx;
-    float sum = row_sum[r] * correction[r];
+  }
 #pragma unroll
-    for (int h = 0; h < kHalves; ++h) {
+  for (int r = 0; r < 2; ++r) {
+    float part[4] = {0.f, 0.f, 0.f, 0.f};  // four partial sums: short dependency chains
 #pragma unroll
-      for (int jn = 0; jn < 8; ++jn) {
-        const float p0 = exp2_approx(fmaf(s[h][4 * jn + 2 * r], kScaleLog2, -base));
-        const float p1 = exp2_approx(fmaf(s[h][4 * jn + 2 * r + 1], kScaleLog2, -base));
-        s[h][4 * jn + 2 * r] = p0;
-        s[h][4 * jn + 2 * r + 1] = p1;
-        sum += p0 + p1;
-      }
+    for (int i = 0; i < kPairs; ++i) {
+      float& e0 = s[i / 8][4 * (i % 8) + 2 * r];
+      float& e1 = s[i / 8][4 * (i % 8) + 2 * r + 1];
+      e0 = exp2_approx(fmaf(e0, kScaleLog2, -base[r]));
+      e1 = exp2_approx(fmaf(e1, kScaleLog2, -base[r]));
+      part[i % 4] += e0 + e1;
     }
-    row_sum[r] = sum;
+    row_sum[r] = fmaf(row_sum[r], correction[r], (part[0] + part[1]) + (part[2] + part[3]));
   }
 }
 
@@ -130,8 +146,12 @@ __global__ void __launch_bounds__(kWarpgroups * 128, wgmma_forward_min_blocks<kW
   const uint32_t smem_base = (smem_address(smem) + (kSwizzleAtomBytes - 1)) & ~uint32_t(kSwizzleAtomBytes - 1);
   const SwizzledTile64 q_tile{smem_base};
   const uint32_t kv_base = smem_base + kBlockM * 128;
-  auto k_tile = [&](int buf) { return SwizzledTile64{kv_base + static_cast<uint32_t>(buf * kBlockN * 128)}; };
-  auto v_tile = [&](int buf) { return SwizzledTile64{kv_base + static_cast<uint32_t>((2 + buf) * kBlockN * 128)}; };
+  auto k_tile = [&](int tile) {
+    return SwizzledTile64{kv_base + static_cast<uint32_t>((tile % kStages) * kBlockN * 128)};
+  };
+  auto v_tile = [&](int tile) {
+    return SwizzledTile64{kv_base + static_cast<uint32_t>((kStages + tile % kStages) * kBlockN * 128)};
+  };
 
   const int64_t kv_offset = static_cast<int64_t>(seg.start) * p.kv_row_stride + kv_head * kHeadDim;
   // Copies rows of tile `tile` of K or V (src) into `dst`; keys past the segment are zero-filled.
@@ -143,8 +163,15 @@ __global__ void __launch_bounds__(kWarpgroups * 128, wgmma_forward_min_blocks<kW
   q_tile.load_async<kBlockM, kThreads>(
       p.q + static_cast<int64_t>(seg.start + q_start) * p.q_row_stride + head * kHeadDim, p.q_row_stride, q_rows,
       tid);
-  load_tile(k_tile(0), p.k, 0);
-  cp_async_commit();
+  // Copy group g (g = j + kStages - 1 is issued at step j, the first kStages - 1 before the loop):
+  // K_g and V_{g-1}, the operands of step g.
+  auto load_group = [&](int g) {
+    if (g < num_kv_tiles) load_tile(k_tile(g), p.k, g);
+    if (g >= 1 && g - 1 < num_kv_tiles) load_tile(v_tile(g - 1), p.v, g - 1);
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int g = 0; g < kStages - 1; ++g) load_group(g);
 
   const int warp_row0 = q_start + warp * 16;            // segment-local first query of this warp
   const int warpgroup_row0 = q_start + warpgroup * 64;  // ... and of its warpgroup
@@ -164,7 +191,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, wgmma_forward_min_blocks<kW
   // S_j = Q K_jᵀ: for each 64-key half h, four k-steps over dh; K rows 64h.. start 8 atoms further,
   // dh 16kk.. 32·kk bytes into the row (wgmma.cuh).
   auto issue_scores = [&](int j) {
-    const uint32_t k_base = k_tile(j & 1).base;
+    const uint32_t k_base = k_tile(j).base;
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) {
       const uint32_t half_base = k_base + static_cast<uint32_t>(h * 64 * 128);
@@ -178,7 +205,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, wgmma_forward_min_blocks<kW
   // O += P_j V_j over kBlockN / 16 k-steps. V is the MN-major B operand: keys 16kk.. start 2048·kk
   // bytes into the tile.
   auto issue_pv = [&](int j) {
-    const uint32_t v_base = v_tile(j & 1).base;
+    const uint32_t v_base = v_tile(j).base;
 #pragma unroll
     for (int kk = 0; kk < kHalves * 4; ++kk)
       wgmma_m64n64k16_bf16<true, 1>(o_acc, p_frag[kk], mn_major_step_descriptor(v_base, kk));
@@ -197,14 +224,12 @@ __global__ void __launch_bounds__(kWarpgroups * 128, wgmma_forward_min_blocks<kW
   // warpgroup_tiles). Each branch below waits for every product it issues before it ends: a product
   // in flight across diverging paths would make the compiler serialize all of them.
   for (int j = 0; j <= num_kv_tiles; ++j) {
-    cp_async_wait<0>();          // K_j and V_{j-1} (at j = 0: Q and K_0) have landed for this thread's copies
-    fence_proxy_async_shared();  // ... and are visible to the tensor cores' reads after the barrier
-    // Every copy has landed, and every warpgroup has finished step j - 1, whose reads (K_{j-1},
-    // V_{j-2}) were the last of the buffers refilled now.
+    cp_async_wait<kStages - 2>();  // group j (K_j, V_{j-1}; Q with group 0) has landed for this thread
+    fence_proxy_async_shared();    // ... and is visible to the tensor cores' reads after the barrier
+    // Every copy of group j has landed, and every warpgroup has finished step j - 1, whose reads
+    // (K_{j-1}, V_{j-2}) were the last of the buffers that group j + kStages - 1 refills.
     __syncthreads();
-    if (j + 1 < num_kv_tiles) load_tile(k_tile((j + 1) & 1), p.k, j + 1);
-    if (j < num_kv_tiles) load_tile(v_tile(j & 1), p.v, j);
-    cp_async_commit();
+    load_group(j + kStages - 1);
     if (j == 0) {
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) ldmatrix_x4(q_frag[kk], a_fragment_address(q_tile, warp * 16, kk * 16, lane));
@@ -269,12 +294,16 @@ void launch(const AttentionForwardParams& p, const AttentionShape& shape, cudaSt
   }();
   (void)configured;
   dim3 grid(segment_tile_grid(shape, 64 * kWarpgroups), shape.num_heads);
-  attention_forward_wgmma_kernel<kWarpgroups, kBlockN><<<grid, kWarpgroups * 128, bytes, stream>>>(p);
+  attention_forward_wgmma_kernel<kWarpgroups, kBlockN>
+      <<<grid, kWarpgroups * 128, bytes, stream>>>(p);
   PG_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace
 
+// The kernel this one replaced (no overlap, two barriers a step) gave wrong outputs with 64-key
+// tiles on an H100 (an LSE short of the reference by up to 2: keys left out); this one passes every
+// attention test at both tiles and both block shapes.
 void launch_attention_forward_wgmma(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
                                     int key_tile, cudaStream_t stream) {
   PG_CUDA_REQUIRE(warps == 4 || warps == 8, "attention_forward: tuning.forward_warps must be 4 or 8");

@@ -39,10 +39,10 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   GpuModelOptions m;
   m.max_tokens = o.max_tokens;
   m.deterministic = o.deterministic;
-  if (!wgmma_kernel(c, "attention_forward")) m.attention.forward_kernel = AttentionForwardKernel::mma_sync;
-  const int64_t key_tile = c.get_int("attention_forward_key_tile");
-  PG_CHECK(key_tile == 64 || key_tile == 128, "attention_forward_key_tile = {}: expected 64 | 128", key_tile);
-  m.attention.forward_key_tile = static_cast<int>(key_tile);
+  if (!wgmma_kernel(c, "attention_forward")) {
+    m.attention.forward_kernel = AttentionForwardKernel::mma_sync;
+    m.attention.forward_warps = 4;  // the mma.sync forward's fastest shape
+  }
   if (!wgmma_kernel(c, "attention_backward")) {
     m.attention.backward_kernel = AttentionBackwardKernel::mma_sync;
     m.attention.backward_warps = 8;  // the mma.sync backward's fastest shape
