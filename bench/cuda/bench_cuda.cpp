@@ -192,12 +192,15 @@ void bench_attention(const std::string& label, const std::vector<int32_t>& cu_ho
     row(fmt::format("attn {} bwd ({} warps)", label, warps), shape_text, timer.median_ms([&] { backward(t); }),
         2.5 * fwd_flops);
   }
-  if (hopper) {  // the wgmma forward and backward at both block shapes
+  if (hopper) {  // the wgmma forward (both block shapes and key tiles) and backward (both block shapes)
     for (int warps : {4, 8}) {
-      AttentionTuning t{warps, warps};
-      t.forward_kernel = AttentionForwardKernel::wgmma;
-      row(fmt::format("attn {} fwd wgmma ({} warps)", label, warps), shape_text, timer.median_ms([&] { forward(t); }),
-          fwd_flops);
+      for (int key_tile : {64, 128}) {
+        AttentionTuning t{warps, warps};
+        t.forward_kernel = AttentionForwardKernel::wgmma;
+        t.forward_key_tile = key_tile;
+        row(fmt::format("attn {} fwd wgmma ({} warps, {} keys)", label, warps, key_tile), shape_text,
+            timer.median_ms([&] { forward(t); }), fwd_flops);
+      }
     }
     forward(AttentionTuning{});
     for (int warps : {4, 8}) {

@@ -66,6 +66,7 @@ struct ErrorStats {
   double max_abs = 0.0;  // over finite elements
   double rel_l2 = 0.0;   // ‖got − ref‖ / ‖ref‖
   size_t non_finite = 0;
+  size_t worst = 0;  // index of the largest finite error, else of the first non-finite element
 };
 
 template <typename Got>
@@ -76,11 +77,11 @@ ErrorStats error_stats(const std::vector<Got>& got, const std::vector<double>& r
   for (size_t i = 0; i < got.size() && i < ref.size(); ++i) {
     const double g = static_cast<double>(got[i]);
     if (!std::isfinite(g)) {
-      ++s.non_finite;
+      if (s.non_finite++ == 0 && s.max_abs == 0.0) s.worst = i;
       continue;
     }
     const double d = std::abs(g - ref[i]);
-    s.max_abs = std::max(s.max_abs, d);
+    if (d > s.max_abs) s.max_abs = d, s.worst = i;
     diff2 += d * d;
     ref2 += ref[i] * ref[i];
   }
@@ -98,6 +99,9 @@ void expect_within_naive(const std::string& what, const std::vector<Got>& got, c
               what.c_str(), g.max_abs, n.max_abs, n.max_abs > 0 ? g.max_abs / n.max_abs : 0.0, k, g.rel_l2,
               n.rel_l2);
   EXPECT_EQ(g.non_finite, 0u) << what << ": " << g.non_finite << " elements not written or not finite";
+  if (g.max_abs > k * n.max_abs || g.non_finite > 0)
+    std::printf("    %-28s worst element %zu: got %g, reference %g\n", what.c_str(), g.worst,
+                static_cast<double>(got[g.worst]), ref[g.worst]);
   EXPECT_EQ(n.non_finite, 0u) << what << ": the naive reference is not finite";
   EXPECT_GT(n.max_abs, 0.0) << what << ": the naive computation is exact, the comparison proves nothing";
   EXPECT_LE(g.max_abs, k * n.max_abs) << what << ": max error " << g.max_abs << " exceeds " << k

@@ -162,19 +162,23 @@ struct DeviceAttention {
 };
 
 // The mma.sync forward and the backward at both block shapes (and the deterministic dQ), then the
-// wgmma forward at both block shapes, each followed by the default backward, then the wgmma backward
-// at both block shapes (one or two warpgroups) after the default forward.
+// wgmma forward at both block shapes and key tiles (64 and 128), each followed by the mma.sync
+// backward, then the wgmma backward at both block shapes (one or two warpgroups) after the default
+// forward.
 std::vector<AttentionTuning> tunings_under_test() {
   constexpr auto mma = cuda::AttentionForwardKernel::mma_sync;
   constexpr auto mma_bwd = cuda::AttentionBackwardKernel::mma_sync;
   std::vector<AttentionTuning> tunings{{4, 4, false, mma, mma_bwd}, {8, 8, false, mma, mma_bwd}, {4, 8, true, mma, mma_bwd}};
   for (int warps : {4, 8}) {
-    AttentionTuning t;
-    t.forward_warps = warps;
-    t.forward_kernel = cuda::AttentionForwardKernel::wgmma;
-    t.backward_warps = 8;
-    t.backward_kernel = mma_bwd;
-    tunings.push_back(t);
+    for (int key_tile : {64, 128}) {
+      AttentionTuning t;
+      t.forward_warps = warps;
+      t.forward_kernel = cuda::AttentionForwardKernel::wgmma;
+      t.forward_key_tile = key_tile;
+      t.backward_warps = 8;
+      t.backward_kernel = mma_bwd;
+      tunings.push_back(t);
+    }
   }
   for (int warps : {4, 8}) {
     AttentionTuning t;
@@ -187,7 +191,7 @@ std::vector<AttentionTuning> tunings_under_test() {
 
 std::string tuning_label(const AttentionTuning& t) {
   std::string label = t.forward_kernel == cuda::AttentionForwardKernel::wgmma
-                          ? "wgmma_fw" + std::to_string(t.forward_warps)
+                          ? "wgmma_fw" + std::to_string(t.forward_warps) + "_keys" + std::to_string(t.forward_key_tile)
                           : "mma_fw" + std::to_string(t.forward_warps);
   label += t.backward_kernel == cuda::AttentionBackwardKernel::wgmma ? "_wgmma_bw" : "_bw";
   label += std::to_string(t.backward_warps);
@@ -270,6 +274,11 @@ TEST_F(AttentionTest, SmallWorkspaceAndBadHeadsAreErrors) {
                Error);
   EXPECT_THROW(cuda::attention_forward(dev.shape, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(),
                                        nullptr, AttentionTuning{6, 8}),
+               Error);
+  AttentionTuning odd_key_tile;
+  odd_key_tile.forward_key_tile = 96;
+  EXPECT_THROW(cuda::attention_forward(dev.shape, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(),
+                                       nullptr, odd_key_tile),
                Error);
 }
 

@@ -112,9 +112,9 @@ inline void require_hopper(const char* what) {
 }
 
 // The Hopper forward (attention_forward_wgmma.cu): `warps` 4 or 8 (one or two warpgroups of 64 query
-// rows), 128 keys per K/V tile.
+// rows), `key_tile` 64 or 128 keys per K/V tile.
 void launch_attention_forward_wgmma(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
-                                    cudaStream_t stream);
+                                    int key_tile, cudaStream_t stream);
 
 // The Hopper backward main kernel (attention_backward_wgmma.cu): `warps` 4 or 8 (one or two
 // warpgroups of 64 keys), dq added to p.dq_accum with fp32 atomics, dk and dv written.

@@ -200,7 +200,7 @@ void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, cons
                   static_cast<int64_t>(shape.num_heads) * kHeadDim,
                   static_cast<int64_t>(shape.num_kv_heads) * kHeadDim};
   if (tuning.forward_kernel == AttentionForwardKernel::wgmma) {
-    launch_attention_forward_wgmma(p, shape, tuning.forward_warps, stream);
+    launch_attention_forward_wgmma(p, shape, tuning.forward_warps, tuning.forward_key_tile, stream);
     return;
   }
   switch (tuning.forward_warps) {

@@ -7,6 +7,11 @@
 // straight from the 128-byte-swizzled K and V tiles through matrix descriptors (wgmma.cuh explains
 // the layouts) instead of per-warp ldmatrix.
 //
+// The two products of a warpgroup overlap its softmax (wgmma is asynchronous): step j issues S_j =
+// Q·K_jᵀ and then O += P_{j-1}·V_{j-1}, waits for S_j only, and exponentiates S_j while the tensor
+// cores still run P_{j-1}·V_{j-1}; O is rescaled by tile j's max correction once that product is done.
+// Step j therefore reads K_j and V_{j-1}, and loads K_{j+1} and V_j for the next step.
+//
 // Per thread (warp w of the block, g = lane / 4, t = lane % 4): query rows 16w + g and 16w + g + 8 of
 // the block tile; s[h][4j + e] holds key 64h + 8j + 2t + (e % 2) of row g + 8·(e / 2); o[4j + e] holds
 // head dim 8j + 2t + (e % 2) of the same rows.
@@ -20,18 +25,101 @@ namespace pgolf::cuda::attention_detail {
 namespace {
 
 constexpr int kSwizzleAtomBytes = 1024;  // tile starts must be aligned to this (wgmma.cuh)
+constexpr float kScaleLog2 = kSoftmaxScale * kLog2e;
+
+// Buffers of each of K and V. Copies are issued kStages - 1 steps ahead of their use; a third stage
+// measured slower on an H100 at every block shape (the copies are not what the kernel waits for).
+constexpr int kStages = 2;
 
 template <int kWarpgroups, int kBlockN>
 constexpr int wgmma_forward_smem_bytes() {
-  // Q tile, then K and V tiles, two buffers each; rows of 128 bytes; room to align the start.
-  return (64 * kWarpgroups + 4 * kBlockN) * 128 + kSwizzleAtomBytes;
+  // Q tile, then K and V tiles, kStages buffers each; rows of 128 bytes; room to align the start.
+  return (64 * kWarpgroups + 2 * kStages * kBlockN) * 128 + kSwizzleAtomBytes;
 }
 
-// Blocks per multiprocessor the register budget is set for: one warpgroup needs about kBlockN / 2 (S)
-// + 32 (O) + 16 (Q) + kBlockN / 4 (P) + addressing registers a thread; checked with -Xptxas -v.
+// Blocks per multiprocessor the register budget is set for: one warpgroup keeps S (kBlockN / 2), the
+// previous tile's P (kBlockN / 4), O (32) and Q (16) registers a thread, plus addressing. With 64-key
+// tiles that fits 128 registers (4 blocks of one warpgroup or 2 of two; 135 unbounded, no spills at
+// 128: -Xptxas -v); 128-key tiles need about 190.
 template <int kWarpgroups, int kBlockN>
 constexpr int wgmma_forward_min_blocks() {
-  return kWarpgroups == 2 ? 1 : (kBlockN == 64 ? 3 : 2);
+  return (kBlockN == 64 ? 4 : 2) / kWarpgroups;
+}
+
+// Sets the scores of keys after the query to -inf. key0: the tile's first key, warp_row0: the warp's
+// first query (both segment-local).
+template <int kHalves>
+__device__ __forceinline__ void mask_causal(float (&s)[kHalves][32], int key0, int warp_row0, int lane) {
+#pragma unroll
+  for (int h = 0; h < kHalves; ++h) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int key = key0 + h * 64 + (i >> 2) * 8 + 2 * (lane & 3) + (i & 1);
+      const int row = warp_row0 + (lane >> 2) + ((i >> 1) & 1) * 8;
+      if (key > row) s[h][i] = -INFINITY;
+    }
+  }
+}
+
+// Online softmax of one tile: new running max, the running sum rescaled and increased, the scores
+// replaced by exp2(scale·log2(e)·s - max). Returns in `correction` the factor O must be multiplied by
+// (exp2(old max - new max)). Row r of this thread is element e = 2r, 2r + 1 of every group of four.
+template <int kHalves>
+__device__ __forceinline__ void online_softmax(float (&s)[kHalves][32], float (&row_max)[2], float (&row_sum)[2],
+                                               float (&correction)[2]) {
+  constexpr int kPairs = kHalves * 8;  // pairs of a row's scores this thread holds
+  float base[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    // The tile's max of s by a tree (short dependency chains), scaled once: the scale is positive,
+    // so max(scale·s) = scale·max(s) with the same rounding.
+    float m[8];
+#pragma unroll
+    for (int jn = 0; jn < 8; ++jn) {
+      m[jn] = fmaxf(s[0][4 * jn + 2 * r], s[0][4 * jn + 2 * r + 1]);
+#pragma unroll
+      for (int h = 1; h < kHalves; ++h) m[jn] = fmaxf(m[jn], fmaxf(s[h][4 * jn + 2 * r], s[h][4 * jn + 2 * r + 1]));
+    }
+#pragma unroll
+    for (int n = 4; n >= 1; n /= 2) {
+#pragma unroll
+      for (int i = 0; i < n; ++i) m[i] = fmaxf(m[i], m[i + n]);
+    }
+    float mx = fmaxf(row_max[r], m[0] * kScaleLog2);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    base[r] = mx == -INFINITY ? 0.f : mx;  // a row with no visible key yet stays empty
+    correction[r] = exp2_approx(row_max[r] - base[r]);
+    row_max[r] = mx;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float part[4] = {0.f, 0.f, 0.f, 0.f};  // four partial sums: short dependency chains
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+      float& e0 = s[i / 8][4 * (i % 8) + 2 * r];
+      float& e1 = s[i / 8][4 * (i % 8) + 2 * r + 1];
+      e0 = exp2_approx(fmaf(e0, kScaleLog2, -base[r]));
+      e1 = exp2_approx(fmaf(e1, kScaleLog2, -base[r]));
+      part[i % 4] += e0 + e1;
+    }
+    row_sum[r] = fmaf(row_sum[r], correction[r], (part[0] + part[1]) + (part[2] + part[3]));
+  }
+}
+
+// P (the exponentiated scores) as the A operand of O += P·V: k-step kk (keys 16kk..16kk+15) is the
+// pair of 8-key accumulator groups jn = 2kk, 2kk + 1 (within half kk / 4), rounded to bf16.
+template <int kHalves>
+__device__ __forceinline__ void pack_p(const float (&s)[kHalves][32], uint32_t (&p_frag)[kHalves * 4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kHalves * 4; ++kk) {
+    const int h = kk / 4, lo = 8 * (kk % 4);  // group jn = 2 (kk % 4): keys 16kk + 2t, +1 (rows g, g+8)
+    const int hi = lo + 4;                     // group jn + 1: keys 16kk + 8 + 2t, +1
+    p_frag[kk][0] = pack_bf16(s[h][lo], s[h][lo + 1]);
+    p_frag[kk][1] = pack_bf16(s[h][lo + 2], s[h][lo + 3]);
+    p_frag[kk][2] = pack_bf16(s[h][hi], s[h][hi + 1]);
+    p_frag[kk][3] = pack_bf16(s[h][hi + 2], s[h][hi + 3]);
+  }
 }
 
 template <int kWarpgroups, int kBlockN>
@@ -39,7 +127,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, wgmma_forward_min_blocks<kW
     attention_forward_wgmma_kernel(const AttentionForwardParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kThreads = kWarpgroups * 128, kBlockM = 64 * kWarpgroups, kHalves = kBlockN / 64;
-  constexpr float kScaleLog2 = kSoftmaxScale * kLog2e;
+  static_assert(kBlockN == 64 || kBlockN == 128, "K/V tiles of 64 or 128 keys");
   extern __shared__ unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warpgroup = warp >> 2;
   const int head = blockIdx.y, kv_head = head / p.group;
@@ -54,136 +142,123 @@ __global__ void __launch_bounds__(kWarpgroups * 128, wgmma_forward_min_blocks<kW
   const int num_kv_tiles = (kv_len + kBlockN - 1) / kBlockN;
 
   // Every tile starts on a swizzle atom: the Q tile (kBlockM rows) and each K/V tile (kBlockN rows)
-  // are multiples of 8 rows of 128 bytes.
+  // are multiples of 8 rows of 128 bytes. Layout: Q, K buffers 0 and 1, V buffers 0 and 1.
   const uint32_t smem_base = (smem_address(smem) + (kSwizzleAtomBytes - 1)) & ~uint32_t(kSwizzleAtomBytes - 1);
   const SwizzledTile64 q_tile{smem_base};
   const uint32_t kv_base = smem_base + kBlockM * 128;
-  auto k_tile = [&](int buf) { return SwizzledTile64{kv_base + static_cast<uint32_t>(buf * 2 * kBlockN * 128)}; };
-  auto v_tile = [&](int buf) { return SwizzledTile64{kv_base + static_cast<uint32_t>((buf * 2 + 1) * kBlockN * 128)}; };
+  auto k_tile = [&](int tile) {
+    return SwizzledTile64{kv_base + static_cast<uint32_t>((tile % kStages) * kBlockN * 128)};
+  };
+  auto v_tile = [&](int tile) {
+    return SwizzledTile64{kv_base + static_cast<uint32_t>((kStages + tile % kStages) * kBlockN * 128)};
+  };
 
-  const __nv_bfloat16* k_src = p.k + static_cast<int64_t>(seg.start) * p.kv_row_stride + kv_head * kHeadDim;
-  const __nv_bfloat16* v_src = p.v + static_cast<int64_t>(seg.start) * p.kv_row_stride + kv_head * kHeadDim;
-  auto load_kv = [&](int tile, int buf) {
-    const int64_t offset = static_cast<int64_t>(tile) * kBlockN * p.kv_row_stride;
-    const int rows = kv_len - tile * kBlockN;  // keys past the segment are zero-filled
-    k_tile(buf).template load_async<kBlockN, kThreads>(k_src + offset, p.kv_row_stride, rows, tid);
-    v_tile(buf).template load_async<kBlockN, kThreads>(v_src + offset, p.kv_row_stride, rows, tid);
+  const int64_t kv_offset = static_cast<int64_t>(seg.start) * p.kv_row_stride + kv_head * kHeadDim;
+  // Copies rows of tile `tile` of K or V (src) into `dst`; keys past the segment are zero-filled.
+  auto load_tile = [&](const SwizzledTile64& dst, const __nv_bfloat16* src, int tile) {
+    dst.template load_async<kBlockN, kThreads>(src + kv_offset + static_cast<int64_t>(tile) * kBlockN * p.kv_row_stride,
+                                               p.kv_row_stride, kv_len - tile * kBlockN, tid);
   };
 
   q_tile.load_async<kBlockM, kThreads>(
       p.q + static_cast<int64_t>(seg.start + q_start) * p.q_row_stride + head * kHeadDim, p.q_row_stride, q_rows,
       tid);
-  load_kv(0, 0);
-  cp_async_commit();
+  // Copy group g (g = j + kStages - 1 is issued at step j, the first kStages - 1 before the loop):
+  // K_g and V_{g-1}, the operands of step g.
+  auto load_group = [&](int g) {
+    if (g < num_kv_tiles) load_tile(k_tile(g), p.k, g);
+    if (g >= 1 && g - 1 < num_kv_tiles) load_tile(v_tile(g - 1), p.v, g - 1);
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int g = 0; g < kStages - 1; ++g) load_group(g);
 
   const int warp_row0 = q_start + warp * 16;            // segment-local first query of this warp
   const int warpgroup_row0 = q_start + warpgroup * 64;  // ... and of its warpgroup
-  // A warpgroup whose rows all lie past the segment end (short segments, 128-row tiles) has nothing
-  // to compute; the condition is the same for its 4 warps, as wgmma requires.
-  const bool warpgroup_has_rows = warpgroup_row0 < seg.length;
+  // The key tiles this warpgroup computes: those starting at or before its last row. Rows and tiles
+  // are 64-aligned, so a warpgroup that sees key0 at all sees it in every row and no row of a computed
+  // tile is entirely masked. A warpgroup whose rows all lie past the segment end (short segments,
+  // 128-row tiles) computes none. Uniform over the warpgroup's 4 warps, as wgmma requires.
+  const int warpgroup_tiles =
+      warpgroup_row0 < seg.length ? min(num_kv_tiles, (warpgroup_row0 + 63) / kBlockN + 1) : 0;
   uint32_t q_frag[4][4];  // A fragments of the warp's 16 rows, dh 16kk..16kk+15
+  float s[kHalves][32];   // S_j, then P_j in fp32
+  uint32_t p_frag[kHalves * 4][4];  // P_{j-1} in bf16, the A operand of O += P_{j-1}·V_{j-1}
   float o_acc[32] = {};
   float row_max[2] = {-INFINITY, -INFINITY};  // running max of scale·log2(e)·s
   float row_sum[2] = {0.f, 0.f};              // this thread's part of the running sum of exp2
 
-  for (int j = 0; j < num_kv_tiles; ++j) {
-    if (j + 1 < num_kv_tiles) load_kv(j + 1, (j + 1) & 1);
-    cp_async_commit();
-    cp_async_wait<1>();          // tile j (and Q) have landed for this thread's copies
-    fence_proxy_async_shared();  // ... and are visible to the tensor cores' reads after the barrier
+  // S_j = Q K_jᵀ: for each 64-key half h, four k-steps over dh; K rows 64h.. start 8 atoms further,
+  // dh 16kk.. 32·kk bytes into the row (wgmma.cuh).
+  auto issue_scores = [&](int j) {
+    const uint32_t k_base = k_tile(j).base;
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) {
+      const uint32_t half_base = k_base + static_cast<uint32_t>(h * 64 * 128);
+      wgmma_m64n64k16_bf16<false, 0>(s[h], q_frag[0], k_major_step_descriptor(half_base, 0));
+#pragma unroll
+      for (int kk = 1; kk < 4; ++kk)
+        wgmma_m64n64k16_bf16<true, 0>(s[h], q_frag[kk], k_major_step_descriptor(half_base, kk));
+    }
+    wgmma_commit();
+  };
+  // O += P_j V_j over kBlockN / 16 k-steps. V is the MN-major B operand: keys 16kk.. start 2048·kk
+  // bytes into the tile.
+  auto issue_pv = [&](int j) {
+    const uint32_t v_base = v_tile(j).base;
+#pragma unroll
+    for (int kk = 0; kk < kHalves * 4; ++kk)
+      wgmma_m64n64k16_bf16<true, 1>(o_acc, p_frag[kk], mn_major_step_descriptor(v_base, kk));
+    wgmma_commit();
+  };
+  // After S_j has landed: masked and exponentiated in place (P_j in fp32); `correction` as in online_softmax.
+  auto softmax_scores = [&](int j, float (&correction)[2]) {
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) wgmma_fence_operands(s[h]);
+    const int key0 = j * kBlockN;
+    if (key0 + kBlockN - 1 > warp_row0) mask_causal(s, key0, warp_row0, lane);  // crosses the diagonal
+    online_softmax(s, row_max, row_sum, correction);
+  };
+
+  // Step j <= num_kv_tiles computes S_j (j < warpgroup_tiles) and O += P_{j-1}·V_{j-1} (0 < j <=
+  // warpgroup_tiles). Each branch below waits for every product it issues before it ends: a product
+  // in flight across diverging paths would make the compiler serialize all of them.
+  for (int j = 0; j <= num_kv_tiles; ++j) {
+    cp_async_wait<kStages - 2>();  // group j (K_j, V_{j-1}; Q with group 0) has landed for this thread
+    fence_proxy_async_shared();    // ... and is visible to the tensor cores' reads after the barrier
+    // Every copy of group j has landed, and every warpgroup has finished step j - 1, whose reads
+    // (K_{j-1}, V_{j-2}) were the last of the buffers that group j + kStages - 1 refills.
     __syncthreads();
+    load_group(j + kStages - 1);
     if (j == 0) {
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) ldmatrix_x4(q_frag[kk], a_fragment_address(q_tile, warp * 16, kk * 16, lane));
-    }
-    const int key0 = j * kBlockN;
-    // Rows and tiles are 64-aligned: a warpgroup that sees key0 at all sees it in every row, so no
-    // row of a computed tile is entirely masked.
-    if (warpgroup_has_rows && key0 <= warpgroup_row0 + 63) {
-      const uint32_t k_base = k_tile(j & 1).base, v_base = v_tile(j & 1).base;
-      // S = Q Kᵀ: for each 64-key half h, four k-steps over dh; K rows 64h.. start 8 atoms further,
-      // dh 16kk.. 32·kk bytes into the row (wgmma.cuh).
-      float s[kHalves][32];
-      wgmma_fence();
-#pragma unroll
-      for (int h = 0; h < kHalves; ++h) {
-        const uint32_t half_base = k_base + static_cast<uint32_t>(h * 64 * 128);
-        wgmma_m64n64k16_bf16<false, 0>(s[h], q_frag[0], k_major_step_descriptor(half_base, 0));
-#pragma unroll
-        for (int kk = 1; kk < 4; ++kk)
-          wgmma_m64n64k16_bf16<true, 0>(s[h], q_frag[kk], k_major_step_descriptor(half_base, kk));
+      if (warpgroup_tiles > 0) {  // the first tile: O is still zero
+        float correction[2];
+        wgmma_fence();
+        issue_scores(0);
+        wgmma_wait<0>();
+        softmax_scores(0, correction);
+        pack_p(s, p_frag);
       }
-      wgmma_commit();
+    } else if (j < warpgroup_tiles) {
+      float correction[2];
+      wgmma_fence();
+      issue_scores(j);
+      issue_pv(j - 1);
+      wgmma_wait<1>();  // S_j is done; P_{j-1}·V_{j-1} may still run during the softmax
+      softmax_scores(j, correction);
       wgmma_wait<0>();
+      wgmma_fence_operands(o_acc);
 #pragma unroll
-      for (int h = 0; h < kHalves; ++h) wgmma_fence_operands(s[h]);
-
-      if (key0 + kBlockN - 1 > warp_row0) {  // the tile crosses this warp's diagonal
-#pragma unroll
-        for (int h = 0; h < kHalves; ++h) {
-#pragma unroll
-          for (int i = 0; i < 32; ++i) {
-            const int key = key0 + h * 64 + (i >> 2) * 8 + 2 * (lane & 3) + (i & 1);
-            const int row = warp_row0 + (lane >> 2) + ((i >> 1) & 1) * 8;
-            if (key > row) s[h][i] = -INFINITY;
-          }
-        }
-      }
-      // Online softmax: new max, rescale the running sum and O, exponentiate in place. Row r of this
-      // thread is element e = 2r, 2r + 1 of every group of four.
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = row_max[r];
-#pragma unroll
-        for (int h = 0; h < kHalves; ++h) {
-#pragma unroll
-          for (int jn = 0; jn < 8; ++jn) mx = fmaxf(mx, fmaxf(s[h][4 * jn + 2 * r], s[h][4 * jn + 2 * r + 1]) * kScaleLog2);
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float base = mx == -INFINITY ? 0.f : mx;  // a row with no visible key yet stays empty
-        const float correction = exp2_approx(row_max[r] - base);
-        row_max[r] = mx;
-        row_sum[r] *= correction;
-#pragma unroll
-        for (int jn = 0; jn < 8; ++jn) {
-          o_acc[4 * jn + 2 * r] *= correction;
-          o_acc[4 * jn + 2 * r + 1] *= correction;
-        }
-#pragma unroll
-        for (int h = 0; h < kHalves; ++h) {
-#pragma unroll
-          for (int jn = 0; jn < 8; ++jn) {
-            const float p0 = exp2_approx(fmaf(s[h][4 * jn + 2 * r], kScaleLog2, -base));
-            const float p1 = exp2_approx(fmaf(s[h][4 * jn + 2 * r + 1], kScaleLog2, -base));
-            s[h][4 * jn + 2 * r] = p0;
-            s[h][4 * jn + 2 * r + 1] = p1;
-            row_sum[r] += p0 + p1;
-          }
-        }
-      }
-      // O += P V over kBlockN / 16 k-steps. P's A fragment for keys 16kk..16kk+15 is the pair of
-      // 8-key accumulator groups jn = 2kk, 2kk + 1 (within half kk / 4), rounded to bf16. V is the
-      // MN-major B operand: keys 16kk.. start 2048·kk bytes into the tile.
-      uint32_t p_frag[kBlockN / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        const int h = kk / 4, lo = 8 * (kk % 4);  // group jn = 2 (kk % 4): keys 16kk + 2t, +1 (rows g, g+8)
-        const int hi = lo + 4;                     // group jn + 1: keys 16kk + 8 + 2t, +1
-        p_frag[kk][0] = pack_bf16(s[h][lo], s[h][lo + 1]);
-        p_frag[kk][1] = pack_bf16(s[h][lo + 2], s[h][lo + 3]);
-        p_frag[kk][2] = pack_bf16(s[h][hi], s[h][hi + 1]);
-        p_frag[kk][3] = pack_bf16(s[h][hi + 2], s[h][hi + 3]);
-      }
+      for (int i = 0; i < 32; ++i) o_acc[i] *= correction[(i >> 1) & 1];
+      pack_p(s, p_frag);
+    } else if (j == warpgroup_tiles) {  // the last product of this warpgroup
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk)
-        wgmma_m64n64k16_bf16<true, 1>(o_acc, p_frag[kk], mn_major_step_descriptor(v_base, kk));
-      wgmma_commit();
+      issue_pv(j - 1);
       wgmma_wait<0>();
       wgmma_fence_operands(o_acc);
     }
-    __syncthreads();  // every warpgroup is done with buffer j & 1 before tile j + 2 is loaded into it
   }
 
   // O / l and LSE = ln(sum exp(scale·s)) = (max + log2(sum)) · ln 2.
@@ -219,20 +294,28 @@ void launch(const AttentionForwardParams& p, const AttentionShape& shape, cudaSt
   }();
   (void)configured;
   dim3 grid(segment_tile_grid(shape, 64 * kWarpgroups), shape.num_heads);
-  attention_forward_wgmma_kernel<kWarpgroups, kBlockN><<<grid, kWarpgroups * 128, bytes, stream>>>(p);
+  attention_forward_wgmma_kernel<kWarpgroups, kBlockN>
+      <<<grid, kWarpgroups * 128, bytes, stream>>>(p);
   PG_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-// 128 keys per K/V tile: the 64-key instantiation of this kernel gave wrong outputs on an H100
-// (every attention test case, both block shapes), so it is not launched.
+// The kernel this one replaced (no overlap, two barriers a step) gave wrong outputs with 64-key
+// tiles on an H100 (an LSE short of the reference by up to 2: keys left out); this one passes every
+// attention test at both tiles and both block shapes.
 void launch_attention_forward_wgmma(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
-                                    cudaStream_t stream) {
+                                    int key_tile, cudaStream_t stream) {
   PG_CUDA_REQUIRE(warps == 4 || warps == 8, "attention_forward: tuning.forward_warps must be 4 or 8");
+  PG_CUDA_REQUIRE(key_tile == 64 || key_tile == 128, "attention_forward: tuning.forward_key_tile must be 64 or 128");
   require_hopper("attention_forward: the wgmma kernel needs an sm_90 (Hopper) GPU");
-  if (warps == 4) launch<1, 128>(p, shape, stream);
-  else launch<2, 128>(p, shape, stream);
+  if (warps == 4) {
+    if (key_tile == 64) launch<1, 64>(p, shape, stream);
+    else launch<1, 128>(p, shape, stream);
+  } else {
+    if (key_tile == 64) launch<2, 64>(p, shape, stream);
+    else launch<2, 128>(p, shape, stream);
+  }
 }
 
 }  // namespace pgolf::cuda::attention_detail

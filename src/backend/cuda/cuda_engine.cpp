@@ -39,7 +39,10 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   GpuModelOptions m;
   m.max_tokens = o.max_tokens;
   m.deterministic = o.deterministic;
-  if (!wgmma_kernel(c, "attention_forward")) m.attention.forward_kernel = AttentionForwardKernel::mma_sync;
+  if (!wgmma_kernel(c, "attention_forward")) {
+    m.attention.forward_kernel = AttentionForwardKernel::mma_sync;
+    m.attention.forward_warps = 4;  // the mma.sync forward's fastest shape
+  }
   if (!wgmma_kernel(c, "attention_backward")) {
     m.attention.backward_kernel = AttentionBackwardKernel::mma_sync;
     m.attention.backward_warps = 8;  // the mma.sync backward's fastest shape
