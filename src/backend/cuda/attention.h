@@ -45,7 +45,7 @@ enum class AttentionBackwardKernel { mma_sync, wgmma };
 // warps (2.60 ms against 2.64 with 4 at s691's shape), the wgmma one with 4 (2.16 against 2.26).
 struct AttentionTuning {
   int forward_warps = 4;
-  int backward_warps = 4;
+  int backward_warps = 12;
   // Backward: dQ from a separate pass that sums the key tiles in order (the same bits on every run)
   // instead of fp32 atomics from the key-tile blocks (whose order, and so whose last bits, vary).
   bool deterministic = false;

@@ -58,13 +58,16 @@ __global__ void attention_backward_prepare_kernel(const __nv_bfloat16* __restric
   }
 }
 
+// dq = bf16(scale · accumulator): the wgmma kernel leaves the softmax scale (a power of two) out of
+// dS, the mma.sync one does not (scale 1).
 __global__ void attention_backward_finish_kernel(const float* __restrict__ dq_accum, __nv_bfloat16* __restrict__ dq,
-                                                 int64_t count) {
+                                                 int64_t count, float scale) {
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
   if (i >= count) return;
   const float4 a = *reinterpret_cast<const float4*>(dq_accum + i);
   const float4 b = *reinterpret_cast<const float4*>(dq_accum + i + 4);
-  const uint4 packed{pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w)};
+  const uint4 packed{pack_bf16(scale * a.x, scale * a.y), pack_bf16(scale * a.z, scale * a.w),
+                     pack_bf16(scale * b.x, scale * b.y), pack_bf16(scale * b.z, scale * b.w)};
   *reinterpret_cast<uint4*>(dq + i) = packed;
 }
 
@@ -357,15 +360,15 @@ void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, con
     launch_attention_dq(shape, q, k, v, d_o, lse, delta, dq, stream);
     return;
   }
-  if (tuning.backward_kernel == AttentionBackwardKernel::wgmma)
-    launch_attention_backward_wgmma(p, shape, tuning.backward_warps, stream);
-  else
-    launch_backward<true>(p, shape, tuning.backward_warps, stream);
+  const bool wgmma = tuning.backward_kernel == AttentionBackwardKernel::wgmma;
+  if (wgmma) launch_attention_backward_wgmma(p, shape, tuning.backward_warps, stream);
+  else launch_backward<true>(p, shape, tuning.backward_warps, stream);
   {
     const int threads = 256;
     const int64_t count = rows * kHeadDim;
     const int64_t blocks = (count / 8 + threads - 1) / threads;
-    attention_backward_finish_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(dq_accum, dq, count);
+    attention_backward_finish_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+        dq_accum, dq, count, wgmma ? kSoftmaxScale : 1.f);
     PG_CUDA_LAUNCH_CHECK();
   }
 }

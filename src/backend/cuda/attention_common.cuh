@@ -117,7 +117,8 @@ void launch_attention_forward_wgmma(const AttentionForwardParams& p, const Atten
                                     cudaStream_t stream);
 
 // The Hopper backward main kernel (attention_backward_wgmma.cu): `warps` 4 or 8 (one or two
-// warpgroups of 64 keys), dq added to p.dq_accum with fp32 atomics, dk and dv written.
+// warpgroups of 64 keys), dq / 8 (the softmax scale left to the finish kernel) added to p.dq_accum
+// with fp32 atomics, dk and dv written.
 void launch_attention_backward_wgmma(const AttentionBackwardParams& p, const AttentionShape& shape, int warps,
                                      cudaStream_t stream);
 
