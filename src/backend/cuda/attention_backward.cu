@@ -25,10 +25,58 @@ using namespace attention_detail;
 constexpr int kBackwardBlockM = 64;  // queries per tile
 
 
-// Eight threads per (token, head) row, 8 elements (16 bytes) each.
+// The wgmma main kernel's work list (AttentionBackwardParams::tile_schedule) for key tiles of
+// block_n keys, by one block. A key tile's work, the query tiles at and after it, shrinks with its
+// index within the segment, and blocks start roughly in index order: listing every segment's tile 0,
+// then every tile 1, ... starts the longest blocks first and leaves the short ones for the tail
+// (about 7 % of the dense s691 kernel's time went to a tail of long blocks in segment order).
+// Counting sort by tile index; the order of the segments within one index is immaterial (each block
+// writes only its own dK, dV rows). schedule[0] = {count, 0}, count -1 when a segment has more than
+// kMaxScheduleTiles tiles.
+__device__ void build_tile_schedule(const int32_t* __restrict__ cu, int num_segments, int block_n,
+                                    int2* __restrict__ schedule) {
+  __shared__ int next_slot[kMaxScheduleTiles];  // per tile index: a count, then the next free entry
+  __shared__ int max_tiles;
+  const int tid = threadIdx.x;
+  for (int t = tid; t < kMaxScheduleTiles; t += blockDim.x) next_slot[t] = 0;
+  if (tid == 0) max_tiles = 0;
+  __syncthreads();
+  int most = 0;
+  for (int s = tid; s < num_segments; s += blockDim.x) {
+    const int tiles = (cu[s + 1] - cu[s] + block_n - 1) / block_n;
+    most = max(most, tiles);
+    for (int t = 0; t < min(tiles, kMaxScheduleTiles); ++t) atomicAdd(&next_slot[t], 1);
+  }
+  atomicMax(&max_tiles, most);
+  __syncthreads();
+  if (max_tiles > kMaxScheduleTiles) {
+    if (tid == 0) schedule[0] = make_int2(-1, 0);
+    return;
+  }
+  if (tid == 0) {  // exclusive prefix sum over the tile indices
+    int count = 0;
+    for (int t = 0; t < max_tiles; ++t) {
+      const int c = next_slot[t];
+      next_slot[t] = count;
+      count += c;
+    }
+    schedule[0] = make_int2(count, 0);
+  }
+  __syncthreads();
+  for (int s = tid; s < num_segments; s += blockDim.x) {
+    const int tiles = (cu[s + 1] - cu[s] + block_n - 1) / block_n;
+    for (int t = 0; t < tiles; ++t) schedule[1 + atomicAdd(&next_slot[t], 1)] = make_int2(s, t);
+  }
+}
+
+// Eight threads per (token, head) row, 8 elements (16 bytes) each. With schedule_block_n > 0, block 0
+// also writes the wgmma kernel's work list for key tiles of that many keys.
 __global__ void attention_backward_prepare_kernel(const __nv_bfloat16* __restrict__ o,
                                                   const __nv_bfloat16* __restrict__ d_o, float* __restrict__ delta,
-                                                  float* __restrict__ dq_accum, int total_tokens, int num_heads) {
+                                                  float* __restrict__ dq_accum, int total_tokens, int num_heads,
+                                                  const int32_t* __restrict__ cu, int num_segments,
+                                                  int schedule_block_n, int2* __restrict__ tile_schedule) {
+  if (blockIdx.x == 0 && schedule_block_n > 0) build_tile_schedule(cu, num_segments, schedule_block_n, tile_schedule);
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t row = thread >> 3;
   const int part = static_cast<int>(thread & 7);
@@ -305,10 +353,16 @@ size_t dq_accum_bytes(const AttentionShape& s) {
   return static_cast<size_t>(s.total_tokens) * s.num_heads * kHeadDim * sizeof(float);
 }
 
+// D, rounded up to 16 bytes (the work list after it has 8-byte entries).
+size_t delta_bytes(const AttentionShape& s) {
+  return (static_cast<size_t>(s.total_tokens) * s.num_heads * sizeof(float) + 15) / 16 * 16;
+}
+
 }  // namespace
 
+// The fp32 dQ accumulator, D, and the wgmma kernel's work list (8-byte entries).
 size_t attention_backward_workspace_bytes(const AttentionShape& shape) {
-  return dq_accum_bytes(shape) + static_cast<size_t>(shape.total_tokens) * shape.num_heads * sizeof(float);
+  return dq_accum_bytes(shape) + delta_bytes(shape) + tile_schedule_entries(shape) * sizeof(int2);
 }
 
 void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -332,12 +386,16 @@ void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, con
 
   float* dq_accum = static_cast<float*>(workspace);
   float* delta = reinterpret_cast<float*>(static_cast<char*>(workspace) + dq_accum_bytes(shape));
+  int2* tile_schedule =
+      reinterpret_cast<int2*>(static_cast<char*>(workspace) + dq_accum_bytes(shape) + delta_bytes(shape));
+  const bool wgmma = !tuning.deterministic && tuning.backward_kernel == AttentionBackwardKernel::wgmma;
   const int64_t rows = static_cast<int64_t>(shape.total_tokens) * shape.num_heads;
   {
     const int threads = 256;
     const int64_t blocks = (rows * 8 + threads - 1) / threads;
     attention_backward_prepare_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        o, d_o, delta, dq_accum, shape.total_tokens, shape.num_heads);
+        o, d_o, delta, dq_accum, shape.total_tokens, shape.num_heads, shape.cu_seqlens, shape.num_segments,
+        wgmma ? attention_backward_wgmma_block_keys(tuning.backward_warps) : 0, tile_schedule);
     PG_CUDA_LAUNCH_CHECK();
   }
   AttentionBackwardParams p{q,
@@ -347,6 +405,7 @@ void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, con
                    lse,
                    delta,
                    dq_accum,
+                   tile_schedule,
                    dk,
                    dv,
                    shape.cu_seqlens,
@@ -360,7 +419,6 @@ void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, con
     launch_attention_dq(shape, q, k, v, d_o, lse, delta, dq, stream);
     return;
   }
-  const bool wgmma = tuning.backward_kernel == AttentionBackwardKernel::wgmma;
   if (wgmma) launch_attention_backward_wgmma(p, shape, tuning.backward_warps, stream);
   else launch_backward<true>(p, shape, tuning.backward_warps, stream);
   {

@@ -17,11 +17,11 @@
 // With one warpgroup the block adds its dQ_part to the fp32 accumulator with float4 atomics (sm_90)
 // straight from registers. With two or three warpgroups (128 or 192 keys a block: the Q, dO loads
 // and the dQ atomics, which bound the one-warpgroup kernel by L2 throughput, are shared by more
-// keys) each warpgroup writes its dQ_part to shared memory; in the next iteration, while the
-// tensor cores compute Sᵀ and dPᵀ, all threads sum the parts and issue the atomics, one float4 per
-// (query, 4 dh) per block. Each iteration has one block barrier: the query tiles, LSE, D and the
-// dQ parts are double-buffered, so the barrier at the top of iteration it both publishes tile it
-// and retires iteration it - 1.
+// keys) each warpgroup writes its dQ_part to shared memory; at the start of the next iteration all
+// threads sum the parts and issue the atomics, one float4 per (query, 4 dh) per block. Each
+// iteration has one block barrier: the query tiles, LSE, D and the dQ parts are double-buffered, so
+// the barrier at the top of iteration it both publishes tile it and retires iteration it - 1. The
+// blocks take their key tiles from the prepare kernel's work list, longest first (block_work).
 //
 // Per thread (warp w of its warpgroup, g = lane / 4, t = lane % 4), accumulator element 4j + e of a
 // 64x64 product is row 16w + g + 8·(e / 2), column 8j + 2t + (e % 2) (wgmma.cuh): rows are keys for
@@ -173,6 +173,37 @@ __device__ __forceinline__ void add_dq_parts(const float* parts, int active, flo
   }
 }
 
+// The block's KV head and key tile. The grid is one-dimensional, Hkv · (num_segments + N / block_n)
+// blocks (segment_tile_grid per KV head), at least Hkv per entry of the work list: block b takes
+// entry b / Hkv (the longest first) for KV head b % Hkv. Without a list, each KV head takes a
+// contiguous range of the flat segment tiling (find_segment_tile).
+struct BlockWork {
+  int kv_head;
+  SegmentTile seg;
+};
+
+__device__ __forceinline__ BlockWork block_work(const AttentionBackwardParams& p, int block_n) {
+  const int num_kv_heads = gridDim.x / (p.num_segments + p.total_tokens / block_n);
+  const int block = blockIdx.x, count = p.tile_schedule[0].x;
+  BlockWork w;
+  if (count >= 0) {
+    const int rank = block / num_kv_heads;
+    w.kv_head = block % num_kv_heads;
+    w.seg.valid = rank < count;
+    if (w.seg.valid) {
+      const int2 entry = p.tile_schedule[1 + rank];  // (segment, tile)
+      w.seg.start = __ldg(p.cu + entry.x);
+      w.seg.length = __ldg(p.cu + entry.x + 1) - w.seg.start;
+      w.seg.tile = entry.y;
+    }
+  } else {
+    const int per_head = gridDim.x / num_kv_heads;
+    w.kv_head = block / per_head;
+    w.seg = find_segment_tile(p.cu, p.num_segments, block % per_head, block_n);
+  }
+  return w;
+}
+
 // Registers: the dK and dV accumulators (64 floats) stay with Sᵀ and dPᵀ (64 more) and the A
 // fragments (32): 168 a thread, no spills, 12 warps per multiprocessor either as three blocks of
 // one warpgroup (shared memory 3 x 58 KB) or one block of three (202 KB); two warpgroups: one block.
@@ -184,13 +215,12 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
   using Smem = BackwardSmem<kWarpgroups>;
   extern __shared__ unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warpgroup = warp >> 2, wg_warp = warp & 3;
-  const int kv_head = blockIdx.y;
-
-  const SegmentTile seg = find_segment_tile(p.cu, p.num_segments, blockIdx.x, kBlockN);
+  const BlockWork work = block_work(p, kBlockN);
+  const int kv_head = work.kv_head;
+  const SegmentTile seg = work.seg;
   if (!seg.valid) return;
   const int key_start = seg.tile * kBlockN;  // segment-local, a multiple of kBlockM
-  const int q_tiles_per_head = (seg.length + kBlockM - 1) / kBlockM - key_start / kBlockM;
-  const int iterations = p.group * q_tiles_per_head;
+  const int head_end = (kv_head + 1) * p.group;  // the walk ends at this query head
 
   const uint32_t smem_base = (smem_address(smem) + (kSwizzleAtomBytes - 1)) & ~uint32_t(kSwizzleAtomBytes - 1);
   const SwizzledTile64 k_tile{smem_base};  // kBlockN rows, then V, then dSᵀ
@@ -215,6 +245,10 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
     t.q_start += kBlockM;
     if (t.q_start >= seg.length) t.q_start = key_start, ++t.head;
     return t;
+  };
+  auto previous_tile = [&](QueryTile t) {
+    return t.q_start == key_start ? QueryTile{t.head - 1, (seg.length - 1) / kBlockM * kBlockM}
+                                  : QueryTile{t.head, t.q_start - kBlockM};
   };
   // Q is copied by the first warpgroup, dO, LSE and D by the last (the same one when there is one).
   auto load_queries = [&](QueryTile t, int buf) {
@@ -242,7 +276,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
     k_tile.load_async<kBlockN, kThreads>(p.k + offset, p.kv_row_stride, rows, tid);
     v_tile.load_async<kBlockN, kThreads>(p.v + offset, p.kv_row_stride, rows, tid);
   }
-  QueryTile tile{kv_head * p.group, key_start}, prev_tile = tile;
+  QueryTile tile{kv_head * p.group, key_start};
   load_queries(tile, 0);
   cp_async_commit();
 
@@ -256,15 +290,15 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
   const int thread_key0 = wg_key0 + wg_warp * 16 + (lane >> 2);  // key of accumulator rows e < 2
   float dk_acc[32] = {}, dv_acc[32] = {};
 
-  for (int it = 0; it < iterations; ++it, prev_tile = tile, tile = next_tile(tile)) {
-    const int buf = it & 1;
+  int buf = 0;  // the query buffer of `tile`
+  for (bool first = true; tile.head < head_end; first = false, buf ^= 1, tile = next_tile(tile)) {
     cp_async_wait<0>();          // this iteration's queries (and K, V) have landed for this thread's copies
     fence_proxy_async_shared();  // ... and are visible to the tensor cores' reads after the barrier
-    // Every thread's copies have landed, and every warpgroup is done with iteration it - 1: its MMAs
-    // no longer read buffer buf ^ 1, and its dQ part of it - 1 is in shared memory.
+    // Every thread's copies have landed, and every warpgroup is done with the previous tile: its MMAs
+    // no longer read buffer buf ^ 1, and its dQ part of that tile is in shared memory.
     __syncthreads();
-    if (it + 1 < iterations) {
-      load_queries(next_tile(tile), buf ^ 1);
+    if (const QueryTile next = next_tile(tile); next.head < head_end) {
+      load_queries(next, buf ^ 1);
       cp_async_commit();
     }
     const int head = tile.head, q_start = tile.q_start;
@@ -272,9 +306,10 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
     const uint64_t do_desc = swizzled_tile_descriptor(do_tile(buf).base);
     const bool active = kWarpgroups == 1 || wg_key0 <= q_start + kBlockM - 1;  // one warpgroup: key_start <= q_start
 
-    if constexpr (kWarpgroups > 1) {  // iteration it - 1's dQ while the tensor cores work
-      if (it > 0) {
-        const int prev_head = prev_tile.head, prev_q_start = prev_tile.q_start;
+    if constexpr (kWarpgroups > 1) {  // the previous tile's dQ (the atomics need no wait)
+      if (!first) {
+        const QueryTile prev = previous_tile(tile);
+        const int prev_head = prev.head, prev_q_start = prev.q_start;
         add_dq_parts<kWarpgroups>(dq_parts_of(buf ^ 1), active_warpgroups(prev_q_start),
                                   p.dq_accum + (seg.start + prev_q_start) * p.q_row_stride + prev_head * kHeadDim,
                                   p.q_row_stride, seg.length - prev_q_start, tid);
@@ -380,10 +415,11 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
       store_dq_part(dq_parts_of(buf) + warpgroup * kDqPartFloats, dq, wg_warp, lane);
     }
   }
-  if constexpr (kWarpgroups > 1) {  // the last iteration's dQ
+  if constexpr (kWarpgroups > 1) {  // the last tile's dQ
     __syncthreads();
-    const int head = prev_tile.head, q_start = prev_tile.q_start;  // the last tile
-    add_dq_parts<kWarpgroups>(dq_parts_of((iterations - 1) & 1), active_warpgroups(q_start),
+    const QueryTile last = previous_tile(tile);  // tile is past the walk's end
+    const int head = last.head, q_start = last.q_start;
+    add_dq_parts<kWarpgroups>(dq_parts_of(buf ^ 1), active_warpgroups(q_start),
                               p.dq_accum + (seg.start + q_start) * p.q_row_stride + head * kHeadDim, p.q_row_stride,
                               seg.length - q_start, tid);
   }
@@ -417,17 +453,24 @@ void launch(const AttentionBackwardParams& p, const AttentionShape& shape, cudaS
     return true;
   }();
   (void)configured;
-  dim3 grid(segment_tile_grid(shape, 64 * kWarpgroups), shape.num_kv_heads);
+  const int64_t blocks = static_cast<int64_t>(segment_tile_grid(shape, 64 * kWarpgroups)) * shape.num_kv_heads;
+  PG_CUDA_REQUIRE(blocks < (int64_t{1} << 31), "attention_backward: too many blocks for a one-dimensional grid");
+  const dim3 grid(static_cast<unsigned>(blocks));
   attention_backward_wgmma_kernel<kWarpgroups><<<grid, kWarpgroups * 128, bytes, stream>>>(p);
   PG_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-void launch_attention_backward_wgmma(const AttentionBackwardParams& p, const AttentionShape& shape, int warps,
-                                     cudaStream_t stream) {
+int attention_backward_wgmma_block_keys(int warps) {
   PG_CUDA_REQUIRE(warps == 4 || warps == 8 || warps == 12,
                   "attention_backward: tuning.backward_warps must be 4, 8 or 12 with the wgmma kernel");
+  return 16 * warps;
+}
+
+void launch_attention_backward_wgmma(const AttentionBackwardParams& p, const AttentionShape& shape, int warps,
+                                     cudaStream_t stream) {
+  attention_backward_wgmma_block_keys(warps);  // checks `warps`
   require_hopper("attention_backward: the wgmma kernel needs an sm_90 (Hopper) GPU");
   if (warps == 4) launch<1>(p, shape, stream);
   else if (warps == 8) launch<2>(p, shape, stream);
