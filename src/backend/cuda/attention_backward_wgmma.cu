@@ -175,8 +175,9 @@ __device__ __forceinline__ void add_dq_parts(const float* parts, int active, flo
 
 // The block's KV head and key tile. The grid is one-dimensional, Hkv · (num_segments + N / block_n)
 // blocks (segment_tile_grid per KV head), at least Hkv per entry of the work list: block b takes
-// entry b / Hkv (the longest first) for KV head b % Hkv. Without a list, each KV head takes a
-// contiguous range of the flat segment tiling (find_segment_tile).
+// entry b / Hkv (the longest first) for KV head b % Hkv. Without a list (count -1: 64- or 128-key
+// blocks, or a segment of more than kMaxScheduleTiles tiles), KV head b / G takes flat tile b % G
+// of find_segment_tile, G = gridDim.x / Hkv (the order of the former two-dimensional grid).
 struct BlockWork {
   int kv_head;
   SegmentTile seg;
@@ -462,15 +463,15 @@ void launch(const AttentionBackwardParams& p, const AttentionShape& shape, cudaS
 
 }  // namespace
 
-int attention_backward_wgmma_block_keys(int warps) {
+int attention_backward_wgmma_schedule_keys(int warps) {
   PG_CUDA_REQUIRE(warps == 4 || warps == 8 || warps == 12,
                   "attention_backward: tuning.backward_warps must be 4, 8 or 12 with the wgmma kernel");
-  return 16 * warps;
+  return warps == 12 ? 16 * warps : 0;
 }
 
 void launch_attention_backward_wgmma(const AttentionBackwardParams& p, const AttentionShape& shape, int warps,
                                      cudaStream_t stream) {
-  attention_backward_wgmma_block_keys(warps);  // checks `warps`
+  attention_backward_wgmma_schedule_keys(warps);  // checks `warps`
   require_hopper("attention_backward: the wgmma kernel needs an sm_90 (Hopper) GPU");
   if (warps == 4) launch<1>(p, shape, stream);
   else if (warps == 8) launch<2>(p, shape, stream);

@@ -132,8 +132,10 @@ void launch_attention_forward_wgmma(const AttentionForwardParams& p, const Atten
 // p.dq_accum with fp32 atomics, dk and dv written.
 void launch_attention_backward_wgmma(const AttentionBackwardParams& p, const AttentionShape& shape, int warps,
                                      cudaStream_t stream);
-// Keys per block of that kernel for `warps` (64 per warpgroup): the tiles of p.tile_schedule.
-int attention_backward_wgmma_block_keys(int warps);
+// The key-tile size p.tile_schedule is built for with `warps`: the kernel's keys per block (64 per
+// warpgroup) when it takes its tiles longest first (12 warps), 0 when it walks the flat segment
+// tiling (4 and 8 warps, for which that order measured faster; attention_backward.cu).
+int attention_backward_wgmma_schedule_keys(int warps);
 
 // The deterministic dQ pass (attention_dq.cu): dq written (bf16) from q, k, v, dO, the forward's LSE
 // and D = rowsum(dO ∘ O) [H, N].
