@@ -203,7 +203,7 @@ void bench_attention(const std::string& label, const std::vector<int32_t>& cu_ho
       }
     }
     forward(AttentionTuning{});
-    for (int warps : {4, 8}) {
+    for (int warps : {4, 8, 12}) {
       AttentionTuning t{warps, warps};
       t.backward_kernel = AttentionBackwardKernel::wgmma;
       row(fmt::format("attn {} bwd wgmma ({} warps)", label, warps), shape_text, timer.median_ms([&] { backward(t); }),

@@ -163,8 +163,8 @@ struct DeviceAttention {
 
 // The mma.sync forward and the backward at both block shapes (and the deterministic dQ), then the
 // wgmma forward at both block shapes and key tiles (64 and 128), each followed by the mma.sync
-// backward, then the wgmma backward at both block shapes (one or two warpgroups) after the default
-// forward.
+// backward, then the wgmma backward at its three block shapes (one, two or three warpgroups) after the
+// default forward.
 std::vector<AttentionTuning> tunings_under_test() {
   constexpr auto mma = cuda::AttentionForwardKernel::mma_sync;
   constexpr auto mma_bwd = cuda::AttentionBackwardKernel::mma_sync;
@@ -180,7 +180,7 @@ std::vector<AttentionTuning> tunings_under_test() {
       tunings.push_back(t);
     }
   }
-  for (int warps : {4, 8}) {
+  for (int warps : {4, 8, 12}) {
     AttentionTuning t;
     t.backward_warps = warps;
     t.backward_kernel = cuda::AttentionBackwardKernel::wgmma;

@@ -56,6 +56,14 @@ inline int segment_tile_grid(const AttentionShape& s, int tile_size) {
   return s.num_segments + s.total_tokens / tile_size;
 }
 
+// The backward's key-tile work list (AttentionBackwardParams::tile_schedule): at most
+// kMaxScheduleTiles key tiles per segment, and never more entries than tokens + tokens / 64 (every
+// tile but one per segment is full, with at least 64 keys) plus the count.
+constexpr int kMaxScheduleTiles = 2048;
+inline size_t tile_schedule_entries(const AttentionShape& s) {
+  return static_cast<size_t>(s.total_tokens) + s.total_tokens / 64 + 1;
+}
+
 // Host-side checks shared by forward and backward (sizes, head grouping, pointer alignment).
 inline void check_attention_shape(const AttentionShape& s) {
   PG_CUDA_REQUIRE(s.total_tokens >= 0, "attention: total_tokens must be non-negative");
@@ -91,6 +99,9 @@ struct AttentionBackwardParams {
   const float* __restrict__ lse;    // [H, N]
   const float* __restrict__ delta;  // [H, N]
   float* __restrict__ dq_accum;     // [N, H, 64]
+  // The wgmma kernel's work list, written by the prepare kernel (attention_backward.cu): entry 0 is
+  // {count, 0}, then `count` (segment, key tile) pairs, longest work first; count -1: no list.
+  const int2* __restrict__ tile_schedule;
   __nv_bfloat16* __restrict__ dk;
   __nv_bfloat16* __restrict__ dv;
   const int32_t* __restrict__ cu;
@@ -116,10 +127,15 @@ inline void require_hopper(const char* what) {
 void launch_attention_forward_wgmma(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
                                     int key_tile, cudaStream_t stream);
 
-// The Hopper backward main kernel (attention_backward_wgmma.cu): `warps` 4 or 8 (one or two
-// warpgroups of 64 keys), dq added to p.dq_accum with fp32 atomics, dk and dv written.
+// The Hopper backward main kernel (attention_backward_wgmma.cu): `warps` 4, 8 or 12 (one, two or
+// three warpgroups of 64 keys), 8 · dq (the softmax scale 1/8 is left to the finish kernel) added to
+// p.dq_accum with fp32 atomics, dk and dv written.
 void launch_attention_backward_wgmma(const AttentionBackwardParams& p, const AttentionShape& shape, int warps,
                                      cudaStream_t stream);
+// The key-tile size p.tile_schedule is built for with `warps`: the kernel's keys per block (64 per
+// warpgroup) when it takes its tiles longest first (12 warps), 0 when it walks the flat segment
+// tiling (4 and 8 warps, for which that order measured faster; attention_backward.cu).
+int attention_backward_wgmma_schedule_keys(int warps);
 
 // The deterministic dQ pass (attention_dq.cu): dq written (bf16) from q, k, v, dO, the forward's LSE
 // and D = rowsum(dO ∘ O) [H, N].

@@ -59,6 +59,9 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
     : cfg(config), layout(param_specs(config)), max_tokens(options.max_tokens), deterministic(options.deterministic),
       attention(options.attention) {
   attention.deterministic = deterministic;
+  // The deterministic path runs the mma.sync backward, whose shapes are 4 and 8 warps (not the
+  // wgmma kernel's default 12): it keeps the 4 it has always had.
+  if (deterministic && attention.backward_warps == 12) attention.backward_warps = 4;
   const ModelConfig& m = cfg;
   d = m.model_dim, qd = m.q_dim(), kvd = m.kv_dim(), hid = m.mlp_hidden, V = m.vocab_size;
   H = m.num_heads, Hkv = m.num_kv_heads, Dh = m.head_dim;
