@@ -104,9 +104,9 @@ __global__ void __launch_bounds__(kRowThreads) mix_norm_forward_kernel(const bf1
   }
 }
 
-template <int kVec>
+template <int kVec, typename DnT>
 __global__ void __launch_bounds__(kRowThreads) mix_norm_backward_kernel(
-    const float* __restrict__ dn, const float* g_in, const float* __restrict__ rstd, const bf16* __restrict__ x,
+    const DnT* __restrict__ dn, const float* g_in, const float* __restrict__ rstd, const bf16* __restrict__ x,
     const bf16* __restrict__ x0, const float* __restrict__ mix, float* dx, bool accumulate_dx, float* __restrict__ dx0,
     float* __restrict__ partials, int64_t rows, int dim, float scale) {
   extern __shared__ float smem[];
@@ -204,9 +204,9 @@ __global__ void __launch_bounds__(kRowThreads) branch_forward_kernel(const bf16*
   }
 }
 
-template <int kVec>
+template <int kVec, typename DnT>
 __global__ void __launch_bounds__(kRowThreads) branch_backward_kernel(
-    const float* __restrict__ dn, float* __restrict__ g, const float* __restrict__ g_add, const bf16* __restrict__ out,
+    const DnT* __restrict__ dn, float* __restrict__ g, const float* __restrict__ g_add, const bf16* __restrict__ out,
     const float* __restrict__ rstd, const bf16* __restrict__ a, const float* __restrict__ branch_scale,
     const float* __restrict__ gate, bf16* __restrict__ da, float* __restrict__ partials, bool want_dscale,
     bool want_dgate, int64_t rows, int dim, float norm_scale) {
@@ -461,16 +461,19 @@ void mix_norm_forward(const bf16* x, const bf16* x0, const float* mix, bf16* x_i
   PG_CUDA_LAUNCH_CHECK();
 }
 
-void mix_norm_backward(const float* dn, const float* g_in, const float* rstd, const bf16* x, const bf16* x0, const float* mix, float* dx, bool accumulate_dx, float* dx0, float* dmix,
-                       int64_t rows, int dim, float scale, const ReduceWorkspace& ws, cudaStream_t stream) {
+void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const bf16* x, const bf16* x0,
+                       const float* mix, float* dx, bool accumulate_dx, float* dx0, float* dmix, int64_t rows, int dim,
+                       float scale, const ReduceWorkspace& ws, cudaStream_t stream) {
   check_row_dim(dim, "mix_norm_backward");
   if (rows == 0) return;
   const int blocks = row_blocks(rows);
   if (dmix) check_reduce_workspace(ws, blocks, 2 * dim, "mix_norm_backward");
   float* partials = dmix ? ws.data : nullptr;
   dispatch_row_vec(dim, [&](auto vec) {
-    mix_norm_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
-        dn, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, rows, dim, scale);
+    dispatch_norm_grad(dn, [&](auto dn_rows) {
+      mix_norm_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
+          dn_rows, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, rows, dim, scale);
+    });
   });
   PG_CUDA_LAUNCH_CHECK();
   if (dmix) finish_partial_sums(ws.data, blocks, {{dmix, 2 * dim}}, stream);
@@ -487,7 +490,7 @@ void branch_forward(const bf16* x, const bf16* a, const float* branch_scale, con
   PG_CUDA_LAUNCH_CHECK();
 }
 
-void branch_backward(const float* dn, float* g, const float* g_add, const bf16* out, const float* rstd, const bf16* a,
+void branch_backward(NormGrad dn, float* g, const float* g_add, const bf16* out, const float* rstd, const bf16* a,
                      const float* branch_scale, const float* gate, bf16* da, float* dscale, float* dgate, int64_t rows,
                      int dim, float norm_scale, const ReduceWorkspace& ws, cudaStream_t stream) {
   check_row_dim(dim, "branch_backward");
@@ -498,9 +501,11 @@ void branch_backward(const float* dn, float* g, const float* g_add, const bf16* 
   if (any) check_reduce_workspace(ws, blocks, 2 * dim, "branch_backward");
   float* partials = any ? ws.data : nullptr;
   dispatch_row_vec(dim, [&](auto vec) {
-    branch_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
-        dn, g, g_add, out, rstd, a, branch_scale, gate, da, partials, dscale != nullptr, want_dgate, rows, dim,
-        norm_scale);
+    dispatch_norm_grad(dn, [&](auto dn_rows) {
+      branch_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
+          dn_rows, g, g_add, out, rstd, a, branch_scale, gate, da, partials, dscale != nullptr, want_dgate, rows, dim,
+          norm_scale);
+    });
   });
   PG_CUDA_LAUNCH_CHECK();
   if (any) finish_partial_sums(ws.data, blocks, {{dscale, dim}, {want_dgate ? dgate : nullptr, dim}}, stream);
