@@ -236,6 +236,56 @@ TEST_F(ResidualOpsTest, BranchWithGateAndNormMatchesBranchAddThenRmsNorm) {
   }
 }
 
+// mix_norm_backward with the MLP-branch backward of the layer below folded in (BranchBelow) gives the bits of
+// the two passes it replaces: mix_norm_backward, then branch_backward without a norm on the gradient it wrote
+// (with and without a gate and a skip gradient g_add).
+TEST_F(ResidualOpsTest, MixNormBackwardWithTheBranchBelowEqualsBothPasses) {
+  for (const RowCase& c : kCases) {
+    for (const bool gated : {false, true}) {
+      for (const bool add : {false, true}) {
+        const std::string tag = case_name(c) + (gated ? "_gated" : "") + (add ? "_g_add" : "");
+        SCOPED_TRACE(tag);
+        const int64_t n = c.rows * c.dim;
+        Rng rng(600 + c.dim + 2 * gated + add);
+        const auto dn = random_f32_values(n, rng), g = random_f32_values(n, rng), g_add = random_f32_values(n, rng);
+        const auto x = random_bf16_values(n, rng), x0 = random_bf16_values(n, rng), f = random_bf16_values(n, rng);
+        const auto dx0_init = random_f32_values(n, rng), rstd = params_near(c.rows, rng, 1.0, 0.3);
+        const auto mix = params_near(2 * c.dim, rng, 0.5, 0.5), scale = params_near(c.dim, rng, 1.0, 0.3);
+        const auto gate = params_near(c.dim, rng, 0.0, 1.0), sums_init = random_f32_values(4 * c.dim, rng);
+        TestWorkspace tw(cuda::residual_workspace_floats(c.rows, c.dim));
+        DeviceBuffer<float> ddn(dn), dadd(g_add), drstd(rstd), dmix(mix), dscale(scale), dgate(gate);
+        auto dx = to_device_bf16(x), dx0 = to_device_bf16(x0), df = to_device_bf16(f);
+
+        auto run = [&](bool fused) {
+          const std::vector<float> dmix_init(sums_init.begin(), sums_init.begin() + 2 * c.dim);
+          const std::vector<float> ds_init(sums_init.begin() + 2 * c.dim, sums_init.begin() + 3 * c.dim);
+          const std::vector<float> dg_init(sums_init.begin() + 3 * c.dim, sums_init.end());
+          DeviceBuffer<float> out_g(g), out_dx0(dx0_init), out_dmix(dmix_init), out_ds(ds_init), out_dg(dg_init);
+          auto out_da = poisoned_buffer<bf16>(n);
+          const cuda::BranchBelow below{df.data(),     dscale.data(), gated ? dgate.data() : nullptr,
+                                        add ? dadd.data() : nullptr,  out_da.data(),
+                                        out_ds.data(), out_dg.data()};
+          cuda::mix_norm_backward(ddn.data(), out_g.data(), drstd.data(), dx.data(), dx0.data(), dmix.data(),
+                                  out_g.data(), false, out_dx0.data(), out_dmix.data(), c.rows, c.dim, 0.6f, tw.ws,
+                                  nullptr, fused ? &below : nullptr);
+          if (!fused)
+            cuda::branch_backward(nullptr, out_g.data(), below.g_add, nullptr, nullptr, below.a, below.branch_scale,
+                                  below.gate, below.da, below.dscale, below.dgate, c.rows, c.dim, 1.f, tw.ws, nullptr);
+          sync_device();
+          return std::vector<std::vector<float>>{out_g.download(), out_dx0.download(), out_dmix.download(),
+                                                 from_device_bf16(out_da), out_ds.download(), out_dg.download()};
+        };
+        const auto fused = run(true), separate = run(false);
+        const char* names[] = {"g", "dx0", "dmix", "da", "dscale", "dgate"};
+        for (size_t i = 0; i < fused.size(); ++i) EXPECT_EQ(fused[i], separate[i]) << tag << ": " << names[i];
+        const std::vector<float> dgate_init(sums_init.begin() + 3 * c.dim, sums_init.end());
+        if (gated) EXPECT_NE(fused[5], dgate_init) << tag << ": the gate's gradient must be added";
+        else EXPECT_EQ(fused[5], dgate_init) << tag << ": no gate: its gradient must stay untouched";
+      }
+    }
+  }
+}
+
 TEST_F(ResidualOpsTest, SkipWithAndWithoutGate) {
   for (const RowCase& c : kCases) {
     for (const bool gated : {true, false}) {

@@ -171,24 +171,56 @@ void GpuModel::Impl::forward_layer(int v) {
                 N, d, stream);
 }
 
+// The gradient an encoder output receives through its skip connection (bw.d_enc), added into bw.g by the
+// layer's first backward pass; null for the other layers.
+const float* GpuModel::Impl::skip_grad_of(int v) const {
+  const int E = static_cast<int>(plan.encoder.size());
+  return v < E && E - 1 - v < plan.num_skips ? bw.d_enc[static_cast<size_t>(E - 1 - v)] : nullptr;
+}
+
+// Whether layer v's last pass (mix_norm_backward) can also run layer v−1's MLP-branch backward: both
+// layers sequential, and nothing between the two touches bw.g: a gated skip at v rewrites it, and a skip at
+// v reads it (its skip_backward) before v−1's skip gradient may be added.
+bool GpuModel::Impl::folds_mlp_branch_below(int v) const {
+  if (v < 1) return false;
+  const VirtualLayer& L = order[static_cast<size_t>(v)];
+  if (L.parallel || order[static_cast<size_t>(v - 1)].parallel) return false;
+  return L.skip < 0 || (gp.skip_gates < 0 && !skip_grad_of(v - 1));
+}
+
+// Layer v's MLP branch (out = x_mid + mlp_scale⊙σ(mlp_gate)⊙f) for its backward: d f into bw.df.
+BranchBelow GpuModel::Impl::mlp_branch_of(int v) {
+  const LayerParams& p = lp[static_cast<size_t>(order[static_cast<size_t>(v)].physical)];
+  return BranchBelow{layers[static_cast<size_t>(v)].f, P(p.mlp_scale), P_or_null(p.mlp_gate), skip_grad_of(v),
+                     bw.df, G(p.mlp_scale), G(p.mlp_gate)};
+}
+
 // bw.g (and bw.g1 for parallel layers) hold d(output) on entry and d(input) on return; bw.dx0 accumulates.
-// g_add (null: none): a second gradient of the output added into bw.g first (an encoder output's skip).
-void GpuModel::Impl::backward_layer(int v, const float* g_add) {
+// The skip gradient of an encoder output (skip_grad_of) is added into bw.g first. mlp_branch_done: the
+// MLP-branch backward (d f in bw.df, the branch's parameter gradients) already ran in layer v+1's last pass.
+bool GpuModel::Impl::backward_layer(int v, bool mlp_branch_done) {
   const VirtualLayer& L = order[static_cast<size_t>(v)];
   const LayerParams& p = lp[static_cast<size_t>(L.physical)];
   LayerBuf& b = layers[static_cast<size_t>(v)];
   if (!L.parallel) {
     // g: d out → (MLP branch) → d x_mid (+ the MLP norm) → (attention branch) → d x_in (+ the norm) → d x.
-    branch_backward(nullptr, bw.g, g_add, b.out, nullptr, b.f, P(p.mlp_scale), P_or_null(p.mlp_gate), bw.df,
-                    G(p.mlp_scale), G(p.mlp_gate), N, d, 1.f, bw.reduce, stream);
+    if (!mlp_branch_done) {
+      const BranchBelow mlp = mlp_branch_of(v);
+      branch_backward(nullptr, bw.g, mlp.g_add, b.out, nullptr, mlp.a, mlp.branch_scale, mlp.gate, mlp.da, mlp.dscale,
+                      mlp.dgate, N, d, 1.f, bw.reduce, stream);
+    }
     backward_mlp(v);
     branch_backward(bw.dm, bw.g, nullptr, b.x_mid, b.m_rstd, b.a, P(p.attn_scale), P_or_null(p.attn_gate), bw.da,
                     G(p.attn_scale), G(p.attn_gate), N, d, p.ln_scale, bw.reduce, stream);
     backward_attention(v);
+    const bool fold = folds_mlp_branch_below(v);
+    const BranchBelow below = fold ? mlp_branch_of(v - 1) : BranchBelow{};
     mix_norm_backward(bw.dn, bw.g, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, false, bw.dx0, G(p.resid_mix), N, d,
-                      p.ln_scale, bw.reduce, stream);
-    return;
+                      p.ln_scale, bw.reduce, stream, fold ? &below : nullptr);
+    return fold;
   }
+  PG_CHECK(!mlp_branch_done, "GpuModel: a parallel layer's lanes backward cannot be folded into the layer above");
+  const float* g_add = skip_grad_of(v);
   // g, g1: d lane0_out, d lane1_out → d lane0_in, d lane1_in.
   if (g_add) add_f32(bw.g, g_add, N * d, stream);
   lanes_backward(bw.g, bw.g1, b.x, b.lane1, b.a, b.f, P(p.attn_scale), P(p.mlp_scale), P(p.par_resid), P(p.par_post),
@@ -198,6 +230,7 @@ void GpuModel::Impl::backward_layer(int v, const float* g_add) {
   backward_attention(v);
   mix_norm_backward(bw.dn, nullptr, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, true, bw.dx0, G(p.resid_mix), N, d,
                     p.ln_scale, bw.reduce, stream);
+  return false;
 }
 
 }  // namespace pgolf::cuda

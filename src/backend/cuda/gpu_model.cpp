@@ -644,13 +644,11 @@ void GpuModel::Impl::backward(const float* weights_device) {
   if (bw.dv0) PG_CUDA_CHECK(cudaMemsetAsync(bw.dv0, 0, static_cast<size_t>(N) * kvd * 4, stream));
 
   const int nv = static_cast<int>(order.size()), E = static_cast<int>(plan.encoder.size());
+  bool mlp_branch_done = false;  // layer v's MLP-branch backward ran in layer v+1's last pass
   for (int v = nv - 1; v >= 0; --v) {
     const VirtualLayer& L = order[static_cast<size_t>(v)];
     LayerBuf& b = layers[static_cast<size_t>(v)];
-    // An encoder output also feeds decoder entry E-1-v through its skip connection: that gradient is
-    // added into bw.g by the layer's first backward pass.
-    const bool feeds_skip = v < E && E - 1 - v < plan.num_skips;
-    backward_layer(v, feeds_skip ? bw.d_enc[static_cast<size_t>(E - 1 - v)] : nullptr);
+    mlp_branch_done = backward_layer(v, mlp_branch_done);
     if (L.skip >= 0) {
       const int k = L.skip;
       skip_backward(bw.g, b.pre_skip, layers[static_cast<size_t>(E - 1 - k)].out, P(gp.skip_weights) + int64_t{k} * d,

@@ -15,6 +15,7 @@
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/gpu_model.h"
 #include "backend/cuda/partial_sums.h"
+#include "backend/cuda/residual.h"
 #include "backend/cuda/weights.h"
 
 namespace pgolf::cuda {
@@ -181,7 +182,11 @@ struct GpuModel::Impl {
   void forward_embedding();
   void backward_embedding();
   void forward_layer(int v);
-  void backward_layer(int v, const float* g_add);
+  // Returns whether its last pass also ran layer v−1's MLP-branch backward (mlp_branch_done for v−1).
+  bool backward_layer(int v, bool mlp_branch_done);
+  const float* skip_grad_of(int v) const;
+  bool folds_mlp_branch_below(int v) const;
+  BranchBelow mlp_branch_of(int v);
   void forward_attention(int v);
   void backward_attention(int v);  // from bw.da → bw.dn
   void forward_mlp(int v, const bf16* input);

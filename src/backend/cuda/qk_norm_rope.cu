@@ -27,16 +27,17 @@ constexpr int kForwardBlocksPerSm = 3;
 constexpr int kBackwardBlocksPerSm = 2;
 
 struct HeadRow {
-  int64_t token;
+  int token;
   int head;
   bool is_q;
 };
 
-__device__ __forceinline__ HeadRow head_row(int64_t r, const QkShape& s) {
-  const int64_t q_rows = s.tokens * s.heads;
-  if (r < q_rows) return {r / s.heads, static_cast<int>(r % s.heads), true};
-  const int64_t kr = r - q_rows;
-  return {kr / s.kv_heads, static_cast<int>(kr % s.kv_heads), false};
+// Row r < 2³¹ (check_shape): 32-bit divisions, a few instructions where 64-bit ones call a routine.
+__device__ __forceinline__ HeadRow head_row(int r, const QkShape& s) {
+  const int q_rows = static_cast<int>(s.tokens) * s.heads;
+  if (r < q_rows) return {r / s.heads, r % s.heads, true};
+  const int kr = r - q_rows;
+  return {kr / s.kv_heads, kr % s.kv_heads, false};
 }
 
 // Sum over the 8 lanes of a group (aligned groups of a warp; every lane of the warp calls it).
@@ -85,9 +86,9 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm)
   for (int64_t w = first_of_warp; w < rows; w += static_cast<int64_t>(gridDim.x) * kVecsPerBlock) {
     const int64_t r = w + (lane / kLanesPerVec);
     const bool active = r < rows && owns;
-    const HeadRow hr = head_row(r < rows ? r : 0, s);
+    const HeadRow hr = head_row(r < rows ? static_cast<int>(r) : 0, s);
     const int64_t vec_index = hr.is_q ? hr.token * s.heads + hr.head : hr.token * s.kv_heads + hr.head;
-    const int64_t pos = hr.token % s.seq_len;
+    const int pos = hr.token % static_cast<int>(s.seq_len);
     float v[8] = {};
     if (active) load8((hr.is_q ? q_lin : k_lin) + hr.token * in_stride + hr.head * Dh + j0, v);
     float ss = 0.f;
@@ -126,14 +127,14 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
   for (int64_t w = first_of_warp; w < rows; w += static_cast<int64_t>(gridDim.x) * kVecsPerBlock) {
     const int64_t r = w + (lane / kLanesPerVec);
     const bool active = r < rows && owns;
-    const HeadRow hr = head_row(r < rows ? r : 0, s);
+    const HeadRow hr = head_row(r < rows ? static_cast<int>(r) : 0, s);
     const int64_t vec_index = hr.is_q ? hr.token * s.heads + hr.head : hr.token * s.kv_heads + hr.head;
     float x[8] = {}, d[8] = {};
     if (active) {
       load8((hr.is_q ? q_lin : k_lin) + hr.token * in_stride + hr.head * Dh + j0, x);
       load8((hr.is_q ? dq : dk) + vec_index * Dh + j0, d);
     }
-    const int64_t pos = hr.token % s.seq_len;
+    const int pos = hr.token % static_cast<int>(s.seq_len);
     rotate_group(d, exchange[threadIdx.x >> 5], j0, rope_cos + pos * half, rope_sin + pos * half, half, true);
     float dot = 0.f;
 #pragma unroll
@@ -165,6 +166,7 @@ void check_shape(const QkShape& s, const char* what) {
   PG_CUDA_REQUIRE(s.head_dim > 0 && s.head_dim % 8 == 0 && s.head_dim <= kLanesPerVec * 8, what);
   PG_CUDA_REQUIRE(s.heads > 0 && kVecsPerBlock % s.heads == 0 && s.kv_heads > 0, what);
   PG_CUDA_REQUIRE(s.rope_dims >= 0 && s.rope_dims % 2 == 0 && s.rope_dims <= s.head_dim && s.seq_len > 0, what);
+  PG_CUDA_REQUIRE(s.tokens * (s.heads + s.kv_heads) < (int64_t{1} << 31), what);
 }
 
 int grid_of(const QkShape& s) { return item_blocks(s.tokens * (s.heads + s.kv_heads), kVecsPerBlock, kMaxBlocks); }
@@ -178,7 +180,7 @@ void qk_norm_rope_forward(const bf16* q_lin, const bf16* k_lin, int64_t in_strid
                           const QkShape& s, cudaStream_t stream) {
   check_shape(s,
               "qk_norm_rope_forward: head_dim must be a multiple of 8 up to 64, heads must divide 64, rope_dims "
-              "even and at most head_dim");
+              "even and at most head_dim, fewer than 2^31 head vectors");
   if (s.tokens == 0) return;
   qk_forward_kernel<<<grid_of(s), kThreads, 0, stream>>>(q_lin, k_lin, in_stride, gain, rope_cos, rope_sin, q, k,
                                                          q_rstd, k_rstd, s);
@@ -191,7 +193,7 @@ void qk_norm_rope_backward(const bf16* dq, const bf16* dk, const bf16* q_lin, co
                            const QkShape& s, const ReduceWorkspace& ws, cudaStream_t stream) {
   check_shape(s,
               "qk_norm_rope_backward: head_dim must be a multiple of 8 up to 64, heads must divide 64, rope_dims "
-              "even and at most head_dim");
+              "even and at most head_dim, fewer than 2^31 head vectors");
   if (s.tokens == 0) return;
   const int blocks = grid_of(s);
   if (dgain) check_reduce_workspace(ws, blocks, s.heads, "qk_norm_rope_backward");

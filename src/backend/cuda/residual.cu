@@ -63,6 +63,51 @@ __device__ __forceinline__ void scaled_copy(const float (&a)[kVec][8], const flo
     for (int e = 0; e < 8; ++e) out[k][e] = a[k][e] * s[k][e];
 }
 
+// coef = branch_scale⊙σ(gate) for the lane's features.
+template <int kVec>
+__device__ __forceinline__ void branch_coef(const float* scale, const float* gate, int dim, int lane,
+                                            float (&coef)[kVec][8]) {
+  lane_params<kVec>(scale, dim, lane, 0.f, coef);
+  if (!gate) return;
+  float g[kVec][8];
+  lane_params<kVec>(gate, dim, lane, 0.f, g);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) coef[k][e] *= sigmoidf_(g[k][e]);
+}
+
+// The block's partial sums of a branch's parameter gradients into row [2, dim] (the whole block calls it).
+// Σ g⊙a is shared by both: dscale = σ·S, dgate = scale·σ(1−σ)·S (per-feature factors commute with the
+// sum over rows, so they are applied to the block's partial sums).
+template <int kVec>
+__device__ __forceinline__ void store_branch_partials(const float (&acc)[kVec][8], const float* branch_scale,
+                                                      const float* gate, bool want_dscale, bool want_dgate,
+                                                      float* smem, float* row, int dim, int lane) {
+  float s[kVec][8], sg[kVec][8], factor[kVec][8], p[kVec][8];
+  lane_params<kVec>(gate, dim, lane, 0.f, sg);
+  lane_params<kVec>(branch_scale, dim, lane, 0.f, s);
+  if (want_dscale) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) factor[k][e] = gate ? sigmoidf_(sg[k][e]) : 1.f;
+    scaled_copy<kVec>(acc, factor, p);
+    store_column_partials<kVec>(p, smem, row, dim);
+  }
+  if (want_dgate) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float sig = sigmoidf_(sg[k][e]);
+        factor[k][e] = s[k][e] * sig * (1.f - sig);
+      }
+    scaled_copy<kVec>(acc, factor, p);
+    store_column_partials<kVec>(p, smem, row + dim, dim);
+  }
+}
+
 // ---- resid_mix + RMSNorm -----------------------------------------------------------------------
 
 // x_in = m0·x + m1·x0 rounded to bf16 as stored, with every fp32 operation rounded on its own (no
@@ -104,16 +149,19 @@ __global__ void __launch_bounds__(kRowThreads) mix_norm_forward_kernel(const bf1
   }
 }
 
-template <int kVec>
+// kBelow: the MLP-branch backward of the layer below, on dx as written (BranchBelow).
+template <int kVec, bool kBelow>
 __global__ void __launch_bounds__(kRowThreads) mix_norm_backward_kernel(
     const float* __restrict__ dn, const float* g_in, const float* __restrict__ rstd, const bf16* __restrict__ x,
     const bf16* __restrict__ x0, const float* __restrict__ mix, float* dx, bool accumulate_dx, float* __restrict__ dx0,
-    float* __restrict__ partials, int64_t rows, int dim, float scale) {
+    float* __restrict__ partials, const BranchBelow below, int64_t rows, int dim, float scale) {
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   float m0[kVec][8], m1[kVec][8], acc0[kVec][8] = {}, acc1[kVec][8] = {};
+  float coef[kVec][8], acc_a[kVec][8] = {};
   lane_params<kVec>(mix, dim, lane, 0.f, m0);
   lane_params<kVec>(mix + dim, dim, lane, 0.f, m1);
+  if constexpr (kBelow) branch_coef<kVec>(below.branch_scale, below.gate, dim, lane, coef);
   PG_ROWS_OF_WARP(r, rows) {
     float d[kVec][8], u[kVec][8], t[kVec][8];
     PG_LANE_VECS(k, f0, dim) {
@@ -144,32 +192,37 @@ __global__ void __launch_bounds__(kRowThreads) mix_norm_backward_kernel(
         acc0[k][e] += t[k][e] * a[e];
         acc1[k][e] += t[k][e] * b[e];
       }
+      if constexpr (kBelow) {
+        // branch_backward's first pass, on the gradient just formed (the same fp32 operations).
+        float av[8], da[8];
+        if (below.g_add) {
+          float extra[8];
+          load8(below.g_add + r * dim + f0, extra);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) o[e] += extra[e];
+        }
+        load8(below.a + r * dim + f0, av);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          da[e] = coef[k][e] * o[e];
+          acc_a[k][e] += o[e] * av[e];
+        }
+        store8(below.da + r * dim + f0, da);
+      }
       store8(dx + r * dim + f0, o);
       store8(dx0 + r * dim + f0, o0);
     }
   }
-  if (partials) {
-    float* out = partials + static_cast<size_t>(blockIdx.x) * 2 * dim;
-    store_column_partials<kVec>(acc0, smem, out, dim);
-    store_column_partials<kVec>(acc1, smem, out + dim, dim);
-  }
+  if (!partials) return;
+  float* out = partials + static_cast<size_t>(blockIdx.x) * 4 * dim;  // [dmix 2·dim | dscale, dgate below]
+  store_column_partials<kVec>(acc0, smem, out, dim);
+  store_column_partials<kVec>(acc1, smem, out + dim, dim);
+  if constexpr (kBelow)
+    store_branch_partials<kVec>(acc_a, below.branch_scale, below.gate, below.dscale != nullptr,
+                                below.dgate != nullptr && below.gate != nullptr, smem, out + 2 * dim, dim, lane);
 }
 
 // ---- residual branch (+ RMSNorm) ---------------------------------------------------------------
-
-// coef = branch_scale⊙σ(gate) for the lane's features.
-template <int kVec>
-__device__ __forceinline__ void branch_coef(const float* scale, const float* gate, int dim, int lane,
-                                            float (&coef)[kVec][8]) {
-  lane_params<kVec>(scale, dim, lane, 0.f, coef);
-  if (!gate) return;
-  float g[kVec][8];
-  lane_params<kVec>(gate, dim, lane, 0.f, g);
-#pragma unroll
-  for (int k = 0; k < kVec; ++k)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) coef[k][e] *= sigmoidf_(g[k][e]);
-}
 
 template <int kVec>
 __global__ void __launch_bounds__(kRowThreads) branch_forward_kernel(const bf16* __restrict__ x,
@@ -247,34 +300,9 @@ __global__ void __launch_bounds__(kRowThreads) branch_backward_kernel(
       store8(da + r * dim + f0, o);
     }
   }
-  if (!partials) return;
-  // Σ g⊙a is shared by both gradients: dscale = σ·S, dgate = scale·σ(1−σ)·S (per-feature factors
-  // commute with the sum over rows, so they are applied to the block's partial sums).
-  float s[kVec][8], sg[kVec][8], factor[kVec][8];
-  lane_params<kVec>(gate, dim, lane, 0.f, sg);
-  lane_params<kVec>(branch_scale, dim, lane, 0.f, s);
-  float* row = partials + static_cast<size_t>(blockIdx.x) * 2 * dim;
-  if (want_dscale) {
-#pragma unroll
-    for (int k = 0; k < kVec; ++k)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) factor[k][e] = gate ? sigmoidf_(sg[k][e]) : 1.f;
-    float p[kVec][8];
-    scaled_copy<kVec>(acc, factor, p);
-    store_column_partials<kVec>(p, smem, row, dim);
-  }
-  if (want_dgate) {
-#pragma unroll
-    for (int k = 0; k < kVec; ++k)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float sig = sigmoidf_(sg[k][e]);
-        factor[k][e] = s[k][e] * sig * (1.f - sig);
-      }
-    float p[kVec][8];
-    scaled_copy<kVec>(acc, factor, p);
-    store_column_partials<kVec>(p, smem, row + dim, dim);
-  }
+  if (partials)
+    store_branch_partials<kVec>(acc, branch_scale, gate, want_dscale, want_dgate, smem,
+                                partials + static_cast<size_t>(blockIdx.x) * 2 * dim, dim, lane);
 }
 
 // ---- U-Net skip ------------------------------------------------------------------------------------
@@ -448,7 +476,7 @@ size_t column_smem(int dim) { return static_cast<size_t>(kRowWarps) * dim * size
 
 }  // namespace
 
-size_t residual_workspace_floats(int64_t rows, int dim) { return static_cast<size_t>(row_blocks(rows)) * (2 * dim + 6); }
+size_t residual_workspace_floats(int64_t rows, int dim) { return static_cast<size_t>(row_blocks(rows)) * (4 * dim + 6); }
 
 void mix_norm_forward(const bf16* x, const bf16* x0, const float* mix, bf16* x_in, bf16* n, float* rstd, int64_t rows,
                       int dim, float scale, cudaStream_t stream) {
@@ -461,19 +489,31 @@ void mix_norm_forward(const bf16* x, const bf16* x0, const float* mix, bf16* x_i
   PG_CUDA_LAUNCH_CHECK();
 }
 
-void mix_norm_backward(const float* dn, const float* g_in, const float* rstd, const bf16* x, const bf16* x0, const float* mix, float* dx, bool accumulate_dx, float* dx0, float* dmix,
-                       int64_t rows, int dim, float scale, const ReduceWorkspace& ws, cudaStream_t stream) {
+void mix_norm_backward(const float* dn, const float* g_in, const float* rstd, const bf16* x, const bf16* x0,
+                       const float* mix, float* dx, bool accumulate_dx, float* dx0, float* dmix, int64_t rows, int dim,
+                       float scale, const ReduceWorkspace& ws, cudaStream_t stream, const BranchBelow* below) {
   check_row_dim(dim, "mix_norm_backward");
   if (rows == 0) return;
+  PG_CUDA_REQUIRE(!below || (below->a && below->da), "mix_norm_backward: the branch below needs a and da");
   const int blocks = row_blocks(rows);
-  if (dmix) check_reduce_workspace(ws, blocks, 2 * dim, "mix_norm_backward");
-  float* partials = dmix ? ws.data : nullptr;
+  const bool below_dgate = below && below->dgate && below->gate;
+  const bool any = dmix || (below && (below->dscale || below_dgate));
+  // Partials per block: [dmix 2·dim | dscale dim | dgate dim] (the layout has room for all four).
+  if (any) check_reduce_workspace(ws, blocks, 4 * dim, "mix_norm_backward");
+  float* partials = any ? ws.data : nullptr;
   dispatch_row_vec(dim, [&](auto vec) {
-    mix_norm_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
-        dn, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, rows, dim, scale);
+    if (below)
+      mix_norm_backward_kernel<decltype(vec)::value, true><<<blocks, kRowThreads, column_smem(dim), stream>>>(
+          dn, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, *below, rows, dim, scale);
+    else
+      mix_norm_backward_kernel<decltype(vec)::value, false><<<blocks, kRowThreads, column_smem(dim), stream>>>(
+          dn, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, BranchBelow{}, rows, dim, scale);
   });
   PG_CUDA_LAUNCH_CHECK();
-  if (dmix) finish_partial_sums(ws.data, blocks, {{dmix, 2 * dim}}, stream);
+  if (any)
+    finish_partial_sums(ws.data, blocks,
+                        {{dmix, 2 * dim}, {below ? below->dscale : nullptr, dim}, {below_dgate ? below->dgate : nullptr, dim}},
+                        stream);
 }
 
 void branch_forward(const bf16* x, const bf16* a, const float* branch_scale, const float* gate, bf16* out, bf16* n,

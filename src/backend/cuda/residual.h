@@ -18,14 +18,28 @@ namespace pgolf::cuda {
 void mix_norm_forward(const __nv_bfloat16* x, const __nv_bfloat16* x0, const float* mix, __nv_bfloat16* x_in,
                       __nv_bfloat16* n, float* rstd, int64_t rows, int dim, float scale, cudaStream_t stream);
 
+// The MLP-branch backward of the layer below (branch_backward without dn), folded into mix_norm_backward,
+// the pass that writes that branch's output gradient, to save a read of it: with t = dx as written
+// (+ g_add when given; dx stores the sum), da = branch_scale⊙σ(gate)⊙t (bf16),
+// dscale += σ⊙Σ t⊙a, dgate += branch_scale⊙σ(1−σ)⊙Σ t⊙a (null: skipped).
+struct BranchBelow {
+  const __nv_bfloat16* a = nullptr;
+  const float* branch_scale = nullptr;
+  const float* gate = nullptr;
+  const float* g_add = nullptr;
+  __nv_bfloat16* da = nullptr;
+  float* dscale = nullptr;
+  float* dgate = nullptr;
+};
+
 // t = (g_in ? g_in : 0) + RMSNorm backward of dn (through x_in, recomputed from x and x0 with the
 // forward's roundings: the same bits as the stored x_in, not read back);
 // dx = (accumulate_dx ? dx : 0) + mix[0]⊙t; dx0 += mix[1]⊙t; dmix [2, dim] += [Σ t⊙x, Σ t⊙x0].
-// g_in may alias dx (read before written, element by element).
+// g_in may alias dx (read before written, element by element). below: see BranchBelow.
 void mix_norm_backward(const float* dn, const float* g_in, const float* rstd, const __nv_bfloat16* x,
                        const __nv_bfloat16* x0, const float* mix, float* dx, bool accumulate_dx, float* dx0,
                        float* dmix, int64_t rows, int dim, float scale, const ReduceWorkspace& ws,
-                       cudaStream_t stream);
+                       cudaStream_t stream, const BranchBelow* below = nullptr);
 
 // Residual branch (+ RMSNorm of the result when n is given):
 //   out = (x ? x : 0) + branch_scale⊙(σ(gate)⊙a)   (gate null: σ = 1), stored bf16;

@@ -1,4 +1,7 @@
-// One thread per (token, KV head): v̂ stays in registers for every query head of the group.
+// kLanes = Dh/8 neighbouring threads per (token, KV head), each holding 8 features of the head vectors in
+// registers: 16-byte accesses that the warp completes into whole cache lines (the heads of consecutive
+// items are contiguous), head dot products by shuffles among the kLanes threads. v̂ stays in registers
+// for every query head of the group.
 #include "backend/cuda/check.h"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/xsa.h"
@@ -7,95 +10,96 @@ namespace pgolf::cuda {
 namespace {
 
 constexpr float kNormalizeEps = 1e-12f;  // F.normalize's default eps
+constexpr int kXsaThreads = 128;
 
-template <int kDh>
-__device__ __forceinline__ void load_head(const bf16* p, float (&v)[kDh]) {
+// Σ over the kLanes threads of an item (aligned groups of kLanes lanes; every lane of the warp takes part).
+template <int kLanes>
+__device__ __forceinline__ float item_sum(float x) {
 #pragma unroll
-  for (int c = 0; c < kDh; c += 8) {
-    float x[8];
-    load8(p + c, x);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[c + e] = x[e];
-  }
+  for (int o = kLanes / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
 }
 
-template <int kDh, typename Out>
-__device__ __forceinline__ void store_head(Out* p, const float (&v)[kDh]) {
-#pragma unroll
-  for (int c = 0; c < kDh; c += 8) {
-    float x[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) x[e] = v[c + e];
-    store8(p + c, x);
-  }
-}
-
-template <int kDh>
-__device__ __forceinline__ float dot(const float (&a)[kDh], const float (&b)[kDh]) {
+template <int kLanes>
+__device__ __forceinline__ float item_dot(const float (&a)[8], const float (&b)[8]) {
   float s = 0.f;
 #pragma unroll
-  for (int j = 0; j < kDh; ++j) s += a[j] * b[j];
-  return s;
+  for (int e = 0; e < 8; ++e) s += a[e] * b[e];
+  return item_sum<kLanes>(s);
 }
 
-template <int kDh>
-__global__ void xsa_forward_kernel(const bf16* __restrict__ y, const bf16* __restrict__ v, bf16* __restrict__ y_out,
-                                   int64_t N, int H, int Hkv) {
+// The (token, KV head) items t = i·Hkv + g, 32/kLanes per warp and kLanes threads each: the loop is uniform
+// over a warp (its shuffles need every lane) and `valid` marks the items past the end. part: this thread's
+// 8-feature slice of the head.
+#define PG_XSA_ITEMS(t, valid, part, items)                                                                   \
+  const int part = static_cast<int>(threadIdx.x % 32) % kLanes;                                             \
+  for (int first = static_cast<int>((blockIdx.x * blockDim.x + threadIdx.x) / 32) * (32 / kLanes);           \
+       first < (items); first += static_cast<int>(gridDim.x * (blockDim.x / 32)) * (32 / kLanes))             \
+    if (const int t = first + static_cast<int>(threadIdx.x % 32) / kLanes; true)                              \
+      if (const bool valid = t < (items); true)
+
+template <int kLanes>
+__global__ void __launch_bounds__(kXsaThreads) xsa_forward_kernel(const bf16* __restrict__ y,
+                                                                  const bf16* __restrict__ v,
+                                                                  bf16* __restrict__ y_out, int items, int H, int Hkv) {
+  constexpr int kDh = 8 * kLanes;
   const int group = H / Hkv;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < N * Hkv;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = t / Hkv;
-    const int g = static_cast<int>(t % Hkv);
-    float vh[kDh];
-    load_head<kDh>(v + t * kDh, vh);
-    const float norm = fmaxf(sqrtf(dot<kDh>(vh, vh)), kNormalizeEps);
+  PG_XSA_ITEMS(t, valid, part, items) {
+    const int64_t i = t / Hkv;  // 32-bit division: no 64-bit division routine
+    const int g = t % Hkv;
+    float vh[8] = {};
+    if (valid) load8(v + int64_t{t} * kDh + part * 8, vh);
+    const float norm = fmaxf(sqrtf(item_dot<kLanes>(vh, vh)), kNormalizeEps);
 #pragma unroll
-    for (int j = 0; j < kDh; ++j) vh[j] /= norm;
+    for (int e = 0; e < 8; ++e) vh[e] /= norm;
     for (int hq = 0; hq < group; ++hq) {
-      const int64_t row = i * H + g * group + hq;
-      float yv[kDh];
-      load_head<kDh>(y + row * kDh, yv);
-      const float c = dot<kDh>(yv, vh);
+      const int64_t at = (i * H + g * group + hq) * kDh + part * 8;
+      float yv[8] = {};
+      if (valid) load8(y + at, yv);
+      const float c = item_dot<kLanes>(yv, vh);
 #pragma unroll
-      for (int j = 0; j < kDh; ++j) yv[j] -= c * vh[j];
-      store_head<kDh>(y_out + row * kDh, yv);
+      for (int e = 0; e < 8; ++e) yv[e] -= c * vh[e];
+      if (valid) store8(y_out + at, yv);
     }
   }
 }
 
-template <int kDh>
-__global__ void xsa_backward_kernel(const bf16* __restrict__ dy_out, const bf16* __restrict__ y,
-                                    const bf16* __restrict__ v, bf16* __restrict__ dy_in, float* __restrict__ dv,
-                                    int64_t N, int H, int Hkv) {
+template <int kLanes>
+__global__ void __launch_bounds__(kXsaThreads) xsa_backward_kernel(const bf16* __restrict__ dy_out,
+                                                                   const bf16* __restrict__ y,
+                                                                   const bf16* __restrict__ v, bf16* __restrict__ dy_in,
+                                                                   float* __restrict__ dv, int items, int H, int Hkv) {
+  constexpr int kDh = 8 * kLanes;
   const int group = H / Hkv;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < N * Hkv;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = t / Hkv;
-    const int g = static_cast<int>(t % Hkv);
-    float vh[kDh], dvh[kDh] = {};
-    load_head<kDh>(v + t * kDh, vh);
-    const float raw_norm = sqrtf(dot<kDh>(vh, vh));
+  PG_XSA_ITEMS(t, valid, part, items) {
+    const int64_t i = t / Hkv;  // 32-bit division: no 64-bit division routine
+    const int g = t % Hkv;
+    float vh[8] = {}, dvh[8] = {};
+    if (valid) load8(v + int64_t{t} * kDh + part * 8, vh);
+    const float raw_norm = sqrtf(item_dot<kLanes>(vh, vh));
     const bool clamped = raw_norm <= kNormalizeEps;
     const float norm = clamped ? kNormalizeEps : raw_norm;
 #pragma unroll
-    for (int j = 0; j < kDh; ++j) vh[j] /= norm;
+    for (int e = 0; e < 8; ++e) vh[e] /= norm;
     for (int hq = 0; hq < group; ++hq) {
-      const int64_t row = i * H + g * group + hq;
-      float yv[kDh], dyv[kDh];
-      load_head<kDh>(y + row * kDh, yv);
-      load_head<kDh>(dy_out + row * kDh, dyv);
-      const float c = dot<kDh>(yv, vh), e = dot<kDh>(dyv, vh);
-#pragma unroll
-      for (int j = 0; j < kDh; ++j) {
-        dvh[j] -= c * dyv[j] + e * yv[j];
-        dyv[j] -= e * vh[j];
+      const int64_t at = (i * H + g * group + hq) * kDh + part * 8;
+      float yv[8] = {}, dyv[8] = {};
+      if (valid) {
+        load8(y + at, yv);
+        load8(dy_out + at, dyv);
       }
-      store_head<kDh>(dy_in + row * kDh, dyv);
-    }
-    const float vd = clamped ? 0.f : dot<kDh>(vh, dvh);
+      const float c = item_dot<kLanes>(yv, vh), e_dot = item_dot<kLanes>(dyv, vh);
 #pragma unroll
-    for (int j = 0; j < kDh; ++j) dvh[j] = (dvh[j] - vh[j] * vd) / norm;
-    store_head<kDh>(dv + t * kDh, dvh);
+      for (int e = 0; e < 8; ++e) {
+        dvh[e] -= c * dyv[e] + e_dot * yv[e];
+        dyv[e] -= e_dot * vh[e];
+      }
+      if (valid) store8(dy_in + at, dyv);
+    }
+    const float vd = item_dot<kLanes>(vh, dvh);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dvh[e] = (dvh[e] - vh[e] * (clamped ? 0.f : vd)) / norm;
+    if (valid) store8(dv + int64_t{t} * kDh + part * 8, dvh);
   }
 }
 
@@ -115,11 +119,12 @@ void dispatch_head_dim(int head_dim, const char* what, F&& launch) {
 void xsa_forward(const bf16* y, const bf16* v, bf16* y_out, int64_t N, int H, int Hkv, int head_dim,
                  cudaStream_t stream) {
   PG_CUDA_REQUIRE(Hkv > 0 && H % Hkv == 0, "xsa_forward: kv_heads must divide heads");
+  PG_CUDA_REQUIRE(N * Hkv * 8 < INT32_MAX, "xsa_forward: more than 2^28 (token, KV head) items");
   if (N == 0) return;
-  const int threads = 128;
   dispatch_head_dim(head_dim, "xsa_forward: head_dim must be 8, 16, 32 or 64", [&](auto dh) {
-    xsa_forward_kernel<decltype(dh)::value><<<item_blocks(N * Hkv, threads), threads, 0, stream>>>(y, v, y_out, N, H,
-                                                                                                   Hkv);
+    constexpr int kLanes = decltype(dh)::value / 8;
+    xsa_forward_kernel<kLanes><<<item_blocks(N * Hkv * kLanes, kXsaThreads), kXsaThreads, 0, stream>>>(
+        y, v, y_out, static_cast<int>(N * Hkv), H, Hkv);
   });
   PG_CUDA_LAUNCH_CHECK();
 }
@@ -127,11 +132,12 @@ void xsa_forward(const bf16* y, const bf16* v, bf16* y_out, int64_t N, int H, in
 void xsa_backward(const bf16* dy_out, const bf16* y, const bf16* v, bf16* dy_in, float* dv, int64_t N, int H, int Hkv,
                   int head_dim, cudaStream_t stream) {
   PG_CUDA_REQUIRE(Hkv > 0 && H % Hkv == 0, "xsa_backward: kv_heads must divide heads");
+  PG_CUDA_REQUIRE(N * Hkv * 8 < INT32_MAX, "xsa_backward: more than 2^28 (token, KV head) items");
   if (N == 0) return;
-  const int threads = 128;
   dispatch_head_dim(head_dim, "xsa_backward: head_dim must be 8, 16, 32 or 64", [&](auto dh) {
-    xsa_backward_kernel<decltype(dh)::value><<<item_blocks(N * Hkv, threads), threads, 0, stream>>>(dy_out, y, v,
-                                                                                                    dy_in, dv, N, H, Hkv);
+    constexpr int kLanes = decltype(dh)::value / 8;
+    xsa_backward_kernel<kLanes><<<item_blocks(N * Hkv * kLanes, kXsaThreads), kXsaThreads, 0, stream>>>(
+        dy_out, y, v, dy_in, dv, static_cast<int>(N * Hkv), H, Hkv);
   });
   PG_CUDA_LAUNCH_CHECK();
 }
