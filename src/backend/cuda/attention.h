@@ -80,4 +80,19 @@ void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, con
                         void* workspace, size_t workspace_bytes, cudaStream_t stream,
                         const AttentionTuning& tuning = {});
 
+// dQ before the backward's finish pass: dq = bf16(scale · sum) elementwise, sum [N, H, 64] fp32 (device).
+struct DqSum {
+  const float* sum = nullptr;
+  float scale = 1.f;
+};
+
+// attention_backward without the dQ finish pass, for a consumer that rounds bf16(scale · sum) itself
+// (qk_norm_rope_backward): the bf16 dq is neither written nor read back, and one launch less. dk and
+// dv are written; dQ stays in the workspace (valid until the workspace is next used) and is returned.
+// Not with tuning.deterministic, whose dQ pass writes bf16 directly.
+DqSum attention_backward_unfinished(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                    const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse,
+                                    const __nv_bfloat16* d_o, __nv_bfloat16* dk, __nv_bfloat16* dv, void* workspace,
+                                    size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning = {});
+
 }  // namespace pgolf::cuda

@@ -8,7 +8,7 @@
 //               Sᵀ = K Qᵀ, Pᵀ = exp(scale·Sᵀ − LSE), dPᵀ = V dOᵀ, dSᵀ = scale · Pᵀ ∘ (dPᵀ − D);
 //             dSᵀ also goes to shared memory, from where the block computes dQ_tile = dS K and adds
 //             it to the fp32 accumulator with vector atomics;
-//   finish:   dQ = bf16(accumulator).
+//   finish:   dQ = bf16(accumulator), or left to the consumer (attention_backward_unfinished).
 // AttentionTuning::backward_kernel = wgmma swaps the main kernel for the Hopper one
 // (attention_backward_wgmma.cu, same workspace and semantics); the deterministic path keeps this
 // file's kernel without atomics and the separate dQ pass (attention_dq.cu).
@@ -371,18 +371,20 @@ size_t attention_backward_workspace_bytes(const AttentionShape& shape) {
   return dq_accum_bytes(shape) + delta_bytes(shape) + tile_schedule_entries(shape) * sizeof(int2);
 }
 
-void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                        const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse, const __nv_bfloat16* d_o,
-                        __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, void* workspace,
-                        size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning) {
-  check_attention_shape(shape);
-  if (shape.total_tokens == 0) return;
+namespace {
+
+// Checks the arguments, runs the prepare kernel (D, the zeroed dQ accumulator, the wgmma work list)
+// and returns the main kernels' parameters over the workspace.
+AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                         const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse,
+                                         const __nv_bfloat16* d_o, __nv_bfloat16* dk, __nv_bfloat16* dv,
+                                         void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                                         const AttentionTuning& tuning) {
   check_aligned16(q, "attention_backward: q must be a 16-byte aligned device pointer");
   check_aligned16(k, "attention_backward: k must be a 16-byte aligned device pointer");
   check_aligned16(v, "attention_backward: v must be a 16-byte aligned device pointer");
   check_aligned16(o, "attention_backward: o must be a 16-byte aligned device pointer");
   check_aligned16(d_o, "attention_backward: d_o must be a 16-byte aligned device pointer");
-  check_aligned16(dq, "attention_backward: dq must be a 16-byte aligned device pointer");
   check_aligned16(dk, "attention_backward: dk must be a 16-byte aligned device pointer");
   check_aligned16(dv, "attention_backward: dv must be a 16-byte aligned device pointer");
   check_aligned16(workspace, "attention_backward: workspace must be a 16-byte aligned device pointer");
@@ -396,45 +398,76 @@ void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, con
       reinterpret_cast<int2*>(static_cast<char*>(workspace) + dq_accum_bytes(shape) + delta_bytes(shape));
   const bool wgmma = !tuning.deterministic && tuning.backward_kernel == AttentionBackwardKernel::wgmma;
   const int64_t rows = static_cast<int64_t>(shape.total_tokens) * shape.num_heads;
-  {
-    const int threads = 256;
-    const int64_t blocks = (rows * 8 + threads - 1) / threads;
-    attention_backward_prepare_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        o, d_o, delta, dq_accum, shape.total_tokens, shape.num_heads, shape.cu_seqlens, shape.num_segments,
-        wgmma ? attention_backward_wgmma_schedule_keys(tuning.backward_warps) : 0, tile_schedule);
-    PG_CUDA_LAUNCH_CHECK();
-  }
-  AttentionBackwardParams p{q,
-                   k,
-                   v,
-                   d_o,
-                   lse,
-                   delta,
-                   dq_accum,
-                   tile_schedule,
-                   dk,
-                   dv,
-                   shape.cu_seqlens,
-                   shape.num_segments,
-                   shape.total_tokens,
-                   shape.num_heads / shape.num_kv_heads,
-                   static_cast<int64_t>(shape.num_heads) * kHeadDim,
-                   static_cast<int64_t>(shape.num_kv_heads) * kHeadDim};
-  if (tuning.deterministic) {
-    launch_backward<false>(p, shape, tuning.backward_warps, stream);
-    launch_attention_dq(shape, q, k, v, d_o, lse, delta, dq, stream);
-    return;
-  }
+  const int threads = 256;
+  const int64_t blocks = (rows * 8 + threads - 1) / threads;
+  attention_backward_prepare_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      o, d_o, delta, dq_accum, shape.total_tokens, shape.num_heads, shape.cu_seqlens, shape.num_segments,
+      wgmma ? attention_backward_wgmma_schedule_keys(tuning.backward_warps) : 0, tile_schedule);
+  PG_CUDA_LAUNCH_CHECK();
+  return AttentionBackwardParams{q,
+                                 k,
+                                 v,
+                                 d_o,
+                                 lse,
+                                 delta,
+                                 dq_accum,
+                                 tile_schedule,
+                                 dk,
+                                 dv,
+                                 shape.cu_seqlens,
+                                 shape.num_segments,
+                                 shape.total_tokens,
+                                 shape.num_heads / shape.num_kv_heads,
+                                 static_cast<int64_t>(shape.num_heads) * kHeadDim,
+                                 static_cast<int64_t>(shape.num_kv_heads) * kHeadDim};
+}
+
+// The atomic main kernel (dK, dV, dQ summed into the accumulator); not the deterministic path.
+DqSum launch_backward_atomic(const AttentionBackwardParams& p, const AttentionShape& shape,
+                             const AttentionTuning& tuning, cudaStream_t stream) {
+  const bool wgmma = tuning.backward_kernel == AttentionBackwardKernel::wgmma;
   if (wgmma) launch_attention_backward_wgmma(p, shape, tuning.backward_warps, stream);
   else launch_backward<true>(p, shape, tuning.backward_warps, stream);
-  {
-    const int threads = 256;
-    const int64_t count = rows * kHeadDim;
-    const int64_t blocks = (count / 8 + threads - 1) / threads;
-    attention_backward_finish_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        dq_accum, dq, count, wgmma ? kSoftmaxScale : 1.f);
-    PG_CUDA_LAUNCH_CHECK();
+  return DqSum{p.dq_accum, wgmma ? kSoftmaxScale : 1.f};
+}
+
+}  // namespace
+
+void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                        const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse, const __nv_bfloat16* d_o,
+                        __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning) {
+  check_attention_shape(shape);
+  if (shape.total_tokens == 0) return;
+  check_aligned16(dq, "attention_backward: dq must be a 16-byte aligned device pointer");
+  const AttentionBackwardParams p =
+      prepare_backward(shape, q, k, v, o, lse, d_o, dk, dv, workspace, workspace_bytes, stream, tuning);
+  if (tuning.deterministic) {
+    launch_backward<false>(p, shape, tuning.backward_warps, stream);
+    launch_attention_dq(shape, q, k, v, d_o, lse, p.delta, dq, stream);
+    return;
   }
+  const DqSum dq_sum = launch_backward_atomic(p, shape, tuning, stream);
+  const int threads = 256;
+  const int64_t count = static_cast<int64_t>(shape.total_tokens) * shape.num_heads * kHeadDim;
+  const int64_t blocks = (count / 8 + threads - 1) / threads;
+  attention_backward_finish_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(dq_sum.sum, dq, count,
+                                                                                          dq_sum.scale);
+  PG_CUDA_LAUNCH_CHECK();
+}
+
+DqSum attention_backward_unfinished(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                    const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse,
+                                    const __nv_bfloat16* d_o, __nv_bfloat16* dk, __nv_bfloat16* dv, void* workspace,
+                                    size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning) {
+  PG_CUDA_REQUIRE(!tuning.deterministic,
+                  "attention_backward_unfinished: the deterministic backward writes bf16 dq itself "
+                  "(call attention_backward)");
+  check_attention_shape(shape);
+  if (shape.total_tokens == 0) return DqSum{static_cast<const float*>(workspace), 1.f};
+  const AttentionBackwardParams p =
+      prepare_backward(shape, q, k, v, o, lse, d_o, dk, dv, workspace, workspace_bytes, stream, tuning);
+  return launch_backward_atomic(p, shape, tuning, stream);
 }
 
 }  // namespace pgolf::cuda

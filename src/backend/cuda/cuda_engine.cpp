@@ -50,6 +50,7 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   const std::string mlp = c.get_string("mlp_gemm");
   PG_CHECK(mlp == "fused" || mlp == "cublas", "mlp_gemm = '{}': expected fused | cublas", mlp);
   m.mlp_fused = mlp == "fused";
+  m.fold_dq_finish = c.get_bool("attention_dq_fold");
   return m;
 }
 

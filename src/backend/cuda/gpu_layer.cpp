@@ -80,7 +80,11 @@ void GpuModel::Impl::backward_attention(int v) {
     std::swap(dy, spare);
   }
   const AttentionShape shape = attention_shape();
-  if (Dh == kAttentionHeadDim)
+  QkDq dq(bw.dq);
+  if (fold_dq_finish)
+    dq = attention_backward_unfinished(shape, b.q, b.k, vals, b.y, b.lse, dy, bw.dk, bw.dv, bw.attn_ws,
+                                       bw.attn_ws_bytes, stream, attention);
+  else if (Dh == kAttentionHeadDim)
     attention_backward(shape, b.q, b.k, vals, b.y, b.lse, dy, bw.dq, bw.dk, bw.dv, bw.attn_ws, bw.attn_ws_bytes,
                        stream, attention);
   else
@@ -88,7 +92,7 @@ void GpuModel::Impl::backward_attention(int v) {
                                  bw.attn_ws, bw.attn_ws_bytes, stream);
 
   // q, k: gain, RoPE, QK-norm → the q and k columns of dqkv; v: XSA's share, the value path → its columns.
-  qk_norm_rope_backward(bw.dq, bw.dk, b.qkv, b.qkv + qd, qkv_w, b.q_rstd, b.k_rstd, P(p.q_gain), rope_cos, rope_sin,
+  qk_norm_rope_backward(dq, bw.dk, b.qkv, b.qkv + qd, qkv_w, b.q_rstd, b.k_rstd, P(p.q_gain), rope_cos, rope_sin,
                         bw.dqkv, bw.dqkv + qd, qkv_w, G(p.q_gain), QkShape{N, T, H, Hkv, Dh, m.rope_dims}, bw.reduce,
                         stream);
   const bool ve = p.ve_scale >= 0;

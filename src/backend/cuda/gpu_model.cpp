@@ -67,6 +67,7 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
   H = m.num_heads, Hkv = m.num_kv_heads, Dh = m.head_dim;
   qkv_w = qd + 2 * kvd;
   mlp_fused = options.mlp_fused && mlp_fused_supported(d, hid);
+  fold_dq_finish = options.fold_dq_finish && Dh == kAttentionHeadDim && !deterministic;
   gate_ld = static_cast<int>(round_up(H, 8));
   PG_CHECK(max_tokens > 0, "GpuModel: max_tokens must be positive, got {}", max_tokens);
   PG_CHECK(!(m.branch_gates && m.parallel_start_layer > 0),

@@ -43,6 +43,9 @@ struct GpuModelOptions {
   // The MLP's first product and its gradient with the activation in the epilogue (mlp_gemm.h) where
   // the shape and device allow; otherwise cuBLASLt and the separate activation passes.
   bool mlp_fused = true;
+  // The attention backward leaves dQ as its fp32 sum and qk_norm_rope_backward rounds it (no finish
+  // pass, no bf16 dq round trip; the same bits). Flash kernels only, not in deterministic mode.
+  bool fold_dq_finish = true;
 };
 
 class GpuModel {

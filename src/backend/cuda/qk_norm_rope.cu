@@ -107,11 +107,22 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm)
   }
 }
 
+// dq's 8 elements at p: bf16 as stored, or bf16(scale · sum) as attention_backward's finish pass
+// rounds it (the same multiply and round to nearest even, so the same bits).
+__device__ __forceinline__ void load_dq(const bf16* p, float, float (&v)[8]) { load8(p, v); }
+__device__ __forceinline__ void load_dq(const float* p, float scale, float (&v)[8]) {
+  load8(p, v);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = __bfloat162float(__float2bfloat16_rn(scale * v[e]));
+}
+
 // Per head vector, with x = the stored input, d = its output gradient, R the rotation, g the gain
 // (1 for k): q_rope = R·(x·inv); dgain += Σ d⊙q_rope = inv·Σ (Rᵀd)⊙x; the norm's input gradient
 // from dr = g·Rᵀd is inv·(dr − x·inv²·(dr·x)/Dh), with dr·x = g·Σ (Rᵀd)⊙x.
+template <typename DqT>
 __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
-    qk_backward_kernel(const bf16* __restrict__ dq, const bf16* __restrict__ dk, const bf16* __restrict__ q_lin,
+    qk_backward_kernel(const DqT* __restrict__ dq, float dq_scale, const bf16* __restrict__ dk,
+                       const bf16* __restrict__ q_lin,
                        const bf16* __restrict__ k_lin, int64_t in_stride, const float* __restrict__ q_rstd,
                        const float* __restrict__ k_rstd, const float* __restrict__ gain,
                        const float* __restrict__ rope_cos, const float* __restrict__ rope_sin,
@@ -132,7 +143,8 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
     float x[8] = {}, d[8] = {};
     if (active) {
       load8((hr.is_q ? q_lin : k_lin) + hr.token * in_stride + hr.head * Dh + j0, x);
-      load8((hr.is_q ? dq : dk) + vec_index * Dh + j0, d);
+      if (hr.is_q) load_dq(dq + vec_index * Dh + j0, dq_scale, d);
+      else load8(dk + vec_index * Dh + j0, d);
     }
     const int pos = hr.token % static_cast<int>(s.seq_len);
     rotate_group(d, exchange[threadIdx.x >> 5], j0, rope_cos + pos * half, rope_sin + pos * half, half, true);
@@ -187,7 +199,7 @@ void qk_norm_rope_forward(const bf16* q_lin, const bf16* k_lin, int64_t in_strid
   PG_CUDA_LAUNCH_CHECK();
 }
 
-void qk_norm_rope_backward(const bf16* dq, const bf16* dk, const bf16* q_lin, const bf16* k_lin, int64_t in_stride,
+void qk_norm_rope_backward(const QkDq& dq, const bf16* dk, const bf16* q_lin, const bf16* k_lin, int64_t in_stride,
                            const float* q_rstd, const float* k_rstd, const float* gain, const float* rope_cos,
                            const float* rope_sin, bf16* dq_lin, bf16* dk_lin, int64_t out_stride, float* dgain,
                            const QkShape& s, const ReduceWorkspace& ws, cudaStream_t stream) {
@@ -197,9 +209,17 @@ void qk_norm_rope_backward(const bf16* dq, const bf16* dk, const bf16* q_lin, co
   if (s.tokens == 0) return;
   const int blocks = grid_of(s);
   if (dgain) check_reduce_workspace(ws, blocks, s.heads, "qk_norm_rope_backward");
-  qk_backward_kernel<<<blocks, kThreads, 0, stream>>>(dq, dk, q_lin, k_lin, in_stride, q_rstd, k_rstd, gain, rope_cos,
-                                                      rope_sin, dq_lin, dk_lin, out_stride, dgain ? ws.data : nullptr,
-                                                      s);
+  PG_CUDA_REQUIRE((dq.rounded != nullptr) != (dq.sum.sum != nullptr),
+                  "qk_norm_rope_backward: dq must be given either as bf16 or as attention's fp32 sum");
+  float* partials = dgain ? ws.data : nullptr;
+  if (dq.rounded)
+    qk_backward_kernel<<<blocks, kThreads, 0, stream>>>(dq.rounded, 1.f, dk, q_lin, k_lin, in_stride, q_rstd, k_rstd,
+                                                        gain, rope_cos, rope_sin, dq_lin, dk_lin, out_stride, partials,
+                                                        s);
+  else
+    qk_backward_kernel<<<blocks, kThreads, 0, stream>>>(dq.sum.sum, dq.sum.scale, dk, q_lin, k_lin, in_stride, q_rstd,
+                                                        k_rstd, gain, rope_cos, rope_sin, dq_lin, dk_lin, out_stride,
+                                                        partials, s);
   PG_CUDA_LAUNCH_CHECK();
   if (dgain) finish_partial_sums(ws.data, blocks, {{dgain, s.heads}}, stream);
 }

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "backend/cuda/attention.h"
 #include "backend/cuda/partial_sums.h"
 
 namespace pgolf::cuda {
@@ -28,9 +29,18 @@ void qk_norm_rope_forward(const __nv_bfloat16* q_lin, const __nv_bfloat16* k_lin
                           const float* gain, const float* rope_cos, const float* rope_sin, __nv_bfloat16* q,
                           __nv_bfloat16* k, float* q_rstd, float* k_rstd, const QkShape& shape, cudaStream_t stream);
 
+// The gradient of the forward's q: bf16 [N, H, Dh], or attention's fp32 sum before its finish pass
+// (attention_backward_unfinished), read as bf16(scale · sum), bit for bit the finish pass's dq.
+struct QkDq {
+  QkDq(const __nv_bfloat16* rounded_) : rounded(rounded_) {}
+  QkDq(const DqSum& sum_) : sum(sum_) {}
+  const __nv_bfloat16* rounded = nullptr;
+  DqSum sum{};
+};
+
 // From dq, dk (gradients of the forward's q and k): dq_lin, dk_lin written (bf16, row stride out_stride,
 // e.g. slices of the fused projection's gradient); dgain [H] += Σ dq⊙q_rope (null: skipped).
-void qk_norm_rope_backward(const __nv_bfloat16* dq, const __nv_bfloat16* dk, const __nv_bfloat16* q_lin,
+void qk_norm_rope_backward(const QkDq& dq, const __nv_bfloat16* dk, const __nv_bfloat16* q_lin,
                            const __nv_bfloat16* k_lin, int64_t in_stride, const float* q_rstd, const float* k_rstd,
                            const float* gain, const float* rope_cos, const float* rope_sin, __nv_bfloat16* dq_lin,
                            __nv_bfloat16* dk_lin, int64_t out_stride, float* dgain, const QkShape& shape,
