@@ -58,9 +58,13 @@ StepControl step(int64_t s, bool ema = false) { return {s, 1.0, 0.9, ema}; }
 
 // Five steps on a fixed batch (the loss falls from ~5.5 towards 1; later steps memorise the batch
 // and amplify every difference): both engines learn, and the GPU follows the CPU — the first step at
-// the kernel tolerance (same weights), later steps within 5 % relative: each step's gradient differs
+// the kernel tolerance (same weights), the next two within 5 % relative: each step's gradient differs
 // by up to kGradTol (5 %), the updates have normalised sizes (Muon, AdamW), so the weights, and the
-// losses, stay within a few percent after a handful of steps (observed: 2.5 % at most, s1560).
+// losses, stay within a few percent for the first steps (observed on an H100: 1.1 % at most, s1560
+// step 2). From step 3 on, s1560's memorising steps amplify bf16-level differences chaotically: with
+// either attention forward kernel its step-3 gradient norm is 11 % off the CPU's (2.07 / 2.08 against
+// 1.87), and the two kernels' own step-4 losses differ by 3 % (0.908 / 0.938 against the CPU's 0.890),
+// so those steps are checked only for learning, not for the distance.
 TEST_F(CudaEngineTest, TrainingStepsFollowTheCpuEngine) {
   constexpr int kSteps = 5;
   for (const std::string stack : {"baseline", "s691", "s1560"}) {
@@ -84,7 +88,8 @@ TEST_F(CudaEngineTest, TrainingStepsFollowTheCpuEngine) {
     }
     EXPECT_LE(std::fabs(rg[0].loss - rc[0].loss), kMeanLossTol);
     EXPECT_NEAR(rg[0].grad_norm, rc[0].grad_norm, kGradTol * rc[0].grad_norm);
-    for (int s = 0; s < kSteps; ++s) EXPECT_NEAR(rg[s].loss, rc[s].loss, 0.05 * rc[s].loss) << "step " << s;
+    constexpr int kFollowedSteps = 3;
+    for (int s = 0; s < kFollowedSteps; ++s) EXPECT_NEAR(rg[s].loss, rc[s].loss, 0.05 * rc[s].loss) << "step " << s;
     EXPECT_LT(rc.back().loss, 0.5 * rc.front().loss);
     EXPECT_LT(rg.back().loss, 0.5 * rg.front().loss);
     EXPECT_EQ(gpu->graphs_captured(), 1u) << "steady-state steps replay one graph";
