@@ -335,7 +335,8 @@ void GpuModel::Impl::allocate(Alloc& a) {
   bw.df = a.template get<bf16>(n * d, "grad mlp branch");
   bw.dy = a.template get<bf16>(n * qd, "grad attention output");
   bw.dy2 = a.template get<bf16>(n * qd, "grad attention output 2");
-  bw.dq = a.template get<bf16>(n * qd, "grad q");
+  // With the dQ fold, qk_norm_rope_backward reads the attention backward's fp32 sum (its workspace) instead.
+  if (!fold_dq_finish) bw.dq = a.template get<bf16>(n * qd, "grad q");
   bw.dk = a.template get<bf16>(n * kvd, "grad k");
   bw.dv = a.template get<bf16>(n * kvd, "grad v");
   bw.dqkv = a.template get<bf16>(n * qkv_w, "grad qkv");
