@@ -16,13 +16,12 @@ SlidingOptions SlidingOptions::from_config(const Config& c, int64_t seq_len) {
   o.stride = c.get_int("eval_stride");
   o.rule = parse_window_rule(c.get_string("sliding_rule"));
   o.batch_seqs = c.get_int("eval_batch_seqs");
-  o.scored_losses_only = c.get_bool("eval_scored_losses_only");
   PG_CHECK(o.batch_seqs > 0, "eval_batch_seqs = {} must be positive", o.batch_seqs);
   return o;
 }
 
 void score_windows(Engine& engine, ScoringLedger& ledger, std::span<const uint16_t> tokens, const WindowPlan& plan,
-                   IndexRange windows, int64_t batch_seqs, bool scored_losses_only) {
+                   IndexRange windows, int64_t batch_seqs) {
   const int64_t T = plan.window();
   std::vector<float> nll;
   Batch b;
@@ -34,12 +33,12 @@ void score_windows(Engine& engine, ScoringLedger& ledger, std::span<const uint16
     b.max_seqlen = static_cast<int32_t>(T);
     b.inputs.assign(static_cast<size_t>(rows * T), 0);
     b.targets.assign(static_cast<size_t>(rows * T), 0);
-    b.losses_from.assign(scored_losses_only ? static_cast<size_t>(rows) : 0, 0);  // only the scored positions are read
+    b.losses_from.resize(static_cast<size_t>(rows));  // only the scored positions are read
     for (int64_t r = 0; r < rows; ++r) {
       const Window w = plan.at(k0 + r);
       std::copy_n(tokens.begin() + w.start, w.len, b.inputs.begin() + r * T);
       std::copy_n(tokens.begin() + w.start + 1, w.len, b.targets.begin() + r * T);
-      if (scored_losses_only) b.losses_from[static_cast<size_t>(r)] = static_cast<int32_t>(w.score_begin);
+      b.losses_from[static_cast<size_t>(r)] = static_cast<int32_t>(w.score_begin);
     }
     engine.token_losses(b, nll);
     for (int64_t r = 0; r < rows; ++r) {
@@ -61,7 +60,7 @@ EvalOutcome evaluate_sliding(Engine& engine, Communicator& comm, std::span<const
                                                              : ScoringLedger::Policy::ScoreFirst,
                        observer);
   score_windows(engine, ledger, tokens, plan, rank_slice(plan.size(), comm.rank(), comm.world_size()),
-                options.batch_seqs, options.scored_losses_only);
+                options.batch_seqs);
   EvalOutcome out;
   out.mode = "sliding";
   out.sums = ledger.global_sums(comm);

@@ -22,16 +22,14 @@ struct SlidingOptions {
   int64_t stride = 64;
   WindowRule rule = WindowRule::Reference;
   int64_t batch_seqs = 32;  // windows per forward
-  bool scored_losses_only = true;  // batches name the scored positions (Batch::losses_from)
 
-  // eval_stride, sliding_rule, eval_batch_seqs, eval_scored_losses_only; the window is T_eval (given: it depends on two keys).
+  // eval_stride, sliding_rule, eval_batch_seqs; the window is T_eval (given: it depends on two keys).
   static SlidingOptions from_config(const Config& c, int64_t seq_len);
 };
 
-// Scores windows [windows.begin, windows.end) of `plan` on this rank, through the ledger. With
-// scored_losses_only each batch tells the engine which losses are read (Batch::losses_from).
+// Scores windows [windows.begin, windows.end) of `plan` on this rank, through the ledger.
 void score_windows(Engine& engine, ScoringLedger& ledger, std::span<const uint16_t> tokens, const WindowPlan& plan,
-                   IndexRange windows, int64_t batch_seqs, bool scored_losses_only = true);
+                   IndexRange windows, int64_t batch_seqs);
 
 // The sliding-window evaluation of `tokens` (N + 1 tokens). A collective: every rank calls it and
 // gets the same sums.

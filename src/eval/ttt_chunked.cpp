@@ -69,8 +69,7 @@ EvalOutcome score_first(Engine& engine, Communicator& comm, std::span<const uint
     auto t0 = EvalClock::now();
     const IndexRange w = chunks.windows(c);
     const IndexRange mine = rank_slice(w.size(), comm.rank(), comm.world_size());
-    score_windows(engine, ledger, tokens, windows, {w.begin + mine.begin, w.begin + mine.end}, o.scoring.batch_seqs,
-                  o.scoring.scored_losses_only);
+    score_windows(engine, ledger, tokens, windows, {w.begin + mine.begin, w.begin + mine.end}, o.scoring.batch_seqs);
     out.score_seconds += seconds_since(t0);
     if (c == last) break;
     t0 = EvalClock::now();
@@ -106,7 +105,7 @@ EvalOutcome pre_eval(Engine& engine, Communicator& comm, std::span<const uint16_
   t0 = EvalClock::now();
   const WindowPlan windows(out.stream_targets, T, o.scoring.stride, o.scoring.rule);
   score_windows(engine, ledger, tokens, windows, rank_slice(windows.size(), comm.rank(), comm.world_size()),
-                o.scoring.batch_seqs, o.scoring.scored_losses_only);
+                o.scoring.batch_seqs);
   out.score_seconds = seconds_since(t0);
   const WindowPlan::Totals totals = windows.totals();
   out.rescored = totals.scored_positions - totals.distinct_targets;
