@@ -33,10 +33,12 @@ void score_windows(Engine& engine, ScoringLedger& ledger, std::span<const uint16
     b.max_seqlen = static_cast<int32_t>(T);
     b.inputs.assign(static_cast<size_t>(rows * T), 0);
     b.targets.assign(static_cast<size_t>(rows * T), 0);
+    b.losses_from.resize(static_cast<size_t>(rows));  // only the scored positions are read
     for (int64_t r = 0; r < rows; ++r) {
       const Window w = plan.at(k0 + r);
       std::copy_n(tokens.begin() + w.start, w.len, b.inputs.begin() + r * T);
       std::copy_n(tokens.begin() + w.start + 1, w.len, b.targets.begin() + r * T);
+      b.losses_from[static_cast<size_t>(r)] = static_cast<int32_t>(w.score_begin);
     }
     engine.token_losses(b, nll);
     for (int64_t r = 0; r < rows; ++r) {

@@ -26,6 +26,11 @@ void Batch::validate(int vocab) const {
   for (size_t i = 0; i < targets.size(); ++i)
     PG_CHECK(targets[i] >= 0 && targets[i] < vocab, "batch: target id {} at position {} is outside the vocab {}",
              targets[i], i, vocab);
+  PG_CHECK(losses_from.empty() || static_cast<int64_t>(losses_from.size()) == rows,
+           "batch: {} losses_from entries for {} rows", losses_from.size(), rows);
+  for (size_t r = 0; r < losses_from.size(); ++r)
+    PG_CHECK(losses_from[r] >= 0 && losses_from[r] <= seq_len, "batch: losses_from[{}] = {} is outside [0, {}]", r,
+             losses_from[r], seq_len);
   if (cu_seqlens.empty()) return;
   const int64_t nseg = static_cast<int64_t>(cu_seqlens.size()) - 1;
   cpu::check_cu_seqlens(cu_seqlens.data(), nseg, tokens());
@@ -52,6 +57,9 @@ std::vector<Batch> split_batch(const Batch& batch, int64_t max_tokens) {
     b.seq_len = seq_len;
     b.inputs.assign(batch.inputs.begin() + t0, batch.inputs.begin() + t1);
     if (!batch.targets.empty()) b.targets.assign(batch.targets.begin() + t0, batch.targets.begin() + t1);
+    // Whole rows keep their losses_from; a row cut into pieces drops it (every loss is computed).
+    if (!batch.losses_from.empty() && seq_len == batch.seq_len)
+      b.losses_from.assign(batch.losses_from.begin() + t0 / seq_len, batch.losses_from.begin() + t1 / seq_len);
     if (!batch.cu_seqlens.empty()) {
       for (; seg + 1 < cu.size() && cu[seg] < t1; ++seg)
         if (cu[seg] >= t0 && (b.cu_seqlens.empty() || cu[seg] - t0 > b.cu_seqlens.back()))

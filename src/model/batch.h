@@ -19,6 +19,11 @@ struct Batch {
   std::vector<int32_t> targets;     // [B·T] next-token ids; empty = forward without a loss
   std::vector<int32_t> cu_seqlens;  // segment starts + total (FlashAttention varlen); empty = one segment per row
   int32_t max_seqlen = 0;           // the longest segment (T for dense rows); 0 = not computed
+  // Which losses the caller of Engine::token_losses will read: per row r, positions [losses_from[r], T)
+  // (a value in [0, T]); empty = every position. An engine may compute fewer losses then (the CUDA
+  // engine runs the last layer's query side and the head on those positions only) and leaves the
+  // others unspecified (NaN on the GPU). Training and backward passes ignore it.
+  std::vector<int32_t> losses_from;
 
   int64_t tokens() const { return rows * seq_len; }
   // The segments attention uses: cu_seqlens, or [0, T, 2T, ..., B·T] when it is empty.
@@ -33,7 +38,8 @@ struct Batch {
 // segment ends into rows of whole segments, each padded with its total to a multiple of 64
 // cu_seqlens entries. Positions restart per row, so a segment moved to a new row keeps its
 // position differences (RoPE depends only on them). An error when a row of a multi-row batch, or a
-// segment, is longer than max_tokens. The pieces' targets follow their inputs.
+// segment, is longer than max_tokens. The pieces' targets follow their inputs, and so does losses_from for
+// runs of whole rows (a cut row drops it).
 std::vector<Batch> split_batch(const Batch& batch, int64_t max_tokens);
 
 }  // namespace pgolf

@@ -80,6 +80,8 @@ class Engine {
 
   // ---- evaluation -----------------------------------------------------------------------------
   // Eval-mode forward: the per-token NLL (natural log, fp32) of every position of the batch, [tokens].
+  // With batch.losses_from set only the positions it names are guaranteed; the others may hold
+  // anything (the CUDA engine leaves NaN there).
   virtual void token_losses(const Batch& batch, std::vector<float>& nll) = 0;
 
   // ---- score-first TTT over the base weights --------------------------------------------------

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -255,6 +256,72 @@ TEST_F(AttentionTest, ManyShortDocuments) {
 TEST_F(AttentionTest, OtherHeadGroupings) {
   check_case("h4_kv1", make_inputs(cu_from_lengths({100, 37, 200}), 4, 1, 106));
   check_case("h2_kv2", make_inputs(cu_from_lengths({100, 37, 200}), 2, 2, 107));
+}
+
+// AttentionShape::query_begin: each forward block (16 · forward_warps queries) that ends before its
+// segment's first needed query is skipped, every other block runs as in the full forward. So every
+// row of a block that runs has the full forward's bits (o and lse), and the rows of skipped blocks
+// keep the poison. Starts inside a tile, at 0, past the end, and one short of the end.
+TEST_F(AttentionTest, SelectedQueryTilesMatchTheFullForward) {
+  const std::vector<int32_t> cu = cu_from_lengths({300, 64, 1, 200, 2048});
+  const std::vector<int32_t> begin = {236, 0, 1, 137, 1984};
+  const AttentionInputs in = make_inputs(cu, 4, 2, 109);
+  DeviceAttention dev(in);
+  DeviceBuffer<int32_t> begin_device(begin);
+  const int H = in.heads, N = in.tokens;
+  for (const AttentionTuning& tuning : tunings_under_test()) {
+    if (tuning.backward_kernel == cuda::AttentionBackwardKernel::wgmma) continue;  // the same forwards again
+    SCOPED_TRACE(tuning_label(tuning));
+    auto run = [&](const AttentionShape& shape, std::vector<float>& o, std::vector<float>& lse) {
+      auto o_dev = poisoned_buffer<__nv_bfloat16>(in.q.size());
+      auto lse_dev = poisoned_buffer<float>(size_t(N) * H);
+      cuda::attention_forward(shape, dev.q.data(), dev.k.data(), dev.v.data(), o_dev.data(), lse_dev.data(), nullptr,
+                              tuning);
+      PG_CUDA_CHECK(cudaDeviceSynchronize());
+      o = from_device_bf16(o_dev);
+      lse = lse_dev.download();
+    };
+    std::vector<float> full_o, full_lse, o, lse;
+    run(dev.shape, full_o, full_lse);
+    AttentionShape selected = dev.shape;
+    selected.query_begin = begin_device.data();
+    run(selected, o, lse);
+    const int block_rows = 16 * tuning.forward_warps;
+    int64_t skipped = 0, compared = 0;
+    for (size_t seg = 0; seg + 1 < cu.size(); ++seg) {
+      const int length = cu[seg + 1] - cu[seg];
+      // The first row of the first block that runs (none when the segment ends at or before begin).
+      const int tile_start = begin[seg] >= length ? length : begin[seg] / block_rows * block_rows;
+      for (int i = 0; i < length; ++i) {
+        const int t = cu[seg] + i;
+        for (int h = 0; h < H; ++h) {
+          const size_t at = (size_t(t) * H + h) * kDh;
+          const std::vector<float> row(o.begin() + at, o.begin() + at + kDh);
+          const std::vector<float> want(full_o.begin() + at, full_o.begin() + at + kDh);
+          const float l = lse[size_t(h) * N + t], want_l = full_lse[size_t(h) * N + t];
+          if (i >= tile_start) {
+            ASSERT_EQ(std::memcmp(row.data(), want.data(), kDh * sizeof(float)), 0) << "o, segment " << seg << " row " << i;
+            ASSERT_EQ(std::memcmp(&l, &want_l, sizeof(float)), 0) << "lse, segment " << seg << " row " << i;
+            ++compared;
+          } else {
+            ASSERT_TRUE(std::isnan(row[0]) && std::isnan(l)) << "segment " << seg << " row " << i << " was computed";
+            ++skipped;
+          }
+        }
+      }
+    }
+    EXPECT_GT(skipped, 3 * compared) << "most query tiles are skipped";
+  }
+  // The backward needs every query.
+  AttentionShape selected = dev.shape;
+  selected.query_begin = begin_device.data();
+  DeviceBuffer<__nv_bfloat16> o(in.q.size()), dq(in.q.size()), dk(in.k.size()), dv(in.v.size());
+  DeviceBuffer<float> lse(size_t(N) * H);
+  const size_t ws_bytes = cuda::attention_backward_workspace_bytes(dev.shape);
+  DeviceBuffer<unsigned char> ws(ws_bytes);
+  EXPECT_THROW(cuda::attention_backward(selected, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(),
+                                        dev.d_o.data(), dq.data(), dk.data(), dv.data(), ws.data(), ws_bytes, nullptr),
+               Error);
 }
 
 TEST_F(AttentionTest, SmallWorkspaceAndBadHeadsAreErrors) {

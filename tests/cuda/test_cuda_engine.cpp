@@ -4,9 +4,11 @@
 // state in deterministic mode.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 
 #include "backend/cuda/cuda_engine.h"
 #include "backend/cuda/gpu_model.h"
@@ -237,6 +239,62 @@ TEST_F(CudaEngineTest, TokenLossesCutALongRowAtSegmentEnds) {
   d.rows = 1;
   d.seq_len = 160;
   EXPECT_THROW(other->token_losses(d, got), Error);
+}
+
+// Batch::losses_from (sliding windows read only their scored positions): the engine runs the last
+// layer's query side and the head on the selected rows only. Those losses are the full forward's up
+// to the GEMMs' accumulation order — cuBLASLt may pick another kernel for M selected rows than for N
+// rows, so a bf16 rounding in the last layer or the head can flip — the same difference as between
+// a row computed alone and in a batch, bounded as in TokenLossesMatchTheCpuAndChunkByRows (1e-3);
+// every other position is NaN (not computed). Row kinds of a sliding evaluation: a first window
+// (all), full windows (the last stride), a short final window (padding after it) and a row that
+// scores nothing; the packed batch starts inside and before its segments. Stacks: XSA and value
+// embeddings (s691), gated attention (s562), branch gates (s600), parallel lanes with and without
+// looping (s1560), the plain baseline.
+TEST_F(CudaEngineTest, SelectedLossesAreTheFullForwardsAtThoseRows) {
+  for (const std::string stack : {"baseline", "s562", "s600", "s691", "s1560", "s1560_looping"}) {
+    SCOPED_TRACE(stack);
+    const bool looping = stack == "s1560_looping";
+    const Config c = engine_config(looping ? "s1560" : stack);
+    const int vocab = static_cast<int>(c.get_int("vocab_size"));
+    auto comm = make_single_process_communicator();
+    auto gpu = cuda_engine(c, *comm, 640);
+    gpu->load_params(initial_params(c, 43));
+    gpu->set_looping(looping);
+    Batch windows = random_rows(vocab, 4, 160, 44);
+    std::fill(windows.inputs.begin() + 2 * 160 + 120, windows.inputs.begin() + 3 * 160, 0);  // row 2: 120 tokens
+    std::fill(windows.targets.begin() + 2 * 160 + 120, windows.targets.begin() + 3 * 160, 0);
+    windows.losses_from = {0, 96, 56, 160};
+    Batch packed = batch64(vocab, true, 45);
+    packed.losses_from = {3, 50};
+    for (Batch& b : {std::ref(windows), std::ref(packed)}) {
+      Batch all = b;
+      all.losses_from.clear();
+      std::vector<float> full, selected, again;
+      gpu->token_losses(all, full);
+      gpu->token_losses(b, selected);
+      gpu->token_losses(all, again);
+      EXPECT_TRUE(same_bits(full, again)) << "the full forward after a selective one (graphs kept apart)";
+      ASSERT_EQ(selected.size(), full.size());
+      std::vector<float> got, want;
+      int64_t identical = 0;
+      for (int64_t r = 0; r < b.rows; ++r)
+        for (int64_t t = 0; t < b.seq_len; ++t) {
+          const size_t i = static_cast<size_t>(r * b.seq_len + t);
+          if (t < b.losses_from[static_cast<size_t>(r)]) {
+            EXPECT_TRUE(std::isnan(selected[i])) << "row " << r << " position " << t << " was computed";
+            continue;
+          }
+          got.push_back(selected[i]);
+          want.push_back(full[i]);
+          identical += selected[i] == full[i];
+        }
+      std::printf("  %s: %zu selected losses, %lld identical to the full forward's\n", stack.c_str(), got.size(),
+                  static_cast<long long>(identical));
+      ASSERT_FALSE(got.empty());
+      EXPECT_LE(rel_frobenius(got, want), 1e-3);
+    }
+  }
 }
 
 // ---- score-first TTT ------------------------------------------------------------------------------

@@ -66,6 +66,34 @@ TEST(SplitBatch, DenseRowsGoInRunsOfWholeRows) {
   EXPECT_EQ(targets, b.targets);
 }
 
+// losses_from follows its rows into runs of whole rows; a row cut into pieces drops it (every loss
+// is then computed); validate checks its size and range.
+TEST(SplitBatch, LossesFromFollowsWholeRows) {
+  Batch b;
+  b.rows = 5;
+  b.seq_len = 4;
+  for (int i = 0; i < 20; ++i) b.inputs.push_back(i), b.targets.push_back(i + 1);
+  b.losses_from = {0, 3, 4, 1, 2};
+  const std::vector<Batch> pieces = split_batch(b, 9);
+  ASSERT_EQ(pieces.size(), 3u);
+  EXPECT_EQ(pieces[0].losses_from, (std::vector<int32_t>{0, 3}));
+  EXPECT_EQ(pieces[1].losses_from, (std::vector<int32_t>{4, 1}));
+  EXPECT_EQ(pieces[2].losses_from, (std::vector<int32_t>{2}));
+  for (const Batch& p : pieces) EXPECT_NO_THROW(p.validate(64));
+
+  Batch row = one_row({0, 7, 15, 20, 33, 40, 40, 40}, 64);
+  row.losses_from = {20};
+  for (const Batch& p : split_batch(row, 16)) EXPECT_TRUE(p.losses_from.empty());
+
+  Batch bad = b;
+  bad.losses_from = {0, 1};
+  EXPECT_THROW(bad.validate(64), std::runtime_error) << "one entry per row";
+  bad.losses_from = {0, 1, 5, 0, 0};
+  EXPECT_THROW(bad.validate(64), std::runtime_error) << "at most seq_len";
+  bad.losses_from = {0, -1, 0, 0, 0};
+  EXPECT_THROW(bad.validate(64), std::runtime_error) << "not negative";
+}
+
 TEST(SplitBatch, ALongRowIsCutAtSegmentEnds) {
   // Segments 7, 8, 5, 13, 7 (and padding); at most 16 tokens a piece: [7+8] [5] [13] [7].
   const Batch b = one_row({0, 7, 15, 20, 33, 40, 40, 40}, 64);

@@ -27,6 +27,10 @@ struct AttentionShape {
   int num_kv_heads = 0;  // Hkv, divides H
   const int32_t* cu_seqlens = nullptr;  // device
   int num_segments = 0;
+  // Forward only, optional (device, num_segments entries): per segment the first segment-local query
+  // whose output is needed. Query tiles that end before it are skipped, their o and lse rows left
+  // unwritten; every computed row attends to all its keys, as without it.
+  const int32_t* query_begin = nullptr;
 };
 
 // Forward implementations: FlashAttention-2 on mma.sync (sm_80 instructions), or Hopper's warpgroup

@@ -380,6 +380,8 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
                                          const __nv_bfloat16* d_o, __nv_bfloat16* dk, __nv_bfloat16* dv,
                                          void* workspace, size_t workspace_bytes, cudaStream_t stream,
                                          const AttentionTuning& tuning) {
+  PG_CUDA_REQUIRE(shape.query_begin == nullptr,
+                  "attention_backward: shape.query_begin is for the forward only (a backward needs every query)");
   check_aligned16(q, "attention_backward: q must be a 16-byte aligned device pointer");
   check_aligned16(k, "attention_backward: k must be a 16-byte aligned device pointer");
   check_aligned16(v, "attention_backward: v must be a 16-byte aligned device pointer");

@@ -25,6 +25,7 @@ struct SegmentTile {
   int length;  // tokens in the segment
   int tile;    // tile index within the segment
   bool valid;  // tile * tile_size < length
+  int segment;  // the segment's index
 };
 
 __device__ __forceinline__ SegmentTile find_segment_tile(const int32_t* __restrict__ cu, int num_segments,
@@ -40,6 +41,7 @@ __device__ __forceinline__ SegmentTile find_segment_tile(const int32_t* __restri
   t.length = __ldg(cu + lo + 1) - t.start;
   t.tile = block - (lo + t.start / tile_size);
   t.valid = t.tile * tile_size < t.length;
+  t.segment = lo;
   return t;
 }
 
@@ -87,7 +89,14 @@ struct AttentionForwardParams {
   const int32_t* __restrict__ cu;
   int num_segments, total_tokens, group;  // group = H / Hkv
   int64_t q_row_stride, kv_row_stride;    // H * 64, Hkv * 64
+  const int32_t* __restrict__ query_begin;  // AttentionShape::query_begin (null: every query)
 };
+
+// Whether a forward block's query rows [q_start, q_end) (segment-local) all lie before the first
+// query the caller needs (AttentionShape::query_begin): the block has nothing to write.
+__device__ __forceinline__ bool query_tile_skipped(const AttentionForwardParams& p, const SegmentTile& seg, int q_end) {
+  return p.query_begin != nullptr && q_end <= __ldg(p.query_begin + seg.segment);
+}
 
 // What a backward main kernel reads and writes (attention_backward.cu fills it for either
 // implementation); delta = rowsum(dO ∘ O) and the fp32 dq accumulator come from the workspace.

@@ -34,6 +34,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) attention_forward_kernel(const
   const int num_q_tiles = (seg.length + kBlockM - 1) / kBlockM;
   const int q_start = (num_q_tiles - 1 - seg.tile) * kBlockM;  // segment-local
   const int q_rows = min(kBlockM, seg.length - q_start);
+  if (query_tile_skipped(p, seg, q_start + q_rows)) return;
   const int kv_len = min(seg.length, q_start + kBlockM);  // keys any query of the tile sees
   const int num_kv_tiles = (kv_len + kBlockN - 1) / kBlockN;
 
@@ -198,7 +199,8 @@ void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, cons
                   shape.total_tokens,
                   shape.num_heads / shape.num_kv_heads,
                   static_cast<int64_t>(shape.num_heads) * kHeadDim,
-                  static_cast<int64_t>(shape.num_kv_heads) * kHeadDim};
+                  static_cast<int64_t>(shape.num_kv_heads) * kHeadDim,
+                  shape.query_begin};
   if (tuning.forward_kernel == AttentionForwardKernel::wgmma) {
     launch_attention_forward_wgmma(p, shape, tuning.forward_warps, tuning.forward_key_tile, stream);
     return;

@@ -138,6 +138,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, wgmma_forward_min_blocks<kW
   const int num_q_tiles = (seg.length + kBlockM - 1) / kBlockM;
   const int q_start = (num_q_tiles - 1 - seg.tile) * kBlockM;  // segment-local
   const int q_rows = min(kBlockM, seg.length - q_start);
+  if (query_tile_skipped(p, seg, q_start + q_rows)) return;
   const int kv_len = min(seg.length, q_start + kBlockM);  // keys any query of the tile sees
   const int num_kv_tiles = (kv_len + kBlockN - 1) / kBlockN;
 

@@ -310,8 +310,10 @@ void CudaEngine::token_losses(const Batch& batch, std::vector<float>& nll) {
   m.for_each_row_chunk(batch, [&](const Batch& chunk) {
     model.set_batch(chunk);
     model.prepare_weights();
-    m.graphs.run("eval " + m.shape_key(chunk) + "v" + std::to_string(model.num_virtual_layers()), m.stream(),
-                 [&] { model.forward(); });
+    // The selected rows (Batch::losses_from) set the shapes of the last layer's query side and the head.
+    m.graphs.run("eval " + m.shape_key(chunk) + "v" + std::to_string(model.num_virtual_layers()) + "m" +
+                     std::to_string(model.selected_rows()),
+                 m.stream(), [&] { model.forward(); });
     const size_t at = nll.size();
     nll.resize(at + static_cast<size_t>(chunk.tokens()));
     m.read_back(nll.data() + at, model.device_token_losses(), static_cast<size_t>(chunk.tokens()) * sizeof(float));

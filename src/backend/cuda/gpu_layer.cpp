@@ -3,6 +3,7 @@
 #include "backend/cuda/activation.h"
 #include "backend/cuda/attention_reference.h"
 #include "backend/cuda/elementwise.h"
+#include "backend/cuda/embedding.h"
 #include "backend/cuda/gpu_model_impl.h"
 #include "backend/cuda/head_gate.h"
 #include "backend/cuda/mlp_gemm.h"
@@ -15,9 +16,9 @@
 
 namespace pgolf::cuda {
 
-// n [N, d] → a [N, d]: qkv = n·[Wq; Wk; Wv]ᵀ (+ LoRA) → value path, QK-norm + RoPE + gain → attention
-// → XSA → gate → a = y·Woᵀ (+ LoRA_o(n)).
-void GpuModel::Impl::forward_attention(int v) {
+// n [N, d] → y [N, q_dim]: qkv = n·[Wq; Wk; Wv]ᵀ (+ LoRA) → value path, QK-norm + RoPE + gain →
+// attention; with selected_queries only the query tiles holding selected rows (selection.query_begin).
+void GpuModel::Impl::forward_attention(int v, bool selected_queries) {
   const ModelConfig& m = cfg;
   const VirtualLayer& L = order[static_cast<size_t>(v)];
   const LayerParams& p = lp[static_cast<size_t>(L.physical)];
@@ -36,22 +37,30 @@ void GpuModel::Impl::forward_attention(int v) {
   qk_norm_rope_forward(b.qkv, b.qkv + qd, qkv_w, P(p.q_gain), rope_cos, rope_sin, b.q, b.k, b.q_rstd, b.k_rstd,
                        QkShape{N, T, H, Hkv, Dh, m.rope_dims}, stream);
 
-  const AttentionShape shape = attention_shape();
+  AttentionShape shape = attention_shape();
+  if (selected_queries) shape.query_begin = selection.query_begin;
   if (Dh == kAttentionHeadDim) attention_forward(shape, b.q, b.k, vals, b.y, b.lse, stream, attention);
   else attention_reference_forward(shape, Dh, max_seqlen, b.q, b.k, vals, b.y, b.lse, stream);
-  const bf16* y = b.y;
+}
+
+// rows.y [R, q_dim] → XSA → gate → a = y·Woᵀ (+ LoRA_o(n)) [R, d] in b.a (R = rows.count).
+void GpuModel::Impl::forward_attention_output(int v, const LayerRows& rows) {
+  const LayerParams& p = lp[static_cast<size_t>(order[static_cast<size_t>(v)].physical)];
+  LayerBuf& b = layers[static_cast<size_t>(v)];
+  const int64_t R = rows.count;
+  const bf16* y = rows.y;
   if (p.xsa) {
-    xsa_forward(y, vals, b.y_xsa, N, H, Hkv, Dh, stream);
+    xsa_forward(y, rows.vals, b.y_xsa, R, H, Hkv, Dh, stream);
     y = b.y_xsa;
   }
   if (p.gate_w >= 0) {
     // Gated attention reads the normed input n; attn_gate is an nn.Linear (no late QAT).
-    linear(b.n, d, W16(p.w16_gate), n, d, H, b.gate_logits, gate_ld, true, 0.f);
-    head_gate_forward(y, b.gate_logits, P(p.gate_b), b.gate, b.y_gated, HeadGateShape{N, H, Dh, gate_ld}, stream);
+    linear(rows.n, d, W16(p.w16_gate), static_cast<int>(R), d, H, b.gate_logits, gate_ld, true, 0.f);
+    head_gate_forward(y, b.gate_logits, P(p.gate_b), b.gate, b.y_gated, HeadGateShape{R, H, Dh, gate_ld}, stream);
     y = b.y_gated;
   }
-  linear(y, qd, W16(p.w16_o), n, qd, d, b.a, d, false, 0.f);
-  lora_forward(LoraTarget::O, v, b.n, b.a, d);
+  linear(y, qd, W16(p.w16_o), static_cast<int>(R), qd, d, b.a, d, false, 0.f);
+  lora_forward(LoraTarget::O, v, rows.n, b.a, d);
 }
 
 // bw.da (d a) → bw.dn (d n, fp32, written).
@@ -120,17 +129,17 @@ void GpuModel::Impl::backward_attention(int v) {
   lora_backward(LoraTarget::O, v, bw.da, d, b.n, bw.dn);
 }
 
-// b.m [N, d] (the normed MLP input) → b.f = act(m·Wfcᵀ)·Wprojᵀ (+ LoRA_mlp(m)).
-void GpuModel::Impl::forward_mlp(int v, const bf16* m_in) {
+// m_in [rows, d] (the normed MLP input) → b.f = act(m·Wfcᵀ)·Wprojᵀ (+ LoRA_mlp(m)) [rows, d].
+void GpuModel::Impl::forward_mlp(int v, const bf16* m_in, int64_t rows) {
   const LayerParams& p = lp[static_cast<size_t>(order[static_cast<size_t>(v)].physical)];
   LayerBuf& b = layers[static_cast<size_t>(v)];
-  const int n = static_cast<int>(N);
+  const int n = static_cast<int>(rows);
   const float slope = cfg.activation == Activation::Leaky2 ? static_cast<float>(cfg.leaky_slope) : 0.f;
   if (mlp_fused) {
-    mlp_fused_forward(m_in, W16(p.w16_fc), b.pre, b.post, N, d, hid, slope, stream);
+    mlp_fused_forward(m_in, W16(p.w16_fc), b.pre, b.post, rows, d, hid, slope, stream);
   } else {
     linear(m_in, d, W16(p.w16_fc), n, d, hid, b.pre, hid, false, 0.f);
-    leaky_relu_sq_forward(b.pre, b.post, N * hid, slope, stream);
+    leaky_relu_sq_forward(b.pre, b.post, rows * hid, slope, stream);
   }
   linear(b.post, hid, W16(p.w16_proj), n, hid, d, b.f, d, false, 0.f);
   lora_forward(LoraTarget::Mlp, v, m_in, b.f, d);
@@ -156,23 +165,64 @@ void GpuModel::Impl::backward_mlp(int v) {
 
 // Plain block:    x_in = mix(x, x0); x_mid = x_in + attn_scale⊙(g_a⊙Attn(n)); out = x_mid + mlp_scale⊙(g_m⊙MLP(m))
 // Parallel block: x_in = mix(lane0, x0); (lane0, lane1) = lanes(lane0, lane1, Attn(n), MLP(RMSNorm(lane1)))
+// In the last layer of a selective forward (runs_selected_rows) everything after attention runs on the
+// selected rows only: the norms' inputs are needed for all rows (keys and values), the rest is not.
 void GpuModel::Impl::forward_layer(int v) {
   const VirtualLayer& L = order[static_cast<size_t>(v)];
   const LayerParams& p = lp[static_cast<size_t>(L.physical)];
   LayerBuf& b = layers[static_cast<size_t>(v)];
+  const bool selected = runs_selected_rows() && v + 1 == static_cast<int>(order.size());
   mix_norm_forward(b.x, io.x0, P(p.resid_mix), b.x_in, b.n, b.n_rstd, N, d, p.ln_scale, stream);
-  forward_attention(v);
+  forward_attention(v, selected);
+  forward_layer_rows(v, selected ? gather_selected_rows(v) : all_rows(v));
+}
+
+void GpuModel::Impl::forward_layer_rows(int v, const LayerRows& rows) {
+  const VirtualLayer& L = order[static_cast<size_t>(v)];
+  const LayerParams& p = lp[static_cast<size_t>(L.physical)];
+  LayerBuf& b = layers[static_cast<size_t>(v)];
+  const int64_t R = rows.count;
+  forward_attention_output(v, rows);
   if (!L.parallel) {
-    branch_forward(b.x_in, b.a, P(p.attn_scale), P_or_null(p.attn_gate), b.x_mid, b.m, b.m_rstd, N, d, p.ln_scale,
+    branch_forward(rows.x_in, b.a, P(p.attn_scale), P_or_null(p.attn_gate), b.x_mid, b.m, b.m_rstd, R, d, p.ln_scale,
                    stream);
-    forward_mlp(v, b.m);
-    branch_forward(b.x_mid, b.f, P(p.mlp_scale), P_or_null(p.mlp_gate), b.out, nullptr, nullptr, N, d, 1.f, stream);
+    forward_mlp(v, b.m, R);
+    branch_forward(b.x_mid, b.f, P(p.mlp_scale), P_or_null(p.mlp_gate), b.out, nullptr, nullptr, R, d, 1.f, stream);
     return;
   }
-  rmsnorm_forward(b.lane1, nullptr, b.m, b.m_rstd, N, d, p.ln_scale, stream);
-  forward_mlp(v, b.m);
-  lanes_forward(b.x, b.lane1, b.a, b.f, P(p.attn_scale), P(p.mlp_scale), P(p.par_resid), P(p.par_post), b.out, b.out1,
-                N, d, stream);
+  rmsnorm_forward(rows.lane1, nullptr, b.m, b.m_rstd, R, d, p.ln_scale, stream);
+  forward_mlp(v, b.m, R);
+  lanes_forward(rows.x, rows.lane1, b.a, b.f, P(p.attn_scale), P(p.mlp_scale), P(p.par_resid), P(p.par_post), b.out,
+                b.out1, R, d, stream);
+}
+
+GpuModel::Impl::LayerRows GpuModel::Impl::all_rows(int v) const {
+  const LayerBuf& b = layers[static_cast<size_t>(v)];
+  return LayerRows{N, b.y, mixes_values(v) ? b.v : b.v_raw, b.n, b.x_in, b.x, b.lane1};
+}
+
+// The selected rows of what the query side reads, gathered into [M, ·] copies (exact: bf16 rows).
+GpuModel::Impl::LayerRows GpuModel::Impl::gather_selected_rows(int v) {
+  const LayerRows all = all_rows(v);
+  const int64_t M = selection.rows;
+  auto gather = [&](const bf16* src, int cols, bf16* dst) -> const bf16* {
+    if (!src) return nullptr;
+    embedding_forward(selection.index, src, M, cols, dst, EmbeddingAddends{}, stream);
+    return dst;
+  };
+  const LayerParams& p = lp[static_cast<size_t>(order[static_cast<size_t>(v)].physical)];
+  LayerRows r;
+  r.count = M;
+  r.y = gather(all.y, qd, selection.y);
+  r.vals = p.xsa ? gather(all.vals, kvd, selection.vals) : nullptr;
+  r.n = p.gate_w >= 0 ? gather(all.n, d, selection.n) : nullptr;
+  if (order[static_cast<size_t>(v)].parallel) {
+    r.x = gather(all.x, d, selection.x);
+    r.lane1 = gather(all.lane1, d, selection.lane1);
+  } else {
+    r.x_in = gather(all.x_in, d, selection.x_in);
+  }
+  return r;
 }
 
 // The gradient an encoder output receives through its skip connection (bw.d_enc), added into bw.g by the

@@ -157,13 +157,17 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
   ArenaAlloc carver{arena.get()};
   allocate(carver);
 
-  const size_t staging_ints = static_cast<size_t>(3 * max_tokens + 65);
+  // ids, targets, cu (N + 65), the selection's index and targets, query_begin (N + 65), weights.
+  const size_t staging_ints = static_cast<size_t>(6 * max_tokens + 130);
   void* host = nullptr;
   PG_CUDA_CHECK(cudaMallocHost(&host, staging_ints * 4 + static_cast<size_t>(max_tokens) * 4));
   staging.ids = static_cast<int32_t*>(host);
   staging.targets = staging.ids + max_tokens;
   staging.cu = staging.targets + max_tokens;
-  staging.weights = reinterpret_cast<float*>(staging.cu + max_tokens + 65);
+  staging.selected = staging.cu + max_tokens + 65;
+  staging.selected_targets = staging.selected + max_tokens;
+  staging.query_begin = staging.selected_targets + max_tokens;
+  staging.weights = reinterpret_cast<float*>(staging.query_begin + max_tokens + 65);
   PG_CUDA_CHECK(cudaEventCreateWithFlags(&staging.free, cudaEventDisableTiming));
 }
 
@@ -290,6 +294,20 @@ void GpuModel::Impl::allocate(Alloc& a) {
   io.lse = a.template get<float>(n, "loss lse");
   io.loss = a.template get<float>(8, "mean loss");
   io.weights = a.template get<float>(n, "token weights");
+  if (Dh == kAttentionHeadDim) {  // the selective forward needs the flash kernels' query_begin
+    selection.index = a.template get<int32_t>(n, "selected rows");
+    selection.targets = a.template get<int32_t>(n, "selected targets");
+    selection.query_begin = a.template get<int32_t>(n + 65, "selected query starts");
+    selection.losses = a.template get<float>(n, "selected losses");
+    selection.y = a.template get<bf16>(n * qd, "selected attention output");
+    if (any_xsa) selection.vals = a.template get<bf16>(n * kvd, "selected values");
+    if (gated) selection.n = a.template get<bf16>(n * d, "selected attention norm");
+    selection.x_in = a.template get<bf16>(n * d, "selected x_in");
+    if (lanes) {
+      selection.x = a.template get<bf16>(n * d, "selected lane 0");
+      selection.lane1 = a.template get<bf16>(n * d, "selected lane 1");
+    }
+  }
 
   layers.assign(static_cast<size_t>(max_virtual), LayerBuf{});
   for (LayerBuf& b : layers) {
@@ -467,6 +485,7 @@ void GpuModel::Impl::set_batch(const Batch& batch) {
     PG_CUDA_CHECK(cudaMemcpyAsync(io.targets, staging.targets, static_cast<size_t>(N) * 4, cudaMemcpyHostToDevice,
                                   stream));
   PG_CUDA_CHECK(cudaMemcpyAsync(io.cu, staging.cu, cu.size() * 4, cudaMemcpyHostToDevice, stream));
+  upload_selection(batch, cu);
   PG_CUDA_CHECK(cudaEventRecord(staging.free, stream));
   auto it = rope_tables.find(T);
   if (it == rope_tables.end()) {
@@ -480,6 +499,37 @@ void GpuModel::Impl::set_batch(const Batch& batch) {
   batch_set = true;
   forward_done = false;
 }
+
+// Batch::losses_from → the selected rows (token indices, increasing), their targets and the per-segment
+// first selected query (segment-local; segments lie within rows). Requested only when it leaves out
+// some but not all positions. Runs inside set_batch, on its staging.
+void GpuModel::Impl::upload_selection(const Batch& batch, const std::vector<int32_t>& cu) {
+  selection.requested = false;
+  selection.rows = 0;
+  if (batch.losses_from.empty() || !has_targets || !selection.index) return;
+  int64_t M = 0;
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t t = batch.losses_from[static_cast<size_t>(r)]; t < T; ++t) {
+      staging.selected[M] = static_cast<int32_t>(r * T + t);
+      staging.selected_targets[M++] = batch.targets[static_cast<size_t>(r * T + t)];
+    }
+  if (M == 0 || M == N) return;
+  for (int s = 0; s < num_segments; ++s) {
+    const int32_t row = std::min<int32_t>(cu[s] / static_cast<int32_t>(T), static_cast<int32_t>(B - 1));
+    const int32_t first = row * static_cast<int32_t>(T) + batch.losses_from[static_cast<size_t>(row)];
+    staging.query_begin[s] = std::max(0, first - cu[s]);
+  }
+  selection.requested = true;
+  selection.rows = M;
+  PG_CUDA_CHECK(cudaMemcpyAsync(selection.index, staging.selected, static_cast<size_t>(M) * 4, cudaMemcpyHostToDevice,
+                                stream));
+  PG_CUDA_CHECK(cudaMemcpyAsync(selection.targets, staging.selected_targets, static_cast<size_t>(M) * 4,
+                                cudaMemcpyHostToDevice, stream));
+  PG_CUDA_CHECK(cudaMemcpyAsync(selection.query_begin, staging.query_begin, static_cast<size_t>(num_segments) * 4,
+                                cudaMemcpyHostToDevice, stream));
+}
+
+bool GpuModel::Impl::runs_selected_rows() const { return selection.requested && !train && !lora; }
 
 void GpuModel::Impl::upload_token_weights(std::span<const float> weights) {
   PG_CHECK(static_cast<int64_t>(weights.size()) == N, "GpuModel::backward: {} token weights for {} tokens",
@@ -612,15 +662,26 @@ void GpuModel::Impl::forward() {
     }
   }
 
-  // Final hidden state: the residual, or the mean of the two lanes (s1560's "mean" final lane).
+  // Final hidden state: the residual, or the mean of the two lanes (s1560's "mean" final lane); R rows:
+  // all N, or the M selected ones (the last layer's outputs hold only those), whose losses are then
+  // put in their places (NaN elsewhere) and averaged for the mean loss.
+  selective_forward = runs_selected_rows();
+  const int64_t R = selective_forward ? selection.rows : N;
   io.final_x = lane0 ? lane0 : x;
   io.final_x2 = lane0 ? lane1 : nullptr;
-  rmsnorm_forward(io.final_x, io.final_x2, io.h, io.final_rstd, N, d, 1.f, stream);
-  linear(io.h, d, W16(gp.w16_tok_emb), static_cast<int>(N), d, V, io.logits, V, false, 0.f);  // z = h · tok_embᵀ
+  rmsnorm_forward(io.final_x, io.final_x2, io.h, io.final_rstd, R, d, 1.f, stream);
+  linear(io.h, d, W16(gp.w16_tok_emb), static_cast<int>(R), d, V, io.logits, V, false, 0.f);  // z = h · tok_embᵀ
   lora_forward(LoraTarget::Head, 0, io.h, io.logits, V);
   if (has_targets) {
-    softcap_ce_forward(io.logits, io.targets, io.losses, io.lse, N, V, static_cast<float>(cfg.logit_softcap), stream);
-    mean_loss(io.losses, N, io.loss, stream);
+    const float cap = static_cast<float>(cfg.logit_softcap);
+    if (selective_forward) {
+      softcap_ce_forward(io.logits, selection.targets, selection.losses, io.lse, R, V, cap, stream);
+      scatter_losses(selection.losses, selection.index, R, io.losses, N, stream);
+      mean_loss(selection.losses, R, io.loss, stream);
+    } else {
+      softcap_ce_forward(io.logits, io.targets, io.losses, io.lse, N, V, cap, stream);
+      mean_loss(io.losses, N, io.loss, stream);
+    }
   }
   forward_done = true;
 }
@@ -628,6 +689,8 @@ void GpuModel::Impl::forward() {
 void GpuModel::Impl::backward(const float* weights_device) {
   PG_CHECK(forward_done, "GpuModel::backward: needs a forward first (a backward consumes the forward's logits)");
   PG_CHECK(has_targets, "GpuModel::backward: the last forward had no targets");
+  PG_CHECK(!selective_forward, "GpuModel::backward: the last forward computed only the selected rows (an eval batch "
+                               "with losses_from); a backward needs a training-mode forward");
   forward_done = false;
   const int n = static_cast<int>(N);
   const bool lanes = order.back().parallel;
@@ -713,6 +776,7 @@ void GpuModel::set_looping(bool on) {
 void GpuModel::set_frozen_base(bool on) { impl_->frozen = on; }
 void GpuModel::set_lora(GpuLora* adapters) { impl_->lora = adapters; }
 int GpuModel::num_virtual_layers() const { return static_cast<int>(impl_->order.size()); }
+int64_t GpuModel::selected_rows() const { return impl_->runs_selected_rows() ? impl_->selection.rows : 0; }
 
 void GpuModel::set_batch(const Batch& batch) { impl_->set_batch(batch); }
 void GpuModel::forward() { impl_->forward(); }
@@ -800,6 +864,7 @@ std::vector<float> GpuModel::final_norm_output() const {
 
 std::vector<float> GpuModel::logits() const {
   PG_CHECK(impl_->forward_done, "GpuModel::logits: no forward since the last backward (which overwrote them)");
+  PG_CHECK(!impl_->selective_forward, "GpuModel::logits: the last forward computed the selected rows' logits only");
   std::vector<float> z = impl_->download_bf16(impl_->io.logits, impl_->N * impl_->V);
   const float cap = static_cast<float>(impl_->cfg.logit_softcap);
   for (float& x : z) x = cap * std::tanh(x / cap);

@@ -87,6 +87,12 @@ class GpuModel {
   // step, before the captured region). The batch may be freed on return.
   void set_batch(const Batch& batch);
   void forward();   // async: loss, per-token losses and saved activations of the batch
+  // With Batch::losses_from, an eval-mode forward without LoRA (head_dim 64) runs the last layer after
+  // attention, the final norm and the head on the M selected positions only: token_losses() holds NaN
+  // at the others, loss() is the mean over the M, the last layer's activations, the final norm and the
+  // logits hold those M rows at their front, and backward() refuses to run. selected_rows() is M when
+  // the next forward does this (modes and batch as now), else 0.
+  int64_t selected_rows() const;
   void backward();  // gradients of the mean loss of the last forward (needs targets)
   // Gradients of Σ_i weights[i]·loss_i (host weights are uploaded first).
   void backward(std::span<const float> token_weights);

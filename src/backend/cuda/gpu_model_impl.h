@@ -105,6 +105,7 @@ struct GpuModel::Impl {
   // asynchronous; `staging_free` is recorded after them and waited on before the staging is reused.
   struct PinnedStaging {
     int32_t *ids = nullptr, *targets = nullptr, *cu = nullptr;
+    int32_t *selected = nullptr, *selected_targets = nullptr, *query_begin = nullptr;  // see `selection`
     float* weights = nullptr;
     cudaEvent_t free = nullptr;
   } staging;
@@ -114,6 +115,20 @@ struct GpuModel::Impl {
   std::map<int64_t, std::pair<DeviceBuffer<float>, DeviceBuffer<float>>> rope_tables;  // cos, sin per T
   const float* rope_cos = nullptr;
   const float* rope_sin = nullptr;
+  // Batch::losses_from: the M positions whose losses are read. An eval forward without LoRA (and with
+  // the flash attention kernels) computes the last layer's keys and values for all N rows but its
+  // query side (attention for the query tiles holding selected rows, then XSA, gate, Wo, the
+  // branches, the MLP), the final norm, the head and the loss on the M selected rows only.
+  struct {
+    bool requested = false;  // the batch selects 0 < M < N positions
+    int64_t rows = 0;        // M
+    int32_t* index = nullptr;        // [M] token index of each selected row, increasing (device)
+    int32_t* targets = nullptr;      // [M] their targets
+    int32_t* query_begin = nullptr;  // [segments] segment-local first selected position (AttentionShape)
+    float* losses = nullptr;         // [M]
+    bf16 *y = nullptr, *vals = nullptr, *n = nullptr, *x_in = nullptr, *x = nullptr, *lane1 = nullptr;  // gathered
+  } selection;
+  bool selective_forward = false;  // the last forward computed the selected rows only
 
   // ---- activations and workspaces (one arena) ----------------------------------------------------
   std::unique_ptr<Arena> arena;
@@ -135,6 +150,12 @@ struct GpuModel::Impl {
     const bf16* pre_skip = nullptr;  // the input before the skip add
   };
   std::vector<LayerBuf> layers;
+  // The rows a layer's query side runs on after attention: all N (the layer's own tensors) or the M
+  // selected ones (gathered copies); outputs go to the first `count` rows of the layer's buffers.
+  struct LayerRows {
+    int64_t count = 0;
+    const bf16 *y = nullptr, *vals = nullptr, *n = nullptr, *x_in = nullptr, *x = nullptr, *lane1 = nullptr;
+  };
   struct {
     int32_t *ids = nullptr, *targets = nullptr, *cu = nullptr;
     int32_t *bigram_idx = nullptr, *trigram_idx = nullptr, *direct_idx = nullptr;
@@ -176,6 +197,7 @@ struct GpuModel::Impl {
   // ---- one step ---------------------------------------------------------------------------------
   void set_batch(const Batch& batch);
   void upload_token_weights(std::span<const float> weights);
+  void upload_selection(const Batch& batch, const std::vector<int32_t>& cu);
   void prepare_weights();
   void refresh_weights();
   void forward();
@@ -188,9 +210,14 @@ struct GpuModel::Impl {
   const float* skip_grad_of(int v) const;
   bool folds_mlp_branch_below(int v) const;
   BranchBelow mlp_branch_of(int v);
-  void forward_attention(int v);
+  bool runs_selected_rows() const;
+  void forward_attention(int v, bool selected_queries);  // through attention (b.y); optionally the selected tiles only
+  void forward_attention_output(int v, const LayerRows& rows);  // XSA, gate, Wo → b.a
+  void forward_layer_rows(int v, const LayerRows& rows);         // after attention: branches, MLP → b.out (b.out1)
+  LayerRows all_rows(int v) const;
+  LayerRows gather_selected_rows(int v);
   void backward_attention(int v);  // from bw.da → bw.dn
-  void forward_mlp(int v, const bf16* input);
+  void forward_mlp(int v, const bf16* input, int64_t rows);
   void backward_mlp(int v);  // from bw.df → bw.dm (fp32, written)
 
   // ---- helpers ----------------------------------------------------------------------------------

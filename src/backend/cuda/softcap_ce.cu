@@ -85,6 +85,13 @@ __global__ void mean_loss_kernel(const float* __restrict__ losses, int64_t n, fl
   if (threadIdx.x == 0) *out /= static_cast<float>(n);
 }
 
+__global__ void scatter_losses_kernel(const float* __restrict__ values, const int32_t* __restrict__ index, int64_t rows,
+                                      float* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[index[i]] = values[i];
+}
+
 int row_grid(int64_t N) { return item_blocks(N, kWarps, 4 * 132 * 8); }
 
 }  // namespace
@@ -110,6 +117,16 @@ void softcap_ce_backward(const bf16* z, const float* lse, const int32_t* targets
 void mean_loss(const float* losses, int64_t n, float* out, cudaStream_t stream) {
   PG_CUDA_REQUIRE(n > 0, "mean_loss: no losses");
   mean_loss_kernel<<<1, 1024, 0, stream>>>(losses, n, out);
+  PG_CUDA_LAUNCH_CHECK();
+}
+
+void scatter_losses(const float* values, const int32_t* index, int64_t rows, float* out, int64_t n,
+                    cudaStream_t stream) {
+  PG_CUDA_REQUIRE(rows >= 0 && rows <= n, "scatter_losses: more selected rows than positions");
+  PG_CUDA_CHECK(cudaMemsetAsync(out, 0xFF, static_cast<size_t>(n) * sizeof(float), stream));  // all bits set: NaN
+  if (rows == 0) return;
+  const int threads = 256;
+  scatter_losses_kernel<<<item_blocks(rows, threads), threads, 0, stream>>>(values, index, rows, out);
   PG_CUDA_LAUNCH_CHECK();
 }
 

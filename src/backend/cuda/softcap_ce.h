@@ -23,4 +23,9 @@ void softcap_ce_backward(const __nv_bfloat16* z, const float* lse, const int32_t
 // out[0] = Σ losses / n, summed in a fixed order by one block.
 void mean_loss(const float* losses, int64_t n, float* out, cudaStream_t stream);
 
+// The losses of selected positions put in their places: out[j] = NaN for j < n (not computed), then
+// out[index[i]] = values[i] for i < rows (index in [0, n), device int32).
+void scatter_losses(const float* values, const int32_t* index, int64_t rows, float* out, int64_t n,
+                    cudaStream_t stream);
+
 }  // namespace pgolf::cuda
