@@ -1,12 +1,16 @@
 // A group of kLanesPerVec = 8 lanes per head vector (a q head or a k head of one token): lane t of the
 // group holds elements [8t, 8t + 8) in registers, read and written with one 16-byte access, so a warp
 // moves four whole head vectors (512 contiguous bytes for neighbouring heads) per access. Norms and dot
-// products are shuffle sums within the group. RoPE pairs elements j and j + rope_dims/2, which may sit
-// in another lane at another register index (any even rope_dims), so the rotation exchanges values
-// through a small per-warp shared-memory row (9 words per lane: conflict-free stores).
+// products are shuffle sums within the group. RoPE pairs elements j and j + rope_dims/2: when
+// rope_dims/2 is a multiple of 8 (the stacks' 16 and 64) the partner sits at the same register index
+// of the lane rope_dims/16 away and comes by shuffle; otherwise (any even rope_dims) it may sit at
+// another register index, and the rotation exchanges values through a small per-warp shared-memory row
+// (9 words per lane: conflict-free stores).
 //
 // Blocks of 64 groups, grid stride a multiple of 64: a group always sees the same q head (H divides
-// 64), so the q-gain gradient reduces per group and then per block in a fixed order.
+// 64), so the q-gain gradient reduces per group and then per block in a fixed order. The rows are
+// memory-bound: each pass of the grid-stride loop first loads kRowsPerPass rows (one grid stride
+// apart) and then computes them in order, so a lane keeps several loads in flight instead of one.
 #include "backend/cuda/check.h"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/qk_norm_rope.h"
@@ -19,25 +23,28 @@ constexpr int kVecsPerBlock = 64;                       // head vectors in fligh
 constexpr int kThreads = kVecsPerBlock * kLanesPerVec;  // 512
 constexpr int kWarps = kThreads / 32;
 constexpr int kVecsPerWarp = 32 / kLanesPerVec;
+constexpr int kRowsPerPass = 4;     // grid-stride rows a lane loads before computing them
 constexpr int kExchangeStride = 9;  // words per lane in the exchange row
 constexpr int kMaxBlocks = 2048;
 // Resident blocks per multiprocessor the register budget is set for (ptxas -v, sm_90a, no spills):
-// the forward fits 40 registers (3 blocks, 48 warps); the backward holds x and dq/dk, 59 registers.
-constexpr int kForwardBlocksPerSm = 3;
-constexpr int kBackwardBlocksPerSm = 2;
+// the forward holds kRowsPerPass × 8 inputs in 64 registers; the backward holds x and dq/dk of
+// kRowsPerPass rows, 128 registers.
+constexpr int kForwardBlocksPerSm = 2;
+constexpr int kBackwardBlocksPerSm = 1;
 
 struct HeadRow {
   int token;
   int head;
   bool is_q;
+  int vec_index;  // token · heads + head (q) or token · kv_heads + head (k)
 };
 
 // Row r < 2³¹ (check_shape): 32-bit divisions, a few instructions where 64-bit ones call a routine.
 __device__ __forceinline__ HeadRow head_row(int r, const QkShape& s) {
   const int q_rows = static_cast<int>(s.tokens) * s.heads;
-  if (r < q_rows) return {r / s.heads, r % s.heads, true};
+  if (r < q_rows) return {r / s.heads, r % s.heads, true, r};
   const int kr = r - q_rows;
-  return {kr / s.kv_heads, kr % s.kv_heads, false};
+  return {kr / s.kv_heads, kr % s.kv_heads, false, kr};
 }
 
 // Sum over the 8 lanes of a group (aligned groups of a warp; every lane of the warp calls it).
@@ -47,11 +54,17 @@ __device__ __forceinline__ float group_sum(float x) {
   return x;
 }
 
+// [a, b] ← [a·c + b·s, a·(−s) + b·c] for a = element j < half and b = its partner j + half: `own` is
+// a (first) or b, `partner` the other.
+__device__ __forceinline__ float rotated(float own, float partner, float c, float sn, bool first) {
+  return first ? own * c + partner * sn : partner * (-sn) + own * c;
+}
+
 // The lane's 8 elements (first element j0 = 8·(lane mod 8)) ← R(θ)·v or Rᵀ(θ)·v on the rotated pairs
 // (j, j + half), j < half; the other elements keep their value. `row` is the warp's exchange area
 // (32 · kExchangeStride floats); the whole warp calls it.
-__device__ __forceinline__ void rotate_group(float (&v)[8], float* row, int j0, const float* cos_row,
-                                             const float* sin_row, int half, bool transpose) {
+__device__ __forceinline__ void rotate_exchange(float (&v)[8], float* row, int j0, const float* cos_row,
+                                                const float* sin_row, int half, bool transpose) {
   const int lane = threadIdx.x & 31;
   float* group = row + (lane & ~(kLanesPerVec - 1)) * kExchangeStride;
 #pragma unroll
@@ -64,11 +77,34 @@ __device__ __forceinline__ void rotate_group(float (&v)[8], float* row, int j0, 
     const int pair = j < half ? j : j - half;
     const int p = j < half ? j + half : j - half;
     const float partner = group[(p >> 3) * kExchangeStride + (p & 7)];
-    const float c = cos_row[pair], sn = transpose ? -sin_row[pair] : sin_row[pair];
-    // [a, b] ← [a·c + b·s, a·(−s) + b·c] for a = v[pair], b = v[pair + half].
-    v[e] = j < half ? v[e] * c + partner * sn : partner * (-sn) + v[e] * c;
+    v[e] = rotated(v[e], partner, cos_row[pair], transpose ? -sin_row[pair] : sin_row[pair], j < half);
   }
   __syncwarp();  // the row is rewritten by the next call
+}
+
+// The same rotation for half a multiple of 8: element j0 + e pairs with element e of the lane
+// half/8 further (j0 < half) or back (half ≤ j0 < 2·half); cos/sin come as two 16-byte loads each.
+__device__ __forceinline__ void rotate_shuffle(float (&v)[8], int j0, const float* cos_row, const float* sin_row,
+                                               int half, bool transpose) {
+  const int lane = threadIdx.x & 31;
+  const bool rotates = j0 < 2 * half, first = j0 < half;
+  const int partner_lane = !rotates ? lane : first ? lane + half / 8 : lane - half / 8;
+  float partner[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) partner[e] = __shfl_sync(0xffffffffu, v[e], partner_lane);
+  if (!rotates) return;
+  const int pair0 = first ? j0 : j0 - half;
+  float c[8], sn[8];
+  load8(cos_row + pair0, c);
+  load8(sin_row + pair0, sn);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = rotated(v[e], partner[e], c[e], transpose ? -sn[e] : sn[e], first);
+}
+
+__device__ __forceinline__ void rotate(float (&v)[8], float* row, int j0, const float* cos_row, const float* sin_row,
+                                       int half, bool transpose) {
+  if (half % 8 == 0) rotate_shuffle(v, j0, cos_row, sin_row, half, transpose);
+  else rotate_exchange(v, row, j0, cos_row, sin_row, half, transpose);
 }
 
 __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm)
@@ -81,29 +117,39 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm)
   const int lane = threadIdx.x & 31, sub = lane % kLanesPerVec, j0 = sub * 8;
   const bool owns = j0 < Dh;  // lanes past head_dim hold zeros
   const int64_t rows = s.tokens * (s.heads + s.kv_heads);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kVecsPerBlock;
   const int64_t first_of_warp = static_cast<int64_t>(blockIdx.x) * kVecsPerBlock + (threadIdx.x >> 5) * kVecsPerWarp;
   // The loop runs while any group of the warp has a row (uniform per warp: the shuffles need all lanes).
-  for (int64_t w = first_of_warp; w < rows; w += static_cast<int64_t>(gridDim.x) * kVecsPerBlock) {
-    const int64_t r = w + (lane / kLanesPerVec);
-    const bool active = r < rows && owns;
-    const HeadRow hr = head_row(r < rows ? static_cast<int>(r) : 0, s);
-    const int64_t vec_index = hr.is_q ? hr.token * s.heads + hr.head : hr.token * s.kv_heads + hr.head;
-    const int pos = hr.token % static_cast<int>(s.seq_len);
-    float v[8] = {};
-    if (active) load8((hr.is_q ? q_lin : k_lin) + hr.token * in_stride + hr.head * Dh + j0, v);
-    float ss = 0.f;
+  for (int64_t w = first_of_warp; w < rows; w += kRowsPerPass * stride) {
+    float v[kRowsPerPass][8] = {};
 #pragma unroll
-    for (int e = 0; e < 8; ++e) ss += v[e] * v[e];
-    const float inv = 1.f / sqrtf(group_sum(ss) / static_cast<float>(Dh) + kRmsNormEpsF);
+    for (int u = 0; u < kRowsPerPass; ++u) {
+      const int64_t r = w + u * stride + lane / kLanesPerVec;
+      if (r >= rows || !owns) continue;
+      const HeadRow hr = head_row(static_cast<int>(r), s);
+      load8((hr.is_q ? q_lin : k_lin) + hr.token * in_stride + hr.head * Dh + j0, v[u]);
+    }
 #pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] *= inv;
-    rotate_group(v, exchange[threadIdx.x >> 5], j0, rope_cos + pos * half, rope_sin + pos * half, half, false);
-    if (!active) continue;
-    const float g = hr.is_q ? gain[hr.head] : 1.f;
+    for (int u = 0; u < kRowsPerPass; ++u) {
+      if (w + u * stride >= rows) break;
+      const int64_t r = w + u * stride + lane / kLanesPerVec;
+      const bool active = r < rows && owns;
+      const HeadRow hr = head_row(r < rows ? static_cast<int>(r) : 0, s);
+      const int pos = hr.token % static_cast<int>(s.seq_len);
+      float ss = 0.f;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] *= g;
-    store8((hr.is_q ? q : k) + vec_index * Dh + j0, v);
-    if (sub == 0) (hr.is_q ? q_rstd : k_rstd)[vec_index] = inv;
+      for (int e = 0; e < 8; ++e) ss += v[u][e] * v[u][e];
+      const float inv = 1.f / sqrtf(group_sum(ss) / static_cast<float>(Dh) + kRmsNormEpsF);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[u][e] *= inv;
+      rotate(v[u], exchange[threadIdx.x >> 5], j0, rope_cos + pos * half, rope_sin + pos * half, half, false);
+      if (!active) continue;
+      const float g = hr.is_q ? gain[hr.head] : 1.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[u][e] *= g;
+      store8((hr.is_q ? q : k) + static_cast<int64_t>(hr.vec_index) * Dh + j0, v[u]);
+      if (sub == 0) (hr.is_q ? q_rstd : k_rstd)[hr.vec_index] = inv;
+    }
   }
 }
 
@@ -134,34 +180,42 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
   const bool owns = j0 < Dh;
   float gain_acc = 0.f;  // Σ dq⊙q_rope of this group's q head (its group index mod H)
   const int64_t rows = s.tokens * (s.heads + s.kv_heads);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kVecsPerBlock;
   const int64_t first_of_warp = static_cast<int64_t>(blockIdx.x) * kVecsPerBlock + (threadIdx.x >> 5) * kVecsPerWarp;
-  for (int64_t w = first_of_warp; w < rows; w += static_cast<int64_t>(gridDim.x) * kVecsPerBlock) {
-    const int64_t r = w + (lane / kLanesPerVec);
-    const bool active = r < rows && owns;
-    const HeadRow hr = head_row(r < rows ? static_cast<int>(r) : 0, s);
-    const int64_t vec_index = hr.is_q ? hr.token * s.heads + hr.head : hr.token * s.kv_heads + hr.head;
-    float x[8] = {}, d[8] = {};
-    if (active) {
-      load8((hr.is_q ? q_lin : k_lin) + hr.token * in_stride + hr.head * Dh + j0, x);
-      if (hr.is_q) load_dq(dq + vec_index * Dh + j0, dq_scale, d);
-      else load8(dk + vec_index * Dh + j0, d);
+  for (int64_t w = first_of_warp; w < rows; w += kRowsPerPass * stride) {
+    float x[kRowsPerPass][8] = {}, d[kRowsPerPass][8] = {}, inv[kRowsPerPass] = {};
+#pragma unroll
+    for (int u = 0; u < kRowsPerPass; ++u) {
+      const int64_t r = w + u * stride + lane / kLanesPerVec;
+      if (r >= rows) continue;
+      const HeadRow hr = head_row(static_cast<int>(r), s);
+      inv[u] = hr.is_q ? q_rstd[hr.vec_index] : k_rstd[hr.vec_index];
+      if (!owns) continue;
+      load8((hr.is_q ? q_lin : k_lin) + hr.token * in_stride + hr.head * Dh + j0, x[u]);
+      if (hr.is_q) load_dq(dq + static_cast<int64_t>(hr.vec_index) * Dh + j0, dq_scale, d[u]);
+      else load8(dk + static_cast<int64_t>(hr.vec_index) * Dh + j0, d[u]);
     }
-    const int pos = hr.token % static_cast<int>(s.seq_len);
-    rotate_group(d, exchange[threadIdx.x >> 5], j0, rope_cos + pos * half, rope_sin + pos * half, half, true);
-    float dot = 0.f;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) dot += d[e] * x[e];
-    dot = group_sum(dot);  // Σ (Rᵀd)⊙x
-    if (r >= rows) continue;
-    const float inv = hr.is_q ? q_rstd[vec_index] : k_rstd[vec_index];
-    const float g = hr.is_q ? gain[hr.head] : 1.f;
-    if (hr.is_q && sub == 0) gain_acc += inv * dot;
-    if (!owns) continue;
-    const float c2 = inv * inv * (g * dot) / static_cast<float>(Dh);
-    float o[8];
+    for (int u = 0; u < kRowsPerPass; ++u) {
+      if (w + u * stride >= rows) break;
+      const int64_t r = w + u * stride + lane / kLanesPerVec;
+      const HeadRow hr = head_row(r < rows ? static_cast<int>(r) : 0, s);
+      const int pos = hr.token % static_cast<int>(s.seq_len);
+      rotate(d[u], exchange[threadIdx.x >> 5], j0, rope_cos + pos * half, rope_sin + pos * half, half, true);
+      float dot = 0.f;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) o[e] = inv * (g * d[e] - x[e] * c2);
-    store8((hr.is_q ? dq_lin : dk_lin) + hr.token * out_stride + hr.head * Dh + j0, o);
+      for (int e = 0; e < 8; ++e) dot += d[u][e] * x[u][e];
+      dot = group_sum(dot);  // Σ (Rᵀd)⊙x
+      if (r >= rows) continue;
+      const float g = hr.is_q ? gain[hr.head] : 1.f;
+      if (hr.is_q && sub == 0) gain_acc += inv[u] * dot;
+      if (!owns) continue;
+      const float c2 = inv[u] * inv[u] * (g * dot) / static_cast<float>(Dh);
+      float o[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] = inv[u] * (g * d[u][e] - x[u][e] * c2);
+      store8((hr.is_q ? dq_lin : dk_lin) + hr.token * out_stride + hr.head * Dh + j0, o);
+    }
   }
   if (!partials) return;
   __shared__ float group_gain[kVecsPerBlock];
