@@ -7,30 +7,36 @@
 // another register index, and the rotation exchanges values through a small per-warp shared-memory row
 // (9 words per lane: conflict-free stores).
 //
-// Blocks of 64 groups, grid stride a multiple of 64: a group always sees the same q head (H divides
-// 64), so the q-gain gradient reduces per group and then per block in a fixed order. The rows are
-// memory-bound: each pass of the grid-stride loop first loads kRowsPerPass rows (one grid stride
-// apart) and then computes them in order, so a lane keeps several loads in flight instead of one.
+// Rows are token-major: row r = token · n + slot with n = H + Hkv, slots < H the q heads and the rest
+// the k heads, so the warps of a block read a token's q and k columns of qkv (contiguous) together
+// rather than every q column first and the k columns in a second sweep. Blocks hold the largest
+// multiple of lcm(n, 4) ≤ 64 groups (whole warps, whole tokens) and the grid stride is a multiple of
+// it: a group always sees the same slot, so the q-gain gradient reduces per group and then per block
+// in a fixed order. The rows are memory-bound: each pass of the grid-stride loop first loads
+// a few rows (one grid stride apart) and then computes them in order, so a lane keeps several
+// loads in flight instead of one.
 #include "backend/cuda/check.h"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/qk_norm_rope.h"
+
+#include <numeric>
 
 namespace pgolf::cuda {
 namespace {
 
 constexpr int kLanesPerVec = 8;                         // 8 lanes × 8 elements ≥ head_dim
-constexpr int kVecsPerBlock = 64;                       // head vectors in flight per block
-constexpr int kThreads = kVecsPerBlock * kLanesPerVec;  // 512
+constexpr int kMaxVecsPerBlock = 64;                          // head vectors in flight per block
+constexpr int kThreads = kMaxVecsPerBlock * kLanesPerVec;     // 512 at most
 constexpr int kWarps = kThreads / 32;
 constexpr int kVecsPerWarp = 32 / kLanesPerVec;
-constexpr int kRowsPerPass = 4;     // grid-stride rows a lane loads before computing them
+constexpr int kForwardRowsPerPass = 2;   // grid-stride rows a lane loads before computing them
+constexpr int kBackwardRowsPerPass = 1;
 constexpr int kExchangeStride = 9;  // words per lane in the exchange row
 constexpr int kMaxBlocks = 2048;
 // Resident blocks per multiprocessor the register budget is set for (ptxas -v, sm_90a, no spills):
-// the forward holds kRowsPerPass × 8 inputs in 64 registers; the backward holds x and dq/dk of
-// kRowsPerPass rows, 128 registers.
+// the forward holds 4 × 8 inputs, the backward x and dq/dk of 2 rows, in 64 registers.
 constexpr int kForwardBlocksPerSm = 2;
-constexpr int kBackwardBlocksPerSm = 1;
+constexpr int kBackwardBlocksPerSm = 2;
 
 struct HeadRow {
   int token;
@@ -41,10 +47,9 @@ struct HeadRow {
 
 // Row r < 2³¹ (check_shape): 32-bit divisions, a few instructions where 64-bit ones call a routine.
 __device__ __forceinline__ HeadRow head_row(int r, const QkShape& s) {
-  const int q_rows = static_cast<int>(s.tokens) * s.heads;
-  if (r < q_rows) return {r / s.heads, r % s.heads, true, r};
-  const int kr = r - q_rows;
-  return {kr / s.kv_heads, kr % s.kv_heads, false, kr};
+  const int per_token = s.heads + s.kv_heads, token = r / per_token, slot = r % per_token;
+  if (slot < s.heads) return {token, slot, true, token * s.heads + slot};
+  return {token, slot - s.heads, false, token * s.kv_heads + slot - s.heads};
 }
 
 // Sum over the 8 lanes of a group (aligned groups of a warp; every lane of the warp calls it).
@@ -117,20 +122,21 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm)
   const int lane = threadIdx.x & 31, sub = lane % kLanesPerVec, j0 = sub * 8;
   const bool owns = j0 < Dh;  // lanes past head_dim hold zeros
   const int64_t rows = s.tokens * (s.heads + s.kv_heads);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kVecsPerBlock;
-  const int64_t first_of_warp = static_cast<int64_t>(blockIdx.x) * kVecsPerBlock + (threadIdx.x >> 5) * kVecsPerWarp;
+  const int vecs_per_block = blockDim.x / kLanesPerVec;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * vecs_per_block;
+  const int64_t first_of_warp = static_cast<int64_t>(blockIdx.x) * vecs_per_block + (threadIdx.x >> 5) * kVecsPerWarp;
   // The loop runs while any group of the warp has a row (uniform per warp: the shuffles need all lanes).
-  for (int64_t w = first_of_warp; w < rows; w += kRowsPerPass * stride) {
-    float v[kRowsPerPass][8] = {};
+  for (int64_t w = first_of_warp; w < rows; w += kForwardRowsPerPass * stride) {
+    float v[kForwardRowsPerPass][8] = {};
 #pragma unroll
-    for (int u = 0; u < kRowsPerPass; ++u) {
+    for (int u = 0; u < kForwardRowsPerPass; ++u) {
       const int64_t r = w + u * stride + lane / kLanesPerVec;
       if (r >= rows || !owns) continue;
       const HeadRow hr = head_row(static_cast<int>(r), s);
       load8((hr.is_q ? q_lin : k_lin) + hr.token * in_stride + hr.head * Dh + j0, v[u]);
     }
 #pragma unroll
-    for (int u = 0; u < kRowsPerPass; ++u) {
+    for (int u = 0; u < kForwardRowsPerPass; ++u) {
       if (w + u * stride >= rows) break;
       const int64_t r = w + u * stride + lane / kLanesPerVec;
       const bool active = r < rows && owns;
@@ -178,14 +184,15 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
   const int Dh = s.head_dim, half = s.rope_dims / 2;
   const int lane = threadIdx.x & 31, sub = lane % kLanesPerVec, j0 = sub * 8;
   const bool owns = j0 < Dh;
-  float gain_acc = 0.f;  // Σ dq⊙q_rope of this group's q head (its group index mod H)
+  float gain_acc = 0.f;  // Σ dq⊙q_rope of this group's slot (its group index mod H + Hkv) if a q head
   const int64_t rows = s.tokens * (s.heads + s.kv_heads);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kVecsPerBlock;
-  const int64_t first_of_warp = static_cast<int64_t>(blockIdx.x) * kVecsPerBlock + (threadIdx.x >> 5) * kVecsPerWarp;
-  for (int64_t w = first_of_warp; w < rows; w += kRowsPerPass * stride) {
-    float x[kRowsPerPass][8] = {}, d[kRowsPerPass][8] = {}, inv[kRowsPerPass] = {};
+  const int vecs_per_block = blockDim.x / kLanesPerVec;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * vecs_per_block;
+  const int64_t first_of_warp = static_cast<int64_t>(blockIdx.x) * vecs_per_block + (threadIdx.x >> 5) * kVecsPerWarp;
+  for (int64_t w = first_of_warp; w < rows; w += kBackwardRowsPerPass * stride) {
+    float x[kBackwardRowsPerPass][8] = {}, d[kBackwardRowsPerPass][8] = {}, inv[kBackwardRowsPerPass] = {};
 #pragma unroll
-    for (int u = 0; u < kRowsPerPass; ++u) {
+    for (int u = 0; u < kBackwardRowsPerPass; ++u) {
       const int64_t r = w + u * stride + lane / kLanesPerVec;
       if (r >= rows) continue;
       const HeadRow hr = head_row(static_cast<int>(r), s);
@@ -196,7 +203,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
       else load8(dk + static_cast<int64_t>(hr.vec_index) * Dh + j0, d[u]);
     }
 #pragma unroll
-    for (int u = 0; u < kRowsPerPass; ++u) {
+    for (int u = 0; u < kBackwardRowsPerPass; ++u) {
       if (w + u * stride >= rows) break;
       const int64_t r = w + u * stride + lane / kLanesPerVec;
       const HeadRow hr = head_row(r < rows ? static_cast<int>(r) : 0, s);
@@ -218,24 +225,32 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
     }
   }
   if (!partials) return;
-  __shared__ float group_gain[kVecsPerBlock];
+  __shared__ float group_gain[kMaxVecsPerBlock];
   if (sub == 0) group_gain[threadIdx.x / kLanesPerVec] = gain_acc;
   __syncthreads();
   if (threadIdx.x < s.heads) {
     float sum = 0.f;
-    for (int t = threadIdx.x; t < kVecsPerBlock; t += s.heads) sum += group_gain[t];
+    for (int t = threadIdx.x; t < vecs_per_block; t += s.heads + s.kv_heads) sum += group_gain[t];
     partials[static_cast<size_t>(blockIdx.x) * s.heads + threadIdx.x] = sum;
   }
 }
 
+// Groups per block: the largest multiple of lcm(H + Hkv, 4) up to kMaxVecsPerBlock (0 if none).
+int vecs_per_block(const QkShape& s) {
+  const int per_token = s.heads + s.kv_heads, unit = std::lcm(per_token, kVecsPerWarp);
+  return kMaxVecsPerBlock / unit * unit;
+}
+
 void check_shape(const QkShape& s, const char* what) {
   PG_CUDA_REQUIRE(s.head_dim > 0 && s.head_dim % 8 == 0 && s.head_dim <= kLanesPerVec * 8, what);
-  PG_CUDA_REQUIRE(s.heads > 0 && kVecsPerBlock % s.heads == 0 && s.kv_heads > 0, what);
+  PG_CUDA_REQUIRE(s.heads > 0 && s.kv_heads > 0 && vecs_per_block(s) > 0, what);
   PG_CUDA_REQUIRE(s.rope_dims >= 0 && s.rope_dims % 2 == 0 && s.rope_dims <= s.head_dim && s.seq_len > 0, what);
   PG_CUDA_REQUIRE(s.tokens * (s.heads + s.kv_heads) < (int64_t{1} << 31), what);
 }
 
-int grid_of(const QkShape& s) { return item_blocks(s.tokens * (s.heads + s.kv_heads), kVecsPerBlock, kMaxBlocks); }
+int grid_of(const QkShape& s) {
+  return item_blocks(s.tokens * (s.heads + s.kv_heads), vecs_per_block(s), kMaxBlocks);
+}
 
 }  // namespace
 
@@ -245,10 +260,10 @@ void qk_norm_rope_forward(const bf16* q_lin, const bf16* k_lin, int64_t in_strid
                           const float* rope_cos, const float* rope_sin, bf16* q, bf16* k, float* q_rstd, float* k_rstd,
                           const QkShape& s, cudaStream_t stream) {
   check_shape(s,
-              "qk_norm_rope_forward: head_dim must be a multiple of 8 up to 64, heads must divide 64, rope_dims "
+              "qk_norm_rope_forward: head_dim must be a multiple of 8 up to 64, lcm(heads + kv_heads, 4) at most 64, rope_dims "
               "even and at most head_dim, fewer than 2^31 head vectors");
   if (s.tokens == 0) return;
-  qk_forward_kernel<<<grid_of(s), kThreads, 0, stream>>>(q_lin, k_lin, in_stride, gain, rope_cos, rope_sin, q, k,
+  qk_forward_kernel<<<grid_of(s), vecs_per_block(s) * kLanesPerVec, 0, stream>>>(q_lin, k_lin, in_stride, gain, rope_cos, rope_sin, q, k,
                                                          q_rstd, k_rstd, s);
   PG_CUDA_LAUNCH_CHECK();
 }
@@ -258,7 +273,7 @@ void qk_norm_rope_backward(const QkDq& dq, const bf16* dk, const bf16* q_lin, co
                            const float* rope_sin, bf16* dq_lin, bf16* dk_lin, int64_t out_stride, float* dgain,
                            const QkShape& s, const ReduceWorkspace& ws, cudaStream_t stream) {
   check_shape(s,
-              "qk_norm_rope_backward: head_dim must be a multiple of 8 up to 64, heads must divide 64, rope_dims "
+              "qk_norm_rope_backward: head_dim must be a multiple of 8 up to 64, lcm(heads + kv_heads, 4) at most 64, rope_dims "
               "even and at most head_dim, fewer than 2^31 head vectors");
   if (s.tokens == 0) return;
   const int blocks = grid_of(s);
@@ -267,11 +282,11 @@ void qk_norm_rope_backward(const QkDq& dq, const bf16* dk, const bf16* q_lin, co
                   "qk_norm_rope_backward: dq must be given either as bf16 or as attention's fp32 sum");
   float* partials = dgain ? ws.data : nullptr;
   if (dq.rounded)
-    qk_backward_kernel<<<blocks, kThreads, 0, stream>>>(dq.rounded, 1.f, dk, q_lin, k_lin, in_stride, q_rstd, k_rstd,
+    qk_backward_kernel<<<blocks, vecs_per_block(s) * kLanesPerVec, 0, stream>>>(dq.rounded, 1.f, dk, q_lin, k_lin, in_stride, q_rstd, k_rstd,
                                                         gain, rope_cos, rope_sin, dq_lin, dk_lin, out_stride, partials,
                                                         s);
   else
-    qk_backward_kernel<<<blocks, kThreads, 0, stream>>>(dq.sum.sum, dq.sum.scale, dk, q_lin, k_lin, in_stride, q_rstd,
+    qk_backward_kernel<<<blocks, vecs_per_block(s) * kLanesPerVec, 0, stream>>>(dq.sum.sum, dq.sum.scale, dk, q_lin, k_lin, in_stride, q_rstd,
                                                         k_rstd, gain, rope_cos, rope_sin, dq_lin, dk_lin, out_stride,
                                                         partials, s);
   PG_CUDA_LAUNCH_CHECK();
