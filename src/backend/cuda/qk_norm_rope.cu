@@ -29,13 +29,13 @@ constexpr int kMaxVecsPerBlock = 64;                          // head vectors in
 constexpr int kThreads = kMaxVecsPerBlock * kLanesPerVec;     // 512 at most
 constexpr int kWarps = kThreads / 32;
 constexpr int kVecsPerWarp = 32 / kLanesPerVec;
-constexpr int kForwardRowsPerPass = 2;   // grid-stride rows a lane loads before computing them
+constexpr int kForwardRowsPerPass = 1;   // grid-stride rows a lane loads before computing them
 constexpr int kBackwardRowsPerPass = 1;
 constexpr int kExchangeStride = 9;  // words per lane in the exchange row
 constexpr int kMaxBlocks = 2048;
 // Resident blocks per multiprocessor the register budget is set for (ptxas -v, sm_90a, no spills):
 // the forward holds 4 × 8 inputs, the backward x and dq/dk of 2 rows, in 64 registers.
-constexpr int kForwardBlocksPerSm = 2;
+constexpr int kForwardBlocksPerSm = 3;
 constexpr int kBackwardBlocksPerSm = 2;
 
 struct HeadRow {
