@@ -45,9 +45,11 @@ struct HeadCase {
 
 TEST_F(AttentionOpsTest, QkNormRopeGainMatchesTheCpuChain) {
   // Dh 24 with 12 rotary dims: 3 of a group's 8 lanes hold the vector and a RoPE partner sits in the
-  // next lane at another register index (j + 6); Dh 16/8: partners in the same lane.
+  // next lane at another register index (j + 6); Dh 16/8: partners in the same lane. 6 + 3 heads: 9
+  // head vectors per token, so warps (4 vectors) straddle tokens and a block holds 36 vectors.
   for (const HeadCase c : {HeadCase{2, 37, 8, 4, 64, 16}, HeadCase{3, 29, 4, 2, 16, 8}, HeadCase{1, 41, 4, 2, 8, 8},
-                           HeadCase{2, 31, 4, 2, 24, 12}, HeadCase{6, 2000, 8, 4, 64, 64}}) {
+                           HeadCase{2, 31, 4, 2, 24, 12}, HeadCase{6, 2000, 8, 4, 64, 64},
+                           HeadCase{3, 23, 6, 3, 32, 16}}) {
     const std::string tag = "N" + std::to_string(c.rows * c.seq_len) + "_Dh" + std::to_string(c.head_dim) + "_rd" +
                             std::to_string(c.rope_dims);
     SCOPED_TRACE(tag);

@@ -1,28 +1,38 @@
 // A group of kLanesPerVec = 8 lanes per head vector (a q head or a k head of one token): lane t of the
 // group holds elements [8t, 8t + 8) in registers, read and written with one 16-byte access, so a warp
 // moves four whole head vectors (512 contiguous bytes for neighbouring heads) per access. Norms and dot
-// products are shuffle sums within the group. RoPE pairs elements j and j + rope_dims/2, which may sit
-// in another lane at another register index (any even rope_dims), so the rotation exchanges values
-// through a small per-warp shared-memory row (9 words per lane: conflict-free stores).
+// products are shuffle sums within the group. RoPE pairs elements j and j + rope_dims/2: when
+// rope_dims/2 is a multiple of 8 (the stacks' 16 and 64) the partner sits at the same register index
+// of the lane rope_dims/16 away and comes by shuffle; otherwise (any even rope_dims) it may sit at
+// another register index, and the rotation exchanges values through a small per-warp shared-memory row
+// (9 words per lane: conflict-free stores).
 //
-// Blocks of 64 groups, grid stride a multiple of 64: a group always sees the same q head (H divides
-// 64), so the q-gain gradient reduces per group and then per block in a fixed order.
+// Rows are token-major: row r = token · n + slot with n = H + Hkv, slots < H the q heads and the rest
+// the k heads, so the warps of a block read a token's q and k columns of qkv (contiguous) together
+// rather than every q column first and the k columns in a second sweep. Blocks hold the largest
+// multiple of lcm(n, 4) ≤ 64 groups (whole warps, whole tokens) and the grid stride is a multiple of
+// it: a group always sees the same slot, so the q-gain gradient reduces per group and then per block
+// in a fixed order. (On the H100 the token-major order took the s691 forward from 177 to 139 µs and the
+// backward from 254 to 223 µs; loading two or four grid-stride rows before computing them, at the cost
+// of resident warps, was slower.)
 #include "backend/cuda/check.h"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/qk_norm_rope.h"
 
+#include <numeric>
+
 namespace pgolf::cuda {
 namespace {
 
-constexpr int kLanesPerVec = 8;                         // 8 lanes × 8 elements ≥ head_dim
-constexpr int kVecsPerBlock = 64;                       // head vectors in flight per block
-constexpr int kThreads = kVecsPerBlock * kLanesPerVec;  // 512
+constexpr int kLanesPerVec = 8;                             // 8 lanes × 8 elements ≥ head_dim
+constexpr int kMaxVecsPerBlock = 64;                        // head vectors in flight per block
+constexpr int kThreads = kMaxVecsPerBlock * kLanesPerVec;  // 512 at most
 constexpr int kWarps = kThreads / 32;
 constexpr int kVecsPerWarp = 32 / kLanesPerVec;
 constexpr int kExchangeStride = 9;  // words per lane in the exchange row
 constexpr int kMaxBlocks = 2048;
 // Resident blocks per multiprocessor the register budget is set for (ptxas -v, sm_90a, no spills):
-// the forward fits 40 registers (3 blocks, 48 warps); the backward holds x and dq/dk, 59 registers.
+// the forward fits 40 registers (3 blocks, 48 warps); the backward holds x and dq/dk, 64 registers.
 constexpr int kForwardBlocksPerSm = 3;
 constexpr int kBackwardBlocksPerSm = 2;
 
@@ -30,14 +40,14 @@ struct HeadRow {
   int token;
   int head;
   bool is_q;
+  int vec_index;  // token · heads + head (q) or token · kv_heads + head (k)
 };
 
 // Row r < 2³¹ (check_shape): 32-bit divisions, a few instructions where 64-bit ones call a routine.
 __device__ __forceinline__ HeadRow head_row(int r, const QkShape& s) {
-  const int q_rows = static_cast<int>(s.tokens) * s.heads;
-  if (r < q_rows) return {r / s.heads, r % s.heads, true};
-  const int kr = r - q_rows;
-  return {kr / s.kv_heads, kr % s.kv_heads, false};
+  const int per_token = s.heads + s.kv_heads, token = r / per_token, slot = r % per_token;
+  if (slot < s.heads) return {token, slot, true, token * s.heads + slot};
+  return {token, slot - s.heads, false, token * s.kv_heads + slot - s.heads};
 }
 
 // Sum over the 8 lanes of a group (aligned groups of a warp; every lane of the warp calls it).
@@ -47,11 +57,17 @@ __device__ __forceinline__ float group_sum(float x) {
   return x;
 }
 
+// [a, b] ← [a·c + b·s, a·(−s) + b·c] for a = element j < half and b = its partner j + half: `own` is
+// a (first) or b, `partner` the other.
+__device__ __forceinline__ float rotated(float own, float partner, float c, float sn, bool first) {
+  return first ? own * c + partner * sn : partner * (-sn) + own * c;
+}
+
 // The lane's 8 elements (first element j0 = 8·(lane mod 8)) ← R(θ)·v or Rᵀ(θ)·v on the rotated pairs
 // (j, j + half), j < half; the other elements keep their value. `row` is the warp's exchange area
 // (32 · kExchangeStride floats); the whole warp calls it.
-__device__ __forceinline__ void rotate_group(float (&v)[8], float* row, int j0, const float* cos_row,
-                                             const float* sin_row, int half, bool transpose) {
+__device__ __forceinline__ void rotate_exchange(float (&v)[8], float* row, int j0, const float* cos_row,
+                                                const float* sin_row, int half, bool transpose) {
   const int lane = threadIdx.x & 31;
   float* group = row + (lane & ~(kLanesPerVec - 1)) * kExchangeStride;
 #pragma unroll
@@ -64,11 +80,34 @@ __device__ __forceinline__ void rotate_group(float (&v)[8], float* row, int j0, 
     const int pair = j < half ? j : j - half;
     const int p = j < half ? j + half : j - half;
     const float partner = group[(p >> 3) * kExchangeStride + (p & 7)];
-    const float c = cos_row[pair], sn = transpose ? -sin_row[pair] : sin_row[pair];
-    // [a, b] ← [a·c + b·s, a·(−s) + b·c] for a = v[pair], b = v[pair + half].
-    v[e] = j < half ? v[e] * c + partner * sn : partner * (-sn) + v[e] * c;
+    v[e] = rotated(v[e], partner, cos_row[pair], transpose ? -sin_row[pair] : sin_row[pair], j < half);
   }
   __syncwarp();  // the row is rewritten by the next call
+}
+
+// The same rotation for half a multiple of 8: element j0 + e pairs with element e of the lane
+// half/8 further (j0 < half) or back (half ≤ j0 < 2·half); cos/sin come as two 16-byte loads each.
+__device__ __forceinline__ void rotate_shuffle(float (&v)[8], int j0, const float* cos_row, const float* sin_row,
+                                               int half, bool transpose) {
+  const int lane = threadIdx.x & 31;
+  const bool rotates = j0 < 2 * half, first = j0 < half;
+  const int partner_lane = !rotates ? lane : first ? lane + half / 8 : lane - half / 8;
+  float partner[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) partner[e] = __shfl_sync(0xffffffffu, v[e], partner_lane);
+  if (!rotates) return;
+  const int pair0 = first ? j0 : j0 - half;
+  float c[8], sn[8];
+  load8(cos_row + pair0, c);
+  load8(sin_row + pair0, sn);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = rotated(v[e], partner[e], c[e], transpose ? -sn[e] : sn[e], first);
+}
+
+__device__ __forceinline__ void rotate(float (&v)[8], float* row, int j0, const float* cos_row, const float* sin_row,
+                                       int half, bool transpose) {
+  if (half % 8 == 0) rotate_shuffle(v, j0, cos_row, sin_row, half, transpose);
+  else rotate_exchange(v, row, j0, cos_row, sin_row, half, transpose);
 }
 
 __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm)
@@ -81,13 +120,14 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm)
   const int lane = threadIdx.x & 31, sub = lane % kLanesPerVec, j0 = sub * 8;
   const bool owns = j0 < Dh;  // lanes past head_dim hold zeros
   const int64_t rows = s.tokens * (s.heads + s.kv_heads);
-  const int64_t first_of_warp = static_cast<int64_t>(blockIdx.x) * kVecsPerBlock + (threadIdx.x >> 5) * kVecsPerWarp;
+  const int vecs_per_block = blockDim.x / kLanesPerVec;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * vecs_per_block;
+  const int64_t first_of_warp = static_cast<int64_t>(blockIdx.x) * vecs_per_block + (threadIdx.x >> 5) * kVecsPerWarp;
   // The loop runs while any group of the warp has a row (uniform per warp: the shuffles need all lanes).
-  for (int64_t w = first_of_warp; w < rows; w += static_cast<int64_t>(gridDim.x) * kVecsPerBlock) {
-    const int64_t r = w + (lane / kLanesPerVec);
+  for (int64_t w = first_of_warp; w < rows; w += stride) {
+    const int64_t r = w + lane / kLanesPerVec;
     const bool active = r < rows && owns;
     const HeadRow hr = head_row(r < rows ? static_cast<int>(r) : 0, s);
-    const int64_t vec_index = hr.is_q ? hr.token * s.heads + hr.head : hr.token * s.kv_heads + hr.head;
     const int pos = hr.token % static_cast<int>(s.seq_len);
     float v[8] = {};
     if (active) load8((hr.is_q ? q_lin : k_lin) + hr.token * in_stride + hr.head * Dh + j0, v);
@@ -97,13 +137,13 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm)
     const float inv = 1.f / sqrtf(group_sum(ss) / static_cast<float>(Dh) + kRmsNormEpsF);
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] *= inv;
-    rotate_group(v, exchange[threadIdx.x >> 5], j0, rope_cos + pos * half, rope_sin + pos * half, half, false);
+    rotate(v, exchange[threadIdx.x >> 5], j0, rope_cos + pos * half, rope_sin + pos * half, half, false);
     if (!active) continue;
     const float g = hr.is_q ? gain[hr.head] : 1.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] *= g;
-    store8((hr.is_q ? q : k) + vec_index * Dh + j0, v);
-    if (sub == 0) (hr.is_q ? q_rstd : k_rstd)[vec_index] = inv;
+    store8((hr.is_q ? q : k) + static_cast<int64_t>(hr.vec_index) * Dh + j0, v);
+    if (sub == 0) (hr.is_q ? q_rstd : k_rstd)[hr.vec_index] = inv;
   }
 }
 
@@ -132,28 +172,28 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
   const int Dh = s.head_dim, half = s.rope_dims / 2;
   const int lane = threadIdx.x & 31, sub = lane % kLanesPerVec, j0 = sub * 8;
   const bool owns = j0 < Dh;
-  float gain_acc = 0.f;  // Σ dq⊙q_rope of this group's q head (its group index mod H)
+  float gain_acc = 0.f;  // Σ dq⊙q_rope of this group's slot (its group index mod H + Hkv) if a q head
   const int64_t rows = s.tokens * (s.heads + s.kv_heads);
-  const int64_t first_of_warp = static_cast<int64_t>(blockIdx.x) * kVecsPerBlock + (threadIdx.x >> 5) * kVecsPerWarp;
-  for (int64_t w = first_of_warp; w < rows; w += static_cast<int64_t>(gridDim.x) * kVecsPerBlock) {
-    const int64_t r = w + (lane / kLanesPerVec);
-    const bool active = r < rows && owns;
+  const int vecs_per_block = blockDim.x / kLanesPerVec;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * vecs_per_block;
+  const int64_t first_of_warp = static_cast<int64_t>(blockIdx.x) * vecs_per_block + (threadIdx.x >> 5) * kVecsPerWarp;
+  for (int64_t w = first_of_warp; w < rows; w += stride) {
+    const int64_t r = w + lane / kLanesPerVec;
     const HeadRow hr = head_row(r < rows ? static_cast<int>(r) : 0, s);
-    const int64_t vec_index = hr.is_q ? hr.token * s.heads + hr.head : hr.token * s.kv_heads + hr.head;
-    float x[8] = {}, d[8] = {};
-    if (active) {
-      load8((hr.is_q ? q_lin : k_lin) + hr.token * in_stride + hr.head * Dh + j0, x);
-      if (hr.is_q) load_dq(dq + vec_index * Dh + j0, dq_scale, d);
-      else load8(dk + vec_index * Dh + j0, d);
-    }
     const int pos = hr.token % static_cast<int>(s.seq_len);
-    rotate_group(d, exchange[threadIdx.x >> 5], j0, rope_cos + pos * half, rope_sin + pos * half, half, true);
+    float x[8] = {}, d[8] = {}, inv = 0.f;
+    if (r < rows) inv = hr.is_q ? q_rstd[hr.vec_index] : k_rstd[hr.vec_index];
+    if (r < rows && owns) {
+      load8((hr.is_q ? q_lin : k_lin) + hr.token * in_stride + hr.head * Dh + j0, x);
+      if (hr.is_q) load_dq(dq + static_cast<int64_t>(hr.vec_index) * Dh + j0, dq_scale, d);
+      else load8(dk + static_cast<int64_t>(hr.vec_index) * Dh + j0, d);
+    }
+    rotate(d, exchange[threadIdx.x >> 5], j0, rope_cos + pos * half, rope_sin + pos * half, half, true);
     float dot = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) dot += d[e] * x[e];
     dot = group_sum(dot);  // Σ (Rᵀd)⊙x
     if (r >= rows) continue;
-    const float inv = hr.is_q ? q_rstd[vec_index] : k_rstd[vec_index];
     const float g = hr.is_q ? gain[hr.head] : 1.f;
     if (hr.is_q && sub == 0) gain_acc += inv * dot;
     if (!owns) continue;
@@ -164,24 +204,32 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
     store8((hr.is_q ? dq_lin : dk_lin) + hr.token * out_stride + hr.head * Dh + j0, o);
   }
   if (!partials) return;
-  __shared__ float group_gain[kVecsPerBlock];
+  __shared__ float group_gain[kMaxVecsPerBlock];
   if (sub == 0) group_gain[threadIdx.x / kLanesPerVec] = gain_acc;
   __syncthreads();
   if (threadIdx.x < s.heads) {
     float sum = 0.f;
-    for (int t = threadIdx.x; t < kVecsPerBlock; t += s.heads) sum += group_gain[t];
+    for (int t = threadIdx.x; t < vecs_per_block; t += s.heads + s.kv_heads) sum += group_gain[t];
     partials[static_cast<size_t>(blockIdx.x) * s.heads + threadIdx.x] = sum;
   }
 }
 
+// Groups per block: the largest multiple of lcm(H + Hkv, 4) up to kMaxVecsPerBlock (0 if none).
+int vecs_per_block(const QkShape& s) {
+  const int per_token = s.heads + s.kv_heads, unit = std::lcm(per_token, kVecsPerWarp);
+  return kMaxVecsPerBlock / unit * unit;
+}
+
 void check_shape(const QkShape& s, const char* what) {
   PG_CUDA_REQUIRE(s.head_dim > 0 && s.head_dim % 8 == 0 && s.head_dim <= kLanesPerVec * 8, what);
-  PG_CUDA_REQUIRE(s.heads > 0 && kVecsPerBlock % s.heads == 0 && s.kv_heads > 0, what);
+  PG_CUDA_REQUIRE(s.heads > 0 && s.kv_heads > 0 && vecs_per_block(s) > 0, what);
   PG_CUDA_REQUIRE(s.rope_dims >= 0 && s.rope_dims % 2 == 0 && s.rope_dims <= s.head_dim && s.seq_len > 0, what);
   PG_CUDA_REQUIRE(s.tokens * (s.heads + s.kv_heads) < (int64_t{1} << 31), what);
 }
 
-int grid_of(const QkShape& s) { return item_blocks(s.tokens * (s.heads + s.kv_heads), kVecsPerBlock, kMaxBlocks); }
+int grid_of(const QkShape& s) {
+  return item_blocks(s.tokens * (s.heads + s.kv_heads), vecs_per_block(s), kMaxBlocks);
+}
 
 }  // namespace
 
@@ -191,10 +239,10 @@ void qk_norm_rope_forward(const bf16* q_lin, const bf16* k_lin, int64_t in_strid
                           const float* rope_cos, const float* rope_sin, bf16* q, bf16* k, float* q_rstd, float* k_rstd,
                           const QkShape& s, cudaStream_t stream) {
   check_shape(s,
-              "qk_norm_rope_forward: head_dim must be a multiple of 8 up to 64, heads must divide 64, rope_dims "
+              "qk_norm_rope_forward: head_dim must be a multiple of 8 up to 64, lcm(heads + kv_heads, 4) at most 64, rope_dims "
               "even and at most head_dim, fewer than 2^31 head vectors");
   if (s.tokens == 0) return;
-  qk_forward_kernel<<<grid_of(s), kThreads, 0, stream>>>(q_lin, k_lin, in_stride, gain, rope_cos, rope_sin, q, k,
+  qk_forward_kernel<<<grid_of(s), vecs_per_block(s) * kLanesPerVec, 0, stream>>>(q_lin, k_lin, in_stride, gain, rope_cos, rope_sin, q, k,
                                                          q_rstd, k_rstd, s);
   PG_CUDA_LAUNCH_CHECK();
 }
@@ -204,7 +252,7 @@ void qk_norm_rope_backward(const QkDq& dq, const bf16* dk, const bf16* q_lin, co
                            const float* rope_sin, bf16* dq_lin, bf16* dk_lin, int64_t out_stride, float* dgain,
                            const QkShape& s, const ReduceWorkspace& ws, cudaStream_t stream) {
   check_shape(s,
-              "qk_norm_rope_backward: head_dim must be a multiple of 8 up to 64, heads must divide 64, rope_dims "
+              "qk_norm_rope_backward: head_dim must be a multiple of 8 up to 64, lcm(heads + kv_heads, 4) at most 64, rope_dims "
               "even and at most head_dim, fewer than 2^31 head vectors");
   if (s.tokens == 0) return;
   const int blocks = grid_of(s);
@@ -213,11 +261,11 @@ void qk_norm_rope_backward(const QkDq& dq, const bf16* dk, const bf16* q_lin, co
                   "qk_norm_rope_backward: dq must be given either as bf16 or as attention's fp32 sum");
   float* partials = dgain ? ws.data : nullptr;
   if (dq.rounded)
-    qk_backward_kernel<<<blocks, kThreads, 0, stream>>>(dq.rounded, 1.f, dk, q_lin, k_lin, in_stride, q_rstd, k_rstd,
+    qk_backward_kernel<<<blocks, vecs_per_block(s) * kLanesPerVec, 0, stream>>>(dq.rounded, 1.f, dk, q_lin, k_lin, in_stride, q_rstd, k_rstd,
                                                         gain, rope_cos, rope_sin, dq_lin, dk_lin, out_stride, partials,
                                                         s);
   else
-    qk_backward_kernel<<<blocks, kThreads, 0, stream>>>(dq.sum.sum, dq.sum.scale, dk, q_lin, k_lin, in_stride, q_rstd,
+    qk_backward_kernel<<<blocks, vecs_per_block(s) * kLanesPerVec, 0, stream>>>(dq.sum.sum, dq.sum.scale, dk, q_lin, k_lin, in_stride, q_rstd,
                                                         k_rstd, gain, rope_cos, rope_sin, dq_lin, dk_lin, out_stride,
                                                         partials, s);
   PG_CUDA_LAUNCH_CHECK();

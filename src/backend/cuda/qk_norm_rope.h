@@ -5,7 +5,7 @@
 //
 // q_lin / k_lin are column slices of the fused projection output (row stride in_stride), q and k are
 // written contiguous ([N, H, Dh], [N, Hkv, Dh] bf16, as attention reads them). head_dim: a multiple of
-// 8, at most 64; num_heads divides 64.
+// 8, at most 64; lcm(num_heads + num_kv_heads, 4) at most 64.
 #pragma once
 
 #include <cuda_bf16.h>
