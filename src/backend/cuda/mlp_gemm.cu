@@ -1,8 +1,8 @@
 // Fused MLP products on Hopper's warpgroup MMA (wgmma, sm_90a); mlp_gemm.h states what they compute.
 //
-// One CTA of 2 consumer warpgroups and a producer warp owns 128 rows of the input (A = m or df,
-// [rows, 512]) and sweeps every 128-column tile of the hidden dimension. A is read from global memory
-// once: its eight 128 x 64 k-slices (128 KB) stay in shared memory for the whole sweep, while B (the
+// One CTA of 2 consumer warpgroups and a producer warpgroup (one warp of which copies; the rest only
+// hand their registers to the consumers) owns 128 rows of the input (A = m or df, [rows, 512]) and
+// sweeps every 128-column tile of the hidden dimension. A is read from global memory once: its eight 128 x 64 k-slices (128 KB) stay in shared memory for the whole sweep, while B (the
 // weight, L2-resident) streams through 4 stages of one 128 x 64 k-slice each. Two CTAs form a cluster
 // and share B's stream: each loads half of every slice with TMA and multicasts it to both, which
 // halves what each SM pulls from L2. Each warpgroup computes its 64 rows x 128 columns with wgmma
@@ -49,8 +49,13 @@ constexpr int kSteps = kDim / kStepK;      // k-steps per tile
 constexpr int kStages = 4;                 // B stages in shared memory
 constexpr int kClusterSize = 2;            // CTAs sharing B's stream
 constexpr int kConsumerThreads = 256;      // two warpgroups
-constexpr int kThreads = kConsumerThreads + 32;  // and the producer warp
+constexpr int kThreads = kConsumerThreads + 128;  // and a producer warpgroup, of which one warp copies
 constexpr int kProducerWarp = kConsumerThreads / 32;
+// Registers per thread after setmaxnreg: the kernel starts at 168 each (65536 / 384, whole warpgroups);
+// the producer warpgroup gives most of its share to the consumers, whose two accumulator sets take
+// 128. 128 x 24 + 256 x 240 = 64,512 of the SM's 65,536.
+constexpr int kProducerRegisters = 24;
+constexpr int kConsumerRegisters = 240;
 constexpr uint32_t kReleaseArrivals = kClusterSize * kConsumerThreads / 32;  // per step: every consumer warp
 constexpr uint32_t kSliceBytes = kBlockM * 128;         // one A k-slice: 128 rows of 64 bf16
 constexpr uint32_t kStageBytes = kBlockN * 128;         // one B k-slice: 128 x 64 bf16
@@ -92,10 +97,17 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t v) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
 
-// 224 registers: 288 threads x 224 fit the 64K of an SM (one CTA each); with __launch_bounds__(kThreads,
-// 1) ptxas caps the kernel at 168 and spills the two accumulator sets.
+template <int kRegisters>
+__device__ __forceinline__ void increase_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void decrease_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
 template <bool kBackward>
-__global__ void __cluster_dims__(kClusterSize, 1, 1) __maxnreg__(224)
+__global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads, 1)
     mlp_fused_gemm_kernel(const __grid_constant__ MlpGemmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem[];
@@ -125,8 +137,9 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __maxnreg__(224)
   }
   cluster_sync();  // both CTAs' barriers exist before any copy or arrival targets them
 
-  if (warp == kProducerWarp) {
-    if (lane == 0) {
+  if (warp >= kProducerWarp) {
+    decrease_registers<kProducerRegisters>();
+    if (warp == kProducerWarp && lane == 0) {
       for (int s = 0; s < steps; ++s) {
         const int j = s / kSteps, k = s % kSteps;
         if (s >= kStages) mbarrier_wait(empty(s), ((s / kStages) & 1) ^ 1);  // step s - 4 released everywhere
@@ -141,6 +154,7 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __maxnreg__(224)
     }
     __syncwarp();
   } else {
+    increase_registers<kConsumerRegisters>();
     // The tile's accumulators rounded to bf16 (pre, or dpost) at their fragment positions of the staging
     // tile: acc[4jn + 2r + e] is row frag_row + 8r, column 8jn + frag_col + e.
     const int frag_row = (warp & 3) * 16 + (lane >> 2), frag_col = 2 * (lane & 3);
