@@ -1,8 +1,8 @@
 // Fused MLP products on Hopper's warpgroup MMA (wgmma, sm_90a); mlp_gemm.h states what they compute.
 //
-// One CTA of 2 consumer warpgroups and a producer warpgroup (one warp of which copies; the rest only
-// hand their registers to the consumers) owns 128 rows of the input (A = m or df, [rows, 512]) and
-// sweeps every 128-column tile of the hidden dimension. A is read from global memory once: its eight 128 x 64 k-slices (128 KB) stay in shared memory for the whole sweep, while B (the
+// One CTA of 2 consumer warpgroups and a producer warp owns 128 rows of the input (A = m or df,
+// [rows, 512]) and sweeps every 128-column tile of the hidden dimension. A is read from global memory
+// once: its eight 128 x 64 k-slices (128 KB) stay in shared memory for the whole sweep, while B (the
 // weight, L2-resident) streams through 4 stages of one 128 x 64 k-slice each. Two CTAs form a cluster
 // and share B's stream: each loads half of every slice with TMA and multicasts it to both, which
 // halves what each SM pulls from L2. Each warpgroup computes its 64 rows x 128 columns with wgmma
@@ -16,16 +16,14 @@
 // half of B's slice (to both CTAs) and, in tile 0, A's slice k. Consumers wait on `full`, issue the 4
 // MMAs of step s, and once those of step s - 1 are done, free that stage in both CTAs.
 //
-// Epilogue per tile and warpgroup, through a 64 x 128 bf16 staging tile of its own. Each warpgroup
-// holds two sets of accumulators (2 x 64 fp32 registers per thread) that alternate by tile, so that
-// tile j + 1's first k-step is issued before tile j is waited for: the tensor cores do not idle
-// through the epilogue's barriers and shared stores. When the tile's MMAs are done, its accumulators
-// rounded to bf16 (pre in the forward, dpost in the backward) go to the staging tile at their fragment
-// positions, and leave in 16-byte chunks during the next tile's 8 k-steps, one chunk per thread and
-// k-step, issued while that step's MMAs run, so that the output traffic overlaps the products instead
-// of following them (the last tile drains at the end). A chunk of the forward is written as pre and,
-// activated, as post; one of the backward becomes dpre = bf16(dpost · f'(pre)) with pre's chunk
-// loaded (16 bytes, coalesced) three k-steps before. dpost itself is never written.
+// Epilogue per tile and warpgroup, through a 64 x 128 bf16 staging tile of its own: when the tile's
+// MMAs are done, its accumulators rounded to bf16 (pre in the forward, dpost in the backward) go to
+// the staging tile at their fragment positions, and leave in 16-byte chunks during the next tile's 8
+// k-steps, one chunk per thread and k-step, issued while that step's MMAs run, so that the output
+// traffic overlaps the products instead of following them (the last tile drains at the end). A chunk
+// of the forward is written as pre and, activated, as post; one of the backward becomes dpre =
+// bf16(dpost · f'(pre)) with pre's chunk loaded (16 bytes, coalesced) a whole tile earlier, at the
+// same k-step of the tile's own computation. dpost itself is never written.
 #include <cudaTypedefs.h>
 
 #include "backend/cuda/activation.cuh"
@@ -49,13 +47,8 @@ constexpr int kSteps = kDim / kStepK;      // k-steps per tile
 constexpr int kStages = 4;                 // B stages in shared memory
 constexpr int kClusterSize = 2;            // CTAs sharing B's stream
 constexpr int kConsumerThreads = 256;      // two warpgroups
-constexpr int kThreads = kConsumerThreads + 128;  // and a producer warpgroup, of which one warp copies
+constexpr int kThreads = kConsumerThreads + 32;  // and the producer warp
 constexpr int kProducerWarp = kConsumerThreads / 32;
-// Registers per thread after setmaxnreg: the kernel starts at 168 each (65536 / 384, whole warpgroups);
-// the producer warpgroup gives most of its share to the consumers, whose two accumulator sets take
-// 128. 128 x 24 + 256 x 240 = 64,512 of the SM's 65,536.
-constexpr int kProducerRegisters = 24;
-constexpr int kConsumerRegisters = 240;
 constexpr uint32_t kReleaseArrivals = kClusterSize * kConsumerThreads / 32;  // per step: every consumer warp
 constexpr uint32_t kSliceBytes = kBlockM * 128;         // one A k-slice: 128 rows of 64 bf16
 constexpr uint32_t kStageBytes = kBlockN * 128;         // one B k-slice: 128 x 64 bf16
@@ -97,15 +90,6 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t v) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
 
-template <int kRegisters>
-__device__ __forceinline__ void increase_registers() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
-}
-template <int kRegisters>
-__device__ __forceinline__ void decrease_registers() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
-}
-
 template <bool kBackward>
 __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads, 1)
     mlp_fused_gemm_kernel(const __grid_constant__ MlpGemmParams p) {
@@ -137,9 +121,8 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
   }
   cluster_sync();  // both CTAs' barriers exist before any copy or arrival targets them
 
-  if (warp >= kProducerWarp) {
-    decrease_registers<kProducerRegisters>();
-    if (warp == kProducerWarp && lane == 0) {
+  if (warp == kProducerWarp) {
+    if (lane == 0) {
       for (int s = 0; s < steps; ++s) {
         const int j = s / kSteps, k = s % kSteps;
         if (s >= kStages) mbarrier_wait(empty(s), ((s / kStages) & 1) ^ 1);  // step s - 4 released everywhere
@@ -154,7 +137,6 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
     }
     __syncwarp();
   } else {
-    increase_registers<kConsumerRegisters>();
     // The tile's accumulators rounded to bf16 (pre, or dpost) at their fragment positions of the staging
     // tile: acc[4jn + 2r + e] is row frag_row + 8r, column 8jn + frag_col + e.
     const int frag_row = (warp & 3) * 16 + (lane >> 2), frag_col = 2 * (lane & 3);
@@ -168,18 +150,14 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
       }
     };
     // Chunk i (of 8 per thread) of a warpgroup's 64 x 128 tile: 16 chunks of 16 bytes per row, so 16
-    // threads cover one row's 256 contiguous bytes: chunk i is row chunk_row + 8i, 16-byte column
-    // chunk_col. Its global offset in tile j; -1 past the last row.
-    const int chunk_row = wg_tid >> 4, chunk_col = wg_tid & 15;
-    const int64_t chunk_base = (row0 + 64 * warpgroup + chunk_row) * p.hidden + chunk_col * 8;
+    // threads cover one row's 256 contiguous bytes. Its global offset in tile j; -1 past the last row.
     auto chunk_offset = [&](int j, int i) -> int64_t {
-      if (chunk_row + 8 * i >= wg_valid_rows) return -1;
-      return chunk_base + static_cast<int64_t>(8 * i) * p.hidden + j * kBlockN;
+      const int chunk_index = wg_tid + i * 128, row = chunk_index >> 4, chunk = chunk_index & 15;
+      if (row >= wg_valid_rows) return -1;
+      return (row0 + 64 * warpgroup + row) * p.hidden + j * kBlockN + chunk * 8;
     };
-    // Backward: pre's chunks of the tile being drained, each loaded (16 bytes, coalesced) kPreAhead
-    // k-steps before the drain uses it, so that only kPreAhead + 1 of the 8 hold registers at a time
-    // (the accumulators' two sets leave no room for a whole tile's).
-    constexpr int kPreAhead = 3;
+    // Backward: pre's chunks of the tile being computed, loaded one chunk per k-step (16-byte loads)
+    // and used a tile later, when the tile drains.
     uint4 pre_chunk[8];
     auto load_pre_chunk = [&](int j, int i) {
       const int64_t offset = chunk_offset(j, i);
@@ -191,7 +169,8 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
     auto drain_chunk = [&](int j, int i) {
       const int64_t offset = chunk_offset(j, i);
       if (offset < 0) return;
-      const uint4 v = ld_shared_v4(staging_half(chunk_col >> 3).chunk_address(chunk_row + 8 * i, chunk_col & 7));
+      const int chunk_index = wg_tid + i * 128, row = chunk_index >> 4, chunk = chunk_index & 15;
+      const uint4 v = ld_shared_v4(staging_half(chunk >> 3).chunk_address(row, chunk & 7));
       const uint32_t* in = &v.x;
       uint4 result;
       uint32_t* out = &result.x;
@@ -220,20 +199,9 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
         mbarrier_arrive_cluster(empty(s), 1);
       }
     };
-    // Two accumulator sets, alternating by tile: tile j's first k-step goes to the tensor cores in the
-    // other set before tile j - 1 is waited for and staged, so the epilogue runs beside MMAs.
-    float acc_even[64] = {}, acc_odd[64] = {};
+    float acc[64] = {};
     const uint32_t a_offset = warpgroup * 64 * 128;  // this warpgroup's 64 rows of an A slice
-    // Waits for the last MMAs into `done` (tile j, one group behind at most) and stages it.
-    auto finish_tile = [&](float (&done)[64], int j) {
-      wgmma_fence_operands(done);
-      release(j * kSteps + kSteps - 1);
-      warpgroup_barrier(warpgroup);  // the warpgroup has drained tile j - 1 from the staging tile
-      stage_output(done);
-      warpgroup_barrier(warpgroup);  // ... and staged tile j for the drain
-    };
-    // Tile j into `acc`; `previous` holds tile j - 1 until it is staged after this tile's first k-step.
-    auto compute_tile = [&](float (&acc)[64], float (&previous)[64], int j) {
+    for (int j = 0; j < tiles; ++j) {
 #pragma unroll
       for (int k = 0; k < kSteps; ++k) {
         const int s = j * kSteps + k;
@@ -250,36 +218,18 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
                                            k > 0 || kk > 0);
         }
         wgmma_commit();
-        if (k == 0 && j > 0) {
-          wgmma_wait<1>();  // tile j - 1 is done; this tile's first k-step keeps the tensor cores busy
-          finish_tile(previous, j - 1);
-        }
         // While the tensor cores run: one eighth of the previous tile's output goes out.
         if (j > 0) drain_chunk(j - 1, k);
-        if constexpr (kBackward) {  // pre_chunk[k] of tile j - 1 is spent; load the one needed kPreAhead steps on
-          const int drained_tile = j - 1 + (k + kPreAhead) / kSteps;
-          if (drained_tile >= 0) load_pre_chunk(drained_tile, (k + kPreAhead) % kSteps);
-        }
+        if constexpr (kBackward) load_pre_chunk(j, k);  // pre_chunk[k] of tile j - 1 is spent
         wgmma_wait<1>();
         if (k > 0) release(s - 1);
       }
-    };
-    int j = 0;
-    for (; j + 1 < tiles; j += 2) {
-      compute_tile(acc_even, acc_odd, j);
-      compute_tile(acc_odd, acc_even, j + 1);
-      // Nothing in flight across the loop's back edge: ptxas serializes every wgmma of the kernel
-      // (C7514) when accumulators are carried around a loop while an MMA may still write them. One
-      // issue latency per two tiles; the epilogue stays overlapped.
       wgmma_wait<0>();
-    }
-    if (j < tiles) compute_tile(acc_even, acc_odd, j);
-    wgmma_wait<0>();
-    if (tiles % 2 == 1) finish_tile(acc_even, tiles - 1);
-    else finish_tile(acc_odd, tiles - 1);
-    if constexpr (kBackward) {
-#pragma unroll
-      for (int i = kPreAhead; i < 8; ++i) load_pre_chunk(tiles - 1, i);
+      wgmma_fence_operands(acc);
+      release(j * kSteps + kSteps - 1);
+      warpgroup_barrier(warpgroup);  // the warpgroup has drained tile j - 1 from the staging tile
+      stage_output(acc);
+      warpgroup_barrier(warpgroup);  // ... and staged tile j for the drain
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) drain_chunk(tiles - 1, i);
