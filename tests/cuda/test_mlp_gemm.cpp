@@ -131,13 +131,16 @@ void check_backward(const Case& c) {
 }
 
 // 200 rows: the last 128-row block has 72 (its second warpgroup 8); 300: 44 (the second warpgroup none).
+// Hidden 640: five 128-column tiles, an odd number and none of the model sizes.
 TEST_F(MlpGemmTest, ForwardMatchesCublasAndPassForEachHiddenSize) {
-  for (const Case& c : {Case{200, 1024, 0.5f}, Case{200, 1536, 0.5f}, Case{200, 2048, 0.5f}, Case{300, 1536, 0.f}})
+  for (const Case& c : {Case{200, 1024, 0.5f}, Case{200, 1536, 0.5f}, Case{200, 2048, 0.5f}, Case{300, 1536, 0.f},
+                        Case{200, 640, 0.5f}})
     check_forward(c);
 }
 
 TEST_F(MlpGemmTest, BackwardMatchesCublasAndPassForEachHiddenSize) {
-  for (const Case& c : {Case{200, 1024, 0.5f}, Case{200, 1536, 0.5f}, Case{200, 2048, 0.5f}, Case{300, 1536, 0.f}})
+  for (const Case& c : {Case{200, 1024, 0.5f}, Case{200, 1536, 0.5f}, Case{200, 2048, 0.5f}, Case{300, 1536, 0.f},
+                        Case{200, 640, 0.5f}})
     check_backward(c);
 }
 
