@@ -146,7 +146,7 @@ void bench_mlp(const Options& o, const Timer& timer) {
     row("mlp dpre: activation pass", shape, grad, 0);
     row("mlp dpre: cuBLAS + pass", shape, down + grad, flops);
     if (!mlp_fused_supported(d, hid)) continue;
-    for (const auto [schedule, name] : {std::pair{MlpSchedule::streamed_operands, "streamed A+B"},
+    for (const auto& [schedule, name] : {std::pair{MlpSchedule::streamed_operands, "streamed A+B"},
                                         std::pair{MlpSchedule::resident_a, "resident A"}}) {
       row(fmt::format("mlp up: fused (wgmma, {})", name), shape, timer.median_ms([&] {
         mlp_fused_forward(x.data(), w.data(), out.data(), post.data(), m, d, hid, slope, timer.stream, schedule);
