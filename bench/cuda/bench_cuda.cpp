@@ -18,6 +18,7 @@
 #include <cstring>
 #include <exception>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend/cuda/activation.h"
@@ -145,12 +146,15 @@ void bench_mlp(const Options& o, const Timer& timer) {
     row("mlp dpre: activation pass", shape, grad, 0);
     row("mlp dpre: cuBLAS + pass", shape, down + grad, flops);
     if (!mlp_fused_supported(d, hid)) continue;
-    row("mlp up: fused (wgmma)", shape, timer.median_ms([&] {
-      mlp_fused_forward(x.data(), w.data(), out.data(), post.data(), m, d, hid, slope, timer.stream);
-    }), flops);
-    row("mlp dpre: fused (wgmma)", shape, timer.median_ms([&] {
-      mlp_fused_backward(x.data(), w.data(), pre.data(), out.data(), m, d, hid, slope, timer.stream);
-    }), flops);
+    for (const auto& [schedule, name] : {std::pair{MlpSchedule::streamed_operands, "streamed A+B"},
+                                        std::pair{MlpSchedule::resident_a, "resident A"}}) {
+      row(fmt::format("mlp up: fused (wgmma, {})", name), shape, timer.median_ms([&] {
+        mlp_fused_forward(x.data(), w.data(), out.data(), post.data(), m, d, hid, slope, timer.stream, schedule);
+      }), flops);
+      row(fmt::format("mlp dpre: fused (wgmma, {})", name), shape, timer.median_ms([&] {
+        mlp_fused_backward(x.data(), w.data(), pre.data(), out.data(), m, d, hid, slope, timer.stream, schedule);
+      }), flops);
+    }
   }
 }
 

@@ -1,20 +1,24 @@
 // Fused MLP products on Hopper's warpgroup MMA (wgmma, sm_90a); mlp_gemm.h states what they compute.
 //
 // One CTA of 2 consumer warpgroups and a producer warp owns 128 rows of the input (A = m or df,
-// [rows, 512]) and sweeps every 128-column tile of the hidden dimension. A is read from global memory
-// once: its eight 128 x 64 k-slices (128 KB) stay in shared memory for the whole sweep, while B (the
-// weight, L2-resident) streams through 4 stages of one 128 x 64 k-slice each. Two CTAs form a cluster
-// and share B's stream: each loads half of every slice with TMA and multicasts it to both, which
-// halves what each SM pulls from L2. Each warpgroup computes its 64 rows x 128 columns with wgmma
-// m64n128k16, both operands from 128-byte-swizzled tiles (wgmma.cuh; TMA's 128-byte swizzle writes
-// exactly that layout): A K-major; B K-major in the forward (Wfc rows = hidden), MN-major in the
-// backward (Wproj rows = k, stored as two 64-column tiles 8 KB apart).
+// [rows, 512]) and sweeps every 128-column tile of the hidden dimension. Two schedules feed the MMAs
+// (MlpSchedule), with the same instructions in the same order, so the same results:
+//   streamed operands: every step's 128 x 64 k-slice of A (L2-resident after the first tile) and of B
+//     (the weight, L2-resident) stream through 6 stages of 32 KB;
+//   resident A: A is read from global memory once, its eight 128 x 64 k-slices (128 KB) staying in
+//     shared memory for the whole sweep, and B streams through 4 stages of 16 KB.
+// Two CTAs form a cluster and share B's stream: each loads half of every slice with TMA and
+// multicasts it to both, which halves what each SM pulls from L2. Each warpgroup computes its 64 rows x
+// 128 columns with wgmma m64n128k16, both operands from 128-byte-swizzled tiles (wgmma.cuh; TMA's
+// 128-byte swizzle writes exactly that layout): A K-major; B K-major in the forward (Wfc rows =
+// hidden), MN-major in the backward (Wproj rows = k, stored as two 64-column tiles 8 KB apart).
 //
-// Pipeline (step s = 8j + k: tile j, k-step k; stage s % 4). The producer thread waits until stage
-// s % 4 is free in both CTAs (its `empty` barrier has the 16 arrivals of the 8 consumer warps of each
-// CTA for step s - 4), announces the step's bytes on the `full` barrier, and starts the copies: its
-// half of B's slice (to both CTAs) and, in tile 0, A's slice k. Consumers wait on `full`, issue the 4
-// MMAs of step s, and once those of step s - 1 are done, free that stage in both CTAs.
+// Pipeline (step s = 8j + k: tile j, k-step k; stage s % S of S stages). The producer thread waits
+// until stage s % S is free in both CTAs (its `empty` barrier has the 16 arrivals of the 8 consumer
+// warps of each CTA for step s - S), announces the step's bytes on the `full` barrier, and starts the
+// copies: its half of B's slice (to both CTAs) and A's slice k (every step when streamed, in tile 0
+// when resident). Consumers wait on `full`, issue the 4 MMAs of step s, and once those of step s - 1
+// are done, free that stage in both CTAs.
 //
 // Epilogue per tile and warpgroup, through a 64 x 128 bf16 staging tile of its own: when the tile's
 // MMAs are done, its accumulators rounded to bf16 (pre in the forward, dpost in the backward) go to
@@ -44,7 +48,8 @@ constexpr int kBlockM = 128;               // rows per CTA: two warpgroups of 64
 constexpr int kBlockN = 128;               // hidden columns per tile
 constexpr int kStepK = 64;                 // k per step: one 128-byte swizzled row
 constexpr int kSteps = kDim / kStepK;      // k-steps per tile
-constexpr int kStages = 4;                 // B stages in shared memory
+constexpr int kResidentStages = 4;         // resident A: B stages in shared memory
+constexpr int kStreamedStages = 6;         // streamed A: stages of (A slice, B slice), as many as fit
 constexpr int kClusterSize = 2;            // CTAs sharing B's stream
 constexpr int kConsumerThreads = 256;      // two warpgroups
 constexpr int kThreads = kConsumerThreads + 32;  // and the producer warp
@@ -55,9 +60,16 @@ constexpr uint32_t kStageBytes = kBlockN * 128;         // one B k-slice: 128 x 
 constexpr uint32_t kHalfTileBytes = 64 * 128;           // 64 rows of 64 bf16: one TMA box of B
 constexpr uint32_t kStagingBytes = 2 * kHalfTileBytes;  // a warpgroup's 64 x 128 bf16 output tile
 constexpr uint32_t kAtomBytes = 1024;                   // swizzled tiles start on this (wgmma.cuh)
-constexpr uint32_t kBarrierBytes = 2 * kStages * 8;     // full and empty mbarriers
-constexpr int kSmemBytes =
-    kSteps * kSliceBytes + kStages * kStageBytes + 2 * kStagingBytes + kBarrierBytes + kAtomBytes;
+// Shared memory: resident A keeps A's 8 slices and 4 B stages; streamed A has 6 stages of one A and
+// one B slice each. Then the two staging tiles, the full and empty mbarriers, and alignment slack.
+template <bool kStreamA>
+constexpr int kStageCount = kStreamA ? kStreamedStages : kResidentStages;
+template <bool kStreamA>
+constexpr uint32_t kOperandBytes =
+    kStreamA ? kStreamedStages * (kSliceBytes + kStageBytes) : kSteps * kSliceBytes + kResidentStages * kStageBytes;
+template <bool kStreamA>
+constexpr int kSmemBytes = kOperandBytes<kStreamA> + 2 * kStagingBytes + 2 * kStageCount<kStreamA> * 8 + kAtomBytes;
+static_assert(kSmemBytes<true> <= 227 * 1024 && kSmemBytes<false> <= 227 * 1024, "over Hopper's 227 KB per CTA");
 
 struct MlpGemmParams {
   CUtensorMap a_map;  // A [rows, 512], boxes of 128 rows x 64
@@ -90,7 +102,7 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t v) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
 
-template <bool kBackward>
+template <bool kBackward, bool kStreamA>
 __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads, 1)
     mlp_fused_gemm_kernel(const __grid_constant__ MlpGemmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -102,13 +114,20 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
   const int wg_valid_rows = valid_rows - 64 * warpgroup;  // may be <= 0 in the last CTAs
   const int tiles = p.hidden / kBlockN, steps = tiles * kSteps;
 
+  constexpr int kStages = kStageCount<kStreamA>;
   const uint32_t base = (smem_address(smem) + (kAtomBytes - 1)) & ~(kAtomBytes - 1);
-  auto a_slice = [&](int k) { return SwizzledTile64{base + k * kSliceBytes}; };
-  const uint32_t stages = base + kSteps * kSliceBytes;
-  auto stage = [&](int s) { return stages + static_cast<uint32_t>(s % kStages) * kStageBytes; };
-  const uint32_t staging = stages + kStages * kStageBytes + warpgroup * kStagingBytes;
+  // Streamed A: stage st holds A's slice at base + st·32 KB and B's 16 KB after it. Resident A: the
+  // 8 A slices first, then the 4 B stages.
+  constexpr uint32_t kStageStride = kStreamA ? kSliceBytes + kStageBytes : kStageBytes;
+  const uint32_t stages = kStreamA ? base : base + kSteps * kSliceBytes;
+  auto stage_base = [&](int s) { return stages + static_cast<uint32_t>(s % kStages) * kStageStride; };
+  auto a_slice = [&](int s) {  // A's slice of step s (k-step s % 8)
+    return SwizzledTile64{kStreamA ? stage_base(s) : base + static_cast<uint32_t>(s % kSteps) * kSliceBytes};
+  };
+  auto stage = [&](int s) { return stage_base(s) + (kStreamA ? kSliceBytes : 0); };  // B's slice of step s
+  const uint32_t staging = base + kOperandBytes<kStreamA> + warpgroup * kStagingBytes;
   auto staging_half = [&](int half) { return SwizzledTile64{staging + half * kHalfTileBytes}; };
-  const uint32_t barriers = stages + kStages * kStageBytes + 2 * kStagingBytes;
+  const uint32_t barriers = base + kOperandBytes<kStreamA> + 2 * kStagingBytes;
   auto full = [&](int s) { return barriers + static_cast<uint32_t>(s % kStages) * 8; };
   auto empty = [&](int s) { return barriers + static_cast<uint32_t>(kStages + s % kStages) * 8; };
 
@@ -125,9 +144,10 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
     if (lane == 0) {
       for (int s = 0; s < steps; ++s) {
         const int j = s / kSteps, k = s % kSteps;
-        if (s >= kStages) mbarrier_wait(empty(s), ((s / kStages) & 1) ^ 1);  // step s - 4 released everywhere
-        mbarrier_arrive_expect_tx(full(s), kStageBytes + (s < kSteps ? kSliceBytes : 0));
-        if (s < kSteps) tma_load_2d(a_slice(k).base, &p.a_map, k * kStepK, static_cast<int>(row0), full(s));
+        if (s >= kStages) mbarrier_wait(empty(s), ((s / kStages) & 1) ^ 1);  // step s - kStages released everywhere
+        const bool load_a = kStreamA || s < kSteps;
+        mbarrier_arrive_expect_tx(full(s), kStageBytes + (load_a ? kSliceBytes : 0));
+        if (load_a) tma_load_2d(a_slice(s).base, &p.a_map, k * kStepK, static_cast<int>(row0), full(s));
         // This CTA's half of B's slice: Wfc rows (= n) 128j + 64·rank.., or Wproj columns (= n) there.
         const uint32_t half = stage(s) + cta_rank * kHalfTileBytes;
         const int n = j * kBlockN + static_cast<int>(cta_rank) * 64;
@@ -206,7 +226,7 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
       for (int k = 0; k < kSteps; ++k) {
         const int s = j * kSteps + k;
         mbarrier_wait(full(s), (s / kStages) & 1);
-        const uint32_t a_base = a_slice(k).base + a_offset, b_base = stage(s);
+        const uint32_t a_base = a_slice(s).base + a_offset, b_base = stage(s);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kStepK / 16; ++kk) {
@@ -272,8 +292,8 @@ CUtensorMap tensor_map(const bf16* base, uint64_t inner, uint64_t outer, uint32_
 }
 
 // a [rows, 512]; b Wfc [hidden, 512] (forward) or Wproj [512, hidden] (backward).
-template <bool kBackward>
-void launch(const bf16* a, const bf16* b, const bf16* pre, bf16* out, bf16* post, int64_t rows, int dim, int hidden,
+template <bool kBackward, bool kStreamA>
+void launch_schedule(const bf16* a, const bf16* b, const bf16* pre, bf16* out, bf16* post, int64_t rows, int dim, int hidden,
             float slope, const char* what, cudaStream_t stream) {
   PG_CUDA_REQUIRE(mlp_fused_supported(dim, hidden), what);
   PG_CUDA_REQUIRE(aligned16(a) && aligned16(b) && aligned16(out) && aligned16(pre) && aligned16(post),
@@ -281,8 +301,8 @@ void launch(const bf16* a, const bf16* b, const bf16* pre, bf16* out, bf16* post
   PG_CUDA_REQUIRE(rows >= 0 && rows < (int64_t{1} << 31), "mlp_fused: rows must be in [0, 2^31)");
   if (rows == 0) return;
   static const bool configured = [] {
-    PG_CUDA_CHECK(
-        cudaFuncSetAttribute(mlp_fused_gemm_kernel<kBackward>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    PG_CUDA_CHECK(cudaFuncSetAttribute(mlp_fused_gemm_kernel<kBackward, kStreamA>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes<kStreamA>));
     return true;
   }();
   (void)configured;
@@ -293,8 +313,18 @@ void launch(const bf16* a, const bf16* b, const bf16* pre, bf16* out, bf16* post
   p.pre = pre, p.out = out, p.post = post, p.rows = rows, p.hidden = hidden, p.slope = slope;
   // Whole clusters: a CTA past the last row still streams its half of B for its partner.
   const int64_t blocks = ((rows + kBlockM - 1) / kBlockM + kClusterSize - 1) / kClusterSize * kClusterSize;
-  mlp_fused_gemm_kernel<kBackward><<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(p);
+  mlp_fused_gemm_kernel<kBackward, kStreamA>
+      <<<static_cast<unsigned>(blocks), kThreads, kSmemBytes<kStreamA>, stream>>>(p);
   PG_CUDA_LAUNCH_CHECK();
+}
+
+template <bool kBackward>
+void launch(const bf16* a, const bf16* b, const bf16* pre, bf16* out, bf16* post, int64_t rows, int dim, int hidden,
+            float slope, const char* what, MlpSchedule schedule, cudaStream_t stream) {
+  if (schedule == MlpSchedule::streamed_operands)
+    launch_schedule<kBackward, true>(a, b, pre, out, post, rows, dim, hidden, slope, what, stream);
+  else
+    launch_schedule<kBackward, false>(a, b, pre, out, post, rows, dim, hidden, slope, what, stream);
 }
 
 }  // namespace
@@ -311,15 +341,15 @@ bool mlp_fused_supported(int dim, int hidden) {
 }
 
 void mlp_fused_forward(const bf16* m, const bf16* wfc, bf16* pre, bf16* post, int64_t rows, int dim, int hidden,
-                       float slope, cudaStream_t stream) {
+                       float slope, cudaStream_t stream, MlpSchedule schedule) {
   launch<false>(m, wfc, nullptr, pre, post, rows, dim, hidden, slope,
-                "mlp_fused_forward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", stream);
+                "mlp_fused_forward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", schedule, stream);
 }
 
 void mlp_fused_backward(const bf16* df, const bf16* wproj, const bf16* pre, bf16* dpre, int64_t rows, int dim,
-                        int hidden, float slope, cudaStream_t stream) {
+                        int hidden, float slope, cudaStream_t stream, MlpSchedule schedule) {
   launch<true>(df, wproj, pre, dpre, nullptr, rows, dim, hidden, slope,
-               "mlp_fused_backward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", stream);
+               "mlp_fused_backward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", schedule, stream);
 }
 
 }  // namespace pgolf::cuda

@@ -20,10 +20,19 @@ namespace pgolf::cuda {
 // attention kernels do).
 bool mlp_fused_supported(int dim, int hidden);
 
+// How the mainloop feeds the MMAs (mlp_gemm.cu); both give bit-identical results. resident_a is the
+// one the model uses; streamed_operands is there to be timed against it (bench_cuda --only mlp).
+enum class MlpSchedule {
+  resident_a,         // A's 128 x 512 rows stay in shared memory, B streams through 4 stages
+  streamed_operands,  // A and B slices stream through 6 stages
+};
+
 void mlp_fused_forward(const __nv_bfloat16* m, const __nv_bfloat16* wfc, __nv_bfloat16* pre, __nv_bfloat16* post,
-                       int64_t rows, int dim, int hidden, float slope, cudaStream_t stream);
+                       int64_t rows, int dim, int hidden, float slope, cudaStream_t stream,
+                       MlpSchedule schedule = MlpSchedule::resident_a);
 
 void mlp_fused_backward(const __nv_bfloat16* df, const __nv_bfloat16* wproj, const __nv_bfloat16* pre,
-                        __nv_bfloat16* dpre, int64_t rows, int dim, int hidden, float slope, cudaStream_t stream);
+                        __nv_bfloat16* dpre, int64_t rows, int dim, int hidden, float slope, cudaStream_t stream,
+                        MlpSchedule schedule = MlpSchedule::resident_a);
 
 }  // namespace pgolf::cuda
