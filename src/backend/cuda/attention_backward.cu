@@ -406,22 +406,7 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
       o, d_o, delta, dq_accum, shape.total_tokens, shape.num_heads, shape.cu_seqlens, shape.num_segments,
       wgmma ? attention_backward_wgmma_schedule_keys(tuning.backward_warps) : 0, tile_schedule);
   PG_CUDA_LAUNCH_CHECK();
-  return AttentionBackwardParams{q,
-                                 k,
-                                 v,
-                                 d_o,
-                                 lse,
-                                 delta,
-                                 dq_accum,
-                                 tile_schedule,
-                                 dk,
-                                 dv,
-                                 shape.cu_seqlens,
-                                 shape.num_segments,
-                                 shape.total_tokens,
-                                 shape.num_heads / shape.num_kv_heads,
-                                 static_cast<int64_t>(shape.num_heads) * kHeadDim,
-                                 static_cast<int64_t>(shape.num_kv_heads) * kHeadDim};
+  return AttentionBackwardParams{attention_layout(shape), q, k, v, d_o, lse, delta, dq_accum, tile_schedule, dk, dv};
 }
 
 // The atomic main kernel (dK, dV, dQ summed into the accumulator); not the deterministic path.

@@ -80,15 +80,29 @@ inline void check_aligned16(const void* p, const char* what) {
 }
 
 // What a forward kernel reads and writes (attention_forward.cu fills it for either implementation).
-struct AttentionForwardParams {
+// The token layout every attention kernel reads (the base of their parameter blocks): the segments
+// (cu_seqlens), the GQA group and the row strides of q and k/v.
+struct AttentionLayout {
+  const int32_t* __restrict__ cu;
+  int num_segments, total_tokens, group;  // group = H / Hkv
+  int64_t q_row_stride, kv_row_stride;    // H * 64, Hkv * 64
+};
+
+inline AttentionLayout attention_layout(const AttentionShape& shape) {
+  return {shape.cu_seqlens,
+          shape.num_segments,
+          shape.total_tokens,
+          shape.num_heads / shape.num_kv_heads,
+          static_cast<int64_t>(shape.num_heads) * kHeadDim,
+          static_cast<int64_t>(shape.num_kv_heads) * kHeadDim};
+}
+
+struct AttentionForwardParams : AttentionLayout {
   const __nv_bfloat16* __restrict__ q;
   const __nv_bfloat16* __restrict__ k;
   const __nv_bfloat16* __restrict__ v;
   __nv_bfloat16* __restrict__ o;
   float* __restrict__ lse;
-  const int32_t* __restrict__ cu;
-  int num_segments, total_tokens, group;  // group = H / Hkv
-  int64_t q_row_stride, kv_row_stride;    // H * 64, Hkv * 64
   const int32_t* __restrict__ query_begin;  // AttentionShape::query_begin (null: every query)
 };
 
@@ -100,7 +114,7 @@ __device__ __forceinline__ bool query_tile_skipped(const AttentionForwardParams&
 
 // What a backward main kernel reads and writes (attention_backward.cu fills it for either
 // implementation); delta = rowsum(dO ∘ O) and the fp32 dq accumulator come from the workspace.
-struct AttentionBackwardParams {
+struct AttentionBackwardParams : AttentionLayout {
   const __nv_bfloat16* __restrict__ q;
   const __nv_bfloat16* __restrict__ k;
   const __nv_bfloat16* __restrict__ v;
@@ -113,9 +127,6 @@ struct AttentionBackwardParams {
   const int2* __restrict__ tile_schedule;
   __nv_bfloat16* __restrict__ dk;
   __nv_bfloat16* __restrict__ dv;
-  const int32_t* __restrict__ cu;
-  int num_segments, total_tokens, group;
-  int64_t q_row_stride, kv_row_stride;
 };
 
 // The wgmma kernels run only on an sm_90 GPU (wgmma is Hopper's; sm_90a code does not run on later

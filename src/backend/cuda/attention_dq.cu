@@ -15,7 +15,7 @@ namespace {
 
 constexpr int kDqBlockN = 64;  // keys per tile
 
-struct DqParams {
+struct DqParams : AttentionLayout {
   const __nv_bfloat16* __restrict__ q;
   const __nv_bfloat16* __restrict__ k;
   const __nv_bfloat16* __restrict__ v;
@@ -23,9 +23,6 @@ struct DqParams {
   const float* __restrict__ lse;    // [H, N]
   const float* __restrict__ delta;  // [H, N]
   __nv_bfloat16* __restrict__ dq;
-  const int32_t* __restrict__ cu;
-  int num_segments, total_tokens, group;
-  int64_t q_row_stride, kv_row_stride;
 };
 
 template <int kWarps>
@@ -168,19 +165,7 @@ void launch_attention_dq(const AttentionShape& shape, const __nv_bfloat16* q, co
     return true;
   }();
   (void)configured;
-  const DqParams p{q,
-                   k,
-                   v,
-                   d_o,
-                   lse,
-                   delta,
-                   dq,
-                   shape.cu_seqlens,
-                   shape.num_segments,
-                   shape.total_tokens,
-                   shape.num_heads / shape.num_kv_heads,
-                   static_cast<int64_t>(shape.num_heads) * kHeadDim,
-                   static_cast<int64_t>(shape.num_kv_heads) * kHeadDim};
+  const DqParams p{attention_layout(shape), q, k, v, d_o, lse, delta, dq};
   dim3 grid(segment_tile_grid(shape, 16 * kWarps), shape.num_heads);
   attention_dq_kernel<kWarps><<<grid, kWarps * 32, bytes, stream>>>(p);
   PG_CUDA_LAUNCH_CHECK();

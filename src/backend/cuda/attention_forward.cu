@@ -189,18 +189,7 @@ void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, cons
   check_aligned16(v, "attention_forward: v must be a 16-byte aligned device pointer");
   check_aligned16(o, "attention_forward: o must be a 16-byte aligned device pointer");
   PG_CUDA_REQUIRE(lse != nullptr, "attention_forward: lse must be given");
-  AttentionForwardParams p{q,
-                  k,
-                  v,
-                  o,
-                  lse,
-                  shape.cu_seqlens,
-                  shape.num_segments,
-                  shape.total_tokens,
-                  shape.num_heads / shape.num_kv_heads,
-                  static_cast<int64_t>(shape.num_heads) * kHeadDim,
-                  static_cast<int64_t>(shape.num_kv_heads) * kHeadDim,
-                  shape.query_begin};
+  const AttentionForwardParams p{attention_layout(shape), q, k, v, o, lse, shape.query_begin};
   if (tuning.forward_kernel == AttentionForwardKernel::wgmma) {
     launch_attention_forward_wgmma(p, shape, tuning.forward_warps, tuning.forward_key_tile, stream);
     return;
