@@ -168,6 +168,16 @@ void run_bench(const BenchOptions& o) {
                                   {"ms_per_step", kernels[i].total_ms / reps},
                                   {"share", kernels[i].total_ms / sum},
                                   {"calls_per_step", kernels[i].calls / reps}});
+        // Device idle time inside the profiled steps (and between them: the host's part of a step).
+        const cuda::IdleSummary& idle = profile.idle();
+        j["idle_ms_per_step"] = idle.total_ms / reps;
+        j["idle_gaps_per_step"] = static_cast<double>(idle.gaps) / reps;
+        for (size_t i = 0; i < idle.pairs.size() && i < 10; ++i)
+          j["idle"].push_back({{"before", idle.pairs[i].before},
+                               {"after", idle.pairs[i].after},
+                               {"ms_per_step", idle.pairs[i].total_ms / reps},
+                               {"max_us", idle.pairs[i].max_us},
+                               {"count_per_step", static_cast<double>(idle.pairs[i].count) / reps}});
       } else {
         profile_note = profile.why();
         j["profile_unavailable"] = profile_note;
@@ -201,6 +211,14 @@ void run_bench(const BenchOptions& o) {
     for (const auto& k : j["kernels"])
       fmt::print("    {:<72} {:8.3f} ms {:5.1f} % {:4} calls\n", k["name"].get<std::string>(),
                  k["ms_per_step"].get<double>(), 100.0 * k["share"].get<double>(), k["calls_per_step"].get<long>());
+  }
+  if (j.contains("idle_ms_per_step")) {
+    fmt::print("  device idle {:.2f} ms per step in {:.0f} gaps; the largest, by the work before and after:\n",
+               j["idle_ms_per_step"].get<double>(), j["idle_gaps_per_step"].get<double>());
+    for (const auto& g : j["idle"])
+      fmt::print("    {:8.3f} ms {:6.1f} per step, max {:7.1f} us  {} -> {}\n", g["ms_per_step"].get<double>(),
+                 g["count_per_step"].get<double>(), g["max_us"].get<double>(), g["before"].get<std::string>(),
+                 g["after"].get<std::string>());
   }
   if (j.contains("profile_unavailable"))
     fmt::print("  kernel profile unavailable: {}\n", j["profile_unavailable"].get<std::string>());

@@ -78,6 +78,15 @@ struct ModeProfile {
         fmt::print("    {:9.1f} ms {:5.1f} % {:8d}  {}\n", kernels[i].total_ms, 100.0 * kernels[i].total_ms / sum,
                    kernels[i].calls, kernels[i].name);
     }
+    const cuda::IdleSummary& idle = cupti.idle();
+    j["idle_ms"] = idle.total_ms;
+    j["idle_gaps"] = idle.gaps;
+    if (print) fmt::print("  device idle {:.1f} ms in {} gaps; the largest, by the work before and after:\n", idle.total_ms, idle.gaps);
+    for (size_t i = 0; i < idle.pairs.size() && i < 5; ++i) {
+      const cuda::IdleGap& g = idle.pairs[i];
+      j["idle"].push_back({{"before", g.before}, {"after", g.after}, {"ms", g.total_ms}, {"count", g.count}});
+      if (print) fmt::print("    {:9.1f} ms {:8d}  {} -> {}\n", g.total_ms, g.count, g.before, g.after);
+    }
 #endif
     return j;
   }

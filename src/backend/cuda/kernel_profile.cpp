@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <utility>
 
 namespace pgolf::cuda {
 namespace {
@@ -33,6 +34,54 @@ std::mutex& records_mutex() {
 std::map<std::string, KernelTime>& records() {
   static std::map<std::string, KernelTime> r;
   return r;
+}
+// Every recorded piece of work (kernels, copies, memsets) as [start, end) in ns, for the idle time.
+struct Interval {
+  uint64_t start, end;
+  std::string name;
+};
+std::vector<Interval>& intervals() {
+  static std::vector<Interval> v;
+  return v;
+}
+
+const char* copy_name(uint8_t kind) {
+  switch (kind) {
+    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOD: return "memcpy HtoD";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOH: return "memcpy DtoH";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOD: return "memcpy DtoD";
+    default: return "memcpy";
+  }
+}
+
+// Sorted by start: the stretches where no interval is running, summed by the pair around them.
+IdleSummary idle_of(std::vector<Interval> v) {
+  IdleSummary out;
+  if (v.empty()) return out;
+  std::sort(v.begin(), v.end(), [](const Interval& a, const Interval& b) { return a.start < b.start; });
+  std::map<std::pair<std::string, std::string>, IdleGap> by_pair;
+  uint64_t busy_end = v[0].end;
+  const std::string* last = &v[0].name;
+  for (size_t i = 1; i < v.size(); ++i) {
+    if (v[i].start > busy_end) {
+      const double ns = static_cast<double>(v[i].start - busy_end);
+      IdleGap& g = by_pair[{*last, v[i].name}];
+      g.total_ms += ns * 1e-6;
+      g.max_us = std::max(g.max_us, ns * 1e-3);
+      ++g.count;
+      out.total_ms += ns * 1e-6;
+      ++out.gaps;
+    }
+    if (v[i].end >= busy_end) busy_end = v[i].end, last = &v[i].name;
+  }
+  for (auto& [key, g] : by_pair) {
+    g.before = key.first;
+    g.after = key.second;
+    out.pairs.push_back(g);
+  }
+  std::sort(out.pairs.begin(), out.pairs.end(),
+            [](const IdleGap& a, const IdleGap& b) { return a.total_ms > b.total_ms; });
+  return out;
 }
 
 // Demangled, without the parameter list and template arguments: "pgolf::cuda::(anon)::rmsnorm_forward_kernel".
@@ -64,11 +113,23 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
   CUpti_Activity* record = nullptr;
   std::lock_guard<std::mutex> lock(records_mutex());
   while (api().next_record(buffer, valid, &record) == CUPTI_SUCCESS) {
+    if (record->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
+      const auto* c = reinterpret_cast<const CUpti_ActivityMemcpy6*>(record);
+      intervals().push_back({c->start, c->end, copy_name(c->copyKind)});
+      continue;
+    }
+    if (record->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
+      const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(record);
+      intervals().push_back({m->start, m->end, "memset"});
+      continue;
+    }
     if (record->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && record->kind != CUPTI_ACTIVITY_KIND_KERNEL) continue;
     const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
-    KernelTime& t = records()[short_name(k->name)];
+    std::string name = short_name(k->name);
+    KernelTime& t = records()[name];
     t.total_ms += static_cast<double>(k->end - k->start) * 1e-6;
     ++t.calls;
+    intervals().push_back({k->start, k->end, std::move(name)});
   }
   std::free(buffer);
 }
@@ -105,10 +166,15 @@ bool KernelProfile::start() {
     }
   }
   records().clear();
+  intervals().clear();
+  idle_ = {};
   if (a.enable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) != CUPTI_SUCCESS) {
     why_ = "cuptiActivityEnable(CONCURRENT_KERNEL) failed";
     return false;
   }
+  // Copies and memsets only count as busy time for the idle summary: without them it is an upper bound.
+  a.enable(CUPTI_ACTIVITY_KIND_MEMCPY);
+  a.enable(CUPTI_ACTIVITY_KIND_MEMSET);
   return true;
 }
 
@@ -116,8 +182,12 @@ std::vector<KernelTime> KernelProfile::stop() {
   CuptiApi& a = api();
   a.flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
   a.disable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+  a.disable(CUPTI_ACTIVITY_KIND_MEMCPY);
+  a.disable(CUPTI_ACTIVITY_KIND_MEMSET);
   std::vector<KernelTime> out;
   std::lock_guard<std::mutex> lock(records_mutex());
+  idle_ = idle_of(std::move(intervals()));
+  intervals().clear();
   for (auto& [name, t] : records()) {
     KernelTime k = t;
     k.name = name;
