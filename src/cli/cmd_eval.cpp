@@ -20,6 +20,7 @@
 #include "quant/pack.h"
 #include "model/engine_factory.h"
 #ifdef PGOLF_HAVE_CUDA
+#include "backend/cuda/cuda_engine.h"
 #include "backend/cuda/kernel_profile.h"
 #endif
 
@@ -42,19 +43,24 @@ struct EvalArgs {
 struct ModeProfile {
 #ifdef PGOLF_HAVE_CUDA
   cuda::KernelProfile cupti;
+  cuda::CudaEngine* engine = nullptr;
+  cuda::CudaEngine::HostCounters before;  // the engine's host counters when the mode started
 #endif
   bool on = false;
   std::string why;
 
-  void start(bool wanted, const std::string& device) {
+  void start(bool wanted, const std::string& device, Engine& eval_engine) {
     on = false;
     if (!wanted) return;
 #ifdef PGOLF_HAVE_CUDA
     PG_CHECK(device == "cuda", "eval: --profile needs --device cuda");
+    engine = dynamic_cast<cuda::CudaEngine*>(&eval_engine);
+    if (engine) before = engine->host_counters();
     on = cupti.start();
     if (!on) why = cupti.why();
 #else
     (void)device;
+    (void)eval_engine;
     PG_CHECK(false, "eval: --profile needs the CUDA build");
 #endif
   }
@@ -86,6 +92,20 @@ struct ModeProfile {
       const cuda::IdleGap& g = idle.pairs[i];
       j["idle"].push_back({{"before", g.before}, {"after", g.after}, {"ms", g.total_ms}, {"count", g.count}});
       if (print) fmt::print("    {:9.1f} ms {:8d}  {} -> {}\n", g.total_ms, g.count, g.before, g.after);
+    }
+    if (engine) {
+      const cuda::CudaEngine::HostCounters now = engine->host_counters();
+      const long eager = now.graphs.eager - before.graphs.eager, captured = now.graphs.captured - before.graphs.captured,
+                 replayed = now.graphs.replayed - before.graphs.replayed;
+      const double capture_s = now.graphs.capture_seconds - before.graphs.capture_seconds;
+      const size_t plans = now.gemm_plans - before.gemm_plans;
+      const double plan_s = now.gemm_plan_seconds - before.gemm_plan_seconds;
+      j["graph_calls"] = {{"eager", eager}, {"captured", captured}, {"replayed", replayed}, {"capture_seconds", capture_s}};
+      j["gemm_plans"] = {{"built", plans}, {"seconds", plan_s}};
+      if (print)
+        fmt::print("  step calls: {} eager, {} captured into graphs ({:.0f} ms recording and instantiating), {} replayed; "
+                   "{} GEMM plans built ({:.0f} ms)\n",
+                   eager, captured, 1e3 * capture_s, replayed, plans, 1e3 * plan_s);
     }
 #endif
     return j;
@@ -191,7 +211,7 @@ void run_eval(const EvalArgs& a) {
   ModeProfile profile;
   for (const auto& mode : modes) {
     engine.load_params(params);  // every mode starts from the loaded weights
-    profile.start(a.profile, device);
+    profile.start(a.profile, device, engine);
     const EvalOutcome o = run_eval_mode(mode, engine, comm, cfg, inputs);
     if (!report) {
       profile.stop(false);

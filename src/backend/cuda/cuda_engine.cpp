@@ -66,7 +66,7 @@ CudaEngine::Impl::Impl(const Config& config, Communicator& comm_, const CudaEngi
       ema_decay(config.get_double("ema_decay")),
       grad_clip_norm(config.get_double("grad_clip_norm")),
       grad_clip_local(config.get_bool("grad_clip_local")),
-      graphs(options_.graphs && comm_.graph_capturable()),
+      graphs(options_.graphs && comm_.graph_capturable(), static_cast<int>(config.get_int("cuda_graph_capture_at"))),
       loss_sum(1, "step loss sum") {
   // The host communicators reduce host memory; several ranks need one that reduces device buffers
   // (NCCL), which enqueues on the engine's stream, in order with (and captured into) its graphs.
@@ -135,6 +135,14 @@ const ParamLayout& CudaEngine::layout() const { return impl_->model.layout(); }
 GpuModel& CudaEngine::model() { return impl_->model; }
 const CudaEngineOptions& CudaEngine::options() const { return impl_->options; }
 size_t CudaEngine::graphs_captured() const { return impl_->graphs.captured(); }
+
+CudaEngine::HostCounters CudaEngine::host_counters() const {
+  HostCounters c;
+  c.graphs = impl_->graphs.stats();
+  c.gemm_plans = impl_->model.gemm_plans();
+  c.gemm_plan_seconds = impl_->model.gemm_plan_seconds();
+  return c;
+}
 
 // ---- parameters and state --------------------------------------------------------------------------
 

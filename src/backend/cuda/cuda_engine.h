@@ -20,6 +20,7 @@
 #include <memory>
 #include <string>
 
+#include "backend/cuda/step_graphs.h"
 #include "core/config.h"
 #include "model/engine.h"
 
@@ -81,6 +82,13 @@ class CudaEngine final : public Engine {
   GpuModel& model();
   const CudaEngineOptions& options() const;
   size_t graphs_captured() const;
+  // Host-side work of the model's steps so far: graph calls (eager, captured, replayed) and GEMM plans.
+  struct HostCounters {
+    StepGraphStats graphs;
+    size_t gemm_plans = 0;
+    double gemm_plan_seconds = 0.0;
+  };
+  HostCounters host_counters() const;
 
  private:
   struct Impl;

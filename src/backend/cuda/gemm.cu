@@ -5,6 +5,8 @@
 #include "backend/cuda/check.h"
 #include "backend/cuda/gemm.h"
 
+#include <chrono>
+
 // cuBLASLt is column-major. A row-major [r, c] matrix is the column-major [c, r] matrix (its
 // transpose) with the same memory, so the row-major product D = op(A) op(B) is computed as the
 // column-major product Dᵀ = op(B)ᵀ op(A)ᵀ: cuBLAS's first operand is our B, its second our A, its
@@ -114,6 +116,7 @@ struct GemmRunner::Impl {
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   std::unordered_map<PlanKey, std::unique_ptr<Plan>, PlanKeyHash> plans;
+  double plan_seconds = 0.0;
 
   const Plan& plan_for(const PlanKey& key);
 };
@@ -121,6 +124,7 @@ struct GemmRunner::Impl {
 const Plan& GemmRunner::Impl::plan_for(const PlanKey& key) {
   auto it = plans.find(key);
   if (it != plans.end()) return *it->second;
+  const auto t0 = std::chrono::steady_clock::now();
 
   const GemmShape& s = key.shape;
   const cudaDataType_t d_type = s.output == GemmOutput::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
@@ -174,6 +178,7 @@ const Plan& GemmRunner::Impl::plan_for(const PlanKey& key) {
     raise_error(msg.c_str(), __FILE__, __LINE__);
   }
   plan->algo = result.algo;
+  plan_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return *plans.emplace(key, std::move(plan)).first->second;
 }
 
@@ -190,6 +195,7 @@ GemmRunner::~GemmRunner() {
 }
 
 size_t GemmRunner::cached_plans() const { return impl_->plans.size(); }
+double GemmRunner::plan_seconds() const { return impl_->plan_seconds; }
 
 void GemmRunner::run(const GemmShape& shape, const __nv_bfloat16* a, const __nv_bfloat16* b, void* d, float alpha,
                      float beta, cudaStream_t stream, const void* bias) {

@@ -57,6 +57,7 @@ class GemmRunner {
            float beta, cudaStream_t stream, const void* bias = nullptr);
 
   size_t cached_plans() const;  // how many distinct plans have been built
+  double plan_seconds() const;  // host seconds spent building them (cuBLASLt's heuristic queries)
 
  private:
   struct Impl;

@@ -737,6 +737,8 @@ const ModelConfig& GpuModel::config() const { return impl_->cfg; }
 const ParamLayout& GpuModel::layout() const { return impl_->layout; }
 cudaStream_t GpuModel::stream() const { return impl_->stream; }
 float* GpuModel::params() { return impl_->params.data(); }
+size_t GpuModel::gemm_plans() const { return impl_->gemm.cached_plans(); }
+double GpuModel::gemm_plan_seconds() const { return impl_->gemm.plan_seconds(); }
 float* GpuModel::grads() { return impl_->grads.data(); }
 
 void GpuModel::load_params(const ParamSet<float>& host) {

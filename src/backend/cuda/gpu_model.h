@@ -124,6 +124,9 @@ class GpuModel {
   };
   DeviceLinearInputs linear_inputs(int v) const;
   const __nv_bfloat16* final_norm_device() const;  // [N, d]
+  // The model's cuBLASLt plans so far, and the host seconds spent building them.
+  size_t gemm_plans() const;
+  double gemm_plan_seconds() const;
 
  private:
   struct Impl;

@@ -2,15 +2,19 @@
 
 #include "backend/cuda/check.h"
 
+#include <chrono>
+
 namespace pgolf::cuda {
 
 void StepGraphs::run(const std::string& key, cudaStream_t stream, const std::function<void()>& enqueue) {
   Entry& e = entries_[key];
-  if (!enabled_ || e.calls++ == 0) {
+  if (!enabled_ || ++e.calls < capture_at_) {
     enqueue();
+    ++stats_.eager;
     return;
   }
   if (!e.exec) {
+    const auto t0 = std::chrono::steady_clock::now();
     cudaGraph_t graph = nullptr;
     // Thread-local capture: other threads (a data loader) may still allocate and copy meanwhile.
     PG_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
@@ -25,6 +29,10 @@ void StepGraphs::run(const std::string& key, cudaStream_t stream, const std::fun
     const cudaError_t instantiated = cudaGraphInstantiate(&e.exec, graph, 0);
     cudaGraphDestroy(graph);
     PG_CUDA_CHECK(instantiated);
+    stats_.capture_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ++stats_.captured;
+  } else {
+    ++stats_.replayed;
   }
   PG_CUDA_CHECK(cudaGraphLaunch(e.exec, stream));
 }

@@ -1,8 +1,10 @@
 // StepGraphs: CUDA graphs of the engine's steps, keyed by everything the host bakes into the
 // launches (batch shape, mode, accumulation count, EMA on or off). run(key, ...) executes the enqueue
-// function eagerly the first time a key is seen (so that lazy initialisation — GEMM plans, kernel
-// attributes, RoPE tables — happens outside any capture), captures it the second time and replays
-// the graph from then on. Replays read the device buffers the enqueue function used, so everything a
+// function eagerly the first times a key is seen (so that lazy initialisation — GEMM plans, kernel
+// attributes, RoPE tables — happens outside any capture), captures it at call `capture_at` (the
+// second by default) and replays the graph from then on. A capture leaves the GPU idle while the host
+// records and instantiates; a key that comes back rarely (LoRA TTT's many batch shapes) costs less
+// eagerly, where the host's launches overlap the GPU's work. Replays read the device buffers the enqueue function used, so everything a
 // step changes from one call to the next must live in device memory (the batch, the optimizer's
 // scalars) and be written before the replay.
 #pragma once
@@ -15,9 +17,17 @@
 
 namespace pgolf::cuda {
 
+// What run() did so far: calls run eagerly, captured (with their host seconds: recording and instantiation,
+// while the stream runs nothing new) and replayed.
+struct StepGraphStats {
+  long eager = 0, captured = 0, replayed = 0;
+  double capture_seconds = 0.0;
+};
+
 class StepGraphs {
  public:
-  explicit StepGraphs(bool enabled) : enabled_(enabled) {}
+  // capture_at: the call of a key that captures it (the calls before run eagerly); 0: never capture.
+  explicit StepGraphs(bool enabled, int capture_at = 2) : enabled_(enabled && capture_at > 0), capture_at_(capture_at) {}
   ~StepGraphs() { clear(); }
   StepGraphs(const StepGraphs&) = delete;
   StepGraphs& operator=(const StepGraphs&) = delete;
@@ -28,6 +38,7 @@ class StepGraphs {
   void clear();
   size_t captured() const;  // graphs instantiated so far (and not cleared)
   bool enabled() const { return enabled_; }
+  const StepGraphStats& stats() const { return stats_; }
 
  private:
   struct Entry {
@@ -36,6 +47,8 @@ class StepGraphs {
   };
   std::map<std::string, Entry> entries_;
   bool enabled_;
+  int capture_at_;
+  StepGraphStats stats_;
 };
 
 }  // namespace pgolf::cuda
