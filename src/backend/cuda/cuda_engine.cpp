@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "backend/cuda/cuda_engine_impl.h"
+#include "backend/cuda/launch.cuh"
 #include "core/error.h"
 #include "optim/parallel_muon_plan.h"
 
@@ -51,6 +52,7 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   PG_CHECK(mlp == "fused" || mlp == "cublas", "mlp_gemm = '{}': expected fused | cublas", mlp);
   m.mlp_fused = mlp == "fused";
   m.fold_dq_finish = c.get_bool("attention_dq_fold");
+  set_programmatic_launch(c.get_bool("cuda_pdl"));  // process-wide (launch.cuh)
   return m;
 }
 

@@ -1,4 +1,5 @@
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/elementwise.h"
 #include "backend/cuda/kernel_util.cuh"
 
@@ -13,6 +14,7 @@ constexpr int kThreads = 256;
 
 __global__ void scaled_add_forward_kernel(const bf16* __restrict__ x, const float* __restrict__ s, bf16* y,
                                           int64_t vecs, bool accumulate) {
+  pdl_prologue();
   const float sv = *s;
   PG_VECS_OF_GRID(t, vecs) {
     float a[8], o[8] = {};
@@ -27,6 +29,7 @@ __global__ void scaled_add_forward_kernel(const bf16* __restrict__ x, const floa
 __global__ void scaled_add_backward_kernel(const float* __restrict__ dy, const bf16* __restrict__ x,
                                            const float* __restrict__ s, bf16* __restrict__ dx,
                                            float* __restrict__ partials, int64_t vecs) {
+  pdl_prologue();
   __shared__ float smem[32];
   const float sv = *s;
   float acc = 0.f;
@@ -49,6 +52,7 @@ __global__ void scaled_add_backward_kernel(const float* __restrict__ dy, const b
 }
 
 __global__ void add_f32_kernel(float* __restrict__ dst, const float* __restrict__ src, int64_t vecs) {
+  pdl_prologue();
   PG_VECS_OF_GRID(t, vecs) {
     float a[8], b[8];
     load8(dst + t * 8, a);
@@ -68,7 +72,8 @@ int elementwise_blocks(int64_t n) { return item_blocks(n / 8, kThreads, kMaxRowB
 void scaled_add_forward(const bf16* x, const float* s, bf16* y, int64_t n, bool accumulate, cudaStream_t stream) {
   check_count(n, "scaled_add_forward: the element count must be a multiple of 8");
   if (n == 0) return;
-  scaled_add_forward_kernel<<<item_blocks(n / 8, kThreads, 8192), kThreads, 0, stream>>>(x, s, y, n / 8, accumulate);
+  launch_kernel(scaled_add_forward_kernel, item_blocks(n / 8, kThreads, 8192), kThreads, 0, stream, x, s, y, n / 8,
+                accumulate);
   PG_CUDA_LAUNCH_CHECK();
 }
 
@@ -78,7 +83,7 @@ void scaled_add_backward(const float* dy, const bf16* x, const float* s, bf16* d
   if (n == 0 || (!dx && !ds)) return;
   const int blocks = elementwise_blocks(n);
   if (ds) check_reduce_workspace(ws, blocks, 1, "scaled_add_backward");
-  scaled_add_backward_kernel<<<blocks, kThreads, 0, stream>>>(dy, x, s, dx, ds ? ws.data : nullptr, n / 8);
+  launch_kernel(scaled_add_backward_kernel, blocks, kThreads, 0, stream, dy, x, s, dx, ds ? ws.data : nullptr, n / 8);
   PG_CUDA_LAUNCH_CHECK();
   if (ds) finish_partial_sums(ws.data, blocks, {{ds, 1}}, stream);
 }
@@ -86,7 +91,7 @@ void scaled_add_backward(const float* dy, const bf16* x, const float* s, bf16* d
 void add_f32(float* dst, const float* src, int64_t n, cudaStream_t stream) {
   check_count(n, "add_f32: the element count must be a multiple of 8");
   if (n == 0) return;
-  add_f32_kernel<<<item_blocks(n / 8, kThreads, 8192), kThreads, 0, stream>>>(dst, src, n / 8);
+  launch_kernel(add_f32_kernel, item_blocks(n / 8, kThreads, 8192), kThreads, 0, stream, dst, src, n / 8);
   PG_CUDA_LAUNCH_CHECK();
 }
 

@@ -1,6 +1,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/embedding.h"
 #include "backend/cuda/kernel_util.cuh"
 
@@ -10,6 +11,7 @@ namespace {
 // One thread per 8 features of one token.
 __global__ void embedding_forward_kernel(const int32_t* __restrict__ ids, const bf16* __restrict__ table, int64_t n,
                                          int dim, bf16* __restrict__ out, const EmbeddingAddends add) {
+  pdl_prologue();
   const int vecs = dim / 8;
   const float scale = add.dense_scale ? *add.dense_scale : 0.f;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < n * vecs;
@@ -34,6 +36,7 @@ __global__ void embedding_forward_kernel(const int32_t* __restrict__ ids, const 
 
 __global__ void embedding_backward_kernel(const int32_t* __restrict__ ids, int64_t n, const float* __restrict__ dout,
                                           int dim, float* __restrict__ dtable) {
+  pdl_prologue();
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < n * dim;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = t / dim;
@@ -42,6 +45,7 @@ __global__ void embedding_backward_kernel(const int32_t* __restrict__ ids, int64
 }
 
 __global__ void iota_kernel(int32_t* __restrict__ out, int64_t n) {
+  pdl_prologue();
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[i] = static_cast<int32_t>(i);
@@ -52,6 +56,7 @@ __global__ void iota_kernel(int32_t* __restrict__ out, int64_t n) {
 __global__ void sum_sorted_runs_kernel(const int32_t* __restrict__ keys, const int32_t* __restrict__ tokens,
                                        int64_t n, const float* __restrict__ dout, int dim,
                                        float* __restrict__ dtable) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (i >= n || (i > 0 && keys[i - 1] == keys[i])) return;
@@ -108,12 +113,12 @@ void embedding_backward_sorted(const int32_t* ids, int64_t n, const float* dout,
   PG_CUDA_REQUIRE(workspace != nullptr && temp_bytes <= b.temp_bytes,
                   "embedding_backward_sorted: the workspace is smaller than embedding_sort_workspace_bytes(n)");
   const int threads = 256;
-  iota_kernel<<<item_blocks(n, threads), threads, 0, stream>>>(b.tokens_in, n);
+  launch_kernel(iota_kernel, item_blocks(n, threads), threads, 0, stream, b.tokens_in, n);
   PG_CUDA_LAUNCH_CHECK();
   PG_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp, temp_bytes, ids, b.keys, b.tokens_in, b.tokens,
                                                 static_cast<int>(n), 0, end_bit, stream));
-  sum_sorted_runs_kernel<<<static_cast<unsigned>((n * 32 + threads - 1) / threads), threads, 0, stream>>>(
-      b.keys, b.tokens, n, dout, dim, dtable);
+  launch_kernel(sum_sorted_runs_kernel, static_cast<unsigned>((n * 32 + threads - 1) / threads), threads, 0, stream,
+                b.keys, b.tokens, n, dout, dim, dtable);
   PG_CUDA_LAUNCH_CHECK();
 }
 
@@ -126,8 +131,8 @@ void embedding_forward(const int32_t* ids, const bf16* table, int64_t n, int dim
                   "embedding_forward: dense and dense_scale come together");
   if (n == 0) return;
   const int threads = 256;
-  embedding_forward_kernel<<<item_blocks(n * (dim / 8), threads), threads, 0, stream>>>(ids, table, n, dim, out,
-                                                                                       addends);
+  launch_kernel(embedding_forward_kernel, item_blocks(n * (dim / 8), threads), threads, 0, stream, ids, table, n, dim,
+                out, addends);
   PG_CUDA_LAUNCH_CHECK();
 }
 
@@ -135,7 +140,8 @@ void embedding_backward(const int32_t* ids, int64_t n, const float* dout, int di
                         cudaStream_t stream) {
   if (n == 0 || dim == 0) return;
   const int threads = 256;
-  embedding_backward_kernel<<<item_blocks(n * dim, threads), threads, 0, stream>>>(ids, n, dout, dim, dtable);
+  launch_kernel(embedding_backward_kernel, item_blocks(n * dim, threads), threads, 0, stream, ids, n, dout, dim,
+                dtable);
   PG_CUDA_LAUNCH_CHECK();
 }
 

@@ -1,6 +1,7 @@
 // One thread per (token, head) vector; 64 threads per block and a grid stride that is a multiple of
 // 64 keep each thread on one head, so the bias gradient reduces per thread, then per block in order.
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/head_gate.h"
 #include "backend/cuda/kernel_util.cuh"
 
@@ -14,6 +15,7 @@ __global__ void __launch_bounds__(kThreads) head_gate_forward_kernel(const bf16*
                                                                      const float* __restrict__ bias,
                                                                      float* __restrict__ gate, bf16* y_out,
                                                                      const HeadGateShape s) {
+  pdl_prologue();
   const int Dh = s.head_dim;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < s.tokens * s.heads;
        r += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -38,6 +40,7 @@ __global__ void __launch_bounds__(kThreads) head_gate_backward_kernel(const bf16
                                                                       bf16* __restrict__ dlogits,
                                                                       float* __restrict__ partials,
                                                                       const HeadGateShape s) {
+  pdl_prologue();
   __shared__ float smem[kThreads];
   const int Dh = s.head_dim;
   float bias_acc = 0.f;
@@ -90,7 +93,7 @@ void head_gate_forward(const bf16* y_in, const float* logits, const float* bias,
                        const HeadGateShape& s, cudaStream_t stream) {
   check_shape(s, "head_gate_forward: heads must divide 64, head_dim be a multiple of 8, logits_ld >= heads");
   if (s.tokens == 0) return;
-  head_gate_forward_kernel<<<grid_of(s), kThreads, 0, stream>>>(y_in, logits, bias, gate, y_out, s);
+  launch_kernel(head_gate_forward_kernel, grid_of(s), kThreads, 0, stream, y_in, logits, bias, gate, y_out, s);
   PG_CUDA_LAUNCH_CHECK();
 }
 
@@ -100,8 +103,8 @@ void head_gate_backward(const bf16* dy_out, const bf16* y_in, const float* gate,
   if (s.tokens == 0) return;
   const int blocks = grid_of(s);
   if (dbias) check_reduce_workspace(ws, blocks, s.heads, "head_gate_backward");
-  head_gate_backward_kernel<<<blocks, kThreads, 0, stream>>>(dy_out, y_in, gate, dy_in, dlogits,
-                                                             dbias ? ws.data : nullptr, s);
+  launch_kernel(head_gate_backward_kernel, blocks, kThreads, 0, stream, dy_out, y_in, gate, dy_in, dlogits,
+                dbias ? ws.data : nullptr, s);
   PG_CUDA_LAUNCH_CHECK();
   if (dbias) finish_partial_sums(ws.data, blocks, {{dbias, s.heads}}, stream);
 }

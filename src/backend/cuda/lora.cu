@@ -1,6 +1,7 @@
 #include <algorithm>
 
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/lora.h"
 
 namespace pgolf::cuda {
@@ -25,6 +26,7 @@ GemmShape batched(int m, int n, int k, bool trans_a, bool trans_b, int rows, int
 }
 
 __global__ void lora_uniform_kernel(float* dst, int64_t n, uint64_t seed, uint64_t first, double lo, double span) {
+  pdl_prologue();
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < n;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     uint64_t z = seed + (first + static_cast<uint64_t>(k) + 1) * 0x9e3779b97f4a7c15ull;
@@ -45,16 +47,19 @@ __global__ void lora_uniform_kernel(float* dst, int64_t n, uint64_t seed, uint64
 
 __global__ void rows_to_bf16_kernel(const float* __restrict__ in, __nv_bfloat16* __restrict__ out,
                                     const LoraRowSegment* __restrict__ segments, int64_t rows) {
+  pdl_prologue();
   PG_SEGMENT_LOOP(i, base, segments, rows) out[base + i] = __float2bfloat16(in[base + i]);
 }
 
 __global__ void rows_zero_kernel(float* __restrict__ x, const LoraRowSegment* __restrict__ segments, int64_t rows) {
+  pdl_prologue();
   PG_SEGMENT_LOOP(i, base, segments, rows) x[base + i] = 0.f;
 }
 
 __global__ void rows_adamw_kernel(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                                   float* __restrict__ v, const optim::AdamCoeffs* __restrict__ coeffs,
                                   const LoraRowSegment* __restrict__ segments, int64_t rows) {
+  pdl_prologue();
   const optim::AdamCoeffs c = *coeffs;
   PG_SEGMENT_LOOP(i, base, segments, rows) {
     const int64_t k = base + i;
@@ -64,7 +69,10 @@ __global__ void rows_adamw_kernel(float* __restrict__ p, const float* __restrict
   }
 }
 
-__global__ void write_adam_coeffs_kernel(optim::AdamCoeffs* device, const optim::AdamCoeffs value) { *device = value; }
+__global__ void write_adam_coeffs_kernel(optim::AdamCoeffs* device, const optim::AdamCoeffs value) {
+  pdl_prologue();
+  *device = value;
+}
 
 constexpr int kRowThreads = 256;
 
@@ -79,27 +87,28 @@ dim3 segment_grid(int count, int64_t rows, int64_t max_per_row) {
 void lora_rows_to_bf16(const float* in, __nv_bfloat16* out, const LoraRowSegment* segments, int count, int64_t rows,
                        int64_t max_per_row, cudaStream_t stream) {
   if (count == 0 || rows <= 0) return;
-  rows_to_bf16_kernel<<<segment_grid(count, rows, max_per_row), kRowThreads, 0, stream>>>(in, out, segments, rows);
+  launch_kernel(rows_to_bf16_kernel, segment_grid(count, rows, max_per_row), kRowThreads, 0, stream, in, out, segments,
+                rows);
   PG_CUDA_CHECK(cudaGetLastError());
 }
 
 void lora_rows_zero(float* x, const LoraRowSegment* segments, int count, int64_t rows, int64_t max_per_row,
                     cudaStream_t stream) {
   if (count == 0 || rows <= 0) return;
-  rows_zero_kernel<<<segment_grid(count, rows, max_per_row), kRowThreads, 0, stream>>>(x, segments, rows);
+  launch_kernel(rows_zero_kernel, segment_grid(count, rows, max_per_row), kRowThreads, 0, stream, x, segments, rows);
   PG_CUDA_CHECK(cudaGetLastError());
 }
 
 void lora_rows_adamw(float* p, const float* g, float* m, float* v, const optim::AdamCoeffs* coeffs,
                      const LoraRowSegment* segments, int count, int64_t rows, int64_t max_per_row, cudaStream_t stream) {
   if (count == 0 || rows <= 0) return;
-  rows_adamw_kernel<<<segment_grid(count, rows, max_per_row), kRowThreads, 0, stream>>>(p, g, m, v, coeffs, segments,
-                                                                                         rows);
+  launch_kernel(rows_adamw_kernel, segment_grid(count, rows, max_per_row), kRowThreads, 0, stream, p, g, m, v, coeffs,
+                segments, rows);
   PG_CUDA_CHECK(cudaGetLastError());
 }
 
 void write_adam_coeffs(optim::AdamCoeffs* device, const optim::AdamCoeffs& value, cudaStream_t stream) {
-  write_adam_coeffs_kernel<<<1, 1, 0, stream>>>(device, value);
+  launch_kernel(write_adam_coeffs_kernel, 1, 1, 0, stream, device, value);
   PG_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -109,7 +118,7 @@ void lora_uniform(float* dst, int64_t n, uint64_t seed, uint64_t first, double b
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 132 * 32);
   // Rng::uniform(lo, hi) = lo + (hi - lo) · u with lo = -bound, hi = bound.
   const double lo = -bound, span = bound - lo;
-  lora_uniform_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(dst, n, seed, first, lo, span);
+  launch_kernel(lora_uniform_kernel, static_cast<unsigned>(blocks), threads, 0, stream, dst, n, seed, first, lo, span);
   PG_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -1,4 +1,5 @@
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/ngram_hash.h"
 
@@ -18,6 +19,7 @@ __device__ __forceinline__ int32_t floor_mod(int32_t x, int32_t m) {
 template <Rule kRule>
 __global__ void ngram_index_kernel(const int32_t* __restrict__ ids, int64_t n, int64_t seq_len, int32_t modulus,
                                    int32_t vocab, int32_t* __restrict__ out) {
+  pdl_prologue();
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i % seq_len;
@@ -40,7 +42,8 @@ void launch(const int32_t* ids, int64_t rows, int64_t seq_len, int32_t modulus, 
   const int64_t n = rows * seq_len;
   if (n == 0) return;
   const int threads = 256;
-  ngram_index_kernel<kRule><<<item_blocks(n, threads), threads, 0, stream>>>(ids, n, seq_len, modulus, vocab, out);
+  launch_kernel(ngram_index_kernel<kRule>, item_blocks(n, threads), threads, 0, stream, ids, n, seq_len, modulus, vocab,
+                out);
   PG_CUDA_LAUNCH_CHECK();
 }
 

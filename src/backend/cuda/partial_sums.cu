@@ -1,6 +1,7 @@
 #include <string>
 
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/partial_sums.h"
 
 namespace pgolf::cuda {
@@ -22,6 +23,7 @@ constexpr int kFinishThreads = 256;
 __global__ void __launch_bounds__(kFinishThreads)
     finish_partial_sums_kernel(const float* __restrict__ partials, int blocks, int width, int columns,
                                const Targets t) {
+  pdl_prologue();
   __shared__ float slice_sums[kFinishThreads];
   const int lane = threadIdx.x % columns, slice = threadIdx.x / columns, slices = kFinishThreads / columns;
   const int c = blockIdx.x * columns + lane;
@@ -70,8 +72,8 @@ void finish_partial_sums(const float* partials, int blocks, std::initializer_lis
   if (!any || width == 0) return;
   int columns = 1;  // columns per block: the power of two ≥ width, at most 32
   while (columns < width && columns < 32) columns *= 2;
-  finish_partial_sums_kernel<<<(width + columns - 1) / columns, kFinishThreads, 0, stream>>>(partials, blocks, width,
-                                                                                             columns, t);
+  launch_kernel(finish_partial_sums_kernel, (width + columns - 1) / columns, kFinishThreads, 0, stream, partials,
+                blocks, width, columns, t);
   PG_CUDA_LAUNCH_CHECK();
 }
 

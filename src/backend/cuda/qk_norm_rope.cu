@@ -16,6 +16,7 @@
 // backward from 254 to 223 µs; loading two or four grid-stride rows before computing them, at the cost
 // of resident warps, was slower.)
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/qk_norm_rope.h"
 
@@ -115,6 +116,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm)
                       const float* __restrict__ gain, const float* __restrict__ rope_cos,
                       const float* __restrict__ rope_sin, bf16* __restrict__ q, bf16* __restrict__ k,
                       float* __restrict__ q_rstd, float* __restrict__ k_rstd, const QkShape s) {
+  pdl_prologue();
   __shared__ float exchange[kWarps][32 * kExchangeStride];
   const int Dh = s.head_dim, half = s.rope_dims / 2;
   const int lane = threadIdx.x & 31, sub = lane % kLanesPerVec, j0 = sub * 8;
@@ -168,6 +170,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
                        const float* __restrict__ rope_cos, const float* __restrict__ rope_sin,
                        bf16* __restrict__ dq_lin, bf16* __restrict__ dk_lin, int64_t out_stride,
                        float* __restrict__ partials, const QkShape s) {
+  pdl_prologue();
   __shared__ float exchange[kWarps][32 * kExchangeStride];
   const int Dh = s.head_dim, half = s.rope_dims / 2;
   const int lane = threadIdx.x & 31, sub = lane % kLanesPerVec, j0 = sub * 8;
@@ -242,8 +245,8 @@ void qk_norm_rope_forward(const bf16* q_lin, const bf16* k_lin, int64_t in_strid
               "qk_norm_rope_forward: head_dim must be a multiple of 8 up to 64, lcm(heads + kv_heads, 4) at most 64, rope_dims "
               "even and at most head_dim, fewer than 2^31 head vectors");
   if (s.tokens == 0) return;
-  qk_forward_kernel<<<grid_of(s), vecs_per_block(s) * kLanesPerVec, 0, stream>>>(q_lin, k_lin, in_stride, gain, rope_cos, rope_sin, q, k,
-                                                         q_rstd, k_rstd, s);
+  launch_kernel(qk_forward_kernel, grid_of(s), vecs_per_block(s) * kLanesPerVec, 0, stream, q_lin, k_lin, in_stride,
+                gain, rope_cos, rope_sin, q, k, q_rstd, k_rstd, s);
   PG_CUDA_LAUNCH_CHECK();
 }
 
@@ -261,13 +264,13 @@ void qk_norm_rope_backward(const QkDq& dq, const bf16* dk, const bf16* q_lin, co
                   "qk_norm_rope_backward: dq must be given either as bf16 or as attention's fp32 sum");
   float* partials = dgain ? ws.data : nullptr;
   if (dq.rounded)
-    qk_backward_kernel<<<blocks, vecs_per_block(s) * kLanesPerVec, 0, stream>>>(dq.rounded, 1.f, dk, q_lin, k_lin, in_stride, q_rstd, k_rstd,
-                                                        gain, rope_cos, rope_sin, dq_lin, dk_lin, out_stride, partials,
-                                                        s);
+    launch_kernel(qk_backward_kernel<bf16>, blocks, vecs_per_block(s) * kLanesPerVec, 0, stream, dq.rounded, 1.f, dk,
+                  q_lin, k_lin, in_stride, q_rstd, k_rstd, gain, rope_cos, rope_sin, dq_lin, dk_lin, out_stride,
+                  partials, s);
   else
-    qk_backward_kernel<<<blocks, vecs_per_block(s) * kLanesPerVec, 0, stream>>>(dq.sum.sum, dq.sum.scale, dk, q_lin, k_lin, in_stride, q_rstd,
-                                                        k_rstd, gain, rope_cos, rope_sin, dq_lin, dk_lin, out_stride,
-                                                        partials, s);
+    launch_kernel(qk_backward_kernel<float>, blocks, vecs_per_block(s) * kLanesPerVec, 0, stream, dq.sum.sum,
+                  dq.sum.scale, dk, q_lin, k_lin, in_stride, q_rstd, k_rstd, gain, rope_cos, rope_sin, dq_lin, dk_lin,
+                  out_stride, partials, s);
   PG_CUDA_LAUNCH_CHECK();
   if (dgain) finish_partial_sums(ws.data, blocks, {{dgain, s.heads}}, stream);
 }

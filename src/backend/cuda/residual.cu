@@ -1,6 +1,7 @@
 // Row kernels of the residual stream: one warp per token row, lane l owning the 8-feature vectors
 // l, l + 32, ... (kernel_util.cuh); per-feature parameters are read once per thread.
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/residual.h"
 
@@ -123,6 +124,7 @@ __global__ void __launch_bounds__(kRowThreads) mix_norm_forward_kernel(const bf1
                                                                        bf16* __restrict__ x_in, bf16* __restrict__ n,
                                                                        float* __restrict__ rstd, int64_t rows,
                                                                        int dim, float scale) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   float m0[kVec][8], m1[kVec][8];
   lane_params<kVec>(mix, dim, lane, 0.f, m0);
@@ -155,6 +157,7 @@ __global__ void __launch_bounds__(kRowThreads) mix_norm_backward_kernel(
     const float* __restrict__ dn, const float* g_in, const float* __restrict__ rstd, const bf16* __restrict__ x,
     const bf16* __restrict__ x0, const float* __restrict__ mix, float* dx, bool accumulate_dx, float* __restrict__ dx0,
     float* __restrict__ partials, const BranchBelow below, int64_t rows, int dim, float scale) {
+  pdl_prologue();
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   float m0[kVec][8], m1[kVec][8], acc0[kVec][8] = {}, acc1[kVec][8] = {};
@@ -232,6 +235,7 @@ __global__ void __launch_bounds__(kRowThreads) branch_forward_kernel(const bf16*
                                                                      bf16* __restrict__ out, bf16* __restrict__ n,
                                                                      float* __restrict__ rstd, int64_t rows, int dim,
                                                                      float norm_scale) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   float coef[kVec][8];
   branch_coef<kVec>(branch_scale, gate, dim, lane, coef);
@@ -263,6 +267,7 @@ __global__ void __launch_bounds__(kRowThreads) branch_backward_kernel(
     const float* __restrict__ rstd, const bf16* __restrict__ a, const float* __restrict__ branch_scale,
     const float* __restrict__ gate, bf16* __restrict__ da, float* __restrict__ partials, bool want_dscale,
     bool want_dgate, int64_t rows, int dim, float norm_scale) {
+  pdl_prologue();
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   float coef[kVec][8], acc[kVec][8] = {};
@@ -313,6 +318,7 @@ __global__ void __launch_bounds__(kRowThreads) skip_forward_kernel(const bf16* _
                                                                    const float* __restrict__ w,
                                                                    const float* __restrict__ gate,
                                                                    bf16* __restrict__ out, int64_t rows, int dim) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   float wv[kVec][8], gv[kVec][8];
   lane_params<kVec>(w, dim, lane, 0.f, wv);
@@ -340,6 +346,7 @@ __global__ void __launch_bounds__(kRowThreads) skip_backward_kernel(float* __res
                                                                     float* __restrict__ ds, float* __restrict__ partials,
                                                                     bool want_dw, bool want_dgate, int64_t rows,
                                                                     int dim) {
+  pdl_prologue();
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   float wv[kVec][8], sig[kVec][8], acc_w[kVec][8] = {}, acc_g[kVec][8] = {};
@@ -396,6 +403,7 @@ __global__ void __launch_bounds__(kRowThreads) lanes_forward_kernel(
     const bf16* __restrict__ f, const float* __restrict__ attn_scale, const float* __restrict__ mlp_scale,
     const float* __restrict__ resid, const float* __restrict__ post, bf16* __restrict__ out0, bf16* __restrict__ out1,
     int64_t rows, int dim) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   float as[kVec][8], ms[kVec][8];
   lane_params<kVec>(attn_scale, dim, lane, 0.f, as);
@@ -426,6 +434,7 @@ __global__ void __launch_bounds__(kRowThreads) lanes_backward_kernel(
     const bf16* __restrict__ a, const bf16* __restrict__ f, const float* __restrict__ attn_scale,
     const float* __restrict__ mlp_scale, const float* __restrict__ resid, const float* __restrict__ post,
     bf16* __restrict__ da, bf16* __restrict__ df, float* __restrict__ partials, int64_t rows, int dim) {
+  pdl_prologue();
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   float as[kVec][8], ms[kVec][8], acc_a[kVec][8] = {}, acc_f[kVec][8] = {};
@@ -483,8 +492,8 @@ void mix_norm_forward(const bf16* x, const bf16* x0, const float* mix, bf16* x_i
   check_row_dim(dim, "mix_norm_forward");
   if (rows == 0) return;
   dispatch_row_vec(dim, [&](auto vec) {
-    mix_norm_forward_kernel<decltype(vec)::value>
-        <<<row_blocks(rows), kRowThreads, 0, stream>>>(x, x0, mix, x_in, n, rstd, rows, dim, scale);
+    launch_kernel(mix_norm_forward_kernel<decltype(vec)::value>, row_blocks(rows), kRowThreads, 0, stream, x, x0, mix,
+                  x_in, n, rstd, rows, dim, scale);
   });
   PG_CUDA_LAUNCH_CHECK();
 }
@@ -503,11 +512,12 @@ void mix_norm_backward(const float* dn, const float* g_in, const float* rstd, co
   float* partials = any ? ws.data : nullptr;
   dispatch_row_vec(dim, [&](auto vec) {
     if (below)
-      mix_norm_backward_kernel<decltype(vec)::value, true><<<blocks, kRowThreads, column_smem(dim), stream>>>(
-          dn, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, *below, rows, dim, scale);
+      launch_kernel(mix_norm_backward_kernel<decltype(vec)::value, true>, blocks, kRowThreads, column_smem(dim), stream,
+                    dn, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, *below, rows, dim, scale);
     else
-      mix_norm_backward_kernel<decltype(vec)::value, false><<<blocks, kRowThreads, column_smem(dim), stream>>>(
-          dn, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, BranchBelow{}, rows, dim, scale);
+      launch_kernel(mix_norm_backward_kernel<decltype(vec)::value, false>, blocks, kRowThreads, column_smem(dim),
+                    stream, dn, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, BranchBelow{}, rows, dim,
+                    scale);
   });
   PG_CUDA_LAUNCH_CHECK();
   if (any)
@@ -521,8 +531,8 @@ void branch_forward(const bf16* x, const bf16* a, const float* branch_scale, con
   check_row_dim(dim, "branch_forward");
   if (rows == 0) return;
   dispatch_row_vec(dim, [&](auto vec) {
-    branch_forward_kernel<decltype(vec)::value><<<row_blocks(rows), kRowThreads, 0, stream>>>(
-        x, a, branch_scale, gate, out, n, rstd, rows, dim, norm_scale);
+    launch_kernel(branch_forward_kernel<decltype(vec)::value>, row_blocks(rows), kRowThreads, 0, stream, x, a,
+                  branch_scale, gate, out, n, rstd, rows, dim, norm_scale);
   });
   PG_CUDA_LAUNCH_CHECK();
 }
@@ -538,9 +548,9 @@ void branch_backward(const float* dn, float* g, const float* g_add, const bf16* 
   if (any) check_reduce_workspace(ws, blocks, 2 * dim, "branch_backward");
   float* partials = any ? ws.data : nullptr;
   dispatch_row_vec(dim, [&](auto vec) {
-    branch_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
-        dn, g, g_add, out, rstd, a, branch_scale, gate, da, partials, dscale != nullptr, want_dgate, rows, dim,
-        norm_scale);
+    launch_kernel(branch_backward_kernel<decltype(vec)::value>, blocks, kRowThreads, column_smem(dim), stream, dn, g,
+                  g_add, out, rstd, a, branch_scale, gate, da, partials, dscale != nullptr, want_dgate, rows, dim,
+                  norm_scale);
   });
   PG_CUDA_LAUNCH_CHECK();
   if (any) finish_partial_sums(ws.data, blocks, {{dscale, dim}, {want_dgate ? dgate : nullptr, dim}}, stream);
@@ -551,8 +561,8 @@ void skip_forward(const bf16* x, const bf16* s, const float* w, const float* gat
   check_row_dim(dim, "skip_forward");
   if (rows == 0) return;
   dispatch_row_vec(dim, [&](auto vec) {
-    skip_forward_kernel<decltype(vec)::value><<<row_blocks(rows), kRowThreads, 0, stream>>>(x, s, w, gate, out, rows,
-                                                                                          dim);
+    launch_kernel(skip_forward_kernel<decltype(vec)::value>, row_blocks(rows), kRowThreads, 0, stream, x, s, w, gate,
+                  out, rows, dim);
   });
   PG_CUDA_LAUNCH_CHECK();
 }
@@ -567,8 +577,8 @@ void skip_backward(float* g, const bf16* x, const bf16* s, const float* w, const
   if (any) check_reduce_workspace(ws, blocks, 2 * dim, "skip_backward");
   float* partials = any ? ws.data : nullptr;
   dispatch_row_vec(dim, [&](auto vec) {
-    skip_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
-        g, x, s, w, gate, ds, partials, dw != nullptr, want_dgate, rows, dim);
+    launch_kernel(skip_backward_kernel<decltype(vec)::value>, blocks, kRowThreads, column_smem(dim), stream, g, x, s, w,
+                  gate, ds, partials, dw != nullptr, want_dgate, rows, dim);
   });
   PG_CUDA_LAUNCH_CHECK();
   if (any) finish_partial_sums(ws.data, blocks, {{dw, dim}, {want_dgate ? dgate : nullptr, dim}}, stream);
@@ -580,8 +590,8 @@ void lanes_forward(const bf16* lane0, const bf16* lane1, const bf16* a, const bf
   check_row_dim(dim, "lanes_forward");
   if (rows == 0) return;
   dispatch_row_vec(dim, [&](auto vec) {
-    lanes_forward_kernel<decltype(vec)::value><<<row_blocks(rows), kRowThreads, 0, stream>>>(
-        lane0, lane1, a, f, attn_scale, mlp_scale, resid, post, out0, out1, rows, dim);
+    launch_kernel(lanes_forward_kernel<decltype(vec)::value>, row_blocks(rows), kRowThreads, 0, stream, lane0, lane1, a,
+                  f, attn_scale, mlp_scale, resid, post, out0, out1, rows, dim);
   });
   PG_CUDA_LAUNCH_CHECK();
 }
@@ -597,8 +607,8 @@ void lanes_backward(float* g0, float* g1, const bf16* lane0, const bf16* lane1, 
   if (any) check_reduce_workspace(ws, blocks, 2 * dim + 6, "lanes_backward");
   float* partials = any ? ws.data : nullptr;
   dispatch_row_vec(dim, [&](auto vec) {
-    lanes_backward_kernel<decltype(vec)::value><<<blocks, kRowThreads, column_smem(dim), stream>>>(
-        g0, g1, lane0, lane1, a, f, attn_scale, mlp_scale, resid, post, da, df, partials, rows, dim);
+    launch_kernel(lanes_backward_kernel<decltype(vec)::value>, blocks, kRowThreads, column_smem(dim), stream, g0, g1,
+                  lane0, lane1, a, f, attn_scale, mlp_scale, resid, post, da, df, partials, rows, dim);
   });
   PG_CUDA_LAUNCH_CHECK();
   if (any)

@@ -1,6 +1,7 @@
 #include <type_traits>
 
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/rmsnorm.h"
 
@@ -30,6 +31,7 @@ __global__ void __launch_bounds__(kRowThreads) rmsnorm_forward_kernel(const bf16
                                                                       const bf16* __restrict__ x2,
                                                                       bf16* __restrict__ y, float* __restrict__ rstd,
                                                                       int64_t rows, int dim, float scale) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5); r < rows;
        r += static_cast<int64_t>(gridDim.x) * kRowWarps) {
@@ -63,6 +65,7 @@ __global__ void __launch_bounds__(kRowThreads) rmsnorm_backward_kernel(const flo
                                                                        const float* __restrict__ rstd,
                                                                        float* __restrict__ dx, int64_t rows, int dim,
                                                                        float scale, float out_scale, bool accumulate) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5); r < rows;
        r += static_cast<int64_t>(gridDim.x) * kRowWarps) {
@@ -102,7 +105,8 @@ void rmsnorm_forward(const bf16* x, const bf16* x2, bf16* y, float* rstd, int64_
   if (rows == 0) return;
   dispatch_row_vec(dim, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
-    rmsnorm_forward_kernel<kVec><<<row_blocks(rows), kRowThreads, 0, stream>>>(x, x2, y, rstd, rows, dim, scale);
+    launch_kernel(rmsnorm_forward_kernel<kVec>, row_blocks(rows), kRowThreads, 0, stream, x, x2, y, rstd, rows, dim,
+                  scale);
   });
   PG_CUDA_LAUNCH_CHECK();
 }
@@ -113,8 +117,8 @@ void rmsnorm_backward(const float* dy, const bf16* x, const bf16* x2, const floa
   if (rows == 0) return;
   dispatch_row_vec(dim, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
-    rmsnorm_backward_kernel<kVec><<<row_blocks(rows), kRowThreads, 0, stream>>>(dy, x, x2, rstd, dx, rows, dim, scale,
-                                                                               out_scale, accumulate);
+    launch_kernel(rmsnorm_backward_kernel<kVec>, row_blocks(rows), kRowThreads, 0, stream, dy, x, x2, rstd, dx, rows,
+                  dim, scale, out_scale, accumulate);
   });
   PG_CUDA_LAUNCH_CHECK();
 }

@@ -1,4 +1,5 @@
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/smear.h"
 
@@ -20,6 +21,7 @@ __global__ void __launch_bounds__(kRowThreads) smear_forward_kernel(const bf16* 
                                                                     const float* __restrict__ gate,
                                                                     bf16* __restrict__ y, int64_t tokens,
                                                                     int64_t seq_len, int dim) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   float g[kVec][8];
   lane_sigmoid<kVec>(gate, dim, lane, g);
@@ -47,6 +49,7 @@ __global__ void __launch_bounds__(kRowThreads) smear_backward_kernel(const float
                                                                      float* __restrict__ dx,
                                                                      float* __restrict__ partials, int64_t tokens,
                                                                      int64_t seq_len, int dim) {
+  pdl_prologue();
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   float g[kVec][8], acc[kVec][8] = {};
@@ -90,8 +93,8 @@ void smear_forward(const bf16* x, const float* gate, bf16* y, int64_t rows, int6
   const int64_t tokens = rows * seq_len;
   if (tokens == 0) return;
   dispatch_row_vec(dim, [&](auto vec) {
-    smear_forward_kernel<decltype(vec)::value>
-        <<<row_blocks(tokens), kRowThreads, 0, stream>>>(x, gate, y, tokens, seq_len, dim);
+    launch_kernel(smear_forward_kernel<decltype(vec)::value>, row_blocks(tokens), kRowThreads, 0, stream, x, gate, y,
+                  tokens, seq_len, dim);
   });
   PG_CUDA_LAUNCH_CHECK();
 }
@@ -105,9 +108,9 @@ void smear_backward(const float* dy, const bf16* x, const float* gate, float* dx
   if (dgate) check_reduce_workspace(ws, blocks, dim, "smear_backward");
   float* partials = dgate ? ws.data : nullptr;
   dispatch_row_vec(dim, [&](auto vec) {
-    smear_backward_kernel<decltype(vec)::value>
-        <<<blocks, kRowThreads, static_cast<size_t>(kRowWarps) * dim * sizeof(float), stream>>>(
-            dy, x, gate, dx, partials, tokens, seq_len, dim);
+    launch_kernel(smear_backward_kernel<decltype(vec)::value>, blocks, kRowThreads,
+                  static_cast<size_t>(kRowWarps) * dim * sizeof(float), stream, dy, x, gate, dx, partials, tokens,
+                  seq_len, dim);
   });
   PG_CUDA_LAUNCH_CHECK();
   if (dgate) finish_partial_sums(ws.data, blocks, {{dgate, dim}}, stream);

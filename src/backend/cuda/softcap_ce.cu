@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/softcap_ce.h"
 
@@ -16,6 +17,7 @@ __global__ void __launch_bounds__(kWarps * 32) softcap_ce_forward_kernel(const b
                                                                          float* __restrict__ losses,
                                                                          float* __restrict__ lse, int64_t N, int V,
                                                                          float cap) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   const float inv_cap = 1.f / cap;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < N;
@@ -56,6 +58,7 @@ __global__ void __launch_bounds__(kWarps * 32) softcap_ce_forward_kernel(const b
 __global__ void __launch_bounds__(kWarps * 32) softcap_ce_backward_kernel(
     const bf16* z, const float* __restrict__ lse, const int32_t* __restrict__ targets,
     const float* __restrict__ weights, float uniform_weight, bf16* dz, int64_t N, int V, float cap) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   const float inv_cap = 1.f / cap;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < N;
@@ -78,6 +81,7 @@ __global__ void __launch_bounds__(kWarps * 32) softcap_ce_backward_kernel(
 }
 
 __global__ void mean_loss_kernel(const float* __restrict__ losses, int64_t n, float* __restrict__ out) {
+  pdl_prologue();
   __shared__ float smem[32];
   float s = 0.f;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += losses[i];
@@ -87,6 +91,7 @@ __global__ void mean_loss_kernel(const float* __restrict__ losses, int64_t n, fl
 
 __global__ void scatter_losses_kernel(const float* __restrict__ values, const int32_t* __restrict__ index, int64_t rows,
                                       float* __restrict__ out) {
+  pdl_prologue();
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[index[i]] = values[i];
@@ -101,7 +106,7 @@ void softcap_ce_forward(const bf16* z, const int32_t* targets, float* losses, fl
   PG_CUDA_REQUIRE(V > 0 && V % 8 == 0, "softcap_ce_forward: the vocab must be a positive multiple of 8");
   PG_CUDA_REQUIRE(cap > 0.f, "softcap_ce_forward: the soft cap must be positive");
   if (N == 0) return;
-  softcap_ce_forward_kernel<<<row_grid(N), kWarps * 32, 0, stream>>>(z, targets, losses, lse, N, V, cap);
+  launch_kernel(softcap_ce_forward_kernel, row_grid(N), kWarps * 32, 0, stream, z, targets, losses, lse, N, V, cap);
   PG_CUDA_LAUNCH_CHECK();
 }
 
@@ -109,14 +114,14 @@ void softcap_ce_backward(const bf16* z, const float* lse, const int32_t* targets
                          float uniform_weight, bf16* dz, int64_t N, int V, float cap, cudaStream_t stream) {
   PG_CUDA_REQUIRE(V > 0 && V % 8 == 0, "softcap_ce_backward: the vocab must be a positive multiple of 8");
   if (N == 0) return;
-  softcap_ce_backward_kernel<<<row_grid(N), kWarps * 32, 0, stream>>>(z, lse, targets, weights, uniform_weight, dz,
-                                                                      N, V, cap);
+  launch_kernel(softcap_ce_backward_kernel, row_grid(N), kWarps * 32, 0, stream, z, lse, targets, weights,
+                uniform_weight, dz, N, V, cap);
   PG_CUDA_LAUNCH_CHECK();
 }
 
 void mean_loss(const float* losses, int64_t n, float* out, cudaStream_t stream) {
   PG_CUDA_REQUIRE(n > 0, "mean_loss: no losses");
-  mean_loss_kernel<<<1, 1024, 0, stream>>>(losses, n, out);
+  launch_kernel(mean_loss_kernel, 1, 1024, 0, stream, losses, n, out);
   PG_CUDA_LAUNCH_CHECK();
 }
 
@@ -126,7 +131,7 @@ void scatter_losses(const float* values, const int32_t* index, int64_t rows, flo
   PG_CUDA_CHECK(cudaMemsetAsync(out, 0xFF, static_cast<size_t>(n) * sizeof(float), stream));  // all bits set: NaN
   if (rows == 0) return;
   const int threads = 256;
-  scatter_losses_kernel<<<item_blocks(rows, threads), threads, 0, stream>>>(values, index, rows, out);
+  launch_kernel(scatter_losses_kernel, item_blocks(rows, threads), threads, 0, stream, values, index, rows, out);
   PG_CUDA_LAUNCH_CHECK();
 }
 

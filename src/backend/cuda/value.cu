@@ -1,5 +1,6 @@
 // One thread per 8 values of one token's kv row (vector loads from the strided projection output).
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/value.h"
 
@@ -18,6 +19,7 @@ __global__ void value_forward_kernel(const bf16* __restrict__ v_lin, int64_t in_
                                      const float* __restrict__ ve_lambda, const bf16* __restrict__ v0,
                                      const float* __restrict__ vr_lambda, bf16* __restrict__ v_raw,
                                      bf16* __restrict__ v, const ValueShape s) {
+  pdl_prologue();
   const float lve = ve ? *ve_lambda : 0.f;
   const float l0 = vr_lambda ? vr_lambda[0] : 0.f, l1 = vr_lambda ? vr_lambda[1] : 0.f;
   PG_KV_VECS(t, i, c, s) {
@@ -53,6 +55,7 @@ __global__ void value_backward_kernel(const bf16* __restrict__ dv_attn, const fl
                                       const float* __restrict__ ve_lambda, float* __restrict__ dve,
                                       bf16* __restrict__ dv_lin, int64_t out_stride, float* __restrict__ partials,
                                       const ValueShape s) {
+  pdl_prologue();
   __shared__ float smem[32];
   const float lve = ve ? *ve_lambda : 0.f;
   const float l0 = vr_lambda ? vr_lambda[0] : 0.f, l1 = vr_lambda ? vr_lambda[1] : 0.f;
@@ -128,8 +131,8 @@ void value_forward(const bf16* v_lin, int64_t in_stride, const bf16* ve, const f
   PG_CUDA_REQUIRE(s.kv_dim > 0 && s.kv_dim % 8 == 0, "value_forward: kv_dim must be a positive multiple of 8");
   PG_CUDA_REQUIRE((ve == nullptr) == (ve_lambda == nullptr), "value_forward: ve and ve_lambda come together");
   if (s.tokens == 0) return;
-  value_forward_kernel<<<item_blocks(s.tokens * (s.kv_dim / 8), kThreads), kThreads, 0, stream>>>(
-      v_lin, in_stride, ve, ve_lambda, v0, vr_lambda, v_raw, v, s);
+  launch_kernel(value_forward_kernel, item_blocks(s.tokens * (s.kv_dim / 8), kThreads), kThreads, 0, stream, v_lin,
+                in_stride, ve, ve_lambda, v0, vr_lambda, v_raw, v, s);
   PG_CUDA_LAUNCH_CHECK();
 }
 
@@ -144,9 +147,8 @@ void value_backward(const bf16* dv_attn, const float* dv_extra, const bf16* v_ra
   const int blocks = grid_of(s);
   const bool want_vr = dvr_lambda != nullptr && vr_lambda != nullptr, want_ve = dve_lambda != nullptr && ve;
   if (want_vr || want_ve) check_reduce_workspace(ws, blocks, 3, "value_backward");
-  value_backward_kernel<<<blocks, kThreads, 0, stream>>>(dv_attn, dv_extra, v_raw, v0, vr_lambda, dv0_acc, dv0_add, ve,
-                                                         ve_lambda, dve, dv_lin, out_stride,
-                                                         want_vr || want_ve ? ws.data : nullptr, s);
+  launch_kernel(value_backward_kernel, blocks, kThreads, 0, stream, dv_attn, dv_extra, v_raw, v0, vr_lambda, dv0_acc,
+                dv0_add, ve, ve_lambda, dve, dv_lin, out_stride, want_vr || want_ve ? ws.data : nullptr, s);
   PG_CUDA_LAUNCH_CHECK();
   if (!want_vr && !want_ve) return;
   // Without v0 both lambdas receive Σ dv⊙v_raw (the first layer's (λ0+λ1) scale). Every target list

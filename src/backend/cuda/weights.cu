@@ -1,4 +1,5 @@
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/weights.h"
 
@@ -9,6 +10,7 @@ namespace {
 __global__ void refresh_kernel(const float* __restrict__ params, bf16* __restrict__ out,
                                const WeightCopy* __restrict__ copies, int n_copies, int64_t total_rows,
                                bool quantize) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; row < total_rows;
        row += (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5) {
@@ -40,6 +42,7 @@ __global__ void refresh_kernel(const float* __restrict__ params, bf16* __restric
 }
 
 __global__ void cast_kernel(const float* __restrict__ in, bf16* __restrict__ out, int64_t n) {
+  pdl_prologue();
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[i] = __float2bfloat16(in[i]);
@@ -51,15 +54,15 @@ void refresh_bf16_weights(const float* params, bf16* out, const WeightCopy* copi
                           bool quantize, cudaStream_t stream) {
   if (n_copies == 0 || total_rows == 0) return;
   const int threads = 256;
-  refresh_kernel<<<item_blocks(total_rows * 32, threads), threads, 0, stream>>>(params, out, copies, n_copies,
-                                                                                total_rows, quantize);
+  launch_kernel(refresh_kernel, item_blocks(total_rows * 32, threads), threads, 0, stream, params, out, copies,
+                n_copies, total_rows, quantize);
   PG_CUDA_LAUNCH_CHECK();
 }
 
 void cast_to_bf16(const float* in, bf16* out, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
   const int threads = 256;
-  cast_kernel<<<item_blocks(n, threads), threads, 0, stream>>>(in, out, n);
+  launch_kernel(cast_kernel, item_blocks(n, threads), threads, 0, stream, in, out, n);
   PG_CUDA_LAUNCH_CHECK();
 }
 

@@ -3,6 +3,7 @@
 // items are contiguous), head dot products by shuffles among the kLanes threads. v̂ stays in registers
 // for every query head of the group.
 #include "backend/cuda/check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/xsa.h"
 
@@ -42,6 +43,7 @@ template <int kLanes>
 __global__ void __launch_bounds__(kXsaThreads) xsa_forward_kernel(const bf16* __restrict__ y,
                                                                   const bf16* __restrict__ v,
                                                                   bf16* __restrict__ y_out, int items, int H, int Hkv) {
+  pdl_prologue();
   constexpr int kDh = 8 * kLanes;
   const int group = H / Hkv;
   PG_XSA_ITEMS(t, valid, part, items) {
@@ -69,6 +71,7 @@ __global__ void __launch_bounds__(kXsaThreads) xsa_backward_kernel(const bf16* _
                                                                    const bf16* __restrict__ y,
                                                                    const bf16* __restrict__ v, bf16* __restrict__ dy_in,
                                                                    float* __restrict__ dv, int items, int H, int Hkv) {
+  pdl_prologue();
   constexpr int kDh = 8 * kLanes;
   const int group = H / Hkv;
   PG_XSA_ITEMS(t, valid, part, items) {
@@ -123,8 +126,8 @@ void xsa_forward(const bf16* y, const bf16* v, bf16* y_out, int64_t N, int H, in
   if (N == 0) return;
   dispatch_head_dim(head_dim, "xsa_forward: head_dim must be 8, 16, 32 or 64", [&](auto dh) {
     constexpr int kLanes = decltype(dh)::value / 8;
-    xsa_forward_kernel<kLanes><<<item_blocks(N * Hkv * kLanes, kXsaThreads), kXsaThreads, 0, stream>>>(
-        y, v, y_out, static_cast<int>(N * Hkv), H, Hkv);
+    launch_kernel(xsa_forward_kernel<kLanes>, item_blocks(N * Hkv * kLanes, kXsaThreads), kXsaThreads, 0, stream, y, v,
+                  y_out, static_cast<int>(N * Hkv), H, Hkv);
   });
   PG_CUDA_LAUNCH_CHECK();
 }
@@ -136,8 +139,8 @@ void xsa_backward(const bf16* dy_out, const bf16* y, const bf16* v, bf16* dy_in,
   if (N == 0) return;
   dispatch_head_dim(head_dim, "xsa_backward: head_dim must be 8, 16, 32 or 64", [&](auto dh) {
     constexpr int kLanes = decltype(dh)::value / 8;
-    xsa_backward_kernel<kLanes><<<item_blocks(N * Hkv * kLanes, kXsaThreads), kXsaThreads, 0, stream>>>(
-        dy_out, y, v, dy_in, dv, static_cast<int>(N * Hkv), H, Hkv);
+    launch_kernel(xsa_backward_kernel<kLanes>, item_blocks(N * Hkv * kLanes, kXsaThreads), kXsaThreads, 0, stream,
+                  dy_out, y, v, dy_in, dv, static_cast<int>(N * Hkv), H, Hkv);
   });
   PG_CUDA_LAUNCH_CHECK();
 }
