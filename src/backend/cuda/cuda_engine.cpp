@@ -56,6 +56,13 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   return m;
 }
 
+// The call of a step shape that captures it into a graph (step_graphs.h); 0 never captures.
+int graph_capture_at(const Config& c) {
+  const int64_t at = c.get_int("cuda_graph_capture_at");
+  PG_CHECK(at >= 0 && at <= 1000000, "cuda_graph_capture_at = {}: expected 0 (never capture) or a call number >= 1", at);
+  return static_cast<int>(at);
+}
+
 }  // namespace
 
 CudaEngine::Impl::Impl(const Config& config, Communicator& comm_, const CudaEngineOptions& options_)
@@ -68,7 +75,7 @@ CudaEngine::Impl::Impl(const Config& config, Communicator& comm_, const CudaEngi
       ema_decay(config.get_double("ema_decay")),
       grad_clip_norm(config.get_double("grad_clip_norm")),
       grad_clip_local(config.get_bool("grad_clip_local")),
-      graphs(options_.graphs && comm_.graph_capturable(), static_cast<int>(config.get_int("cuda_graph_capture_at"))),
+      graphs(options_.graphs && comm_.graph_capturable(), graph_capture_at(config)),
       loss_sum(1, "step loss sum") {
   // The host communicators reduce host memory; several ranks need one that reduces device buffers
   // (NCCL), which enqueues on the engine's stream, in order with (and captured into) its graphs.
