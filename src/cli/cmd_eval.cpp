@@ -35,6 +35,7 @@ struct EvalArgs {
   std::string device = "auto";
   bool as_json = false;
   bool profile = false;
+  int top = 15;  // kernels listed by --profile
   NprocOption nproc;
 };
 
@@ -64,7 +65,7 @@ struct ModeProfile {
     PG_CHECK(false, "eval: --profile needs the CUDA build");
 #endif
   }
-  nlohmann::json stop(bool print) {
+  nlohmann::json stop(bool print, int top) {
     nlohmann::json j;
     if (!on) {
       if (!why.empty()) j["profile_unavailable"] = why;
@@ -78,7 +79,7 @@ struct ModeProfile {
     j["kernel_ms"] = sum;
     j["kernel_calls"] = calls;
     if (print) fmt::print("  GPU kernels: {:.1f} ms in {} launches; the most time:\n", sum, calls);
-    for (size_t i = 0; i < kernels.size() && i < 15; ++i) {
+    for (size_t i = 0; i < kernels.size() && i < static_cast<size_t>(top); ++i) {
       j["kernels"].push_back({{"name", kernels[i].name}, {"ms", kernels[i].total_ms}, {"calls", kernels[i].calls}});
       if (print)
         fmt::print("    {:9.1f} ms {:5.1f} % {:8d}  {}\n", kernels[i].total_ms, 100.0 * kernels[i].total_ms / sum,
@@ -214,11 +215,11 @@ void run_eval(const EvalArgs& a) {
     profile.start(a.profile, device, engine);
     const EvalOutcome o = run_eval_mode(mode, engine, comm, cfg, inputs);
     if (!report) {
-      profile.stop(false);
+      profile.stop(false, a.top);
       continue;
     }
     if (!a.as_json) print_outcome(o);
-    const nlohmann::json kernels = profile.stop(!a.as_json);
+    const nlohmann::json kernels = profile.stop(!a.as_json, a.top);
     if (a.as_json) {
       nlohmann::json j = outcome_json(o);
       if (!kernels.empty()) j["profile"] = kernels;
@@ -254,7 +255,8 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--device", args.device, "auto (CUDA when a GPU is present), cpu or cuda")->capture_default_str();
   cmd->add_flag("--json", args.as_json, "print one JSON object");
   cmd->add_flag("--profile", args.profile,
-                "CUDA: each mode's GPU kernel time and the fifteen kernels that take the most of it (CUPTI)");
+                "CUDA: each mode's GPU kernel time and the kernels that take the most of it (CUPTI)");
+  cmd->add_option("--top", args.top, "kernels listed by --profile (default 15)")->check(CLI::PositiveNumber);
   args.nproc.add_to(cmd);
   cmd->callback([] { run_eval(args); });
 }

@@ -123,16 +123,27 @@ FlatEvalResult evaluate_flat(Engine& engine, Communicator& comm, std::span<const
 
   BpbAccumulator acc;
   std::vector<float> nll;
-  for (int64_t s = seq_begin; s < seq_end; s += batch_seqs) {
-    const Batch b = eval_batch(tokens, s, std::min(batch_seqs, seq_end - s), o);
-    engine.token_losses(b, nll);
+  // Batch k is summed once batch k+1 is submitted (the host's work overlaps the engine's).
+  Batch batches[2];
+  const auto add = [&](const Batch& b) {
+    engine.collect(nll);
     PG_CHECK(static_cast<int64_t>(nll.size()) == b.tokens(), "flat evaluation: {} losses for a batch of {} targets",
              nll.size(), b.tokens());
     double loss_sum = 0.0;
     for (float x : nll) loss_sum += static_cast<double>(x);
     const TargetBytes tb = count_target_bytes<int32_t>(tables, b.inputs, b.targets);
     acc.add(loss_sum, static_cast<double>(tb.targets), static_cast<double>(tb.bytes));
+  };
+  PG_CHECK(engine.pending() == 0, "flat evaluation: the engine has {} uncollected calls", engine.pending());
+  const PendingCalls drain(engine);
+  int k = 0;
+  for (int64_t s = seq_begin; s < seq_end; s += batch_seqs, ++k) {
+    Batch& b = batches[k % 2];
+    b = eval_batch(tokens, s, std::min(batch_seqs, seq_end - s), o);
+    engine.submit_token_losses(b);
+    if (k > 0) add(batches[(k - 1) % 2]);
   }
+  if (k > 0) add(batches[(k - 1) % 2]);
   double sums[3] = {acc.loss_sum, acc.tokens, acc.bytes};
   comm.all_reduce_host(sums, 3, ReduceOp::Sum);
   BpbAccumulator total;

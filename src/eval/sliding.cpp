@@ -25,6 +25,21 @@ void score_windows(Engine& engine, ScoringLedger& ledger, std::span<const uint16
   const int64_t T = plan.window();
   std::vector<float> nll;
   Batch b;
+  // The windows [k0, k0 + rows) of a submitted forward, scored once its NLL is collected (after the
+  // next forward is submitted: building a batch and scoring overlap the engine's work).
+  const auto score = [&](int64_t k0, int64_t rows) {
+    engine.collect(nll);
+    PG_CHECK(static_cast<int64_t>(nll.size()) == rows * T, "sliding: {} losses for {} windows of {}", nll.size(),
+             rows, T);
+    for (int64_t r = 0; r < rows; ++r) {
+      const Window w = plan.at(k0 + r);
+      ledger.score(w.first_scored(), std::span<const float>(nll).subspan(static_cast<size_t>(r * T + w.score_begin),
+                                                                         static_cast<size_t>(w.scored())));
+    }
+  };
+  PG_CHECK(engine.pending() == 0, "sliding: the engine has {} uncollected calls", engine.pending());
+  const PendingCalls drain(engine);
+  int64_t pending_k0 = -1, pending_rows = 0;
   for (int64_t k0 = windows.begin; k0 < windows.end; k0 += batch_seqs) {
     const int64_t rows = std::min(batch_seqs, windows.end - k0);
     // [rows, T] inputs and targets, right-padded with id 0 (padding is never scored).
@@ -40,13 +55,12 @@ void score_windows(Engine& engine, ScoringLedger& ledger, std::span<const uint16
       std::copy_n(tokens.begin() + w.start + 1, w.len, b.targets.begin() + r * T);
       b.losses_from[static_cast<size_t>(r)] = static_cast<int32_t>(w.score_begin);
     }
-    engine.token_losses(b, nll);
-    for (int64_t r = 0; r < rows; ++r) {
-      const Window w = plan.at(k0 + r);
-      ledger.score(w.first_scored(), std::span<const float>(nll).subspan(static_cast<size_t>(r * T + w.score_begin),
-                                                                         static_cast<size_t>(w.scored())));
-    }
+    engine.submit_token_losses(b);
+    if (pending_k0 >= 0) score(pending_k0, pending_rows);
+    pending_k0 = k0;
+    pending_rows = rows;
   }
+  if (pending_k0 >= 0) score(pending_k0, pending_rows);
 }
 
 EvalOutcome evaluate_sliding(Engine& engine, Communicator& comm, std::span<const uint16_t> tokens,

@@ -98,9 +98,32 @@ void LoraQueue::run_batch(int64_t index, std::span<const int64_t> batch_ids) {
   const int64_t max_chunks = n_chunks.empty() ? 0 : n_chunks.front();
   Batch batch;
   std::vector<float> nll, weights;
-  std::vector<Span> scored, trained;
+  // A submitted engine call's scored and trained spans: its scores reach the ledger once the next call
+  // is submitted (the host builds that batch while the engine works). With several steps per chunk
+  // each call is collected at once: the extra steps train on targets the ledger must have scored.
+  struct Call {
+    std::vector<Span> scored, trained;
+    int64_t width = 0, tokens = 0;
+  };
+  Call calls[2];
+  int waiting = -1;  // the call in calls[] whose NLL is not collected yet, or -1
+  const auto finish = [&](const Call& c) {
+    engine_.collect(nll);
+    PG_CHECK(static_cast<int64_t>(nll.size()) == c.tokens, "LoRA TTT: {} losses for a batch of {} tokens", nll.size(),
+             c.tokens);
+    for (const Span& s : c.scored)
+      ledger_.score(s.first_target, std::span<const float>(nll).subspan(static_cast<size_t>(s.row * c.width + s.offset),
+                                                                       static_cast<size_t>(s.len)));
+    for (const Span& s : c.trained) ledger_.release_local({s.first_target, s.len});
+  };
+  PG_CHECK(engine_.pending() == 0, "LoRA TTT: the engine has {} uncollected calls", engine_.pending());
+  const PendingCalls drain(engine_);
+  const auto t_batch = EvalClock::now();
+  double extra_seconds = 0.0;
   for (int64_t ci = 0; ci < max_chunks; ++ci) {
-    const auto t0 = EvalClock::now();
+    Call& call = calls[ci % 2];
+    std::vector<Span>& scored = call.scored;
+    std::vector<Span>& trained = call.trained;
     // Width and chunk offset of a full (non-final) chunk ci: the training window of every trained row.
     const ChunkWindow full = doc_chunk_window(ci, (ci + 1) * C, C, o_.context);
     const int64_t width = full.win_len;
@@ -138,20 +161,24 @@ void LoraQueue::run_batch(int64_t index, std::span<const int64_t> batch_ids) {
       for (const Span& s : trained)
         std::fill_n(weights.begin() + s.row * width + s.offset, s.len, 1.0f / static_cast<float>(C));
     }
-    engine_.lora_score_and_train(batch, weights, nll);
-    for (const Span& s : scored)
-      ledger_.score(s.first_target,
-                    std::span<const float>(nll).subspan(static_cast<size_t>(s.row * width + s.offset), static_cast<size_t>(s.len)));
-    for (const Span& s : trained) ledger_.release_local({s.first_target, s.len});
-    score_seconds += seconds_since(t0);
-    if (trained.empty()) continue;
+    call.width = width;
+    call.tokens = batch.tokens();
+    engine_.submit_lora(batch, weights);
+    if (waiting >= 0) finish(calls[waiting]);
+    waiting = static_cast<int>(ci % 2);
+    if (o_.grad_steps == 1 || trained.empty()) continue;
+    finish(call);
+    waiting = -1;
     const auto t1 = EvalClock::now();
     for (int64_t g = 1; g < o_.grad_steps; ++g) {
       for (const Span& s : trained) ledger_.require_trainable({s.first_target, s.len});
       engine_.lora_train_step(batch, weights);
     }
-    train_seconds += seconds_since(t1);
+    extra_seconds += seconds_since(t1);
   }
+  if (waiting >= 0) finish(calls[waiting]);
+  train_seconds += extra_seconds;
+  score_seconds += seconds_since(t_batch) - extra_seconds;
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <span>
 #include <vector>
 
@@ -105,12 +106,48 @@ class Engine {
   virtual void lora_train_step(const Batch& batch, std::span<const float> token_weights) = 0;
   virtual void lora_end() = 0;
 
+  // ---- pipelined evaluation -------------------------------------------------------------------
+  // The evaluation loops overlap their host work (the next batch, the scoring of the last) with the
+  // engine's: a call is submitted, the loop prepares the next one and submits it, then collects the
+  // per-token NLL of the earlier call. Results come back in submission order; at most kMaxPending
+  // calls wait to be collected. submit_token_losses is token_losses, submit_lora is
+  // lora_score_and_train, in two halves: the same work and the same NLL. The defaults run the call
+  // when it is submitted and keep its NLL; the CUDA engine enqueues the work and copies the NLL back
+  // into pinned memory behind it. The synchronous calls above need no pending call.
+  static constexpr int kMaxPending = 2;
+  virtual void submit_token_losses(const Batch& batch);
+  virtual void submit_lora(const Batch& batch, std::span<const float> token_weights);
+  virtual void collect(std::vector<float>& nll);  // the NLL of the oldest pending call
+  virtual int pending() const { return static_cast<int>(completed_.size()); }
+
   // ---- GPTQ calibration (SPEC §5.7) -----------------------------------------------------------
   // Eval-mode forward of `batch` with the current layer plan; for every quantized matrix adds XᵀX of
   // its input rows to hessians[<unbanked weight name>] (F32 [in, in], created on first use; looped
   // layers add once per pass) and, for "tok_emb.weight" (the tied head), XᵀX of the final-norm
   // output. The caller divides by the number of batches.
   virtual void accumulate_hessians(const Batch& batch, TensorMap& hessians) = 0;
+
+ private:
+  std::deque<std::vector<float>> completed_;  // the default pipeline: NLL of calls run at submission
+};
+
+// Collects, and drops, the calls still pending when a pipelined loop is left by an exception, so the
+// engine can take synchronous calls again.
+class PendingCalls {
+ public:
+  explicit PendingCalls(Engine& engine) : engine_(engine) {}
+  PendingCalls(const PendingCalls&) = delete;
+  PendingCalls& operator=(const PendingCalls&) = delete;
+  ~PendingCalls() {
+    std::vector<float> dropped;
+    try {
+      while (engine_.pending() > 0) engine_.collect(dropped);
+    } catch (...) {  // the error that left the loop is the one to report
+    }
+  }
+
+ private:
+  Engine& engine_;
 };
 
 }  // namespace pgolf

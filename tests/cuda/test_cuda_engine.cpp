@@ -447,6 +447,71 @@ TEST_F(CudaEngineTest, LoraBatchesOfFewerAndLongerRows) {
     EXPECT_LE(rel_frobenius(scores[1][s], scores[0][s]), 2 * kTokenLossTol) << "step " << s;
 }
 
+// ---- pipelined evaluation -----------------------------------------------------------------------------
+
+// Submitted calls (the NLL copied back behind the work, collected after the next call is submitted)
+// give the synchronous calls' bits: token losses, also of a batch cut into row pieces (max_tokens), and
+// a LoRA sequence whose steps train between the submissions.
+TEST_F(CudaEngineTest, PipelinedCallsKeepTheBits) {
+  const Config c = engine_config("s1560");
+  auto comm = make_single_process_communicator();
+  const ParamSet<float> p0 = initial_params(c, 57);
+  const int vocab = static_cast<int>(c.get_int("vocab_size"));
+  const std::vector<Batch> evals = {random_rows(vocab, 1, 128, 70), random_rows(vocab, 4, 100, 71),
+                                    random_rows(vocab, 2, 64, 72)};
+  LoraConfig lc;
+  lc.rank = 8;
+  lc.targets = {true, true, true, true, true, true};
+  const std::vector<std::pair<int64_t, int64_t>> steps = {{3, 40}, {2, 64}, {3, 64}, {1, 96}, {2, 600}, {3, 520}};
+  std::vector<Batch> lora_batches;
+  for (size_t s = 0; s < steps.size(); ++s) lora_batches.push_back(random_rows(vocab, steps[s].first, steps[s].second, 80 + s));
+  const auto weights_of = [](const Batch& b) {
+    return std::vector<float>(static_cast<size_t>(b.tokens()), 1.0f / static_cast<float>(b.tokens()));
+  };
+  std::vector<std::vector<float>> want_eval, want_lora;
+  {
+    auto e = cuda_engine(c, *comm, 3 * 600, true);
+    e->load_params(p0);
+    e->set_looping(true);
+    for (const Batch& b : evals) e->token_losses(b, want_eval.emplace_back());
+    e->lora_begin(lc, 3, {1e-2, 0.9, 0.999, 1e-10, 0.0});
+    e->lora_reset(4);
+    for (const Batch& b : lora_batches) e->lora_score_and_train(b, weights_of(b), want_lora.emplace_back());
+    e->lora_end();
+  }
+  auto e = cuda_engine(c, *comm, 3 * 600, true);
+  e->load_params(p0);
+  e->set_looping(true);
+  std::vector<float> got;
+  EXPECT_THROW(e->collect(got), Error) << "nothing pending";
+  for (size_t k = 0; k < evals.size(); ++k) {
+    e->submit_token_losses(evals[k]);
+    if (k == 0) continue;
+    e->collect(got);
+    EXPECT_TRUE(same_bits(got, want_eval[k - 1])) << "eval " << k - 1;
+  }
+  EXPECT_EQ(e->pending(), 1);
+  EXPECT_THROW(e->token_losses(evals[0], got), Error) << "a synchronous call behind a pending one";
+  e->collect(got);
+  EXPECT_TRUE(same_bits(got, want_eval.back()));
+  e->lora_begin(lc, 3, {1e-2, 0.9, 0.999, 1e-10, 0.0});
+  e->lora_reset(4);
+  for (size_t k = 0; k < lora_batches.size(); ++k) {
+    e->submit_lora(lora_batches[k], weights_of(lora_batches[k]));
+    EXPECT_LE(e->pending(), 2);
+    if (k == 0) continue;
+    e->collect(got);
+    EXPECT_TRUE(same_bits(got, want_lora[k - 1])) << "LoRA step " << k - 1;
+  }
+  e->submit_token_losses(evals[0]);
+  EXPECT_THROW(e->submit_token_losses(evals[0]), Error) << "more than kMaxPending";
+  e->collect(got);
+  EXPECT_TRUE(same_bits(got, want_lora.back()));
+  e->collect(got);
+  EXPECT_TRUE(same_bits(got, want_eval[0])) << "an evaluation forward between LoRA calls";
+  e->lora_end();
+}
+
 // ---- GPTQ Hessians ----------------------------------------------------------------------------------
 
 TEST_F(CudaEngineTest, HessiansMatchTheCpuEngine) {

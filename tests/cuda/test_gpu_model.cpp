@@ -282,6 +282,13 @@ TEST_F(GpuModelTest, LoraAdaptersOnFrozenBase) {
     ParamSet<float> base(gpu.layout());
     gpu.store_grads(base);
     for (float x : base.all()) ASSERT_EQ(x, 0.f) << "a frozen base must get no gradient";
+    // Overwriting gradients (the engine's LoRA steps): a second backward without zeroing gives the
+    // same gradients, not twice them (every adapter is written once per backward).
+    glora.set_overwrite_grads(true);
+    gpu.set_batch(batch);
+    gpu.forward();
+    gpu.backward(std::vector<float>(w.begin(), w.end()));
+    EXPECT_LE(rel_frobenius(glora.download_grads(), got), 1e-3) << "overwritten gradients";
     std::printf("  [lora %s] token losses rel %.2e, worst adapter gradient rel %.2e\n", looping ? "looping" : "plain",
                 e_losses, worst);
   }

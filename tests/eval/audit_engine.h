@@ -11,6 +11,7 @@
 #pragma once
 
 #include <algorithm>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <set>
@@ -167,7 +168,7 @@ class AuditEngine final : public Engine, public ScoreObserver {
   void token_losses(const Batch& batch, std::vector<float>& nll) override {
     const int64_t seq = audit_.next_seq();
     inner_.token_losses(batch, nll);
-    remember_forward(batch, nll, seq, false);
+    last_ = forward_of(batch, nll, seq, false);
   }
 
   void ttt_begin(const TttOptimizerConfig& c) override { inner_.ttt_begin(c); }
@@ -193,9 +194,36 @@ class AuditEngine final : public Engine, public ScoreObserver {
     const int64_t seq = audit_.next_seq();
     lora_tokens += batch.tokens();
     inner_.lora_score_and_train(batch, w, nll);
-    remember_forward(batch, nll, seq, true);  // losses of the forward before the update
+    last_ = forward_of(batch, nll, seq, true);  // losses of the forward before the update
     if (!w.empty()) lora_steps(batch, w);
   }
+
+  // Pipelined calls: the forward runs (and its training step is recorded) at submission, with the row
+  // states of that moment; the scores the ledger reports are matched against it once it is collected.
+  void submit_token_losses(const Batch& batch) override {
+    check_room();
+    const int64_t seq = audit_.next_seq();
+    std::vector<float> nll;
+    inner_.token_losses(batch, nll);
+    pending_.push_back(forward_of(batch, nll, seq, false));
+  }
+  void submit_lora(const Batch& batch, std::span<const float> w) override {
+    check_room();
+    const int64_t seq = audit_.next_seq();
+    lora_tokens += batch.tokens();
+    std::vector<float> nll;
+    inner_.lora_score_and_train(batch, w, nll);
+    pending_.push_back(forward_of(batch, nll, seq, true));
+    if (!w.empty()) lora_steps(batch, w);
+  }
+  void collect(std::vector<float>& nll) override {
+    if (pending_.empty()) throw std::runtime_error("collect without a pending call");
+    last_ = std::move(pending_.front());
+    pending_.pop_front();
+    nll = last_.nll;
+    ++collected;
+  }
+  int pending() const override { return static_cast<int>(pending_.size()); }
   void lora_train_step(const Batch& batch, std::span<const float> w) override {
     audit_.next_seq();
     lora_tokens += batch.tokens();
@@ -207,20 +235,21 @@ class AuditEngine final : public Engine, public ScoreObserver {
   // ScoreObserver: the ledger counted nll for targets [first, first + n).
   void on_score(int64_t first, std::span<const float> nll) override {
     const int64_t n = static_cast<int64_t>(nll.size());
-    for (const Slot& slot : last_[first]) {  // rows of the last forward holding `first`
-      bool same = slot.col + n <= last_T_;
+    for (const Slot& slot : last_.where[first]) {  // rows of the last forward holding `first`
+      bool same = slot.col + n <= last_.T;
       for (int64_t k = 0; same && k < n; ++k) {
-        const size_t at = static_cast<size_t>(slot.row * last_T_ + slot.col + k);
-        same = last_target_[at] == first + k && last_nll_[at] == nll[static_cast<size_t>(k)];
+        const size_t at = static_cast<size_t>(slot.row * last_.T + slot.col + k);
+        same = last_.target[at] == first + k && last_.nll[at] == nll[static_cast<size_t>(k)];
       }
       if (!same) continue;
-      for (int64_t k = 0; k < n; ++k) audit_.record_score(first + k, last_states_[static_cast<size_t>(slot.row)], last_seq_);
+      for (int64_t k = 0; k < n; ++k) audit_.record_score(first + k, last_.states[static_cast<size_t>(slot.row)], last_.seq);
       return;
     }
     unmatched_scores += n;
   }
 
   std::vector<double> lr_scales;   // every ttt_step's lr factor, in order
+  int64_t collected = 0;           // pipelined calls collected
   int64_t unmatched_scores = 0;    // scores that match no row of the last forward
   int64_t lora_tokens = 0;         // tokens of the LoRA forwards (score-and-train and extra steps)
 
@@ -251,19 +280,30 @@ class AuditEngine final : public Engine, public ScoreObserver {
     }
     return s;
   }
-  void remember_forward(const Batch& b, const std::vector<float>& nll, int64_t seq, bool lora) {
-    last_.clear();
-    last_T_ = b.seq_len;
-    last_seq_ = seq;
-    last_nll_ = nll;
-    last_target_.assign(static_cast<size_t>(b.tokens()), -1);
-    last_states_.clear();
-    for (int64_t r = 0; r < b.rows; ++r) last_states_.push_back(state_of_row(r, lora));
+  // A forward: its targets per position, losses, row states, and where each target sits.
+  struct Forward {
+    int64_t T = 0, seq = 0;
+    std::vector<float> nll;
+    std::vector<int64_t> target;
+    std::vector<ModelState> states;
+    std::map<int64_t, std::vector<Slot>> where;
+  };
+  Forward forward_of(const Batch& b, const std::vector<float>& nll, int64_t seq, bool lora) const {
+    Forward f;
+    f.T = b.seq_len;
+    f.seq = seq;
+    f.nll = nll;
+    f.target.assign(static_cast<size_t>(b.tokens()), -1);
+    for (int64_t r = 0; r < b.rows; ++r) f.states.push_back(state_of_row(r, lora));
     for (int64_t i = 0; i < b.tokens(); ++i) {
       const int64_t t = audit_.target_of(b.inputs[static_cast<size_t>(i)], b.targets[static_cast<size_t>(i)]);
-      last_target_[static_cast<size_t>(i)] = t;
-      if (t >= 0) last_[t].push_back({i / b.seq_len, i % b.seq_len});
+      f.target[static_cast<size_t>(i)] = t;
+      if (t >= 0) f.where[t].push_back({i / b.seq_len, i % b.seq_len});
     }
+    return f;
+  }
+  void check_room() const {
+    if (static_cast<int>(pending_.size()) >= kMaxPending) throw std::runtime_error("more pending calls than kMaxPending");
   }
   // One LoRA optimizer step: each row with non-zero weights learned from those positions.
   void lora_steps(const Batch& b, std::span<const float> w) {
@@ -287,12 +327,8 @@ class AuditEngine final : public Engine, public ScoreObserver {
   int64_t base_version_ = 0;
   int64_t generation_ = -1;
   std::vector<int64_t> row_steps_;
-  // The last forward: its targets per position, losses, row states, and where each target sits.
-  int64_t last_T_ = 0, last_seq_ = 0;
-  std::vector<float> last_nll_;
-  std::vector<int64_t> last_target_;
-  std::vector<ModelState> last_states_;
-  std::map<int64_t, std::vector<Slot>> last_;
+  Forward last_;                 // the forward the ledger's scores come from
+  std::deque<Forward> pending_;  // submitted, not collected
 };
 
 }  // namespace pgolf::test

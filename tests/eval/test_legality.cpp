@@ -22,6 +22,7 @@ struct AuditedRun {
   Audit::Report report;
   std::vector<EvalOutcome> outcomes;  // per rank
   int64_t unmatched_scores = 0;
+  int64_t collected = 0;  // pipelined calls (submitted, collected later)
 };
 
 AuditedRun audited_run(const std::string& mode, int ranks, const Config& c) {
@@ -37,6 +38,7 @@ AuditedRun audited_run(const std::string& mode, int ranks, const Config& c) {
     run.outcomes[static_cast<size_t>(comm.rank())] = run_eval_mode(mode, engine, comm, c, in, &engine);
     std::lock_guard lock(mu);
     run.unmatched_scores += engine.unmatched_scores;
+    run.collected += engine.collected;
   });
   run.report = audit.check();
   return run;
@@ -58,6 +60,8 @@ TEST_P(Legality, EveryTargetScoredOnceByAStateNotTrainedOnIt) {
     EXPECT_EQ(r.trained_on_later_position, 0);
   }
   EXPECT_TRUE(r.legal(chunked));
+  // The scores came through the pipelined calls (scored after the next call was submitted).
+  EXPECT_GT(run.collected, ranks);
   // The run did train: several base versions (chunked, phased) or adapter states (LoRA).
   EXPECT_GT(r.training_reads, 0);
   if (mode != "ttt-lora") {

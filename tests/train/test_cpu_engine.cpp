@@ -372,3 +372,35 @@ TEST(CpuEngine, ParallelMuonInBf16KeepsRanksIdentical) {
   EXPECT_GT(bf16_error, 0.0);
   EXPECT_LE(max_abs_diff(p_ranks[0].all(), p_one.all()), 2.0 * bf16_error);
 }
+
+// The default pipeline (Engine::submit_* / collect): the NLL of the synchronous calls, in submission
+// order, at most kMaxPending waiting; PendingCalls drops what a loop left behind.
+TEST(CpuEngine, PipelinedCallsReturnTheSynchronousLossesInOrder) {
+  Config c = tiny_engine_config("s691");
+  auto comm = make_single_process_communicator();
+  CpuEngine e(c, *comm);
+  e.load_params(perturbed_params(c, 17));
+  const Batch a = test::tiny_batch(e.model_config().vocab_size, false, 3);
+  const Batch b = test::tiny_batch(e.model_config().vocab_size, false, 4);
+  std::vector<float> want_a, want_b, got;
+  e.token_losses(a, want_a);
+  e.token_losses(b, want_b);
+  ASSERT_NE(want_a, want_b);
+  EXPECT_THROW(e.collect(got), Error) << "nothing pending";
+  e.submit_token_losses(a);
+  e.submit_token_losses(b);
+  EXPECT_EQ(e.pending(), 2);
+  EXPECT_THROW(e.submit_token_losses(a), Error) << "more than kMaxPending";
+  e.collect(got);
+  EXPECT_EQ(got, want_a);
+  e.collect(got);
+  EXPECT_EQ(got, want_b);
+  EXPECT_EQ(e.pending(), 0);
+  try {
+    const PendingCalls drain(e);
+    e.submit_token_losses(b);
+    throw std::runtime_error("a loop fails with a call pending");
+  } catch (const std::runtime_error&) {
+  }
+  EXPECT_EQ(e.pending(), 0);
+}

@@ -77,6 +77,7 @@ CudaEngine::Impl::Impl(const Config& config, Communicator& comm_, const CudaEngi
       grad_clip_norm(config.get_double("grad_clip_norm")),
       grad_clip_local(config.get_bool("grad_clip_local")),
       graphs(options_.graphs && comm_.graph_capturable(), graph_capture_at(config)),
+      eval_overlap(config.get_bool("cuda_eval_overlap")),
       loss_sum(1, "step loss sum") {
   // The host communicators reduce host memory; several ranks need one that reduces device buffers
   // (NCCL), which enqueues on the engine's stream, in order with (and captured into) its graphs.
@@ -96,6 +97,35 @@ CudaEngine::Impl::Impl(const Config& config, Communicator& comm_, const CudaEngi
 
 CudaEngine::Impl::~Impl() {
   if (readback) cudaFreeHost(readback);
+  for (ResultSlot& r : results) {
+    if (r.host) cudaFreeHost(r.host);
+    if (r.copied) cudaEventDestroy(r.copied);
+  }
+}
+
+CudaEngine::Impl::ResultSlot& CudaEngine::Impl::open_result(size_t n) {
+  PG_CHECK(results_pending < Engine::kMaxPending, "CudaEngine: {} calls already wait to be collected",
+           results_pending);
+  ResultSlot& r = results[(results_head + results_pending) % Engine::kMaxPending];
+  if (!r.copied) PG_CUDA_CHECK(cudaEventCreateWithFlags(&r.copied, cudaEventDisableTiming));
+  if (r.capacity < n) {  // not pending: its last copy was waited for when it was collected
+    if (r.host) PG_CUDA_CHECK(cudaFreeHost(r.host));
+    r.host = nullptr;
+    r.capacity = 0;
+    void* host = nullptr;
+    PG_CUDA_CHECK(cudaMallocHost(&host, n * sizeof(float)));
+    r.host = static_cast<float*>(host);
+    r.capacity = n;
+  }
+  r.n = n;
+  return r;
+}
+
+void CudaEngine::Impl::close_result() {
+  ResultSlot& r = results[(results_head + results_pending) % Engine::kMaxPending];
+  PG_CUDA_CHECK(cudaEventRecord(r.copied, stream()));
+  if (!eval_overlap) PG_CUDA_CHECK(cudaEventSynchronize(r.copied));  // the host waits, as a synchronous call
+  ++results_pending;
 }
 
 std::string CudaEngine::Impl::shape_key(const Batch& b) const {
@@ -318,13 +348,19 @@ StepResult CudaEngine::optimizer_step(const StepControl& control) {
 // ---- evaluation ------------------------------------------------------------------------------------
 
 void CudaEngine::token_losses(const Batch& batch, std::vector<float>& nll) {
+  PG_CHECK(pending() == 0, "token_losses: {} submitted calls are not collected yet", pending());
+  submit_token_losses(batch);
+  collect(nll);
+}
+
+void CudaEngine::submit_token_losses(const Batch& batch) {
   Impl& m = *impl_;
   PG_CHECK(!batch.targets.empty(), "token_losses: the batch has no targets");
   GpuModel& model = m.model;
   model.set_train(false);
   model.set_lora(nullptr);
-  nll.clear();
-  nll.reserve(static_cast<size_t>(batch.tokens()));
+  Impl::ResultSlot& slot = m.open_result(static_cast<size_t>(batch.tokens()));
+  size_t at = 0;
   m.for_each_row_chunk(batch, [&](const Batch& chunk) {
     model.set_batch(chunk);
     model.prepare_weights();
@@ -332,11 +368,23 @@ void CudaEngine::token_losses(const Batch& batch, std::vector<float>& nll) {
     m.graphs.run("eval " + m.shape_key(chunk) + "v" + std::to_string(model.num_virtual_layers()) + "m" +
                      std::to_string(model.selected_rows()),
                  m.stream(), [&] { model.forward(); });
-    const size_t at = nll.size();
-    nll.resize(at + static_cast<size_t>(chunk.tokens()));
-    m.read_back(nll.data() + at, model.device_token_losses(), static_cast<size_t>(chunk.tokens()) * sizeof(float));
-    m.synchronize();
+    // Stream-ordered before the next call's forward overwrites the losses.
+    m.read_back(slot.host + at, model.device_token_losses(), static_cast<size_t>(chunk.tokens()) * sizeof(float));
+    at += static_cast<size_t>(chunk.tokens());
   });
+  m.close_result();
 }
+
+void CudaEngine::collect(std::vector<float>& nll) {
+  Impl& m = *impl_;
+  PG_CHECK(m.results_pending > 0, "CudaEngine::collect: no call is pending");
+  Impl::ResultSlot& r = m.results[m.results_head];
+  PG_CUDA_CHECK(cudaEventSynchronize(r.copied));
+  nll.assign(r.host, r.host + r.n);
+  m.results_head = (m.results_head + 1) % Engine::kMaxPending;
+  --m.results_pending;
+}
+
+int CudaEngine::pending() const { return impl_->results_pending; }
 
 }  // namespace pgolf::cuda

@@ -71,6 +71,11 @@ class CudaEngine final : public Engine {
   void lora_train_step(const Batch& batch, std::span<const float> token_weights) override;
   void lora_end() override;
 
+  void submit_token_losses(const Batch& batch) override;
+  void submit_lora(const Batch& batch, std::span<const float> token_weights) override;
+  void collect(std::vector<float>& nll) override;
+  int pending() const override;
+
   void accumulate_hessians(const Batch& batch, TensorMap& hessians) override;
 
   // One optimizer step (clip, reduction, AdamW + Muon, EMA, bf16 refresh: a training step's update

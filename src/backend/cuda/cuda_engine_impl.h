@@ -47,6 +47,7 @@ struct CudaEngine::Impl {
   bool grad_clip_local = false;
   bool qat = false;
   StepGraphs graphs;
+  bool eval_overlap = true;  // cuda_eval_overlap: submitted evaluation calls run while the host goes on
   DeviceBuffer<double> loss_sum;  // Σ micro-batch mean losses of the current step (fp64, as the CPU engine)
   StepReadBack* readback = nullptr;  // pinned
 
@@ -79,6 +80,18 @@ struct CudaEngine::Impl {
   };
   std::optional<Lora> lora;
 
+  // Pipelined evaluation (Engine::submit_*): per pending call, the pinned block its NLL is copied
+  // into behind its work, and the event after that copy; collected in submission order.
+  struct ResultSlot {
+    float* host = nullptr;
+    size_t capacity = 0, n = 0;
+    cudaEvent_t copied = nullptr;
+  };
+  ResultSlot results[Engine::kMaxPending];
+  int results_head = 0, results_pending = 0;
+  ResultSlot& open_result(size_t n);  // the next slot, holding n values; counted pending by close_result
+  void close_result();
+
   // GPTQ calibration: Gram matrices XᵀX in fp32 (lazily allocated).
   std::unique_ptr<GemmRunner> gram_gemm;
   DeviceBuffer<float> gram;
@@ -102,9 +115,10 @@ struct CudaEngine::Impl {
   // (forward-only work: rows and segments are independent).
   void for_each_row_chunk(const Batch& batch, const std::function<void(const Batch&)>& fn) const;
   void ensure_lora_adapters(int64_t seq_len);
-  // One LoRA TTT engine call: forward (per-token losses into *nll when given), then, with token
+  // One LoRA TTT engine call: forward (per-token losses copied to nll when given), then, with token
   // weights, the adapters' backward and AdamW step over the batch's rows; a CUDA graph per shape.
-  void lora_step(const Batch& batch, std::span<const float> token_weights, std::vector<float>* nll);
+  // `nll`: a pinned block the per-token losses are copied into, stream-ordered (or null).
+  void lora_step(const Batch& batch, std::span<const float> token_weights, float* nll);
   std::vector<float> gram_of(const __nv_bfloat16* x, int64_t rows, int cols);
 };
 

@@ -153,11 +153,12 @@ void CudaEngine::Impl::ensure_lora_adapters(int64_t seq_len) {
   else
     grown->draw(s.seed, stream());
   s.adapters = std::move(grown);
+  s.adapters->set_overwrite_grads(true);  // each step's backward writes them: no zeroing pass
   s.pending = false;
   graphs.clear();  // graphs of the smaller adapters read freed buffers
 }
 
-void CudaEngine::Impl::lora_step(const Batch& batch, std::span<const float> token_weights, std::vector<float>* nll) {
+void CudaEngine::Impl::lora_step(const Batch& batch, std::span<const float> token_weights, float* nll) {
   Lora& s = *lora;
   PG_CHECK(batch.rows <= s.rows, "LoRA batch has {} rows, the adapters {}", batch.rows, s.rows);
   PG_CHECK(!batch.targets.empty(), "LoRA TTT: the batch has no targets");
@@ -184,20 +185,27 @@ void CudaEngine::Impl::lora_step(const Batch& batch, std::span<const float> toke
   graphs.run(key, stream(), [&] {
     model.forward();
     if (!train) return;
-    adapters.zero_grad_rows(rows, stream());
     model.backward_weighted();
     adapters.adamw_rows(rows, s.exp_avg.data(), s.exp_avg_sq.data(), s.coeffs.data(), stream());
   });
-  if (train) adapters.params_changed();  // also after a replay, which runs no host code
-  if (nll) *nll = model.token_losses();  // waits for the stream
+  if (nll) read_back(nll, model.device_token_losses(), static_cast<size_t>(batch.tokens()) * sizeof(float));
   model.set_lora(nullptr);
   model.set_frozen_base(false);
 }
 
 void CudaEngine::lora_score_and_train(const Batch& batch, std::span<const float> token_weights,
                                       std::vector<float>& nll) {
-  PG_CHECK(impl_->lora.has_value(), "lora_score_and_train without lora_begin");
-  impl_->lora_step(batch, token_weights, &nll);
+  PG_CHECK(pending() == 0, "lora_score_and_train: {} submitted calls are not collected yet", pending());
+  submit_lora(batch, token_weights);
+  collect(nll);
+}
+
+void CudaEngine::submit_lora(const Batch& batch, std::span<const float> token_weights) {
+  Impl& m = *impl_;
+  PG_CHECK(m.lora.has_value(), "lora_score_and_train without lora_begin");
+  Impl::ResultSlot& slot = m.open_result(static_cast<size_t>(batch.tokens()));
+  m.lora_step(batch, token_weights, slot.host);
+  m.close_result();
 }
 
 void CudaEngine::lora_train_step(const Batch& batch, std::span<const float> token_weights) {

@@ -108,6 +108,7 @@ void GpuLora::copy_params_from(const GpuLora& other, cudaStream_t stream) {
 std::vector<float> GpuLora::download_grads() const { return impl_->grads.download(); }
 void GpuLora::zero_grad() { impl_->grads.fill_bytes(0); }
 void GpuLora::params_changed() { impl_->stale = true; }
+void GpuLora::set_overwrite_grads(bool on) { impl_->overwrite_grads = on; }
 
 void GpuLora::zero_grad_rows(int64_t n, cudaStream_t stream) {
   const Impl& l = *impl_;
@@ -119,9 +120,12 @@ void GpuLora::adamw_rows(int64_t n, float* exp_avg, float* exp_avg_sq, const opt
                          cudaStream_t stream) {
   Impl& l = *impl_;
   PG_CHECK(n >= 0 && n <= l.rows, "GpuLora::adamw_rows: {} rows of adapters for {}", l.rows, n);
-  lora_rows_adamw(l.params.data(), l.grads.data(), exp_avg, exp_avg_sq, coeffs, l.segments.data(), l.segment_count, n,
-                  l.max_per_row, stream);
-  l.stale = true;
+  // The bf16 copies of rows [0, n) are written with the step. prepare() cast at least the rows of the
+  // forward before it (n of them), and the other rows did not move: the copies stay current.
+  const bool current = !l.stale && l.cast_rows >= n;
+  lora_rows_adamw(l.params.data(), l.grads.data(), exp_avg, exp_avg_sq, current ? l.params16.data() : nullptr,
+                  coeffs, l.segments.data(), l.segment_count, n, l.max_per_row, stream);
+  if (!current) l.stale = true;
 }
 
 }  // namespace pgolf::cuda

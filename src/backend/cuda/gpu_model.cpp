@@ -428,8 +428,9 @@ void GpuModel::Impl::lora_backward(LoraTarget target, int slot, const bf16* dy, 
   GpuLora::Impl& l = lora->impl();
   const LoraAdapterLayout* ad = l.find(target, slot);
   if (!ad) return;
-  const LoraGemmShape s{static_cast<int>(B), static_cast<int>(T), static_cast<int>(ad->in), static_cast<int>(ad->out),
-                        l.config.rank, ad->in, dy_ld};
+  LoraGemmShape s{static_cast<int>(B), static_cast<int>(T), static_cast<int>(ad->in), static_cast<int>(ad->out),
+                  l.config.rank, ad->in, dy_ld};
+  s.accumulate = !l.overwrite_grads;
   cuda::lora_backward(gemm, dy, x, l.params16.data() + ad->a_offset, l.params16.data() + ad->b_offset,
                       l.hidden_of(target, slot), l.dh.data(), dx, l.grads.data() + ad->a_offset,
                       l.grads.data() + ad->b_offset, s, stream);

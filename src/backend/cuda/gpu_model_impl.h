@@ -38,6 +38,7 @@ struct GpuLora::Impl {
   int segment_count = 0;
   int64_t max_per_row = 0;
   bool stale = true;      // params changed since params16 was cast (all rows)
+  bool overwrite_grads = false;  // set_overwrite_grads
   int64_t cast_rows = 0;  // rows [0, cast_rows) of params16 are current when !stale
 
   const LoraAdapterLayout* find(LoraTarget target, int slot) const;

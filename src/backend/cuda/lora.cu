@@ -57,7 +57,8 @@ __global__ void rows_zero_kernel(float* __restrict__ x, const LoraRowSegment* __
 }
 
 __global__ void rows_adamw_kernel(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
-                                  float* __restrict__ v, const optim::AdamCoeffs* __restrict__ coeffs,
+                                  float* __restrict__ v, __nv_bfloat16* __restrict__ p16,
+                                  const optim::AdamCoeffs* __restrict__ coeffs,
                                   const LoraRowSegment* __restrict__ segments, int64_t rows) {
   pdl_prologue();
   const optim::AdamCoeffs c = *coeffs;
@@ -66,6 +67,7 @@ __global__ void rows_adamw_kernel(float* __restrict__ p, const float* __restrict
     float pk = p[k], mk = m[k], vk = v[k];
     optim::adamw_update(pk, g[k], mk, vk, c);
     p[k] = pk, m[k] = mk, v[k] = vk;
+    if (p16) p16[k] = __float2bfloat16(pk);
   }
 }
 
@@ -99,11 +101,11 @@ void lora_rows_zero(float* x, const LoraRowSegment* segments, int count, int64_t
   PG_CUDA_CHECK(cudaGetLastError());
 }
 
-void lora_rows_adamw(float* p, const float* g, float* m, float* v, const optim::AdamCoeffs* coeffs,
+void lora_rows_adamw(float* p, const float* g, float* m, float* v, __nv_bfloat16* p16, const optim::AdamCoeffs* coeffs,
                      const LoraRowSegment* segments, int count, int64_t rows, int64_t max_per_row, cudaStream_t stream) {
   if (count == 0 || rows <= 0) return;
-  launch_kernel(rows_adamw_kernel, segment_grid(count, rows, max_per_row), kRowThreads, 0, stream, p, g, m, v, coeffs,
-                segments, rows);
+  launch_kernel(rows_adamw_kernel, segment_grid(count, rows, max_per_row), kRowThreads, 0, stream, p, g, m, v, p16,
+                coeffs, segments, rows);
   PG_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -146,7 +148,8 @@ void lora_backward(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat1
   GemmShape g1 = batched(s.out, s.rank, s.seq_len, true, false, s.rows, T * y_ld, T * r, int64_t{s.out} * r,
                          GemmOutput::kF32);
   g1.lda = y_ld;
-  gemm.run(g1, dy, h, dB, 1.f, 1.f, stream);
+  const float beta = s.accumulate ? 1.f : 0.f;
+  gemm.run(g1, dy, h, dB, 1.f, beta, stream);
   // dh_b [T, r] = dy_b [T, out] · B_b [out, r]
   GemmShape g2 = batched(s.seq_len, s.rank, s.out, false, false, s.rows, T * y_ld, int64_t{s.out} * r, T * r,
                          GemmOutput::kBf16);
@@ -155,7 +158,7 @@ void lora_backward(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat1
   // dA_b [r, in] += dh_bᵀ [r, T] · x_b [T, in]
   GemmShape g3 = batched(s.rank, s.in, s.seq_len, true, false, s.rows, T * r, T * x_ld, r * s.in, GemmOutput::kF32);
   g3.ldb = x_ld;
-  gemm.run(g3, dh, x, dA, 1.f, 1.f, stream);
+  gemm.run(g3, dh, x, dA, 1.f, beta, stream);
   if (!dx) return;
   // dx_b [T, in] += dh_b [T, r] · A_b [r, in]
   GemmShape g4 = batched(s.seq_len, s.in, s.rank, false, false, s.rows, T * r, r * s.in, T * x_ld, GemmOutput::kF32);
