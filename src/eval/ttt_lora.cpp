@@ -135,6 +135,9 @@ void LoraQueue::run_batch(int64_t index, std::span<const int64_t> batch_ids) {
     batch.max_seqlen = static_cast<int32_t>(width);
     batch.inputs.assign(static_cast<size_t>(batch_rows * width), 0);
     batch.targets.assign(static_cast<size_t>(batch_rows * width), 0);
+    // Every chunk of the call lies in the last C positions of its row (a non-final chunk ends the
+    // window; a final one ends at most there): only those positions' losses are read.
+    batch.losses_from.assign(static_cast<size_t>(batch_rows), static_cast<int32_t>(width - C));
     scored.clear();
     trained.clear();
     for (int64_t b = 0; b < batch_rows; ++b) {
@@ -145,6 +148,9 @@ void LoraQueue::run_batch(int64_t index, std::span<const int64_t> batch_ids) {
       std::copy_n(src, w.win_len, batch.inputs.begin() + b * width);
       std::copy_n(src + 1, w.win_len, batch.targets.begin() + b * width);
       const Span s{b, w.chunk_offset, w.chunk_len, d.first_target() + w.win_start + w.chunk_offset};
+      PG_CHECK(w.chunk_offset >= width - C && w.chunk_offset + w.chunk_len <= width,
+               "LoRA TTT: chunk {}+{} of document {} is outside the last {} positions of a row of {}", w.chunk_offset,
+               w.chunk_len, ids[static_cast<size_t>(b)], C, width);
       scored.push_back(s);
       if (ci + 1 < n_chunks[static_cast<size_t>(b)]) {
         PG_CHECK(w.chunk_offset == full.chunk_offset && w.chunk_len == C && w.win_len == width,

@@ -100,6 +100,8 @@ class Engine {
   virtual void lora_reset(uint64_t seed) = 0;  // re-draw A, zero B, zero the optimizer state
   // Forward with the adapters (base frozen): per-token NLL of the batch into `nll` [tokens]; then,
   // when `token_weights` is non-empty, backward of Σ w_i·nll_i into the adapters and one optimizer step.
+  // With batch.losses_from set only the positions it names are guaranteed (as token_losses), and the
+  // token weights must be 0 at the others.
   virtual void lora_score_and_train(const Batch& batch, std::span<const float> token_weights,
                                     std::vector<float>& nll) = 0;
   // One more optimizer step on the same batch with a fresh forward (several steps per chunk, s600's plan).

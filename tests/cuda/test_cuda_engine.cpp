@@ -447,6 +447,73 @@ TEST_F(CudaEngineTest, LoraBatchesOfFewerAndLongerRows) {
     EXPECT_LE(rel_frobenius(scores[1][s], scores[0][s]), 2 * kTokenLossTol) << "step " << s;
 }
 
+// LoRA TTT reads the losses of each row's last C positions (its chunk): with Batch::losses_from the GPU
+// runs the final norm, the head, its adapter and the loss on those rows only (every layer still on all
+// rows) and trains from them; scores and training follow the CPU engine (which computes every row), the
+// other positions hold NaN, and weights outside the selection are refused.
+TEST_F(CudaEngineTest, LoraHeadOnTheSelectedTail) {
+  const Config c = engine_config("s1560");
+  auto comm = make_single_process_communicator();
+  const ParamSet<float> p0 = initial_params(c, 59);
+  CpuEngine cpu(c, *comm);
+  auto gpu = cuda_engine(c, *comm, 3 * 600);
+  LoraConfig lc;
+  lc.rank = 8;
+  lc.targets = {true, true, true, true, true, true};
+  const int vocab = static_cast<int>(c.get_int("vocab_size"));
+  // (rows, tokens per row, selected tail)
+  const std::vector<std::tuple<int64_t, int64_t, int64_t>> steps = {{3, 48, 16}, {3, 96, 16}, {2, 144, 16},
+                                                                      {2, 400, 48}, {3, 520, 16}};
+  const auto tail_batch = [&](int64_t rows, int64_t len, int64_t tail, uint64_t seed) {
+    Batch b = random_rows(vocab, rows, len, seed);
+    b.losses_from.assign(static_cast<size_t>(rows), static_cast<int32_t>(len - tail));
+    return b;
+  };
+  const auto tail_weights = [](const Batch& b) {
+    std::vector<float> w(static_cast<size_t>(b.tokens()), 0.f);
+    for (int64_t r = 0; r < b.rows; ++r)
+      for (int64_t t = b.losses_from[static_cast<size_t>(r)]; t < b.seq_len; ++t)
+        w[static_cast<size_t>(r * b.seq_len + t)] = 1.0f / static_cast<float>(b.seq_len - t + 3);
+    return w;
+  };
+  std::vector<std::vector<float>> scores[2];
+  int k = 0;
+  for (Engine* e : {static_cast<Engine*>(&cpu), static_cast<Engine*>(gpu.get())}) {
+    e->load_params(p0);
+    e->set_looping(true);
+    e->lora_begin(lc, 3, {1e-2, 0.9, 0.999, 1e-10, 0.0});
+    e->lora_reset(6);
+    uint64_t seed = 90;
+    for (const auto& [rows, len, tail] : steps) {
+      const Batch b = tail_batch(rows, len, tail, seed++);
+      std::vector<float> nll;
+      e->lora_score_and_train(b, tail_weights(b), nll);
+      ASSERT_EQ(static_cast<int64_t>(nll.size()), b.tokens());
+      std::vector<float> selected;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t t = 0; t < len; ++t) {
+          const float x = nll[static_cast<size_t>(r * len + t)];
+          if (t >= len - tail)
+            selected.push_back(x);
+          else if (e == gpu.get())
+            ASSERT_TRUE(std::isnan(x)) << "row " << r << " position " << t << " is not selected";
+        }
+      scores[k].push_back(selected);
+    }
+    if (e == gpu.get()) {
+      const Batch b = tail_batch(2, 96, 16, 1);
+      std::vector<float> w = tail_weights(b);
+      w[5] = 0.5f;  // outside the selected tail
+      std::vector<float> nll;
+      EXPECT_THROW(e->lora_score_and_train(b, w, nll), Error) << "a weight outside the selection";
+    }
+    e->lora_end();
+    ++k;
+  }
+  for (size_t s = 0; s < steps.size(); ++s)
+    EXPECT_LE(rel_frobenius(scores[1][s], scores[0][s]), 2 * kTokenLossTol) << "step " << s;
+}
+
 // ---- pipelined evaluation -----------------------------------------------------------------------------
 
 // Submitted calls (the NLL copied back behind the work, collected after the next call is submitted)

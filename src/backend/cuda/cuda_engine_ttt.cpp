@@ -180,8 +180,10 @@ void CudaEngine::Impl::lora_step(const Batch& batch, std::span<const float> toke
                       stream());
   }
   const int64_t rows = batch.rows;
-  const std::string key = "lora " + shape_key(batch) + "v" + std::to_string(model.num_virtual_layers()) + " cap" +
-                          std::to_string(adapters.seq_len()) + (train ? " train" : "");
+  // The selected rows (Batch::losses_from: each row's chunk) set the shapes of the head.
+  const std::string key = "lora " + shape_key(batch) + "v" + std::to_string(model.num_virtual_layers()) + "m" +
+                          std::to_string(model.selected_rows()) + " cap" + std::to_string(adapters.seq_len()) +
+                          (train ? " train" : "");
   graphs.run(key, stream(), [&] {
     model.forward();
     if (!train) return;

@@ -63,6 +63,18 @@ __global__ void add_f32_kernel(float* __restrict__ dst, const float* __restrict_
   }
 }
 
+// One vector of 8 per thread: row i = t / (cols / 8) of src to row index[i] of dst.
+__global__ void scatter_rows_f32_kernel(const float* __restrict__ src, const int32_t* __restrict__ index, int64_t vecs,
+                                        int row_vecs, float* __restrict__ dst) {
+  pdl_prologue();
+  PG_VECS_OF_GRID(t, vecs) {
+    const int64_t i = t / row_vecs, c = t % row_vecs;
+    float a[8];
+    load8(src + t * 8, a);
+    store8(dst + (static_cast<int64_t>(index[i]) * row_vecs + c) * 8, a);
+  }
+}
+
 void check_count(int64_t n, const char* what) { PG_CUDA_REQUIRE(n % 8 == 0, what); }
 
 }  // namespace
@@ -86,6 +98,17 @@ void scaled_add_backward(const float* dy, const bf16* x, const float* s, bf16* d
   launch_kernel(scaled_add_backward_kernel, blocks, kThreads, 0, stream, dy, x, s, dx, ds ? ws.data : nullptr, n / 8);
   PG_CUDA_LAUNCH_CHECK();
   if (ds) finish_partial_sums(ws.data, blocks, {{ds, 1}}, stream);
+}
+
+void scatter_rows_f32(const float* src, const int32_t* index, int64_t rows, int cols, float* dst, int64_t n_rows,
+                      cudaStream_t stream) {
+  check_count(cols, "scatter_rows_f32: the row length must be a multiple of 8");
+  PG_CUDA_CHECK(cudaMemsetAsync(dst, 0, static_cast<size_t>(n_rows) * cols * sizeof(float), stream));
+  const int64_t vecs = rows * (cols / 8);
+  if (vecs == 0) return;
+  launch_kernel(scatter_rows_f32_kernel, item_blocks(vecs, kThreads, 8192), kThreads, 0, stream, src, index, vecs,
+                cols / 8, dst);
+  PG_CUDA_LAUNCH_CHECK();
 }
 
 void add_f32(float* dst, const float* src, int64_t n, cudaStream_t stream) {

@@ -23,6 +23,11 @@ void scaled_add_backward(const float* dy, const __nv_bfloat16* x, const float* s
 // dst += src (fp32).
 void add_f32(float* dst, const float* src, int64_t n, cudaStream_t stream);
 
+// dst = 0 over [n_rows, cols], then dst row index[i] = src row i for i < rows (fp32; index on the device,
+// distinct rows in [0, n_rows); cols a multiple of 8).
+void scatter_rows_f32(const float* src, const int32_t* index, int64_t rows, int cols, float* dst, int64_t n_rows,
+                      cudaStream_t stream);
+
 // Partial-sum rows the elementwise reductions use.
 int elementwise_blocks(int64_t n);
 

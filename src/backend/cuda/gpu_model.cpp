@@ -157,10 +157,11 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
   ArenaAlloc carver{arena.get()};
   allocate(carver);
 
-  // ids, targets, cu (N + 65), the selection's index and targets, query_begin (N + 65), weights.
+  // ids, targets, cu (N + 65), the selection's index and targets, query_begin (N + 65), weights and
+  // the selected rows' weights.
   const size_t staging_ints = static_cast<size_t>(6 * max_tokens + 130);
   void* host = nullptr;
-  PG_CUDA_CHECK(cudaMallocHost(&host, staging_ints * 4 + static_cast<size_t>(max_tokens) * 4));
+  PG_CUDA_CHECK(cudaMallocHost(&host, staging_ints * 4 + static_cast<size_t>(2 * max_tokens) * 4));
   staging.ids = static_cast<int32_t*>(host);
   staging.targets = staging.ids + max_tokens;
   staging.cu = staging.targets + max_tokens;
@@ -168,11 +169,14 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
   staging.selected_targets = staging.selected + max_tokens;
   staging.query_begin = staging.selected_targets + max_tokens;
   staging.weights = reinterpret_cast<float*>(staging.query_begin + max_tokens + 65);
+  staging.selected_weights = staging.weights + max_tokens;
   PG_CUDA_CHECK(cudaEventCreateWithFlags(&staging.free, cudaEventDisableTiming));
+  PG_CUDA_CHECK(cudaEventCreateWithFlags(&staging.weights_free, cudaEventDisableTiming));
 }
 
 GpuModel::Impl::~Impl() {
   if (staging.free) cudaEventDestroy(staging.free);
+  if (staging.weights_free) cudaEventDestroy(staging.weights_free);
   if (staging.ids) cudaFreeHost(staging.ids);
   if (stream) cudaStreamDestroy(stream);
 }
@@ -299,6 +303,7 @@ void GpuModel::Impl::allocate(Alloc& a) {
     selection.targets = a.template get<int32_t>(n, "selected targets");
     selection.query_begin = a.template get<int32_t>(n + 65, "selected query starts");
     selection.losses = a.template get<float>(n, "selected losses");
+    selection.weights = a.template get<float>(n, "selected token weights");
     selection.y = a.template get<bf16>(n * qd, "selected attention output");
     if (any_xsa) selection.vals = a.template get<bf16>(n * kvd, "selected values");
     if (gated) selection.n = a.template get<bf16>(n * d, "selected attention norm");
@@ -411,25 +416,26 @@ void GpuModel::Impl::linear_dw(const bf16* dy, int64_t ld_dy, const bf16* x, int
   gemm.run(s, dy, x, dw, 1.f, 1.f, stream);
 }
 
-void GpuModel::Impl::lora_forward(LoraTarget target, int slot, const bf16* x, bf16* y, int64_t y_ld) {
+void GpuModel::Impl::lora_forward(LoraTarget target, int slot, const bf16* x, bf16* y, int64_t y_ld,
+                                  int64_t row_tokens) {
   if (!lora) return;
   GpuLora::Impl& l = lora->impl();
   const LoraAdapterLayout* ad = l.find(target, slot);
   if (!ad) return;
-  const LoraGemmShape s{static_cast<int>(B), static_cast<int>(T), static_cast<int>(ad->in), static_cast<int>(ad->out),
-                        l.config.rank, ad->in, y_ld};
+  const LoraGemmShape s{static_cast<int>(B), static_cast<int>(row_tokens > 0 ? row_tokens : T), static_cast<int>(ad->in),
+                        static_cast<int>(ad->out), l.config.rank, ad->in, y_ld};
   cuda::lora_forward(gemm, x, l.params16.data() + ad->a_offset, l.params16.data() + ad->b_offset,
                      l.hidden_of(target, slot), y, s, stream);
 }
 
 void GpuModel::Impl::lora_backward(LoraTarget target, int slot, const bf16* dy, int64_t dy_ld, const bf16* x,
-                                   float* dx) {
+                                   float* dx, int64_t row_tokens) {
   if (!lora) return;
   GpuLora::Impl& l = lora->impl();
   const LoraAdapterLayout* ad = l.find(target, slot);
   if (!ad) return;
-  LoraGemmShape s{static_cast<int>(B), static_cast<int>(T), static_cast<int>(ad->in), static_cast<int>(ad->out),
-                  l.config.rank, ad->in, dy_ld};
+  LoraGemmShape s{static_cast<int>(B), static_cast<int>(row_tokens > 0 ? row_tokens : T), static_cast<int>(ad->in),
+                  static_cast<int>(ad->out), l.config.rank, ad->in, dy_ld};
   s.accumulate = !l.overwrite_grads;
   cuda::lora_backward(gemm, dy, x, l.params16.data() + ad->a_offset, l.params16.data() + ad->b_offset,
                       l.hidden_of(target, slot), l.dh.data(), dx, l.grads.data() + ad->a_offset,
@@ -507,6 +513,7 @@ void GpuModel::Impl::set_batch(const Batch& batch) {
 void GpuModel::Impl::upload_selection(const Batch& batch, const std::vector<int32_t>& cu) {
   selection.requested = false;
   selection.rows = 0;
+  selection.tail = 0;
   if (batch.losses_from.empty() || !has_targets || !selection.index) return;
   int64_t M = 0;
   for (int64_t r = 0; r < B; ++r)
@@ -522,6 +529,9 @@ void GpuModel::Impl::upload_selection(const Batch& batch, const std::vector<int3
   }
   selection.requested = true;
   selection.rows = M;
+  if (std::all_of(batch.losses_from.begin(), batch.losses_from.end(),
+                  [&](int32_t t) { return t == batch.losses_from.front(); }))
+    selection.tail = T - batch.losses_from.front();
   PG_CUDA_CHECK(cudaMemcpyAsync(selection.index, staging.selected, static_cast<size_t>(M) * 4, cudaMemcpyHostToDevice,
                                 stream));
   PG_CUDA_CHECK(cudaMemcpyAsync(selection.targets, staging.selected_targets, static_cast<size_t>(M) * 4,
@@ -531,14 +541,30 @@ void GpuModel::Impl::upload_selection(const Batch& batch, const std::vector<int3
 }
 
 bool GpuModel::Impl::runs_selected_rows() const { return selection.requested && !train && !lora; }
+bool GpuModel::Impl::selects_head_rows() const { return selection.requested && !train && lora && selection.tail > 0; }
 
 void GpuModel::Impl::upload_token_weights(std::span<const float> weights) {
   PG_CHECK(static_cast<int64_t>(weights.size()) == N, "GpuModel::backward: {} token weights for {} tokens",
            weights.size(), N);
-  PG_CUDA_CHECK(cudaEventSynchronize(staging.free));
+  PG_CUDA_CHECK(cudaEventSynchronize(staging.weights_free));
   std::copy(weights.begin(), weights.end(), staging.weights);
   PG_CUDA_CHECK(cudaMemcpyAsync(io.weights, staging.weights, weights.size() * 4, cudaMemcpyHostToDevice, stream));
-  PG_CUDA_CHECK(cudaEventRecord(staging.free, stream));
+  if (selects_head_rows()) {
+    // The backward of a head-selected LoRA forward reads the selected rows' weights; the others must be 0.
+    const int64_t M = selection.rows;
+    int64_t j = 0;  // staging.selected is increasing
+    for (int64_t i = 0; i < N; ++i) {
+      const float w = weights[static_cast<size_t>(i)];
+      if (j < M && staging.selected[j] == i)
+        staging.selected_weights[j++] = w;
+      else
+        PG_CHECK(w == 0.f, "GpuModel: token weight {} at position {}, outside the batch's selected positions "
+                 "(losses_from)", w, i);
+    }
+    PG_CUDA_CHECK(cudaMemcpyAsync(selection.weights, staging.selected_weights, static_cast<size_t>(M) * 4,
+                                  cudaMemcpyHostToDevice, stream));
+  }
+  PG_CUDA_CHECK(cudaEventRecord(staging.weights_free, stream));
 }
 
 void GpuModel::Impl::refresh_weights() {
@@ -667,15 +693,24 @@ void GpuModel::Impl::forward() {
   // all N, or the M selected ones (the last layer's outputs hold only those), whose losses are then
   // put in their places (NaN elsewhere) and averaged for the mean loss.
   selective_forward = runs_selected_rows();
-  const int64_t R = selective_forward ? selection.rows : N;
+  head_selected = selects_head_rows();
+  const int64_t R = selective_forward || head_selected ? selection.rows : N;
   io.final_x = lane0 ? lane0 : x;
   io.final_x2 = lane0 ? lane1 : nullptr;
+  if (head_selected) {  // the selected rows of the last residual (exact: bf16 rows), kept for the backward
+    embedding_forward(selection.index, io.final_x, R, d, selection.x_in, EmbeddingAddends{}, stream);
+    io.final_x = selection.x_in;
+    if (io.final_x2) {
+      embedding_forward(selection.index, io.final_x2, R, d, selection.lane1, EmbeddingAddends{}, stream);
+      io.final_x2 = selection.lane1;
+    }
+  }
   rmsnorm_forward(io.final_x, io.final_x2, io.h, io.final_rstd, R, d, 1.f, stream);
   linear(io.h, d, W16(gp.w16_tok_emb), static_cast<int>(R), d, V, io.logits, V, false, 0.f);  // z = h · tok_embᵀ
-  lora_forward(LoraTarget::Head, 0, io.h, io.logits, V);
+  lora_forward(LoraTarget::Head, 0, io.h, io.logits, V, head_selected ? selection.tail : 0);
   if (has_targets) {
     const float cap = static_cast<float>(cfg.logit_softcap);
-    if (selective_forward) {
+    if (selective_forward || head_selected) {
       softcap_ce_forward(io.logits, selection.targets, selection.losses, io.lse, R, V, cap, stream);
       scatter_losses(selection.losses, selection.index, R, io.losses, N, stream);
       mean_loss(selection.losses, R, io.loss, stream);
@@ -692,17 +727,29 @@ void GpuModel::Impl::backward(const float* weights_device) {
   PG_CHECK(has_targets, "GpuModel::backward: the last forward had no targets");
   PG_CHECK(!selective_forward, "GpuModel::backward: the last forward computed only the selected rows (an eval batch "
                                "with losses_from); a backward needs a training-mode forward");
+  PG_CHECK(!head_selected || weights_device == io.weights,
+           "GpuModel::backward: a LoRA forward of selected rows needs token weights (zero outside the selection)");
   forward_done = false;
-  const int n = static_cast<int>(N);
   const bool lanes = order.back().parallel;
+  // The head's rows: all N, or the R selected ones (their weights; the other rows' gradients are 0).
+  const int64_t R = head_selected ? selection.rows : N;
+  const int32_t* targets = head_selected ? selection.targets : io.targets;
+  const float* weights = head_selected ? selection.weights : weights_device;
   // dz overwrites the logits; dh = dz · tok_emb, dtok_emb += dzᵀ h.
-  softcap_ce_backward(io.logits, io.lse, io.targets, weights_device, static_cast<float>(1.0 / static_cast<double>(N)),
-                      io.logits, N, V, static_cast<float>(cfg.logit_softcap), stream);
-  linear_dw(io.logits, V, io.h, d, n, d, V, G(gp.tok_emb));
-  linear_dx(io.logits, V, W16(gp.w16_tok_emb), n, d, V, bw.dn, true, 0.f);
-  lora_backward(LoraTarget::Head, 0, io.logits, V, io.h, bw.dn);
-  // Through the final norm; with lanes each lane gets half of the mean's gradient.
-  rmsnorm_backward(bw.dn, io.final_x, io.final_x2, io.final_rstd, bw.g, N, d, 1.f, lanes ? 0.5f : 1.f, false, stream);
+  softcap_ce_backward(io.logits, io.lse, targets, weights, static_cast<float>(1.0 / static_cast<double>(N)), io.logits,
+                      R, V, static_cast<float>(cfg.logit_softcap), stream);
+  linear_dw(io.logits, V, io.h, d, static_cast<int>(R), d, V, G(gp.tok_emb));
+  linear_dx(io.logits, V, W16(gp.w16_tok_emb), static_cast<int>(R), d, V, bw.dn, true, 0.f);
+  lora_backward(LoraTarget::Head, 0, io.logits, V, io.h, bw.dn, head_selected ? selection.tail : 0);
+  // Through the final norm; with lanes each lane gets half of the mean's gradient. Selected rows: their
+  // gradients (in dx0's space, cleared below) put in their places, zeros elsewhere.
+  if (head_selected) {
+    rmsnorm_backward(bw.dn, io.final_x, io.final_x2, io.final_rstd, bw.dx0, R, d, 1.f, lanes ? 0.5f : 1.f, false,
+                     stream);
+    scatter_rows_f32(bw.dx0, selection.index, R, d, bw.g, N, stream);
+  } else {
+    rmsnorm_backward(bw.dn, io.final_x, io.final_x2, io.final_rstd, bw.g, N, d, 1.f, lanes ? 0.5f : 1.f, false, stream);
+  }
   if (lanes)
     PG_CUDA_CHECK(cudaMemcpyAsync(bw.g1, bw.g, static_cast<size_t>(N) * d * 4, cudaMemcpyDeviceToDevice, stream));
   PG_CUDA_CHECK(cudaMemsetAsync(bw.dx0, 0, static_cast<size_t>(N) * d * 4, stream));
@@ -779,7 +826,9 @@ void GpuModel::set_looping(bool on) {
 void GpuModel::set_frozen_base(bool on) { impl_->frozen = on; }
 void GpuModel::set_lora(GpuLora* adapters) { impl_->lora = adapters; }
 int GpuModel::num_virtual_layers() const { return static_cast<int>(impl_->order.size()); }
-int64_t GpuModel::selected_rows() const { return impl_->runs_selected_rows() ? impl_->selection.rows : 0; }
+int64_t GpuModel::selected_rows() const {
+  return impl_->runs_selected_rows() || impl_->selects_head_rows() ? impl_->selection.rows : 0;
+}
 
 void GpuModel::set_batch(const Batch& batch) { impl_->set_batch(batch); }
 void GpuModel::forward() { impl_->forward(); }

@@ -90,8 +90,11 @@ class GpuModel {
   // With Batch::losses_from, an eval-mode forward without LoRA (head_dim 64) runs the last layer after
   // attention, the final norm and the head on the M selected positions only: token_losses() holds NaN
   // at the others, loss() is the mean over the M, the last layer's activations, the final norm and the
-  // logits hold those M rows at their front, and backward() refuses to run. selected_rows() is M when
-  // the next forward does this (modes and batch as now), else 0.
+  // logits hold those M rows at their front, and backward() refuses to run. With LoRA, when every row
+  // selects its last k positions (LoRA TTT's chunks), every layer runs on all rows but the final norm,
+  // the head with its adapter and the loss run on the M = B·k selected rows (NaN at the others, as
+  // above); backward() then needs token weights, zero outside the selection. selected_rows() is M when
+  // the next forward does either (modes and batch as now), else 0.
   int64_t selected_rows() const;
   void backward();  // gradients of the mean loss of the last forward (needs targets)
   // Gradients of Σ_i weights[i]·loss_i (host weights are uploaded first).

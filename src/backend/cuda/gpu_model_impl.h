@@ -108,7 +108,11 @@ struct GpuModel::Impl {
     int32_t *ids = nullptr, *targets = nullptr, *cu = nullptr;
     int32_t *selected = nullptr, *selected_targets = nullptr, *query_begin = nullptr;  // see `selection`
     float* weights = nullptr;
+    float* selected_weights = nullptr;  // the token weights of the selected rows
     cudaEvent_t free = nullptr;
+    // The token weights have their own: set_batch records `free` after the batch's copies, which wait
+    // behind the work already queued; the weights uploaded after it must not wait for those.
+    cudaEvent_t weights_free = nullptr;
   } staging;
   int64_t B = 0, T = 0, N = 0;
   int num_segments = 0, max_seqlen = 0;
@@ -127,9 +131,16 @@ struct GpuModel::Impl {
     int32_t* targets = nullptr;      // [M] their targets
     int32_t* query_begin = nullptr;  // [segments] segment-local first selected position (AttentionShape)
     float* losses = nullptr;         // [M]
+    float* weights = nullptr;        // [M] their token weights (upload_token_weights)
     bf16 *y = nullptr, *vals = nullptr, *n = nullptr, *x_in = nullptr, *x = nullptr, *lane1 = nullptr;  // gathered
+    int64_t tail = 0;  // every row selects its last `tail` positions (0: the rows select differently)
   } selection;
   bool selective_forward = false;  // the last forward computed the selected rows only
+  // A LoRA forward whose rows all select their last `tail` positions runs every layer on all rows (the
+  // backward needs them) but the final norm, the head (and its adapter, over rows of `tail` tokens) and
+  // the loss on the M selected rows only; its backward starts from them (the other rows' weights are 0).
+  bool head_selected = false;  // the last forward did so
+  bool selects_head_rows() const;
 
   // ---- activations and workspaces (one arena) ----------------------------------------------------
   std::unique_ptr<Arena> arena;
@@ -235,8 +246,10 @@ struct GpuModel::Impl {
                  float beta);
   // dW [out, in] (fp32) += dyᵀ · x
   void linear_dw(const bf16* dy, int64_t ld_dy, const bf16* x, int64_t ld_x, int rows, int in, int out, float* dw);
-  void lora_forward(LoraTarget target, int slot, const bf16* x, bf16* y, int64_t y_ld);
-  void lora_backward(LoraTarget target, int slot, const bf16* dy, int64_t dy_ld, const bf16* x, float* dx);
+  // Over the batch's B rows of T tokens, or of `row_tokens` when given (the head's selected rows).
+  void lora_forward(LoraTarget target, int slot, const bf16* x, bf16* y, int64_t y_ld, int64_t row_tokens = 0);
+  void lora_backward(LoraTarget target, int slot, const bf16* dy, int64_t dy_ld, const bf16* x, float* dx,
+                     int64_t row_tokens = 0);
   AttentionShape attention_shape() const;
   // dtable[ids[i]] += dout[i] for the batch's N tokens: atomics, or the sorted sums in deterministic mode.
   void embedding_grad(const int32_t* ids, const float* dout, int dim, float* dtable, int table_rows);
