@@ -450,7 +450,8 @@ TEST_F(CudaEngineTest, LoraBatchesOfFewerAndLongerRows) {
 // LoRA TTT reads the losses of each row's last C positions (its chunk): with Batch::losses_from the GPU
 // runs the final norm, the head, its adapter and the loss on those rows only (every layer still on all
 // rows) and trains from them; scores and training follow the CPU engine (which computes every row), the
-// other positions hold NaN, and weights outside the selection are refused.
+// other positions hold NaN, and weights outside the selection are refused. With s1560's AdamW (beta1 0,
+// weight decay 0.5).
 TEST_F(CudaEngineTest, LoraHeadOnTheSelectedTail) {
   const Config c = engine_config("s1560");
   auto comm = make_single_process_communicator();
@@ -481,7 +482,7 @@ TEST_F(CudaEngineTest, LoraHeadOnTheSelectedTail) {
   for (Engine* e : {static_cast<Engine*>(&cpu), static_cast<Engine*>(gpu.get())}) {
     e->load_params(p0);
     e->set_looping(true);
-    e->lora_begin(lc, 3, {1e-2, 0.9, 0.999, 1e-10, 0.0});
+    e->lora_begin(lc, 3, {1e-2, 0.0, 0.999, 1e-10, 0.5});  // s1560's AdamW: beta1 0 (no first-moment buffer)
     e->lora_reset(6);
     uint64_t seed = 90;
     for (const auto& [rows, len, tail] : steps) {

@@ -117,9 +117,12 @@ void CudaEngine::lora_begin(const LoraConfig& lora, int64_t rows, const LoraOpti
   s.slots = m.model.num_virtual_layers();
   std::vector<LoraAdapterLayout> layout;  // GpuLora keeps its own copy
   s.total = lora_layout(model_config(), lora, rows, s.slots, layout);
-  s.exp_avg = DeviceBuffer<float>(static_cast<size_t>(s.total), "LoRA Adam state");
+  // With beta1 = 0 (s1560) the first moment is the gradient itself: no buffer, no pass over it.
+  if (opt.beta1 != 0.0) {
+    s.exp_avg = DeviceBuffer<float>(static_cast<size_t>(s.total), "LoRA Adam state");
+    s.exp_avg.fill_bytes(0);
+  }
   s.exp_avg_sq = DeviceBuffer<float>(static_cast<size_t>(s.total), "LoRA Adam state");
-  s.exp_avg.fill_bytes(0);
   s.exp_avg_sq.fill_bytes(0);
   s.coeffs = DeviceBuffer<optim::AdamCoeffs>(1, "LoRA AdamW coefficients");
   m.lora = std::move(s);
@@ -134,7 +137,7 @@ void CudaEngine::lora_reset(uint64_t seed) {
   s.seed = seed;
   s.pending = !s.adapters;
   if (s.adapters) s.adapters->draw(seed, m.stream());
-  s.exp_avg.fill_bytes(0);
+  if (s.opt.beta1 != 0.0) s.exp_avg.fill_bytes(0);
   s.exp_avg_sq.fill_bytes(0);
   s.steps = 0;
 }
@@ -188,7 +191,8 @@ void CudaEngine::Impl::lora_step(const Batch& batch, std::span<const float> toke
     model.forward();
     if (!train) return;
     model.backward_weighted();
-    adapters.adamw_rows(rows, s.exp_avg.data(), s.exp_avg_sq.data(), s.coeffs.data(), stream());
+    adapters.adamw_rows(rows, s.opt.beta1 != 0.0 ? s.exp_avg.data() : nullptr, s.exp_avg_sq.data(), s.coeffs.data(),
+                        stream());
   });
   if (nll) read_back(nll, model.device_token_losses(), static_cast<size_t>(batch.tokens()) * sizeof(float));
   model.set_lora(nullptr);

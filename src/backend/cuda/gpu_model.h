@@ -170,7 +170,8 @@ class GpuLora {
   void set_overwrite_grads(bool on);
   // For a batch of `rows` rows (the documents with chunks left): zero their gradients; one AdamW step
   // of their parameters (moments in the same layout, coefficients on the device; the bf16 copies of
-  // those rows are written too). The other rows keep their values: their documents are done.
+  // those rows are written too; exp_avg null when beta1 = 0). The other rows keep their values: their
+  // documents are done.
   void zero_grad_rows(int64_t rows, cudaStream_t stream);
   void adamw_rows(int64_t rows, float* exp_avg, float* exp_avg_sq, const optim::AdamCoeffs* coeffs,
                   cudaStream_t stream);

@@ -64,9 +64,10 @@ __global__ void rows_adamw_kernel(float* __restrict__ p, const float* __restrict
   const optim::AdamCoeffs c = *coeffs;
   PG_SEGMENT_LOOP(i, base, segments, rows) {
     const int64_t k = base + i;
-    float pk = p[k], mk = m[k], vk = v[k];
+    float pk = p[k], mk = m ? m[k] : 0.f, vk = v[k];  // no m: beta1 = 0, the first moment is g
     optim::adamw_update(pk, g[k], mk, vk, c);
-    p[k] = pk, m[k] = mk, v[k] = vk;
+    p[k] = pk, v[k] = vk;
+    if (m) m[k] = mk;
     if (p16) p16[k] = __float2bfloat16(pk);
   }
 }

@@ -36,7 +36,7 @@ void lora_backward(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat1
 // Over the first `rows` rows of `count` segments (a device table; max_per_row = the largest per_row):
 // out = bf16(in); x = 0; one AdamW step of p with g and the moments m, v (the same layout), the
 // coefficients read on the device (so that a captured step replays with the current ones), and, when
-// p16 is given, p16 = bf16(p) of the new values.
+// p16 is given, p16 = bf16(p) of the new values. m may be null when beta1 = 0 (the first moment is g).
 void lora_rows_to_bf16(const float* in, __nv_bfloat16* out, const LoraRowSegment* segments, int count, int64_t rows,
                        int64_t max_per_row, cudaStream_t stream);
 void lora_rows_zero(float* x, const LoraRowSegment* segments, int count, int64_t rows, int64_t max_per_row,
