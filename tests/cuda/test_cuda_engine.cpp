@@ -369,6 +369,21 @@ TEST_F(CudaEngineTest, AdamwTttFreezesAndFollowsTheCpu) {
 
 // ---- LoRA -------------------------------------------------------------------------------------------
 
+// Rank-8 adapters on Q, K, V, O, the MLP and the head.
+LoraConfig every_lora_target() {
+  LoraConfig lc;
+  lc.rank = 8;
+  lc.targets = {true, true, true, true, true, true};
+  return lc;
+}
+
+// scores[0] from the CPU engine, scores[1] from the GPU, one entry per step: the GPU follows.
+void expect_gpu_scores_follow(const std::vector<std::vector<float>> (&scores)[2]) {
+  ASSERT_EQ(scores[0].size(), scores[1].size());
+  for (size_t s = 0; s < scores[0].size(); ++s)
+    EXPECT_LE(rel_frobenius(scores[1][s], scores[0][s]), 2 * kTokenLossTol) << "step " << s;
+}
+
 // Fresh adapters (B = 0) score exactly as the base model; training lowers the next score and never
 // touches the base weights; the scores follow the CPU engine's.
 TEST_F(CudaEngineTest, LoraScoresFirstThenLearns) {
@@ -378,9 +393,7 @@ TEST_F(CudaEngineTest, LoraScoresFirstThenLearns) {
   const Batch b = batch64(128, false, 52);
   CpuEngine cpu(c, *comm);
   auto gpu = cuda_engine(c, *comm);
-  LoraConfig lc;
-  lc.rank = 8;
-  lc.targets = {true, true, true, true, true, true};
+  const LoraConfig lc = every_lora_target();
   const std::vector<float> weights(static_cast<size_t>(b.tokens()), 1.0f / static_cast<float>(b.tokens()));
   std::vector<std::vector<float>> scores(2);
   int k = 0;
@@ -416,9 +429,7 @@ TEST_F(CudaEngineTest, LoraBatchesOfFewerAndLongerRows) {
   const ParamSet<float> p0 = initial_params(c, 53);
   CpuEngine cpu(c, *comm);
   auto gpu = cuda_engine(c, *comm, 3 * 600);
-  LoraConfig lc;
-  lc.rank = 8;
-  lc.targets = {true, true, true, true, true, true};
+  const LoraConfig lc = every_lora_target();
   const int vocab = static_cast<int>(c.get_int("vocab_size"));
   const auto rows_of = [&](int64_t rows, int64_t len, uint64_t seed) { return random_rows(vocab, rows, len, seed); };
   // (rows, tokens per row): all three rows, two, one, then longer rows than the first buffers hold.
@@ -443,8 +454,7 @@ TEST_F(CudaEngineTest, LoraBatchesOfFewerAndLongerRows) {
     e->lora_end();
     ++k;
   }
-  for (size_t s = 0; s < steps.size(); ++s)
-    EXPECT_LE(rel_frobenius(scores[1][s], scores[0][s]), 2 * kTokenLossTol) << "step " << s;
+  expect_gpu_scores_follow(scores);
 }
 
 // LoRA TTT reads the losses of each row's last C positions (its chunk): with Batch::losses_from the GPU
@@ -458,9 +468,7 @@ TEST_F(CudaEngineTest, LoraHeadOnTheSelectedTail) {
   const ParamSet<float> p0 = initial_params(c, 59);
   CpuEngine cpu(c, *comm);
   auto gpu = cuda_engine(c, *comm, 3 * 600);
-  LoraConfig lc;
-  lc.rank = 8;
-  lc.targets = {true, true, true, true, true, true};
+  const LoraConfig lc = every_lora_target();
   const int vocab = static_cast<int>(c.get_int("vocab_size"));
   // (rows, tokens per row, selected tail)
   const std::vector<std::tuple<int64_t, int64_t, int64_t>> steps = {{3, 48, 16}, {3, 96, 16}, {2, 144, 16},
@@ -511,8 +519,7 @@ TEST_F(CudaEngineTest, LoraHeadOnTheSelectedTail) {
     e->lora_end();
     ++k;
   }
-  for (size_t s = 0; s < steps.size(); ++s)
-    EXPECT_LE(rel_frobenius(scores[1][s], scores[0][s]), 2 * kTokenLossTol) << "step " << s;
+  expect_gpu_scores_follow(scores);
 }
 
 // ---- pipelined evaluation -----------------------------------------------------------------------------
@@ -527,9 +534,7 @@ TEST_F(CudaEngineTest, PipelinedCallsKeepTheBits) {
   const int vocab = static_cast<int>(c.get_int("vocab_size"));
   const std::vector<Batch> evals = {random_rows(vocab, 1, 128, 70), random_rows(vocab, 4, 100, 71),
                                     random_rows(vocab, 2, 64, 72)};
-  LoraConfig lc;
-  lc.rank = 8;
-  lc.targets = {true, true, true, true, true, true};
+  const LoraConfig lc = every_lora_target();
   const std::vector<std::pair<int64_t, int64_t>> steps = {{3, 40}, {2, 64}, {3, 64}, {1, 96}, {2, 600}, {3, 520}};
   std::vector<Batch> lora_batches;
   for (size_t s = 0; s < steps.size(); ++s) lora_batches.push_back(random_rows(vocab, steps[s].first, steps[s].second, 80 + s));
