@@ -110,12 +110,6 @@ void GpuLora::zero_grad() { impl_->grads.fill_bytes(0); }
 void GpuLora::params_changed() { impl_->stale = true; }
 void GpuLora::set_overwrite_grads(bool on) { impl_->overwrite_grads = on; }
 
-void GpuLora::zero_grad_rows(int64_t n, cudaStream_t stream) {
-  const Impl& l = *impl_;
-  PG_CHECK(n >= 0 && n <= l.rows, "GpuLora::zero_grad_rows: {} rows of adapters for {}", l.rows, n);
-  lora_rows_zero(impl_->grads.data(), l.segments.data(), l.segment_count, n, l.max_per_row, stream);
-}
-
 void GpuLora::adamw_rows(int64_t n, float* exp_avg, float* exp_avg_sq, const optim::AdamCoeffs* coeffs,
                          cudaStream_t stream) {
   Impl& l = *impl_;

@@ -168,11 +168,9 @@ class GpuLora {
   // With `on`, a backward writes the adapters' gradients instead of adding to them: every adapter is
   // reached once per backward, so a step needs no zeroing (rows beyond the batch keep stale values).
   void set_overwrite_grads(bool on);
-  // For a batch of `rows` rows (the documents with chunks left): zero their gradients; one AdamW step
-  // of their parameters (moments in the same layout, coefficients on the device; the bf16 copies of
-  // those rows are written too; exp_avg null when beta1 = 0). The other rows keep their values: their
-  // documents are done.
-  void zero_grad_rows(int64_t rows, cudaStream_t stream);
+  // For a batch of `rows` rows (the documents with chunks left): one AdamW step of their parameters
+  // (moments in the same layout, coefficients on the device; the bf16 copies of those rows are written
+  // too; exp_avg null when beta1 = 0). The other rows keep their values: their documents are done.
   void adamw_rows(int64_t rows, float* exp_avg, float* exp_avg_sq, const optim::AdamCoeffs* coeffs,
                   cudaStream_t stream);
 

@@ -51,11 +51,6 @@ __global__ void rows_to_bf16_kernel(const float* __restrict__ in, __nv_bfloat16*
   PG_SEGMENT_LOOP(i, base, segments, rows) out[base + i] = __float2bfloat16(in[base + i]);
 }
 
-__global__ void rows_zero_kernel(float* __restrict__ x, const LoraRowSegment* __restrict__ segments, int64_t rows) {
-  pdl_prologue();
-  PG_SEGMENT_LOOP(i, base, segments, rows) x[base + i] = 0.f;
-}
-
 __global__ void rows_adamw_kernel(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                                   float* __restrict__ v, __nv_bfloat16* __restrict__ p16,
                                   const optim::AdamCoeffs* __restrict__ coeffs,
@@ -92,13 +87,6 @@ void lora_rows_to_bf16(const float* in, __nv_bfloat16* out, const LoraRowSegment
   if (count == 0 || rows <= 0) return;
   launch_kernel(rows_to_bf16_kernel, segment_grid(count, rows, max_per_row), kRowThreads, 0, stream, in, out, segments,
                 rows);
-  PG_CUDA_CHECK(cudaGetLastError());
-}
-
-void lora_rows_zero(float* x, const LoraRowSegment* segments, int count, int64_t rows, int64_t max_per_row,
-                    cudaStream_t stream) {
-  if (count == 0 || rows <= 0) return;
-  launch_kernel(rows_zero_kernel, segment_grid(count, rows, max_per_row), kRowThreads, 0, stream, x, segments, rows);
   PG_CUDA_CHECK(cudaGetLastError());
 }
 

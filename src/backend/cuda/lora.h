@@ -34,13 +34,11 @@ void lora_backward(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat1
                    const LoraGemmShape& shape, cudaStream_t stream);
 
 // Over the first `rows` rows of `count` segments (a device table; max_per_row = the largest per_row):
-// out = bf16(in); x = 0; one AdamW step of p with g and the moments m, v (the same layout), the
+// out = bf16(in); one AdamW step of p with g and the moments m, v (the same layout), the
 // coefficients read on the device (so that a captured step replays with the current ones), and, when
 // p16 is given, p16 = bf16(p) of the new values. m may be null when beta1 = 0 (the first moment is g).
 void lora_rows_to_bf16(const float* in, __nv_bfloat16* out, const LoraRowSegment* segments, int count, int64_t rows,
                        int64_t max_per_row, cudaStream_t stream);
-void lora_rows_zero(float* x, const LoraRowSegment* segments, int count, int64_t rows, int64_t max_per_row,
-                    cudaStream_t stream);
 void lora_rows_adamw(float* p, const float* g, float* m, float* v, __nv_bfloat16* p16, const optim::AdamCoeffs* coeffs,
                      const LoraRowSegment* segments, int count, int64_t rows, int64_t max_per_row, cudaStream_t stream);
 // *device = value, in stream order.
