@@ -155,6 +155,10 @@ void CpuModel<T>::backward_attention(LayerActs& L, const LayerParams& p, int v, 
   lora_backward(LoraTarget::K, v, dk_lin.data(), n, A.lora_k, dn);
   cpu::linear_backward(dv_raw.data(), n, W(p.wv), dn, G(p.wv), N_, d, kvd);
   lora_backward(LoraTarget::V, v, dv_raw.data(), n, A.lora_v, dn);
+  // GpuModel's one q/k/v GEMM rounds their sum once (set_bf16_norm_grads).
+  const bool sole = p.gate_w < 0 && !adapter(LoraTarget::Q, v) && !adapter(LoraTarget::K, v) &&
+                    !adapter(LoraTarget::V, v) && !adapter(LoraTarget::O, v);
+  if (bf16_norm_grads_ && sole) cpu::round_to_bf16(dn, N_ * d);
 }
 
 // input [N, d] → f [N, d]: m = RMSNorm(input)·s, f = act(m·Wfcᵀ)·Wprojᵀ (+ LoRA_mlp(m)).
@@ -187,6 +191,7 @@ void CpuModel<T>::backward_mlp(MlpActs& M, const LayerParams& p, const T* input,
   cpu::leaky_relu_sq_backward(dpost.data(), M.pre.data(), dpre.data(), N_ * hid, slope);
   dpost = {};
   cpu::linear_backward(dpre.data(), M.m.data(), W(p.wfc), dm.data(), G(p.wfc), N_, d, hid);
+  if (bf16_norm_grads_ && !adapter(LoraTarget::Mlp, v)) cpu::round_to_bf16(dm.data(), N_ * d);
   cpu::rmsnorm_backward(dm.data(), input, M.m_rstd.data(), dinput, N_, d, p.ln_scale);
 }
 

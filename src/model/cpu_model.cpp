@@ -396,6 +396,7 @@ void CpuModel<T>::backward_from(std::span<const T> dloss) {
   std::vector<T> dh(static_cast<size_t>(N_ * d), T(0));
   cpu::linear_backward(dz.data(), h_.data(), P(gp_.tok_emb), dh.data(), G(gp_.tok_emb), N_, d, V);
   lora_backward(LoraTarget::Head, 0, dz.data(), h_.data(), lora_head_h_, dh.data());
+  if (bf16_norm_grads_ && !adapter(LoraTarget::Head, 0)) cpu::round_to_bf16(dh.data(), N_ * d);
   dz = {};
   std::vector<T> g(static_cast<size_t>(N_ * d), T(0)), g1;
   cpu::rmsnorm_backward(dh.data(), final_in_.data(), final_rstd_.data(), g.data(), N_, d);

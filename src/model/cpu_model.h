@@ -61,6 +61,12 @@ class CpuModel {
   // Frozen base weights: backward computes no parameter gradient (only LoRA adapters, if attached, learn).
   void set_frozen_base(bool on) { frozen_ = on; }
   bool frozen_base() const { return frozen_; }
+  // bf16 norm-input gradients, as GpuModel stores them (the references' bf16 autocast rounding): the input
+  // gradients of the q/k/v products (d n), of the MLP's fc (d m) and of the tied head (d h) are rounded to
+  // bf16 where that product is their only term (no LoRA adapter on the layer, no attention gate). Off by
+  // default: the golden tensors come from fp32 references.
+  void set_bf16_norm_grads(bool on) { bf16_norm_grads_ = on; }
+  bool bf16_norm_grads() const { return bf16_norm_grads_; }
   // Attaches per-row LoRA adapters (null detaches). Their rows must equal the batch rows and their
   // slots the number of virtual layers of the plan.
   void set_lora(LoraAdapters<T>* adapters) { lora_ = adapters; }
@@ -174,6 +180,7 @@ class CpuModel {
   std::vector<Matrix> qat_matrices_;  // the CastedLinear matrices late QAT fake-quantizes
   std::vector<T> qat_weights_;
   bool train_ = true, qat_ = false, qat_active_ = false, looping_ = false, frozen_ = false;
+  bool bf16_norm_grads_ = false;
   LoraAdapters<T>* lora_ = nullptr;
 
   ModelConfig::LayerPlan plan_;

@@ -8,6 +8,7 @@
 #include "backend/cpu/attention.h"
 #include "backend/cpu/fake_quant.h"
 #include "backend/cpu/gemm.h"
+#include "backend/cpu/linear.h"
 #include "backend/cpu/ngram_hash.h"
 #include "backend/cpu/rmsnorm.h"
 #include "backend/cpu/rope.h"
@@ -200,4 +201,22 @@ TEST(OpValues, LeakyReluSquare) {
   EXPECT_EQ(post, (std::vector<double>{1.0, 0.0, 9.0}));
   leaky_relu_sq_forward(pre.data(), post.data(), 3, 0.0);
   EXPECT_EQ(post, (std::vector<double>{0.0, 0.0, 9.0}));
+}
+
+// A linear's bf16 input gradient (CpuModel::set_bf16_norm_grads): round to nearest, ties to even, in one
+// step from the exact value. 1 + 2⁻⁸ is the midpoint of the bf16 neighbours 1 and 1 + 2⁻⁷; a double just
+// above it rounds to float exactly onto it, where a second rounding would go to the even neighbour 1.
+TEST(OpValues, RoundToBf16IsOneRoundingFromTheExactValue) {
+  const double mid = 1.0 + std::ldexp(1.0, -8);
+  std::vector<double> d = {mid, mid + std::ldexp(1.0, -40), mid - std::ldexp(1.0, -40), -(mid + std::ldexp(1.0, -40)),
+                           1.0 + 3 * std::ldexp(1.0, -8), 3.0e-3, 0.0};
+  round_to_bf16(d.data(), static_cast<int64_t>(d.size()));
+  const std::vector<double> expected = {1.0, 1.0 + std::ldexp(1.0, -7), 1.0, -(1.0 + std::ldexp(1.0, -7)),
+                                        1.0 + std::ldexp(1.0, -6), static_cast<double>(pgolf::round_to_bf16(3.0e-3f)),
+                                        0.0};
+  EXPECT_EQ(d, expected);
+  std::vector<float> f = {1.0f + std::ldexp(1.0f, -8), 1.0f + std::ldexp(1.0f, -8) + std::ldexp(1.0f, -20), -2.5e-7f};
+  const std::vector<float> f_expected = {1.0f, 1.0f + std::ldexp(1.0f, -7), pgolf::round_to_bf16(-2.5e-7f)};
+  round_to_bf16(f.data(), static_cast<int64_t>(f.size()));
+  EXPECT_EQ(f, f_expected);
 }

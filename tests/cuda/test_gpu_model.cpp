@@ -179,6 +179,7 @@ TEST_F(GpuModelTest, TokenWeightsAndGradientAccumulation) {
   for (int t = 90; t < 130; ++t) w[static_cast<size_t>(t)] = 0.5 / 40;
   CpuModel<double> ref(cfg);
   ref.params() = params;
+  ref.set_bf16_norm_grads(true);  // as GpuModel (gpu_model_check.h)
   ref.zero_grad();
   ref.forward(batch);
   ref.backward(w);
@@ -215,6 +216,7 @@ TEST_F(GpuModelTest, LoraAdaptersOnFrozenBase) {
     perturbed_init(ref, 51);
     ref.set_looping(looping);
     ref.set_frozen_base(true);
+    ref.set_bf16_norm_grads(true);  // as GpuModel (gpu_model_check.h): no effect where every target has an adapter
     LoraConfig lc;
     lc.rank = 8;
     lc.targets = {true, true, true, true, true, true};
@@ -237,6 +239,7 @@ TEST_F(GpuModelTest, LoraAdaptersOnFrozenBase) {
     for (float& x : floor_model.params().all()) x = round_to_bf16(x);
     floor_model.set_looping(looping);
     floor_model.set_frozen_base(true);
+    floor_model.set_bf16_norm_grads(true);
     LoraAdapters<float> floor_lora(cfg, lc, batch.rows, ref.num_virtual_layers());
     for (size_t i = 0; i < floor_lora.params().size(); ++i)
       floor_lora.params()[i] = round_to_bf16(static_cast<float>(lora.params()[i]));

@@ -127,8 +127,10 @@ TEST_F(GpuStepCheckTest, EveryStepMatchesTheCpuOnItsWeightsAndRepeatsBitForBit) 
 
   CpuModel<float> cpu(cfg);
   cpu.params() = init;
+  cpu.set_bf16_norm_grads(true);  // as GpuModel (gpu_model_check.h)
   std::vector<float> cm(init.all().size(), 0.f), cv(cm.size(), 0.f);
   CpuModel<float> floor_model(cfg);  // fp32 on bf16-rounded weights: the gradient floors
+  floor_model.set_bf16_norm_grads(true);
 
   cuda::GpuModel probe(cfg, cuda::GpuModelOptions{int64_t{rows} * T});
   cuda::GpuModel own(cfg, cuda::GpuModelOptions{int64_t{rows} * T});

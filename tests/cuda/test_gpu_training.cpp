@@ -1,7 +1,8 @@
 // A short training run of a small s691-style model on FineWeb tokens, on the GPU and on the CPU from
 // the same initial weights, batches and optimizer (adamw_step.h): the GPU's loss curve must follow the
 // CPU's. The CPU reference computes as the GPU model does with its weights: fp32 master weights stepped
-// by AdamW, the forward and backward on their bf16-rounded copies (in fp32 arithmetic). Each step's
+// by AdamW, the forward and backward on their bf16-rounded copies (in fp32 arithmetic, the norm-input
+// gradients rounded to bf16 where GpuModel stores them so). Each step's
 // loss then differs by the bf16 activations only (~1e-3 relative, gpu_model_check.h) and the two runs'
 // weights drift apart a little every step; over 30 steps at loss ~6 the curves must stay within 0.05
 // (under 1 %) of each other while both fall by at least 0.3.
@@ -43,6 +44,7 @@ TEST_F(GpuTrainingTest, LossCurveFollowsTheCpuRun) {
   CpuModel<float> cpu(cfg), fp32(cfg);  // bf16 weight copies (the reference) / plain fp32 (printed)
   ParamSet<float> master = init;
   fp32.params() = init;
+  cpu.set_bf16_norm_grads(true);  // and its norm-input gradients bf16, as GpuModel stores them
   std::vector<float> cm(init.all().size(), 0.f), cv(cm.size(), 0.f), fm(cm), fv(cm);
   cuda::GpuModel gpu(cfg, cuda::GpuModelOptions{int64_t{rows} * T});
   gpu.load_params(init);

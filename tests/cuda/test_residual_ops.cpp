@@ -286,6 +286,47 @@ TEST_F(ResidualOpsTest, MixNormBackwardWithTheBranchBelowEqualsBothPasses) {
   }
 }
 
+// A bf16 norm gradient (norm_grad.h, a single GEMM's output) is read as the fp32 rows of the same values:
+// the three norm backwards give the same bits from either copy (the fp32 path is checked above).
+TEST_F(ResidualOpsTest, Bf16NormGradientGivesTheBitsOfItsFp32Copy) {
+  for (const RowCase& c : kCases) {
+    const std::string tag = case_name(c);
+    SCOPED_TRACE(tag);
+    const int64_t n = c.rows * c.dim;
+    Rng rng(500 + c.dim);
+    const auto dn = random_bf16_values(n, rng);
+    const auto x = random_bf16_values(n, rng), x0 = random_bf16_values(n, rng), a = random_bf16_values(n, rng);
+    const auto g = random_f32_values(n, rng), dx0_init = random_f32_values(n, rng);
+    const auto mix = params_near(2 * c.dim, rng, 0.5, 0.5), scale = params_near(c.dim, rng, 1.0, 0.3);
+    const auto gate = params_near(c.dim, rng, 0.0, 1.0), rstd = params_near(c.rows, rng, 1.0, 0.3);
+    TestWorkspace tw(cuda::residual_workspace_floats(c.rows, c.dim));
+    DeviceBuffer<float> dn32(dn), drstd(rstd), dmix(mix), dscale(scale), dgate(gate);
+    auto dn16 = to_device_bf16(dn), dx = to_device_bf16(x), dx0 = to_device_bf16(x0), da = to_device_bf16(a);
+
+    auto run = [&](cuda::NormGrad d) {
+      const std::vector<float> zeros_2d(2 * c.dim, 0.f), zeros_d(c.dim, 0.f);
+      DeviceBuffer<float> mix_g(g), mix_dx0(dx0_init), mix_dmix(zeros_2d), branch_g(g), branch_ds(zeros_d),
+          branch_dgate(zeros_d);
+      auto branch_da = poisoned_buffer<bf16>(n);
+      auto norm_dx = poisoned_buffer<float>(n);
+      cuda::mix_norm_backward(d, mix_g.data(), drstd.data(), dx.data(), dx0.data(), dmix.data(), mix_g.data(), false,
+                              mix_dx0.data(), mix_dmix.data(), c.rows, c.dim, 0.6f, tw.ws, nullptr);
+      cuda::branch_backward(d, branch_g.data(), nullptr, dx.data(), drstd.data(), da.data(), dscale.data(),
+                            dgate.data(), branch_da.data(), branch_ds.data(), branch_dgate.data(), c.rows, c.dim, 0.5f,
+                            tw.ws, nullptr);
+      cuda::rmsnorm_backward(d, dx.data(), nullptr, drstd.data(), norm_dx.data(), c.rows, c.dim, 0.7f, 1.f, false,
+                             nullptr);
+      sync_device();
+      return std::vector<std::vector<float>>{mix_g.download(),       mix_dx0.download(),   mix_dmix.download(),
+                                             branch_g.download(),    from_device_bf16(branch_da),
+                                             branch_ds.download(),   branch_dgate.download(), norm_dx.download()};
+    };
+    const auto from_f32 = run(dn32.data()), from_bf16 = run(dn16.data());
+    const char* names[] = {"mix dx", "mix dx0", "dmix", "branch g", "branch da", "dscale", "dgate", "rmsnorm dx"};
+    for (size_t i = 0; i < from_f32.size(); ++i) EXPECT_EQ(from_bf16[i], from_f32[i]) << tag << ": " << names[i];
+  }
+}
+
 TEST_F(ResidualOpsTest, SkipWithAndWithoutGate) {
   for (const RowCase& c : kCases) {
     for (const bool gated : {true, false}) {

@@ -15,4 +15,9 @@ void linear_forward(const T* x, const T* W, T* y, int64_t N, int64_t in, int64_t
 template <typename T>
 void linear_backward(const T* dy, const T* x, const T* W, T* dx, T* dW, int64_t N, int64_t in, int64_t out);
 
+// x[i] ← x[i] rounded to the nearest bf16 value (ties to even, as one rounding from the exact value even
+// for doubles): the dtype of a linear's input gradient under the references' bf16 autocast.
+template <typename T>
+void round_to_bf16(T* x, int64_t n);
+
 }  // namespace pgolf::cpu

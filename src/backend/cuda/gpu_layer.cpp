@@ -63,8 +63,8 @@ void GpuModel::Impl::forward_attention_output(int v, const LayerRows& rows) {
   lora_forward(LoraTarget::O, v, rows.n, b.a, d);
 }
 
-// bw.da (d a) → bw.dn (d n, fp32, written).
-void GpuModel::Impl::backward_attention(int v) {
+// bw.da (d a) → d n, written to bw.dn's storage and returned.
+NormGrad GpuModel::Impl::backward_attention(int v) {
   const ModelConfig& m = cfg;
   const VirtualLayer& L = order[static_cast<size_t>(v)];
   const LayerParams& p = lp[static_cast<size_t>(L.physical)];
@@ -121,12 +121,18 @@ void GpuModel::Impl::backward_attention(int v) {
     }
     if (p.gate_w >= 0) linear_dw(bw.dgate_logits, gate_ld, b.n, d, n, d, H, G(p.gate_w));
   }
-  linear_dx(bw.dqkv, qkv_w, W16(p.w16_qkv), n, d, qkv_w, bw.dn, true, 0.f);
+  // The q, k and v products are one GEMM here; the references run three linears whose bf16 input
+  // gradients autograd adds. Stored bf16 (no gate or LoRA term to add), d n is their sum rounded once: a
+  // rounding of the size of theirs, which CpuModel's set_bf16_norm_grads repeats at this point.
+  const bool sole = p.gate_w < 0 && !has_lora(LoraTarget::Q, v) && !has_lora(LoraTarget::K, v) &&
+                    !has_lora(LoraTarget::V, v) && !has_lora(LoraTarget::O, v);
+  const NormGrad dn = norm_grad_dx(bw.dqkv, qkv_w, W16(p.w16_qkv), n, d, qkv_w, bw.dn, sole);
   if (p.gate_w >= 0) linear_dx(bw.dgate_logits, gate_ld, W16(p.w16_gate), n, d, H, bw.dn, true, 1.f);
   lora_backward(LoraTarget::Q, v, bw.dqkv, qkv_w, b.n, bw.dn);
   lora_backward(LoraTarget::K, v, bw.dqkv + qd, qkv_w, b.n, bw.dn);
   lora_backward(LoraTarget::V, v, bw.dqkv + qd + kvd, qkv_w, b.n, bw.dn);
   lora_backward(LoraTarget::O, v, bw.da, d, b.n, bw.dn);
+  return dn;
 }
 
 // m_in [rows, d] (the normed MLP input) → b.f = act(m·Wfcᵀ)·Wprojᵀ (+ LoRA_mlp(m)) [rows, d].
@@ -145,8 +151,8 @@ void GpuModel::Impl::forward_mlp(int v, const bf16* m_in, int64_t rows) {
   lora_forward(LoraTarget::Mlp, v, m_in, b.f, d);
 }
 
-// bw.df (d f) → bw.dm (d m, fp32, written).
-void GpuModel::Impl::backward_mlp(int v) {
+// bw.df (d f) → d m, written to bw.dm's storage and returned (bf16 unless a LoRA adapter adds to it).
+NormGrad GpuModel::Impl::backward_mlp(int v) {
   const LayerParams& p = lp[static_cast<size_t>(order[static_cast<size_t>(v)].physical)];
   LayerBuf& b = layers[static_cast<size_t>(v)];
   const int n = static_cast<int>(N);
@@ -159,8 +165,10 @@ void GpuModel::Impl::backward_mlp(int v) {
     leaky_relu_sq_backward(bw.dpost, b.pre, bw.dpost, N * hid, slope, stream);
   }
   linear_dw(bw.dpost, hid, b.m, d, n, d, hid, G(p.wfc));
-  linear_dx(bw.dpost, hid, W16(p.w16_fc), n, d, hid, bw.dm, true, 0.f);
+  const NormGrad dm =
+      norm_grad_dx(bw.dpost, hid, W16(p.w16_fc), n, d, hid, bw.dm, !has_lora(LoraTarget::Mlp, v));
   lora_backward(LoraTarget::Mlp, v, bw.df, d, b.m, bw.dm);
+  return dm;
 }
 
 // Plain block:    x_in = mix(x, x0); x_mid = x_in + attn_scale⊙(g_a⊙Attn(n)); out = x_mid + mlp_scale⊙(g_m⊙MLP(m))
@@ -263,13 +271,13 @@ bool GpuModel::Impl::backward_layer(int v, bool mlp_branch_done) {
       branch_backward(nullptr, bw.g, mlp.g_add, b.out, nullptr, mlp.a, mlp.branch_scale, mlp.gate, mlp.da, mlp.dscale,
                       mlp.dgate, N, d, 1.f, bw.reduce, stream);
     }
-    backward_mlp(v);
-    branch_backward(bw.dm, bw.g, nullptr, b.x_mid, b.m_rstd, b.a, P(p.attn_scale), P_or_null(p.attn_gate), bw.da,
+    const NormGrad dm = backward_mlp(v);
+    branch_backward(dm, bw.g, nullptr, b.x_mid, b.m_rstd, b.a, P(p.attn_scale), P_or_null(p.attn_gate), bw.da,
                     G(p.attn_scale), G(p.attn_gate), N, d, p.ln_scale, bw.reduce, stream);
-    backward_attention(v);
+    const NormGrad dn = backward_attention(v);
     const bool fold = folds_mlp_branch_below(v);
     const BranchBelow below = fold ? mlp_branch_of(v - 1) : BranchBelow{};
-    mix_norm_backward(bw.dn, bw.g, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, false, bw.dx0, G(p.resid_mix), N, d,
+    mix_norm_backward(dn, bw.g, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, false, bw.dx0, G(p.resid_mix), N, d,
                       p.ln_scale, bw.reduce, stream, fold ? &below : nullptr);
     return fold;
   }
@@ -279,10 +287,10 @@ bool GpuModel::Impl::backward_layer(int v, bool mlp_branch_done) {
   if (g_add) add_f32(bw.g, g_add, N * d, stream);
   lanes_backward(bw.g, bw.g1, b.x, b.lane1, b.a, b.f, P(p.attn_scale), P(p.mlp_scale), P(p.par_resid), P(p.par_post),
                  bw.da, bw.df, G(p.attn_scale), G(p.mlp_scale), G(p.par_resid), G(p.par_post), N, d, bw.reduce, stream);
-  backward_mlp(v);
-  rmsnorm_backward(bw.dm, b.lane1, nullptr, b.m_rstd, bw.g1, N, d, p.ln_scale, 1.f, true, stream);
-  backward_attention(v);
-  mix_norm_backward(bw.dn, nullptr, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, true, bw.dx0, G(p.resid_mix), N, d,
+  const NormGrad dm = backward_mlp(v);
+  rmsnorm_backward(dm, b.lane1, nullptr, b.m_rstd, bw.g1, N, d, p.ln_scale, 1.f, true, stream);
+  const NormGrad dn = backward_attention(v);
+  mix_norm_backward(dn, nullptr, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, true, bw.dx0, G(p.resid_mix), N, d,
                     p.ln_scale, bw.reduce, stream);
   return false;
 }

@@ -406,6 +406,17 @@ void GpuModel::Impl::linear_dx(const bf16* dy, int64_t ld_dy, const bf16* w, int
   gemm.run(s, dy, w, dx, 1.f, beta, stream);
 }
 
+NormGrad GpuModel::Impl::norm_grad_dx(const bf16* dy, int64_t ld_dy, const bf16* w, int rows, int in, int out,
+                                       float* storage, bool sole) {
+  if (!sole) {
+    linear_dx(dy, ld_dy, w, rows, in, out, storage, true, 0.f);
+    return storage;
+  }
+  bf16* rows16 = reinterpret_cast<bf16*>(storage);  // the first half of the fp32 buffer
+  linear_dx(dy, ld_dy, w, rows, in, out, rows16, false, 0.f);
+  return rows16;
+}
+
 void GpuModel::Impl::linear_dw(const bf16* dy, int64_t ld_dy, const bf16* x, int64_t ld_x, int rows, int in, int out,
                                float* dw) {
   if (!dw) return;
@@ -739,16 +750,17 @@ void GpuModel::Impl::backward(const float* weights_device) {
   softcap_ce_backward(io.logits, io.lse, targets, weights, static_cast<float>(1.0 / static_cast<double>(N)), io.logits,
                       R, V, static_cast<float>(cfg.logit_softcap), stream);
   linear_dw(io.logits, V, io.h, d, static_cast<int>(R), d, V, G(gp.tok_emb));
-  linear_dx(io.logits, V, W16(gp.w16_tok_emb), static_cast<int>(R), d, V, bw.dn, true, 0.f);
+  const NormGrad dh = norm_grad_dx(io.logits, V, W16(gp.w16_tok_emb), static_cast<int>(R), d, V, bw.dn,
+                                    !has_lora(LoraTarget::Head, 0));
   lora_backward(LoraTarget::Head, 0, io.logits, V, io.h, bw.dn, head_selected ? selection.tail : 0);
   // Through the final norm; with lanes each lane gets half of the mean's gradient. Selected rows: their
   // gradients (in dx0's space, cleared below) put in their places, zeros elsewhere.
   if (head_selected) {
-    rmsnorm_backward(bw.dn, io.final_x, io.final_x2, io.final_rstd, bw.dx0, R, d, 1.f, lanes ? 0.5f : 1.f, false,
+    rmsnorm_backward(dh, io.final_x, io.final_x2, io.final_rstd, bw.dx0, R, d, 1.f, lanes ? 0.5f : 1.f, false,
                      stream);
     scatter_rows_f32(bw.dx0, selection.index, R, d, bw.g, N, stream);
   } else {
-    rmsnorm_backward(bw.dn, io.final_x, io.final_x2, io.final_rstd, bw.g, N, d, 1.f, lanes ? 0.5f : 1.f, false, stream);
+    rmsnorm_backward(dh, io.final_x, io.final_x2, io.final_rstd, bw.g, N, d, 1.f, lanes ? 0.5f : 1.f, false, stream);
   }
   if (lanes)
     PG_CUDA_CHECK(cudaMemcpyAsync(bw.g1, bw.g, static_cast<size_t>(N) * d * 4, cudaMemcpyDeviceToDevice, stream));

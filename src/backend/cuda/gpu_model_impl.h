@@ -14,6 +14,7 @@
 #include "backend/cuda/attention.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/gpu_model.h"
+#include "backend/cuda/norm_grad.h"
 #include "backend/cuda/partial_sums.h"
 #include "backend/cuda/residual.h"
 #include "backend/cuda/weights.h"
@@ -228,9 +229,9 @@ struct GpuModel::Impl {
   void forward_layer_rows(int v, const LayerRows& rows);         // after attention: branches, MLP → b.out (b.out1)
   LayerRows all_rows(int v) const;
   LayerRows gather_selected_rows(int v);
-  void backward_attention(int v);  // from bw.da → bw.dn
+  NormGrad backward_attention(int v);  // from bw.da → d n in bw.dn's storage (fp32 or bf16, returned)
   void forward_mlp(int v, const bf16* input, int64_t rows);
-  void backward_mlp(int v);  // from bw.df → bw.dm (fp32, written)
+  NormGrad backward_mlp(int v);  // from bw.df → d m in bw.dm's storage (fp32 or bf16, returned)
 
   // ---- helpers ----------------------------------------------------------------------------------
   float* P(int64_t off) { return params.data() + off; }
@@ -244,12 +245,18 @@ struct GpuModel::Impl {
   // dx [rows, in] = beta·dx + dy [rows, out] (ld_dy) · W
   void linear_dx(const bf16* dy, int64_t ld_dy, const bf16* w, int rows, int in, int out, void* dx, bool f32_out,
                  float beta);
+  // d input [rows, in] = dy · W, the gradient of a norm's output, into `storage` ([rows, in] fp32): stored bf16
+  // when this product is its only term (`sole`; norm_grad.h), else fp32 for the terms added after it.
+  NormGrad norm_grad_dx(const bf16* dy, int64_t ld_dy, const bf16* w, int rows, int in, int out, float* storage,
+                        bool sole);
   // dW [out, in] (fp32) += dyᵀ · x
   void linear_dw(const bf16* dy, int64_t ld_dy, const bf16* x, int64_t ld_x, int rows, int in, int out, float* dw);
   // Over the batch's B rows of T tokens, or of `row_tokens` when given (the head's selected rows).
   void lora_forward(LoraTarget target, int slot, const bf16* x, bf16* y, int64_t y_ld, int64_t row_tokens = 0);
   void lora_backward(LoraTarget target, int slot, const bf16* dy, int64_t dy_ld, const bf16* x, float* dx,
                      int64_t row_tokens = 0);
+  // Whether an adapter is attached to target in slot (its lora_backward then adds to dx).
+  bool has_lora(LoraTarget target, int slot) const { return lora && lora->impl().find(target, slot); }
   AttentionShape attention_shape() const;
   // dtable[ids[i]] += dout[i] for the batch's N tokens: atomics, or the sorted sums in deterministic mode.
   void embedding_grad(const int32_t* ids, const float* dout, int dim, float* dtable, int table_rows);

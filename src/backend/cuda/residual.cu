@@ -152,9 +152,9 @@ __global__ void __launch_bounds__(kRowThreads) mix_norm_forward_kernel(const bf1
 }
 
 // kBelow: the MLP-branch backward of the layer below, on dx as written (BranchBelow).
-template <int kVec, bool kBelow>
+template <int kVec, bool kBelow, typename DnT>
 __global__ void __launch_bounds__(kRowThreads) mix_norm_backward_kernel(
-    const float* __restrict__ dn, const float* g_in, const float* __restrict__ rstd, const bf16* __restrict__ x,
+    const DnT* __restrict__ dn, const float* g_in, const float* __restrict__ rstd, const bf16* __restrict__ x,
     const bf16* __restrict__ x0, const float* __restrict__ mix, float* dx, bool accumulate_dx, float* __restrict__ dx0,
     float* __restrict__ partials, const BranchBelow below, int64_t rows, int dim, float scale) {
   pdl_prologue();
@@ -261,9 +261,9 @@ __global__ void __launch_bounds__(kRowThreads) branch_forward_kernel(const bf16*
   }
 }
 
-template <int kVec>
+template <int kVec, typename DnT>
 __global__ void __launch_bounds__(kRowThreads) branch_backward_kernel(
-    const float* __restrict__ dn, float* __restrict__ g, const float* __restrict__ g_add, const bf16* __restrict__ out,
+    const DnT* __restrict__ dn, float* __restrict__ g, const float* __restrict__ g_add, const bf16* __restrict__ out,
     const float* __restrict__ rstd, const bf16* __restrict__ a, const float* __restrict__ branch_scale,
     const float* __restrict__ gate, bf16* __restrict__ da, float* __restrict__ partials, bool want_dscale,
     bool want_dgate, int64_t rows, int dim, float norm_scale) {
@@ -498,7 +498,7 @@ void mix_norm_forward(const bf16* x, const bf16* x0, const float* mix, bf16* x_i
   PG_CUDA_LAUNCH_CHECK();
 }
 
-void mix_norm_backward(const float* dn, const float* g_in, const float* rstd, const bf16* x, const bf16* x0,
+void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const bf16* x, const bf16* x0,
                        const float* mix, float* dx, bool accumulate_dx, float* dx0, float* dmix, int64_t rows, int dim,
                        float scale, const ReduceWorkspace& ws, cudaStream_t stream, const BranchBelow* below) {
   check_row_dim(dim, "mix_norm_backward");
@@ -511,13 +511,17 @@ void mix_norm_backward(const float* dn, const float* g_in, const float* rstd, co
   if (any) check_reduce_workspace(ws, blocks, 4 * dim, "mix_norm_backward");
   float* partials = any ? ws.data : nullptr;
   dispatch_row_vec(dim, [&](auto vec) {
-    if (below)
-      launch_kernel(mix_norm_backward_kernel<decltype(vec)::value, true>, blocks, kRowThreads, column_smem(dim), stream,
-                    dn, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, *below, rows, dim, scale);
-    else
-      launch_kernel(mix_norm_backward_kernel<decltype(vec)::value, false>, blocks, kRowThreads, column_smem(dim),
-                    stream, dn, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, BranchBelow{}, rows, dim,
-                    scale);
+    dispatch_norm_grad(dn, [&](auto dn_rows) {
+      using DnT = std::remove_cv_t<std::remove_pointer_t<decltype(dn_rows)>>;
+      if (below)
+        launch_kernel(mix_norm_backward_kernel<decltype(vec)::value, true, DnT>, blocks, kRowThreads, column_smem(dim),
+                      stream, dn_rows, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, *below, rows, dim,
+                      scale);
+      else
+        launch_kernel(mix_norm_backward_kernel<decltype(vec)::value, false, DnT>, blocks, kRowThreads,
+                      column_smem(dim), stream, dn_rows, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials,
+                      BranchBelow{}, rows, dim, scale);
+    });
   });
   PG_CUDA_LAUNCH_CHECK();
   if (any)
@@ -537,7 +541,7 @@ void branch_forward(const bf16* x, const bf16* a, const float* branch_scale, con
   PG_CUDA_LAUNCH_CHECK();
 }
 
-void branch_backward(const float* dn, float* g, const float* g_add, const bf16* out, const float* rstd, const bf16* a,
+void branch_backward(NormGrad dn, float* g, const float* g_add, const bf16* out, const float* rstd, const bf16* a,
                      const float* branch_scale, const float* gate, bf16* da, float* dscale, float* dgate, int64_t rows,
                      int dim, float norm_scale, const ReduceWorkspace& ws, cudaStream_t stream) {
   check_row_dim(dim, "branch_backward");
@@ -548,9 +552,12 @@ void branch_backward(const float* dn, float* g, const float* g_add, const bf16* 
   if (any) check_reduce_workspace(ws, blocks, 2 * dim, "branch_backward");
   float* partials = any ? ws.data : nullptr;
   dispatch_row_vec(dim, [&](auto vec) {
-    launch_kernel(branch_backward_kernel<decltype(vec)::value>, blocks, kRowThreads, column_smem(dim), stream, dn, g,
-                  g_add, out, rstd, a, branch_scale, gate, da, partials, dscale != nullptr, want_dgate, rows, dim,
-                  norm_scale);
+    dispatch_norm_grad(dn, [&](auto dn_rows) {
+      using DnT = std::remove_cv_t<std::remove_pointer_t<decltype(dn_rows)>>;
+      launch_kernel(branch_backward_kernel<decltype(vec)::value, DnT>, blocks, kRowThreads, column_smem(dim), stream,
+                    dn_rows, g, g_add, out, rstd, a, branch_scale, gate, da, partials, dscale != nullptr, want_dgate,
+                    rows, dim, norm_scale);
+    });
   });
   PG_CUDA_LAUNCH_CHECK();
   if (any) finish_partial_sums(ws.data, blocks, {{dscale, dim}, {want_dgate ? dgate : nullptr, dim}}, stream);

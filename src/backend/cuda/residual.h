@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "backend/cuda/norm_grad.h"
 #include "backend/cuda/partial_sums.h"
 
 namespace pgolf::cuda {
@@ -32,11 +33,12 @@ struct BranchBelow {
   float* dgate = nullptr;
 };
 
+// dn: fp32 or bf16 rows (norm_grad.h).
 // t = (g_in ? g_in : 0) + RMSNorm backward of dn (through x_in, recomputed from x and x0 with the
 // forward's roundings: the same bits as the stored x_in, not read back);
 // dx = (accumulate_dx ? dx : 0) + mix[0]⊙t; dx0 += mix[1]⊙t; dmix [2, dim] += [Σ t⊙x, Σ t⊙x0].
 // g_in may alias dx (read before written, element by element). below: see BranchBelow.
-void mix_norm_backward(const float* dn, const float* g_in, const float* rstd, const __nv_bfloat16* x,
+void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const __nv_bfloat16* x,
                        const __nv_bfloat16* x0, const float* mix, float* dx, bool accumulate_dx, float* dx0,
                        float* dmix, int64_t rows, int dim, float scale, const ReduceWorkspace& ws,
                        cudaStream_t stream, const BranchBelow* below = nullptr);
@@ -49,10 +51,11 @@ void branch_forward(const __nv_bfloat16* x, const __nv_bfloat16* a, const float*
                     cudaStream_t stream);
 
 // g holds d out. With g_add: g += g_add first (a second gradient of out, e.g. through a U-Net skip:
-// one pass instead of a separate add). With dn: g += RMSNorm backward of dn (through the stored out).
+// one pass instead of a separate add). With dn (fp32 or bf16 rows): g += RMSNorm backward of dn (through
+// the stored out).
 // g is stored back when either is given. Then da = branch_scale⊙σ⊙g (bf16), dscale += σ⊙Σ g⊙a,
 // dgate += branch_scale⊙σ(1−σ)⊙Σ g⊙a.
-void branch_backward(const float* dn, float* g, const float* g_add, const __nv_bfloat16* out, const float* rstd,
+void branch_backward(NormGrad dn, float* g, const float* g_add, const __nv_bfloat16* out, const float* rstd,
                      const __nv_bfloat16* a, const float* branch_scale, const float* gate, __nv_bfloat16* da,
                      float* dscale, float* dgate, int64_t rows, int dim, float norm_scale, const ReduceWorkspace& ws,
                      cudaStream_t stream);

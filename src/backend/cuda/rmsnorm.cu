@@ -58,8 +58,8 @@ __global__ void __launch_bounds__(kRowThreads) rmsnorm_forward_kernel(const bf16
   }
 }
 
-template <int kVec>
-__global__ void __launch_bounds__(kRowThreads) rmsnorm_backward_kernel(const float* __restrict__ dy,
+template <int kVec, typename DyT>
+__global__ void __launch_bounds__(kRowThreads) rmsnorm_backward_kernel(const DyT* __restrict__ dy,
                                                                        const bf16* __restrict__ x,
                                                                        const bf16* __restrict__ x2,
                                                                        const float* __restrict__ rstd,
@@ -111,14 +111,17 @@ void rmsnorm_forward(const bf16* x, const bf16* x2, bf16* y, float* rstd, int64_
   PG_CUDA_LAUNCH_CHECK();
 }
 
-void rmsnorm_backward(const float* dy, const bf16* x, const bf16* x2, const float* rstd, float* dx, int64_t rows,
+void rmsnorm_backward(NormGrad dy, const bf16* x, const bf16* x2, const float* rstd, float* dx, int64_t rows,
                       int dim, float scale, float out_scale, bool accumulate, cudaStream_t stream) {
   check_row_dim(dim, "rmsnorm_backward");
   if (rows == 0) return;
   dispatch_row_vec(dim, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
-    launch_kernel(rmsnorm_backward_kernel<kVec>, row_blocks(rows), kRowThreads, 0, stream, dy, x, x2, rstd, dx, rows,
-                  dim, scale, out_scale, accumulate);
+    dispatch_norm_grad(dy, [&](auto dy_rows) {
+      using DyT = std::remove_cv_t<std::remove_pointer_t<decltype(dy_rows)>>;
+      launch_kernel(rmsnorm_backward_kernel<kVec, DyT>, row_blocks(rows), kRowThreads, 0, stream, dy_rows, x, x2, rstd,
+                    dx, rows, dim, scale, out_scale, accumulate);
+    });
   });
   PG_CUDA_LAUNCH_CHECK();
 }

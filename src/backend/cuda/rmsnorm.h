@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "backend/cuda/norm_grad.h"
+
 namespace pgolf::cuda {
 
 // y [rows, dim] bf16, rstd [rows] = 1/sqrt(mean(u²) + eps) with u = x, or 0.5·(x + x2) when x2 is given.
@@ -16,8 +18,8 @@ void rmsnorm_forward(const __nv_bfloat16* x, const __nv_bfloat16* x2, __nv_bfloa
                      int dim, float scale, cudaStream_t stream);
 
 // dx (fp32) = (accumulate ? dx : 0) + out_scale · scale·rstd·(dy − u·rstd²·(dy·u)/dim), u as in the
-// forward (out_scale = 0.5 gives each lane's share of the mean's gradient). dy is fp32.
-void rmsnorm_backward(const float* dy, const __nv_bfloat16* x, const __nv_bfloat16* x2, const float* rstd, float* dx,
+// forward (out_scale = 0.5 gives each lane's share of the mean's gradient). dy: fp32 or bf16 rows.
+void rmsnorm_backward(NormGrad dy, const __nv_bfloat16* x, const __nv_bfloat16* x2, const float* rstd, float* dx,
                       int64_t rows, int dim, float scale, float out_scale, bool accumulate, cudaStream_t stream);
 
 }  // namespace pgolf::cuda
