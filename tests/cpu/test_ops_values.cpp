@@ -15,6 +15,7 @@
 #include "backend/cpu/smear.h"
 #include "backend/cpu/softcap_ce.h"
 #include "backend/cpu/xsa.h"
+#include "core/half.h"
 #include "fd_check.h"
 
 using namespace pgolf;

@@ -287,7 +287,8 @@ TEST_F(ResidualOpsTest, MixNormBackwardWithTheBranchBelowEqualsBothPasses) {
 }
 
 // A bf16 norm gradient (norm_grad.h, a single GEMM's output) is read as the fp32 rows of the same values:
-// the three norm backwards give the same bits from either copy (the fp32 path is checked above).
+// the three norm backwards (mix_norm_backward also with the branch below folded in) give the same bits
+// from either copy; the fp32 paths are checked against their CPU twins above.
 TEST_F(ResidualOpsTest, Bf16NormGradientGivesTheBitsOfItsFp32Copy) {
   for (const RowCase& c : kCases) {
     const std::string tag = case_name(c);
@@ -311,6 +312,12 @@ TEST_F(ResidualOpsTest, Bf16NormGradientGivesTheBitsOfItsFp32Copy) {
       auto norm_dx = poisoned_buffer<float>(n);
       cuda::mix_norm_backward(d, mix_g.data(), drstd.data(), dx.data(), dx0.data(), dmix.data(), mix_g.data(), false,
                               mix_dx0.data(), mix_dmix.data(), c.rows, c.dim, 0.6f, tw.ws, nullptr);
+      DeviceBuffer<float> fold_g(g), fold_dx0(dx0_init), fold_dmix(zeros_2d), fold_ds(zeros_d), fold_dgate(zeros_d);
+      auto fold_da = poisoned_buffer<bf16>(n);
+      const cuda::BranchBelow below{da.data(), dscale.data(), dgate.data(), nullptr, fold_da.data(), fold_ds.data(),
+                                    fold_dgate.data()};
+      cuda::mix_norm_backward(d, fold_g.data(), drstd.data(), dx.data(), dx0.data(), dmix.data(), fold_g.data(), false,
+                              fold_dx0.data(), fold_dmix.data(), c.rows, c.dim, 0.6f, tw.ws, nullptr, &below);
       cuda::branch_backward(d, branch_g.data(), nullptr, dx.data(), drstd.data(), da.data(), dscale.data(),
                             dgate.data(), branch_da.data(), branch_ds.data(), branch_dgate.data(), c.rows, c.dim, 0.5f,
                             tw.ws, nullptr);
@@ -319,10 +326,13 @@ TEST_F(ResidualOpsTest, Bf16NormGradientGivesTheBitsOfItsFp32Copy) {
       sync_device();
       return std::vector<std::vector<float>>{mix_g.download(),       mix_dx0.download(),   mix_dmix.download(),
                                              branch_g.download(),    from_device_bf16(branch_da),
-                                             branch_ds.download(),   branch_dgate.download(), norm_dx.download()};
+                                             branch_ds.download(),   branch_dgate.download(), norm_dx.download(),
+                                             fold_g.download(),      fold_dx0.download(),  fold_dmix.download(),
+                                             from_device_bf16(fold_da), fold_ds.download(), fold_dgate.download()};
     };
     const auto from_f32 = run(dn32.data()), from_bf16 = run(dn16.data());
-    const char* names[] = {"mix dx", "mix dx0", "dmix", "branch g", "branch da", "dscale", "dgate", "rmsnorm dx"};
+    const char* names[] = {"mix dx",  "mix dx0",  "dmix",      "branch g", "branch da",   "dscale",     "dgate",
+                           "rmsnorm dx", "fold dx", "fold dx0", "fold dmix", "fold da", "fold dscale", "fold dgate"};
     for (size_t i = 0; i < from_f32.size(); ++i) EXPECT_EQ(from_bf16[i], from_f32[i]) << tag << ": " << names[i];
   }
 }
