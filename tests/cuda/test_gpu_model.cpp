@@ -239,7 +239,6 @@ TEST_F(GpuModelTest, LoraAdaptersOnFrozenBase) {
     for (float& x : floor_model.params().all()) x = round_to_bf16(x);
     floor_model.set_looping(looping);
     floor_model.set_frozen_base(true);
-    floor_model.set_bf16_norm_grads(true);
     LoraAdapters<float> floor_lora(cfg, lc, batch.rows, ref.num_virtual_layers());
     for (size_t i = 0; i < floor_lora.params().size(); ++i)
       floor_lora.params()[i] = round_to_bf16(static_cast<float>(lora.params()[i]));
