@@ -166,6 +166,13 @@ const Plan& GemmRunner::Impl::plan_for(const PlanKey& key) {
   set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_second, sizeof(align_second));
   set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d));
   set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d));
+  // bf16 output: a split-K's partial sums are reduced in fp32 (or K is not split), so that every output is
+  // one rounding of its fp32 sum, the rounding the CPU twins model (CpuModel::set_bf16_norm_grads). The
+  // default also allows reductions in the output type: a bf16 rounding per split.
+  if (s.output == GemmOutput::kBf16) {
+    const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+    set_pref(CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes));
+  }
 
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
