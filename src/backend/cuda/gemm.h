@@ -1,6 +1,7 @@
 // Matrix products on cuBLASLt with pgolf's row-major conventions: bf16 operands, fp32 accumulation,
 // bf16 or fp32 output, optional strided batch, a fused bias epilogue, and a plan cache (layouts,
-// descriptor and the heuristic's algorithm) keyed by everything that selects a kernel.
+// descriptor and the heuristic's algorithm) keyed by everything that selects a kernel. A bf16 output is
+// one rounding of its fp32 sum (split-K partial sums are reduced in fp32, never in bf16).
 //
 //   D[m, n] = alpha * op(A)[m, k] * op(B)[k, n] + beta * D[m, n]          (D is also C: in place)
 //
