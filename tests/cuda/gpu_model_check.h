@@ -18,6 +18,13 @@
 // such roundings (the stored activations above, each of the weights' size); if their effects added
 // linearly the error would be 8 floors, in quadrature about 3.
 //
+// One rounding is one draw of that sensitivity, and for a cancelling scalar a single draw can land far
+// below its typical size: on the tiny s562 model the bigram scale's floor is 5e-3 with the weights
+// rounded to nearest but 4e-3 to 6e-2 (rms 3.4e-2) with eight other perturbations of the same size.
+// So where a gradient exceeds the bound of its rounded floor, the floor becomes the larger of that and
+// the rms over it and kFloorDraws weight perturbations w·(1 + u·2⁻⁹), u uniform in [−1, 1] from fixed
+// seeds: the typical sensitivity, not a lucky draw. A well-conditioned tensor keeps its bound of 5e-2.
+//
 // The GPU's gradients are compared with a CpuModel<double> that rounds the norm-input gradients (d n, d m,
 // d h) to bf16 where GpuModel stores them bf16 (CpuModel::set_bf16_norm_grads, the references' autocast
 // precision): a rounding the GPU shares with the references is not an error of its kernels. The floors
@@ -35,6 +42,7 @@
 
 #include "backend/cuda/gpu_model.h"
 #include "core/half.h"
+#include "core/rng.h"
 #include "model/cpu_model.h"
 
 namespace pgolf::test {
@@ -44,6 +52,7 @@ constexpr double kTokenLossTol = 1e-2;
 constexpr double kMeanLossTol = 1e-2;
 constexpr double kGradTol = 5e-2;
 constexpr double kGradFloorFactor = 8.0;
+constexpr int kFloorDraws = 4;
 
 inline double grad_bound(double floor) { return std::max(kGradTol, kGradFloorFactor * floor); }
 
@@ -65,6 +74,7 @@ struct ModelRunOptions {
   bool looping = false;
   bool train = true;
   bool qat = false;
+  bool bf16_norm_grads = true;  // GpuModelOptions::bf16_norm_grads, and the reference's rounding with it
 };
 
 // Runs both models on `params` and `batch` and checks everything; `what` names the case.
@@ -80,23 +90,34 @@ inline void expect_gpu_matches_cpu(const std::string& what, const ModelConfig& c
   ref.backward();
   const ParamSet<double> unrounded_grads = ref.grads();  // what the weights-only floors are measured against
   // The GPU's reference: the same forward, the norm-input gradients rounded where GpuModel rounds them.
-  ref.set_bf16_norm_grads(true);
+  ref.set_bf16_norm_grads(opt.bf16_norm_grads);
   ref.zero_grad();
   ref.forward(batch);
   ref.backward();
 
-  // The weights-only floor: fp32 CPU model on bf16-rounded parameters.
-  CpuModel<float> floor_model(cfg);
-  floor_model.params() = params.cast<float>();
-  for (float& x : floor_model.params().all()) x = round_to_bf16(x);
-  floor_model.set_looping(opt.looping);
-  floor_model.set_train(opt.train);
-  floor_model.set_qat(opt.qat);
-  floor_model.zero_grad();
-  const double floor_loss = floor_model.forward(batch);
-  floor_model.backward();
+  // The weights-only floor: fp32 CPU model on bf16-rounded parameters (draw 0), or on parameters
+  // perturbed by relative amounts uniform in [−2⁻⁹, 2⁻⁹] (draws 1, 2, ...: seeds 1, 2, ...).
+  auto floor_run = [&](int draw, double* loss) {
+    CpuModel<float> floor_model(cfg);
+    floor_model.params() = params.cast<float>();
+    Rng rng(static_cast<uint64_t>(draw));
+    for (float& x : floor_model.params().all())
+      x = draw == 0 ? round_to_bf16(x) : static_cast<float>(x * (1.0 + rng.uniform(-1.0, 1.0) / 512.0));
+    floor_model.set_looping(opt.looping);
+    floor_model.set_train(opt.train);
+    floor_model.set_qat(opt.qat);
+    floor_model.zero_grad();
+    const double l = floor_model.forward(batch);
+    if (loss) *loss = l;
+    floor_model.backward();
+    return floor_model.grads();
+  };
+  double floor_loss = 0;
+  const ParamSet<float> floor_grads = floor_run(0, &floor_loss);
 
-  cuda::GpuModel gpu(cfg, cuda::GpuModelOptions{batch.tokens()});
+  cuda::GpuModelOptions gpu_options{batch.tokens()};
+  gpu_options.bf16_norm_grads = opt.bf16_norm_grads;
+  cuda::GpuModel gpu(cfg, gpu_options);
   gpu.load_params(params.cast<float>());
   gpu.set_looping(opt.looping);
   gpu.set_train(opt.train);
@@ -140,18 +161,39 @@ inline void expect_gpu_matches_cpu(const std::string& what, const ModelConfig& c
   std::printf("  [%s] rel errors: token losses %.2e  logits %.2e  x0 %.2e  worst layer %.2e  final norm %.2e\n",
               what.c_str(), e_losses, e_logits, e_x0, worst_layer, e_final);
 
+  const size_t tensors = ref.params().layout().size();
+  std::vector<double> errors(tensors), floors(tensors);
+  bool over = false;
+  for (size_t i = 0; i < tensors; ++i) {
+    errors[i] = rel_frobenius(gpu_grads[i], ref.grads()[i]);
+    floors[i] = rel_frobenius(floor_grads[i], unrounded_grads[i]);
+    over = over || errors[i] > grad_bound(floors[i]);
+  }
+  if (over) {  // the typical sensitivity: the rms over the rounded draw and kFloorDraws perturbations
+    std::vector<double> sum_sq(tensors);
+    for (size_t i = 0; i < tensors; ++i) sum_sq[i] = floors[i] * floors[i];
+    for (int draw = 1; draw <= kFloorDraws; ++draw) {
+      const ParamSet<float> g = floor_run(draw, nullptr);
+      for (size_t i = 0; i < tensors; ++i) {
+        const double e = rel_frobenius(g[i], unrounded_grads[i]);
+        sum_sq[i] += e * e;
+      }
+    }
+    for (size_t i = 0; i < tensors; ++i) floors[i] = std::max(floors[i], std::sqrt(sum_sq[i] / (kFloorDraws + 1)));
+  }
   double worst = 0, worst_floor = 0;
   std::string worst_name;
-  for (size_t i = 0; i < ref.params().layout().size(); ++i) {
+  for (size_t i = 0; i < tensors; ++i) {
     const std::string& name = ref.params().layout().spec(i).name;
-    const double e = rel_frobenius(gpu_grads[i], ref.grads()[i]);
-    const double ef = rel_frobenius(floor_model.grads()[i], unrounded_grads[i]);
-    EXPECT_LE(e, grad_bound(ef)) << what << ": gradient of " << name << " (bf16-weights fp32 floor " << ef << ")";
-    if (e > worst) worst = e, worst_name = name;
-    worst_floor = std::max(worst_floor, ef);
+    EXPECT_LE(errors[i], grad_bound(floors[i]))
+        << what << ": gradient of " << name << " (bf16-weights fp32 floor " << floors[i]
+        << (over ? ", the rms of the rounded and the perturbed draws" : "") << ")";
+    if (errors[i] > worst) worst = errors[i], worst_name = name;
+    worst_floor = std::max(worst_floor, floors[i]);
   }
-  std::printf("  [%s] %zu gradient tensors: worst rel error %.2e (%s); bf16-weights floor worst %.2e\n", what.c_str(),
-              ref.params().layout().size(), worst, worst_name.c_str(), worst_floor);
+  std::printf("  [%s] %zu gradient tensors: worst rel error %.2e (%s); bf16-weights floor worst %.2e%s\n",
+              what.c_str(), tensors, worst, worst_name.c_str(), worst_floor,
+              over ? " (perturbed draws taken)" : "");
 }
 
 }  // namespace pgolf::test

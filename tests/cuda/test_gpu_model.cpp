@@ -158,6 +158,17 @@ TEST_F(GpuModelTest, ProgrammaticLaunchKeepsTheBits) {
   }
 }
 
+// cuda_bf16_norm_grads = false: every norm gradient fp32, against the reference without that rounding.
+TEST_F(GpuModelTest, Fp32NormGradients) {
+  ModelRunOptions opt;
+  opt.bf16_norm_grads = false;
+  for (const std::string stack : {"s691", "s1560"}) {
+    const ModelConfig cfg = tiny64_config(stack);
+    expect_gpu_matches_cpu(stack + " fp32 norm gradients", cfg, perturbed_params(cfg, 33), batch64(cfg.vocab_size, true, 34),
+                           opt);
+  }
+}
+
 TEST_F(GpuModelTest, LateQatInTrainModeOnly) {
   const ModelConfig cfg = tiny64_config("s691");
   const ParamSet<double> params = perturbed_params(cfg, 31);

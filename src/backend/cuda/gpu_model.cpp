@@ -68,6 +68,7 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
   qkv_w = qd + 2 * kvd;
   mlp_fused = options.mlp_fused && mlp_fused_supported(d, hid);
   fold_dq_finish = options.fold_dq_finish && Dh == kAttentionHeadDim && !deterministic;
+  bf16_norm_grads = options.bf16_norm_grads;
   gate_ld = static_cast<int>(round_up(H, 8));
   PG_CHECK(max_tokens > 0, "GpuModel: max_tokens must be positive, got {}", max_tokens);
   PG_CHECK(!(m.branch_gates && m.parallel_start_layer > 0),
@@ -408,7 +409,7 @@ void GpuModel::Impl::linear_dx(const bf16* dy, int64_t ld_dy, const bf16* w, int
 
 NormGrad GpuModel::Impl::norm_grad_dx(const bf16* dy, int64_t ld_dy, const bf16* w, int rows, int in, int out,
                                        float* storage, bool sole) {
-  if (!sole) {
+  if (!sole || !bf16_norm_grads) {
     linear_dx(dy, ld_dy, w, rows, in, out, storage, true, 0.f);
     return storage;
   }
