@@ -158,14 +158,16 @@ TEST_F(GpuModelTest, ProgrammaticLaunchKeepsTheBits) {
   }
 }
 
-// cuda_bf16_norm_grads = false: every norm gradient fp32, against the reference without that rounding.
+// cuda_bf16_norm_grads = false: every norm gradient fp32 (the engine before bf16 norm gradients), against
+// the reference without that rounding, on GpuTiny's head-dim-64 s691 and s1560 cases.
 TEST_F(GpuModelTest, Fp32NormGradients) {
   ModelRunOptions opt;
   opt.bf16_norm_grads = false;
-  for (const std::string stack : {"s691", "s1560"}) {
-    const ModelConfig cfg = tiny64_config(stack);
-    expect_gpu_matches_cpu(stack + " fp32 norm gradients", cfg, perturbed_params(cfg, 33), batch64(cfg.vocab_size, true, 34),
-                           opt);
+  for (const TinyCase c : {TinyCase{"s691", true, false, true}, TinyCase{"s1560", true, true, true}}) {
+    const ModelConfig cfg = tiny64_config(c.stack);
+    opt.looping = c.looping;
+    expect_gpu_matches_cpu(tiny_case_name(c) + " fp32 norm gradients", cfg, perturbed_params(cfg, 21),
+                           batch64(cfg.vocab_size, c.packed, 17), opt);
   }
 }
 
