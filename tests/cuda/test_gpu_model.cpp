@@ -163,7 +163,7 @@ TEST_F(GpuModelTest, ProgrammaticLaunchKeepsTheBits) {
 TEST_F(GpuModelTest, Fp32NormGradients) {
   ModelRunOptions opt;
   opt.bf16_norm_grads = false;
-  for (const TinyCase c : {TinyCase{"s691", true, false, true}, TinyCase{"s1560", true, true, true}}) {
+  for (const TinyCase& c : {TinyCase{"s691", true, false, true}, TinyCase{"s1560", true, true, true}}) {
     const ModelConfig cfg = tiny64_config(c.stack);
     opt.looping = c.looping;
     expect_gpu_matches_cpu(tiny_case_name(c) + " fp32 norm gradients", cfg, perturbed_params(cfg, 21),
