@@ -163,22 +163,24 @@ struct DeviceAttention {
 };
 
 // The mma.sync forward and the backward at both block shapes (and the deterministic dQ), then the
-// wgmma forward at both block shapes and key tiles (64 and 128), each followed by the mma.sync
-// backward, then the wgmma backward at its three block shapes (one, two or three warpgroups) after the
-// default forward.
+// wgmma forwards at both block shapes and key tiles (64 and 128; 4 or 8 warps, or 8 or 12 consumer
+// warps warp-specialized), each followed by the mma.sync backward, then the wgmma backward at its
+// three block shapes (one, two or three warpgroups) after the default forward.
 std::vector<AttentionTuning> tunings_under_test() {
   constexpr auto mma = cuda::AttentionForwardKernel::mma_sync;
   constexpr auto mma_bwd = cuda::AttentionBackwardKernel::mma_sync;
   std::vector<AttentionTuning> tunings{{4, 4, false, mma, mma_bwd}, {8, 8, false, mma, mma_bwd}, {4, 8, true, mma, mma_bwd}};
-  for (int warps : {4, 8}) {
-    for (int key_tile : {64, 128}) {
-      AttentionTuning t;
-      t.forward_warps = warps;
-      t.forward_kernel = cuda::AttentionForwardKernel::wgmma;
-      t.forward_key_tile = key_tile;
-      t.backward_warps = 8;
-      t.backward_kernel = mma_bwd;
-      tunings.push_back(t);
+  for (auto kernel : {cuda::AttentionForwardKernel::wgmma, cuda::AttentionForwardKernel::wgmma_ws}) {
+    for (int warps : kernel == cuda::AttentionForwardKernel::wgmma ? std::vector<int>{4, 8} : std::vector<int>{8, 12}) {
+      for (int key_tile : {64, 128}) {
+        AttentionTuning t;
+        t.forward_warps = warps;
+        t.forward_kernel = kernel;
+        t.forward_key_tile = key_tile;
+        t.backward_warps = 8;
+        t.backward_kernel = mma_bwd;
+        tunings.push_back(t);
+      }
     }
   }
   for (int warps : {4, 8, 12}) {
@@ -191,9 +193,10 @@ std::vector<AttentionTuning> tunings_under_test() {
 }
 
 std::string tuning_label(const AttentionTuning& t) {
-  std::string label = t.forward_kernel == cuda::AttentionForwardKernel::wgmma
-                          ? "wgmma_fw" + std::to_string(t.forward_warps) + "_keys" + std::to_string(t.forward_key_tile)
-                          : "mma_fw" + std::to_string(t.forward_warps);
+  const std::string shape = std::to_string(t.forward_warps) + "_keys" + std::to_string(t.forward_key_tile);
+  std::string label = t.forward_kernel == cuda::AttentionForwardKernel::wgmma      ? "wgmma_fw" + shape
+                      : t.forward_kernel == cuda::AttentionForwardKernel::wgmma_ws ? "wgmma_ws_fw" + shape
+                                                                                   : "mma_fw" + std::to_string(t.forward_warps);
   label += t.backward_kernel == cuda::AttentionBackwardKernel::wgmma ? "_wgmma_bw" : "_bw";
   label += std::to_string(t.backward_warps);
   return t.deterministic ? label + "_det" : label;

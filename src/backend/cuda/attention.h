@@ -34,8 +34,10 @@ struct AttentionShape {
 };
 
 // Forward implementations: FlashAttention-2 on mma.sync (sm_80 instructions), or Hopper's warpgroup
-// MMA (wgmma, needs an sm_90a build and an sm_90 GPU). Same outputs up to accumulation order.
-enum class AttentionForwardKernel { mma_sync, wgmma };
+// MMA (wgmma, needs an sm_90a build and an sm_90 GPU), either with every warp computing (operands
+// copied by cp.async) or warp-specialized (wgmma_ws: a producer warpgroup streams K and V with TMA to
+// two or three consumer warpgroups, FlashAttention-3's scheme). Same outputs up to accumulation order.
+enum class AttentionForwardKernel { mma_sync, wgmma, wgmma_ws };
 
 // Backward main kernels: mma.sync (16 keys per warp), or Hopper's wgmma (64 keys per warpgroup,
 // sm_90a build and sm_90 GPU). Both add dQ with fp32 atomics; the deterministic dQ path
@@ -64,7 +66,7 @@ struct AttentionTuning {
   // H100 (dense T 2048: 1.86 ms, 277 TFLOP/s against 2.60 ms, 198) within the same test bounds.
   // Ignored when `deterministic` is set.
   AttentionBackwardKernel backward_kernel = AttentionBackwardKernel::wgmma;
-  // Keys per K/V tile of the wgmma forward: 64 or 128 (the mma.sync forward always uses 64).
+  // Keys per K/V tile of the wgmma forwards: 64 or 128 (the mma.sync forward always uses 64).
   int forward_key_tile = 64;
 };
 
