@@ -147,8 +147,8 @@ inline void require_hopper(const char* what) {
 void launch_attention_forward_wgmma(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
                                     int key_tile, cudaStream_t stream);
 
-// The warp-specialized Hopper forward (attention_forward_ws.cu): `warps` 8 or 12 consumer warps (two
-// or three warpgroups of 64 query rows, plus a producer warpgroup), `key_tile` 64 or 128.
+// The warp-specialized Hopper forward (attention_forward_ws.cu): `warps` 12 consumer warps (three
+// warpgroups of 64 query rows, plus a producer warpgroup), `key_tile` 64 or 128.
 void launch_attention_forward_ws(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
                                  int key_tile, cudaStream_t stream);
 

@@ -96,14 +96,4 @@ __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
 
-// Named barriers (ids 1..15; 0 is __syncthreads'): bar_sync waits until `threads` threads (a
-// multiple of 32) have arrived at barrier `id`, itself included; bar_arrive counts this thread's
-// warp without waiting.
-__device__ __forceinline__ void bar_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
 }  // namespace pgolf::cuda
