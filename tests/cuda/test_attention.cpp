@@ -194,9 +194,9 @@ std::vector<AttentionTuning> tunings_under_test() {
 
 std::string tuning_label(const AttentionTuning& t) {
   const std::string shape = std::to_string(t.forward_warps) + "_keys" + std::to_string(t.forward_key_tile);
-  std::string label = t.forward_kernel == cuda::AttentionForwardKernel::wgmma      ? "wgmma_fw" + shape
-                      : t.forward_kernel == cuda::AttentionForwardKernel::wgmma_ws ? "wgmma_ws_fw" + shape
-                                                                                   : "mma_fw" + std::to_string(t.forward_warps);
+  std::string label = "mma_fw" + std::to_string(t.forward_warps);
+  if (t.forward_kernel == cuda::AttentionForwardKernel::wgmma) label = "wgmma_fw" + shape;
+  if (t.forward_kernel == cuda::AttentionForwardKernel::wgmma_ws) label = "wgmma_ws_fw" + shape;
   label += t.backward_kernel == cuda::AttentionBackwardKernel::wgmma ? "_wgmma_bw" : "_bw";
   label += std::to_string(t.backward_warps);
   return t.deterministic ? label + "_det" : label;

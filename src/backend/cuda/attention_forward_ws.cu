@@ -55,14 +55,16 @@
 namespace pgolf::cuda::attention_detail {
 namespace {
 
-// Buffers of each of K and V: the producer runs up to two tiles ahead of the slowest reader.
+// Buffers of each of K and V: the producer runs up to two tiles ahead of the slowest reader. Three
+// measured no faster on an H100 (dense T = 2048: 0.644 ms against 0.636-0.652; varlen 1..T: 0.511
+// against 0.490-0.502).
 constexpr int kStages = 2;
 constexpr int kWarpgroups = 3;                  // consumer warpgroups
 constexpr int kBlockM = 64 * kWarpgroups;        // query rows of a block
 constexpr int kThreads = 128 * (kWarpgroups + 1);  // and the producer warpgroup
 // Query heads a block computes one after the other (when H is even; else one): measured on an H100
-// (dense T = 2048 / varlen 1..T, 128-key tiles) 0.653-0.659 / 0.510-0.511 ms against 0.689 / 0.541 with
-// one head and 0.679 / 0.510 with four (a block per 4 heads: fewer, longer blocks for the tail).
+// (dense T = 2048 / varlen 1..T, 128-key tiles, query tiles then aligned to the segment's start)
+// 0.653-0.659 / 0.510-0.511 ms against 0.689 / 0.541 with one head and 0.679 / 0.510 with four.
 constexpr int kMaxHeadsPerBlock = 2;
 constexpr uint32_t kQBytes = kBlockM * 128;
 // The block starts with 65536 / 512 = 128 registers a thread; the producer's 128 threads drop to 24
@@ -92,7 +94,8 @@ struct WsLayout {
 };
 
 template <int kBlockN>
-__global__ void __launch_bounds__(kThreads, 1) attention_forward_ws_kernel(const __grid_constant__ WsForwardParams params) {
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_forward_ws_kernel(const __grid_constant__ WsForwardParams params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Layout = WsLayout<kBlockN>;
   constexpr int kHalves = kBlockN / 64;
@@ -128,10 +131,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_ws_kernel(const
   auto v_tile = [&](int g) { return ring + static_cast<uint32_t>(kStages + g % kStages) * kTileBytes; };
   const uint32_t barriers = ring + Layout::kRingBytes;
   auto q_full = [&](int i) { return barriers + static_cast<uint32_t>(i) * 8; };
-  auto k_full = [&](int g) { return barriers + static_cast<uint32_t>(kMaxHeadsPerBlock + g % kStages) * 8; };
-  auto k_empty = [&](int g) { return barriers + static_cast<uint32_t>(kMaxHeadsPerBlock + kStages + g % kStages) * 8; };
-  auto v_full = [&](int g) { return barriers + static_cast<uint32_t>(kMaxHeadsPerBlock + 2 * kStages + g % kStages) * 8; };
-  auto v_empty = [&](int g) { return barriers + static_cast<uint32_t>(kMaxHeadsPerBlock + 3 * kStages + g % kStages) * 8; };
+  auto ring_barrier = [&](int kind, int g) {  // kind 0..3: k_full, k_empty, v_full, v_empty
+    return barriers + static_cast<uint32_t>(kMaxHeadsPerBlock + kind * kStages + g % kStages) * 8;
+  };
+  auto k_full = [&](int g) { return ring_barrier(0, g); };
+  auto k_empty = [&](int g) { return ring_barrier(1, g); };
+  auto v_full = [&](int g) { return ring_barrier(2, g); };
+  auto v_empty = [&](int g) { return ring_barrier(3, g); };
   auto phase = [](int g) { return static_cast<uint32_t>((g / kStages) & 1); };
 
   if (tid == 0) {
@@ -309,10 +315,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_ws_kernel(const
 
 template <int kBlockN>
 void launch(const AttentionForwardParams& p, const AttentionShape& shape, int heads_per_block, cudaStream_t stream) {
+  using Layout = WsLayout<kBlockN>;
   constexpr auto kernel = attention_forward_ws_kernel<kBlockN>;
   static const bool configured = [] {
     PG_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       WsLayout<kBlockN>::smem_bytes(kMaxHeadsPerBlock)));
+                                       Layout::smem_bytes(kMaxHeadsPerBlock)));
     return true;
   }();
   (void)configured;
@@ -324,7 +331,7 @@ void launch(const AttentionForwardParams& p, const AttentionShape& shape, int he
   params.p = p;
   params.heads_per_block = heads_per_block;
   dim3 grid(segment_tile_grid(shape, kBlockM), shape.num_heads / heads_per_block);
-  kernel<<<grid, kThreads, WsLayout<kBlockN>::smem_bytes(heads_per_block), stream>>>(params);
+  kernel<<<grid, kThreads, Layout::smem_bytes(heads_per_block), stream>>>(params);
   PG_CUDA_LAUNCH_CHECK();
 }
 
