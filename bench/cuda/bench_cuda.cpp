@@ -206,6 +206,14 @@ void bench_attention(const std::string& label, const std::vector<int32_t>& cu_ho
             timer.median_ms([&] { forward(t); }), fwd_flops);
       }
     }
+    for (int key_tile : {64, 128}) {
+      AttentionTuning t;  // warp-specialized: 12 consumer warps and a producer warpgroup
+      t.forward_warps = 12;
+      t.forward_kernel = AttentionForwardKernel::wgmma_ws;
+      t.forward_key_tile = key_tile;
+      row(fmt::format("attn {} fwd wgmma-ws (12 warps, {} keys)", label, key_tile), shape_text,
+          timer.median_ms([&] { forward(t); }), fwd_flops);
+    }
     forward(AttentionTuning{});
     for (int warps : {4, 8, 12}) {
       AttentionTuning t{warps, warps};

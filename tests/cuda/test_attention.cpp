@@ -163,23 +163,25 @@ struct DeviceAttention {
 };
 
 // The mma.sync forward and the backward at both block shapes (and the deterministic dQ), then the
-// wgmma forward at both block shapes and key tiles (64 and 128), each followed by the mma.sync
+// wgmma forwards at each block shape and key tile they take (4 or 8 warps with 64 or 128 keys;
+// warp-specialized, 12 consumer warps with 64 or 128 keys), each followed by the mma.sync
 // backward, then the wgmma backward at its three block shapes (one, two or three warpgroups) after the
 // default forward.
 std::vector<AttentionTuning> tunings_under_test() {
   constexpr auto mma = cuda::AttentionForwardKernel::mma_sync;
   constexpr auto mma_bwd = cuda::AttentionBackwardKernel::mma_sync;
   std::vector<AttentionTuning> tunings{{4, 4, false, mma, mma_bwd}, {8, 8, false, mma, mma_bwd}, {4, 8, true, mma, mma_bwd}};
-  for (int warps : {4, 8}) {
-    for (int key_tile : {64, 128}) {
-      AttentionTuning t;
-      t.forward_warps = warps;
-      t.forward_kernel = cuda::AttentionForwardKernel::wgmma;
-      t.forward_key_tile = key_tile;
-      t.backward_warps = 8;
-      t.backward_kernel = mma_bwd;
-      tunings.push_back(t);
-    }
+  constexpr auto wgmma = cuda::AttentionForwardKernel::wgmma, wgmma_ws = cuda::AttentionForwardKernel::wgmma_ws;
+  const int forward_shapes[][3] = {{int(wgmma), 4, 64},  {int(wgmma), 4, 128},     {int(wgmma), 8, 64},
+                                   {int(wgmma), 8, 128}, {int(wgmma_ws), 12, 64}, {int(wgmma_ws), 12, 128}};
+  for (const auto& [kernel, warps, key_tile] : forward_shapes) {
+    AttentionTuning t;
+    t.forward_kernel = static_cast<cuda::AttentionForwardKernel>(kernel);
+    t.forward_warps = warps;
+    t.forward_key_tile = key_tile;
+    t.backward_warps = 8;
+    t.backward_kernel = mma_bwd;
+    tunings.push_back(t);
   }
   for (int warps : {4, 8, 12}) {
     AttentionTuning t;
@@ -191,9 +193,10 @@ std::vector<AttentionTuning> tunings_under_test() {
 }
 
 std::string tuning_label(const AttentionTuning& t) {
-  std::string label = t.forward_kernel == cuda::AttentionForwardKernel::wgmma
-                          ? "wgmma_fw" + std::to_string(t.forward_warps) + "_keys" + std::to_string(t.forward_key_tile)
-                          : "mma_fw" + std::to_string(t.forward_warps);
+  const std::string shape = std::to_string(t.forward_warps) + "_keys" + std::to_string(t.forward_key_tile);
+  std::string label = "mma_fw" + std::to_string(t.forward_warps);
+  if (t.forward_kernel == cuda::AttentionForwardKernel::wgmma) label = "wgmma_fw" + shape;
+  if (t.forward_kernel == cuda::AttentionForwardKernel::wgmma_ws) label = "wgmma_ws_fw" + shape;
   label += t.backward_kernel == cuda::AttentionBackwardKernel::wgmma ? "_wgmma_bw" : "_bw";
   label += std::to_string(t.backward_warps);
   return t.deterministic ? label + "_det" : label;
@@ -287,11 +290,16 @@ TEST_F(AttentionTest, SelectedQueryTilesMatchTheFullForward) {
     selected.query_begin = begin_device.data();
     run(selected, o, lse);
     const int block_rows = 16 * tuning.forward_warps;
+    // The end of the query tile of row i of a segment of `length` rows: tiles are aligned to the
+    // segment's start, or (warp-specialized kernel) to its end.
+    const bool end_aligned = tuning.forward_kernel == cuda::AttentionForwardKernel::wgmma_ws;
+    auto tile_end = [&](int i, int length) {
+      return end_aligned ? length - (length - 1 - i) / block_rows * block_rows
+                         : std::min(length, (i / block_rows + 1) * block_rows);
+    };
     int64_t skipped = 0, compared = 0;
     for (size_t seg = 0; seg + 1 < cu.size(); ++seg) {
       const int length = cu[seg + 1] - cu[seg];
-      // The first row of the first block that runs (none when the segment ends at or before begin).
-      const int tile_start = begin[seg] >= length ? length : begin[seg] / block_rows * block_rows;
       for (int i = 0; i < length; ++i) {
         const int t = cu[seg] + i;
         for (int h = 0; h < H; ++h) {
@@ -299,7 +307,7 @@ TEST_F(AttentionTest, SelectedQueryTilesMatchTheFullForward) {
           const std::vector<float> row(o.begin() + at, o.begin() + at + kDh);
           const std::vector<float> want(full_o.begin() + at, full_o.begin() + at + kDh);
           const float l = lse[size_t(h) * N + t], want_l = full_lse[size_t(h) * N + t];
-          if (i >= tile_start) {
+          if (tile_end(i, length) > begin[seg]) {  // its block runs
             ASSERT_EQ(std::memcmp(row.data(), want.data(), kDh * sizeof(float)), 0) << "o, segment " << seg << " row " << i;
             ASSERT_EQ(std::memcmp(&l, &want_l, sizeof(float)), 0) << "lse, segment " << seg << " row " << i;
             ++compared;

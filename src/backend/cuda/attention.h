@@ -34,8 +34,10 @@ struct AttentionShape {
 };
 
 // Forward implementations: FlashAttention-2 on mma.sync (sm_80 instructions), or Hopper's warpgroup
-// MMA (wgmma, needs an sm_90a build and an sm_90 GPU). Same outputs up to accumulation order.
-enum class AttentionForwardKernel { mma_sync, wgmma };
+// MMA (wgmma, needs an sm_90a build and an sm_90 GPU), either with every warp computing (operands
+// copied by cp.async) or warp-specialized (wgmma_ws: a producer warpgroup streams K and V with TMA to
+// two or three consumer warpgroups, FlashAttention-3's scheme). Same outputs up to accumulation order.
+enum class AttentionForwardKernel { mma_sync, wgmma, wgmma_ws };
 
 // Backward main kernels: mma.sync (16 keys per warp), or Hopper's wgmma (64 keys per warpgroup,
 // sm_90a build and sm_90 GPU). Both add dQ with fp32 atomics; the deterministic dQ path
@@ -45,27 +47,30 @@ enum class AttentionBackwardKernel { mma_sync, wgmma };
 // Kernel shapes. The forward kernel gives each warp 16 query rows (a block has 16 · forward_warps;
 // with wgmma each warpgroup of 4 warps owns 64 of them); the backward kernel gives each warp 16 keys
 // (with wgmma each warpgroup 64). Both accept 4 or 8, the wgmma backward also 12 (three warpgroups,
-// 192 keys a block). The defaults are the fastest measured on an H100 for the default kernels
-// (bench_cuda compares them): the wgmma forward is fastest with 8 warps and 64-key tiles (dense T 2048:
-// 0.68 ms against 0.72 with 4 warps; the mma.sync forward with 4 warps, 0.81 against 0.84); the
+// 192 keys a block); the warp-specialized forward takes 12 only (three warpgroups computing, plus a
+// producer warpgroup). The defaults are the fastest measured on an H100 for the default kernels
+// (bench_cuda compares them): the warp-specialized forward with 128-key tiles (dense T 2048: 0.64-0.65
+// ms against 0.75 with 64); the wgmma forward with 8 warps and 64-key tiles (0.68 ms against 0.72 with
+// 4 warps; set them with that kernel); the mma.sync forward with 4 warps (0.81 against 0.84); the
 // mma.sync backward with 8 warps (2.60 ms against 2.64 with 4 at s691's shape; set it with that kernel,
 // which has no 12), the wgmma one with 12 (1.86 ms against 2.18 with 4 and 2.02 with 8). The
 // deterministic path runs the mma.sync kernel and needs 4 or 8.
 struct AttentionTuning {
-  int forward_warps = 8;
+  int forward_warps = 12;
   int backward_warps = 12;
   // Backward: dQ from a separate pass that sums the key tiles in order (the same bits on every run)
   // instead of fp32 atomics from the key-tile blocks (whose order, and so whose last bits, vary).
   bool deterministic = false;
   // The Hopper wgmma forward takes 15-16 % less time than the mma.sync one on an H100
-  // (docs/PERFORMANCE.md) and gives the same results within the tests' bounds.
-  AttentionForwardKernel forward_kernel = AttentionForwardKernel::wgmma;
+  // (docs/PERFORMANCE.md), the warp-specialized one 1-7 % less than that at s691's dense shape and
+  // 1-4 % less on documents of random length, with the same results within the tests' bounds.
+  AttentionForwardKernel forward_kernel = AttentionForwardKernel::wgmma_ws;
   // The wgmma backward (attention_backward_wgmma.cu) is 27-28 % faster than the mma.sync one on an
   // H100 (dense T 2048: 1.86 ms, 277 TFLOP/s against 2.60 ms, 198) within the same test bounds.
   // Ignored when `deterministic` is set.
   AttentionBackwardKernel backward_kernel = AttentionBackwardKernel::wgmma;
-  // Keys per K/V tile of the wgmma forward: 64 or 128 (the mma.sync forward always uses 64).
-  int forward_key_tile = 64;
+  // Keys per K/V tile of the wgmma forwards: 64 or 128 (the mma.sync forward always uses 64).
+  int forward_key_tile = 128;
 };
 
 void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,

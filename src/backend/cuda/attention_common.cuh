@@ -151,6 +151,11 @@ inline void require_hopper(const char* what) {
 void launch_attention_forward_wgmma(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
                                     int key_tile, cudaStream_t stream);
 
+// The warp-specialized Hopper forward (attention_forward_ws.cu): `warps` 12 consumer warps (three
+// warpgroups of 64 query rows, plus a producer warpgroup), `key_tile` 64 or 128.
+void launch_attention_forward_ws(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
+                                 int key_tile, cudaStream_t stream);
+
 // The Hopper backward main kernel (attention_backward_wgmma.cu): `warps` 4, 8 or 12 (one, two or
 // three warpgroups of 64 keys), 8 · dq (the softmax scale 1/8 is left to the finish kernel) added to
 // p.dq_accum with fp32 atomics, dk and dv written.

@@ -194,6 +194,10 @@ void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, cons
     launch_attention_forward_wgmma(p, shape, tuning.forward_warps, tuning.forward_key_tile, stream);
     return;
   }
+  if (tuning.forward_kernel == AttentionForwardKernel::wgmma_ws) {
+    launch_attention_forward_ws(p, shape, tuning.forward_warps, tuning.forward_key_tile, stream);
+    return;
+  }
   switch (tuning.forward_warps) {
     case 4: launch_forward<4>(p, shape, stream); break;
     case 8: launch_forward<8>(p, shape, stream); break;

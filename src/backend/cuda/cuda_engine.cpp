@@ -28,7 +28,7 @@ double global_clip_norm(const Config& c, const ParamLayout& layout, const Commun
   return local ? 0.0 : c.get_double("grad_clip_norm");
 }
 
-// attention_forward / attention_backward: "mma_sync" or "wgmma".
+// attention_backward: "mma_sync" or "wgmma".
 bool wgmma_kernel(const Config& c, const std::string& key) {
   const std::string name = c.get_string(key);
   PG_CHECK(name == "mma_sync" || name == "wgmma", "{} = '{}': expected mma_sync | wgmma", key, name);
@@ -40,9 +40,16 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   GpuModelOptions m;
   m.max_tokens = o.max_tokens;
   m.deterministic = o.deterministic;
-  if (!wgmma_kernel(c, "attention_forward")) {
+  const std::string forward = c.get_string("attention_forward");
+  PG_CHECK(forward == "mma_sync" || forward == "wgmma" || forward == "wgmma_ws",
+           "attention_forward = '{}': expected mma_sync | wgmma | wgmma_ws", forward);
+  if (forward == "mma_sync") {
     m.attention.forward_kernel = AttentionForwardKernel::mma_sync;
     m.attention.forward_warps = 4;  // the mma.sync forward's fastest shape
+  } else if (forward == "wgmma") {
+    m.attention.forward_kernel = AttentionForwardKernel::wgmma;
+    m.attention.forward_warps = 8;  // the wgmma forward's fastest shape
+    m.attention.forward_key_tile = 64;
   }
   if (!wgmma_kernel(c, "attention_backward")) {
     m.attention.backward_kernel = AttentionBackwardKernel::mma_sync;

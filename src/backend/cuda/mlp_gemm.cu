@@ -28,13 +28,12 @@
 // of the forward is written as pre and, activated, as post; one of the backward becomes dpre =
 // bf16(dpost · f'(pre)) with pre's chunk loaded (16 bytes, coalesced) a whole tile earlier, at the
 // same k-step of the tile's own computation. dpost itself is never written.
-#include <cudaTypedefs.h>
-
 #include "backend/cuda/activation.cuh"
 #include "backend/cuda/check.h"
 #include "backend/cuda/device.h"
 #include "backend/cuda/mlp_gemm.h"
 #include "backend/cuda/mma.cuh"
+#include "backend/cuda/tensor_map.h"
 #include "backend/cuda/tma.cuh"
 #include "backend/cuda/wgmma.cuh"
 
@@ -262,35 +261,6 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// cuTensorMapEncodeTiled of the driver, found through the runtime (nothing more to link).
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    PG_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status));
-    PG_CUDA_REQUIRE(status == cudaDriverEntryPointSuccess && fn != nullptr,
-                    "mlp_fused: the CUDA driver does not provide cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encode;
-}
-
-// A row-major bf16 matrix [outer, inner] as a 2-D tensor map read in boxes of box_outer rows x 64
-// columns (128 bytes, with the 128-byte swizzle of wgmma.cuh's tiles); boxes past the edges read zeros.
-CUtensorMap tensor_map(const bf16* base, uint64_t inner, uint64_t outer, uint32_t box_outer) {
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {inner, outer};
-  const cuuint64_t row_bytes[1] = {inner * sizeof(bf16)};
-  const cuuint32_t box[2] = {64, box_outer};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult result = tensor_map_encoder()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<bf16*>(base), dims, row_bytes, box, element_strides,
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  PG_CUDA_REQUIRE(result == CUDA_SUCCESS, "mlp_fused: cuTensorMapEncodeTiled rejected a matrix");
-  return map;
-}
-
 // a [rows, 512]; b Wfc [hidden, 512] (forward) or Wproj [512, hidden] (backward).
 template <bool kBackward, bool kStreamA>
 void launch_schedule(const bf16* a, const bf16* b, const bf16* pre, bf16* out, bf16* post, int64_t rows, int dim, int hidden,
@@ -307,9 +277,9 @@ void launch_schedule(const bf16* a, const bf16* b, const bf16* pre, bf16* out, b
   }();
   (void)configured;
   MlpGemmParams p;
-  p.a_map = tensor_map(a, kDim, static_cast<uint64_t>(rows), kBlockM);
-  p.b_map = kBackward ? tensor_map(b, static_cast<uint64_t>(hidden), kDim, 64)
-                      : tensor_map(b, kDim, static_cast<uint64_t>(hidden), 64);
+  p.a_map = swizzled_tensor_map(a, kDim, static_cast<uint64_t>(rows), kBlockM);
+  p.b_map = kBackward ? swizzled_tensor_map(b, static_cast<uint64_t>(hidden), kDim, 64)
+                      : swizzled_tensor_map(b, kDim, static_cast<uint64_t>(hidden), 64);
   p.pre = pre, p.out = out, p.post = post, p.rows = rows, p.hidden = hidden, p.slope = slope;
   // Whole clusters: a CTA past the last row still streams its half of B for its partner.
   const int64_t blocks = ((rows + kBlockM - 1) / kBlockM + kClusterSize - 1) / kClusterSize * kClusterSize;

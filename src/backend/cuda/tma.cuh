@@ -24,6 +24,10 @@ __device__ __forceinline__ void fence_mbarrier_init_cluster() {
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
+// `count` arrivals of this thread on the current phase (count >= 1).
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar, uint32_t count = 1) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
 // An arrival on the barrier at the same shared-memory address in CTA `cta_rank` of the cluster.
 __device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t bar, uint32_t cta_rank) {
   asm volatile(
@@ -78,6 +82,18 @@ __device__ __forceinline__ uint32_t cluster_cta_rank() {
 // Every thread of every CTA of the cluster (all threads of each CTA must take part).
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+}
+
+// Warp specialization: the warps of a warpgroup (all of them, together) lower or raise their
+// register budget to kRegisters (24..256, a multiple of 8). Raising waits until other warpgroups of
+// the CTA have released enough registers.
+template <int kRegisters>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
 
 }  // namespace pgolf::cuda

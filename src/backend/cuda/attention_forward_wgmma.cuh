@@ -1,0 +1,94 @@
+// The softmax of the Hopper forwards (attention_forward_wgmma.cu, attention_forward_ws.cu) on wgmma's
+// fp32 accumulator fragments (wgmma.cuh): a tile of S for one warpgroup's 64 query rows is kHalves
+// arrays of 32 floats, s[h][4j + e] = key 64h + 8j + 2t + (e % 2) of row g + 8·(e / 2) of the warp's 16
+// (g = lane / 4, t = lane % 4): the layout of an m64n64 accumulator per half, and of an m64n128 one
+// split in two.
+#pragma once
+
+#include <cmath>
+
+#include "backend/cuda/attention_common.cuh"
+#include "backend/cuda/mma.cuh"
+
+namespace pgolf::cuda::attention_detail {
+
+constexpr int kSwizzleAtomBytes = 1024;  // tile starts must be aligned to this (wgmma.cuh)
+constexpr float kScaleLog2 = kSoftmaxScale * kLog2e;
+
+// Sets the scores of keys after the query to -inf. key0: the tile's first key, warp_row0: the warp's
+// first query (both segment-local).
+template <int kHalves>
+__device__ __forceinline__ void mask_causal(float (&s)[kHalves][32], int key0, int warp_row0, int lane) {
+#pragma unroll
+  for (int h = 0; h < kHalves; ++h) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int key = key0 + h * 64 + (i >> 2) * 8 + 2 * (lane & 3) + (i & 1);
+      const int row = warp_row0 + (lane >> 2) + ((i >> 1) & 1) * 8;
+      if (key > row) s[h][i] = -INFINITY;
+    }
+  }
+}
+
+// Online softmax of one tile: new running max, the running sum rescaled and increased, the scores
+// replaced by exp2(scale·log2(e)·s - max). Returns in `correction` the factor O must be multiplied by
+// (exp2(old max - new max)). Row r of this thread is element e = 2r, 2r + 1 of every group of four.
+template <int kHalves>
+__device__ __forceinline__ void online_softmax(float (&s)[kHalves][32], float (&row_max)[2], float (&row_sum)[2],
+                                               float (&correction)[2]) {
+  constexpr int kPairs = kHalves * 8;  // pairs of a row's scores this thread holds
+  float base[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    // The tile's max of s by a tree (short dependency chains), scaled once: the scale is positive,
+    // so max(scale·s) = scale·max(s) with the same rounding.
+    float m[8];
+#pragma unroll
+    for (int jn = 0; jn < 8; ++jn) {
+      m[jn] = fmaxf(s[0][4 * jn + 2 * r], s[0][4 * jn + 2 * r + 1]);
+#pragma unroll
+      for (int h = 1; h < kHalves; ++h) m[jn] = fmaxf(m[jn], fmaxf(s[h][4 * jn + 2 * r], s[h][4 * jn + 2 * r + 1]));
+    }
+#pragma unroll
+    for (int n = 4; n >= 1; n /= 2) {
+#pragma unroll
+      for (int i = 0; i < n; ++i) m[i] = fmaxf(m[i], m[i + n]);
+    }
+    float mx = fmaxf(row_max[r], m[0] * kScaleLog2);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    base[r] = mx == -INFINITY ? 0.f : mx;  // a row with no visible key yet stays empty
+    correction[r] = exp2_approx(row_max[r] - base[r]);
+    row_max[r] = mx;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float part[4] = {0.f, 0.f, 0.f, 0.f};  // four partial sums: short dependency chains
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+      float& e0 = s[i / 8][4 * (i % 8) + 2 * r];
+      float& e1 = s[i / 8][4 * (i % 8) + 2 * r + 1];
+      e0 = exp2_approx(fmaf(e0, kScaleLog2, -base[r]));
+      e1 = exp2_approx(fmaf(e1, kScaleLog2, -base[r]));
+      part[i % 4] += e0 + e1;
+    }
+    row_sum[r] = fmaf(row_sum[r], correction[r], (part[0] + part[1]) + (part[2] + part[3]));
+  }
+}
+
+// P (the exponentiated scores) as the A operand of O += P·V: k-step kk (keys 16kk..16kk+15) is the
+// pair of 8-key accumulator groups jn = 2kk, 2kk + 1 (within half kk / 4), rounded to bf16.
+template <int kHalves>
+__device__ __forceinline__ void pack_p(const float (&s)[kHalves][32], uint32_t (&p_frag)[kHalves * 4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kHalves * 4; ++kk) {
+    const int h = kk / 4, lo = 8 * (kk % 4);  // group jn = 2 (kk % 4): keys 16kk + 2t, +1 (rows g, g+8)
+    const int hi = lo + 4;                     // group jn + 1: keys 16kk + 8 + 2t, +1
+    p_frag[kk][0] = pack_bf16(s[h][lo], s[h][lo + 1]);
+    p_frag[kk][1] = pack_bf16(s[h][lo + 2], s[h][lo + 3]);
+    p_frag[kk][2] = pack_bf16(s[h][hi], s[h][hi + 1]);
+    p_frag[kk][3] = pack_bf16(s[h][hi + 2], s[h][hi + 3]);
+  }
+}
+
+}  // namespace pgolf::cuda::attention_detail
