@@ -414,8 +414,6 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
   if (chain && chain->zero_next) {
     check_aligned16(chain->zero_next, "attention_backward: chain->zero_next must be a 16-byte aligned device pointer");
     PG_CUDA_REQUIRE(chain->zero_next != workspace, "attention_backward: chain->zero_next is this call's workspace");
-    PG_CUDA_REQUIRE(dq_accum_bytes(shape) / 16 < (size_t{1} << 31) - 4096,
-                    "attention_backward: a dQ accumulator too large for the chained zeroing (2^31 float4s)");
     zero_next = static_cast<float4*>(chain->zero_next);
   }
   return AttentionBackwardParams{attention_layout(shape), q, k, v, d_o, lse, delta, dq_accum, tile_schedule, dk, dv,

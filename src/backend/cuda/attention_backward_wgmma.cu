@@ -217,21 +217,16 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
   using Smem = BackwardSmem<kWarpgroups>;
   extern __shared__ unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warpgroup = warp >> 2, wg_warp = warp & 3;
-  // The side job (DqAccumChain): this block's share of the next dQ accumulator, zeroed one float4 a
-  // thread per query tile of the walk (spread over the tensor-core work) and the rest after it.
-  // (32-bit positions: the launcher keeps the count below 2³¹.)
-  const int zero_count = static_cast<int>(p.zero_next_float4s);
-  const int zero_share = p.zero_next ? (zero_count + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x) : 0;
-  const int zero_end = static_cast<int>(min(static_cast<int64_t>(zero_count),
-                                            (static_cast<int64_t>(blockIdx.x) + 1) * zero_share));
-  int zero_at = static_cast<int>(min(static_cast<int64_t>(zero_end), static_cast<int64_t>(blockIdx.x) * zero_share)) + tid;
+  if (p.zero_next) {  // the side job (DqAccumChain): this block's share of the next accumulator, in stores
+    const int64_t share = (p.zero_next_float4s + gridDim.x - 1) / gridDim.x;
+    const int64_t end = min(p.zero_next_float4s, (static_cast<int64_t>(blockIdx.x) + 1) * share);
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * share + tid; i < end; i += kThreads)
+      p.zero_next[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   const BlockWork work = block_work(p, kBlockN);
   const int kv_head = work.kv_head;
   const SegmentTile seg = work.seg;
-  if (!seg.valid) {
-    for (; zero_at < zero_end; zero_at += kThreads) p.zero_next[zero_at] = make_float4(0.f, 0.f, 0.f, 0.f);
-    return;
-  }
+  if (!seg.valid) return;
   const int key_start = seg.tile * kBlockN;  // segment-local, a multiple of kBlockM
   const int head_end = (kv_head + 1) * p.group;  // the walk ends at this query head
 
@@ -313,10 +308,6 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
     if (const QueryTile next = next_tile(tile); next.head < head_end) {
       load_queries(next, buf ^ 1);
       cp_async_commit();
-    }
-    if (zero_at < zero_end) {
-      p.zero_next[zero_at] = make_float4(0.f, 0.f, 0.f, 0.f);
-      zero_at += kThreads;
     }
     const int head = tile.head, q_start = tile.q_start;
     const uint64_t q_desc = swizzled_tile_descriptor(q_tile(buf).base);
@@ -440,8 +431,6 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
                               p.dq_accum + (seg.start + q_start) * p.q_row_stride + head * kHeadDim, p.q_row_stride,
                               seg.length - q_start, tid);
   }
-
-  for (; zero_at < zero_end; zero_at += kThreads) p.zero_next[zero_at] = make_float4(0.f, 0.f, 0.f, 0.f);
 
   // dK (times the softmax scale left out of dS) and dV of the warpgroup's keys: element 4j + e is
   // key row 16w + g + 8·(e / 2), dh column 8j + 2t + (e % 2).

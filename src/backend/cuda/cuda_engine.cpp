@@ -59,7 +59,6 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   PG_CHECK(mlp == "fused" || mlp == "cublas", "mlp_gemm = '{}': expected fused | cublas", mlp);
   m.mlp_fused = mlp == "fused";
   m.fold_dq_finish = c.get_bool("attention_dq_fold");
-  m.dq_chain = c.get_bool("attention_dq_chain");
   m.bf16_norm_grads = c.get_bool("cuda_bf16_norm_grads");
   // Process-wide (launch.cuh), set here so that it holds before the model's first launch.
   set_programmatic_launch(c.get_bool("cuda_pdl"));

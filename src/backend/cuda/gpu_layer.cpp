@@ -96,11 +96,11 @@ NormGrad GpuModel::Impl::backward_attention(int v) {
     void* const ws[2] = {bw.attn_ws, bw.attn_ws2};
     DqAccumChain chain;
     chain.accum_zeroed = bw.dq_chain_zeroed;
-    chain.zero_next = dq_chain && v > 0 ? ws[1 - bw.dq_chain] : nullptr;
+    chain.zero_next = v > 0 ? ws[1 - bw.dq_chain] : nullptr;
     dq = attention_backward_unfinished(shape, b.q, b.k, vals, b.y, b.lse, dy, bw.dk, bw.dv, ws[bw.dq_chain],
                                        bw.attn_ws_bytes, stream, attention, &chain);
-    if (dq_chain) bw.dq_chain = 1 - bw.dq_chain;
-    bw.dq_chain_zeroed = chain.zero_next != nullptr;
+    bw.dq_chain = 1 - bw.dq_chain;
+    bw.dq_chain_zeroed = v > 0;
   } else if (Dh == kAttentionHeadDim) {
     attention_backward(shape, b.q, b.k, vals, b.y, b.lse, dy, bw.dq, bw.dk, bw.dv, bw.attn_ws, bw.attn_ws_bytes,
                        stream, attention);

@@ -69,7 +69,6 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
   mlp_fused = options.mlp_fused && mlp_fused_supported(d, hid);
   fold_dq_finish = options.fold_dq_finish && Dh == kAttentionHeadDim && !deterministic;
   bf16_norm_grads = options.bf16_norm_grads;
-  dq_chain = fold_dq_finish && options.dq_chain;
   gate_ld = static_cast<int>(round_up(H, 8));
   PG_CHECK(max_tokens > 0, "GpuModel: max_tokens must be positive, got {}", max_tokens);
   PG_CHECK(!(m.branch_gates && m.parallel_start_layer > 0),
@@ -379,7 +378,7 @@ void GpuModel::Impl::allocate(Alloc& a) {
   bw.attn_ws_bytes = Dh == kAttentionHeadDim ? attention_backward_workspace_bytes(shape)
                                               : attention_reference_workspace_bytes(shape, Dh);
   bw.attn_ws = a.template get<unsigned char>(static_cast<int64_t>(bw.attn_ws_bytes), "attention workspace");
-  if (dq_chain)
+  if (fold_dq_finish)
     bw.attn_ws2 = a.template get<unsigned char>(static_cast<int64_t>(bw.attn_ws_bytes), "attention workspace 2");
   if (deterministic) {
     bw.sort_ws_bytes = embedding_sort_workspace_bytes(n);

@@ -46,9 +46,6 @@ struct GpuModelOptions {
   // The attention backward leaves dQ as its fp32 sum and qk_norm_rope_backward rounds it (no finish
   // pass, no bf16 dq round trip; the same bits). Flash kernels only, not in deterministic mode.
   bool fold_dq_finish = true;
-  // With fold_dq_finish: the layers' attention backwards alternate between two workspaces, each zeroing the
-  // other's dQ accumulator while its tensor cores work (DqAccumChain; one more workspace of memory).
-  bool dq_chain = true;
   // A norm's input gradient stored bf16 where one GEMM writes it alone (norm_grad.h: the references'
   // autocast precision, half the bytes); false keeps every norm gradient fp32.
   bool bf16_norm_grads = true;

@@ -57,7 +57,6 @@ struct GpuModel::Impl {
   AttentionTuning attention;  // flash attention kernels, with `deterministic`
   bool mlp_fused = false;      // the fused MLP kernels serve this model (options, shape and device)
   bool fold_dq_finish = false;  // qk_norm_rope_backward reads attention's fp32 dQ sum (options, head dim, mode)
-  bool dq_chain = false;  // fold_dq_finish and options.dq_chain: two attention workspaces (DqAccumChain)
   bool bf16_norm_grads = true;  // norm gradients stored bf16 where one GEMM writes them alone (options)
   int d = 0, qd = 0, kvd = 0, hid = 0, V = 0, H = 0, Hkv = 0, Dh = 0;
   int qkv_w = 0;    // columns of the fused projection output: q_dim + 2·kv_dim
