@@ -10,8 +10,6 @@
 // sides round the same fp32 product once, to nearest even.
 #include <gtest/gtest.h>
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -156,57 +154,6 @@ TEST_F(AttentionDqFoldTest, DocumentsAreBitIdentical) {
   const FoldCase docs{{0, 1, 130, 400, 401, 1024, 1100, 1700, 2048}, 1024, 4, 2, 64};
   check_fold("docs_wgmma", docs, cuda::AttentionTuning{}, kWgmmaScale);
   check_fold("docs_mma_sync", docs, mma_sync_backward(), 1.f);
-}
-
-// DqAccumChain: three calls alternating between two poisoned workspaces, each zeroing the other's dQ
-// accumulator for the next (the wgmma kernel's side job, the mma.sync path's memset) and the next
-// skipping its own zeroing. Every call's dQ sum must equal an unchained call's (fp32 atomics: the same
-// sum up to the order of its additions); a skipped or missed zeroing leaves NaN poison or a sum of two.
-void check_chain(const std::string& name, const cuda::AttentionTuning& tuning) {
-  SCOPED_TRACE(name);
-  const std::vector<int32_t> host_cu{0, 1, 130, 400, 401, 1024, 1100, 1700, 2048};
-  const int64_t N = host_cu.back();
-  const int H = 8, Hkv = 4;
-  Rng rng(4300);
-  DeviceBuffer<int32_t> cu(host_cu);
-  cuda::AttentionShape shape;
-  shape.total_tokens = static_cast<int>(N), shape.num_heads = H, shape.num_kv_heads = Hkv;
-  shape.cu_seqlens = cu.data(), shape.num_segments = static_cast<int>(host_cu.size()) - 1;
-  const auto q = to_device_bf16(random_bf16_values(N * H * kDh, rng));
-  const auto k = to_device_bf16(random_bf16_values(N * Hkv * kDh, rng));
-  const auto v = to_device_bf16(random_bf16_values(N * Hkv * kDh, rng));
-  const auto d_o = to_device_bf16(random_bf16_values(N * H * kDh, rng));
-  DeviceBuffer<bf16> o(N * H * kDh), dk(N * Hkv * kDh), dv(N * Hkv * kDh);
-  DeviceBuffer<float> lse(N * H);
-  cuda::attention_forward(shape, q.data(), k.data(), v.data(), o.data(), lse.data(), nullptr, tuning);
-  const size_t ws_bytes = cuda::attention_backward_workspace_bytes(shape), count = static_cast<size_t>(N * H * kDh);
-  auto call = [&](void* ws, const cuda::DqAccumChain* chain) {
-    const cuda::DqSum s = cuda::attention_backward_unfinished(shape, q.data(), k.data(), v.data(), o.data(),
-                                                              lse.data(), d_o.data(), dk.data(), dv.data(), ws,
-                                                              ws_bytes, nullptr, tuning, chain);
-    sync_device();
-    return download_sum(s, count);
-  };
-  auto plain_ws = poisoned_buffer<unsigned char>(ws_bytes);
-  const std::vector<float> want = call(plain_ws.data(), nullptr);
-  double scale = 0;
-  for (float x : want) scale = std::max(scale, static_cast<double>(std::fabs(x)));
-  ASSERT_GT(scale, 0.0);
-  auto ws0 = poisoned_buffer<unsigned char>(ws_bytes), ws1 = poisoned_buffer<unsigned char>(ws_bytes);
-  const cuda::DqAccumChain first{false, ws1.data()}, second{true, ws0.data()}, last{true, nullptr};
-  const std::vector<std::vector<float>> got{call(ws0.data(), &first), call(ws1.data(), &second),
-                                            call(ws0.data(), &last)};
-  for (size_t c = 0; c < got.size(); ++c) {
-    size_t bad = 0;
-    for (size_t i = 0; i < count; ++i)
-      bad += !(std::fabs(static_cast<double>(got[c][i]) - want[i]) <= 1e-5 * scale);  // NaN counts as bad
-    EXPECT_EQ(bad, 0u) << "call " << c << " of the chain: dQ sums differ from an unchained call's";
-  }
-}
-
-TEST_F(AttentionDqFoldTest, ChainedCallsZeroTheNextAccumulator) {
-  check_chain("wgmma", cuda::AttentionTuning{});
-  check_chain("mma_sync", mma_sync_backward());
 }
 
 TEST_F(AttentionDqFoldTest, DeterministicBackwardHasNoUnfinishedDq) {

@@ -99,20 +99,9 @@ struct DqSum {
 // (qk_norm_rope_backward): the bf16 dq is neither written nor read back, and one launch less. dk and
 // dv are written; dQ stays in the workspace (valid until the workspace is next used) and is returned.
 // Not with tuning.deterministic, whose dQ pass writes bf16 directly.
-//
-// A chain of such calls of one shape (the layers of a backward pass) can zero the dQ accumulators ahead:
-// with `chain`, a call whose workspace's accumulator is already zero (chain->accum_zeroed) skips zeroing
-// it, and with chain->zero_next set the call zeroes the accumulator of that other workspace (same shape)
-// as a side job of the wgmma main kernel, which is bound by its tensor cores, not by memory (the mma.sync
-// kernel: a memset). The caller keeps the order: zero_next's previous dQ must have been consumed.
-struct DqAccumChain {
-  bool accum_zeroed = false;
-  void* zero_next = nullptr;
-};
 DqSum attention_backward_unfinished(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                     const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse,
                                     const __nv_bfloat16* d_o, __nv_bfloat16* dk, __nv_bfloat16* dv, void* workspace,
-                                    size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning = {},
-                                    const DqAccumChain* chain = nullptr);
+                                    size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning = {});
 
 }  // namespace pgolf::cuda

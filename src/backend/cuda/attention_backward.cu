@@ -72,8 +72,7 @@ __device__ void build_tile_schedule(const int32_t* __restrict__ cu, int num_segm
   }
 }
 
-// Eight threads per (token, head) row, 8 elements (16 bytes) each; dq_accum null: left as it is
-// (zeroed by the previous call of a DqAccumChain). Block 0 also writes the wgmma
+// Eight threads per (token, head) row, 8 elements (16 bytes) each. Block 0 also writes the wgmma
 // kernel's work list for key tiles of schedule_block_n keys, or with 0 an empty one (count -1).
 __global__ void attention_backward_prepare_kernel(const __nv_bfloat16* __restrict__ o,
                                                   const __nv_bfloat16* __restrict__ d_o, float* __restrict__ delta,
@@ -100,11 +99,9 @@ __global__ void attention_backward_prepare_kernel(const __nv_bfloat16* __restric
       const float2 a = __bfloat1622float2(op[i]), b = __bfloat1622float2(gp[i]);
       sum = fmaf(a.x, b.x, fmaf(a.y, b.y, sum));
     }
-    if (dq_accum) {  // null: already zero (DqAccumChain)
-      float4* acc = reinterpret_cast<float4*>(dq_accum + offset);
-      acc[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-      acc[1] = make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+    float4* acc = reinterpret_cast<float4*>(dq_accum + offset);
+    acc[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+    acc[1] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
   sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -382,7 +379,7 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
                                          const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse,
                                          const __nv_bfloat16* d_o, __nv_bfloat16* dk, __nv_bfloat16* dv,
                                          void* workspace, size_t workspace_bytes, cudaStream_t stream,
-                                         const AttentionTuning& tuning, const DqAccumChain* chain = nullptr) {
+                                         const AttentionTuning& tuning) {
   PG_CUDA_REQUIRE(shape.query_begin == nullptr,
                   "attention_backward: shape.query_begin is for the forward only (a backward needs every query)");
   check_aligned16(q, "attention_backward: q must be a 16-byte aligned device pointer");
@@ -405,32 +402,19 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
   const int64_t rows = static_cast<int64_t>(shape.total_tokens) * shape.num_heads;
   const int threads = 256;
   const int64_t blocks = (rows * 8 + threads - 1) / threads;
-  const bool zeroed = chain && chain->accum_zeroed;
   attention_backward_prepare_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-      o, d_o, delta, zeroed ? nullptr : dq_accum, shape.total_tokens, shape.num_heads, shape.cu_seqlens,
-      shape.num_segments, wgmma ? attention_backward_wgmma_schedule_keys(tuning.backward_warps) : 0, tile_schedule);
+      o, d_o, delta, dq_accum, shape.total_tokens, shape.num_heads, shape.cu_seqlens, shape.num_segments,
+      wgmma ? attention_backward_wgmma_schedule_keys(tuning.backward_warps) : 0, tile_schedule);
   PG_CUDA_LAUNCH_CHECK();
-  float4* zero_next = nullptr;
-  if (chain && chain->zero_next) {
-    check_aligned16(chain->zero_next, "attention_backward: chain->zero_next must be a 16-byte aligned device pointer");
-    PG_CUDA_REQUIRE(chain->zero_next != workspace, "attention_backward: chain->zero_next is this call's workspace");
-    zero_next = static_cast<float4*>(chain->zero_next);
-  }
-  return AttentionBackwardParams{attention_layout(shape), q, k, v, d_o, lse, delta, dq_accum, tile_schedule, dk, dv,
-                                 zero_next, zero_next ? static_cast<int64_t>(dq_accum_bytes(shape) / 16) : 0};
+  return AttentionBackwardParams{attention_layout(shape), q, k, v, d_o, lse, delta, dq_accum, tile_schedule, dk, dv};
 }
 
 // The atomic main kernel (dK, dV, dQ summed into the accumulator); not the deterministic path.
 DqSum launch_backward_atomic(const AttentionBackwardParams& p, const AttentionShape& shape,
                              const AttentionTuning& tuning, cudaStream_t stream) {
   const bool wgmma = tuning.backward_kernel == AttentionBackwardKernel::wgmma;
-  if (wgmma) {
-    launch_attention_backward_wgmma(p, shape, tuning.backward_warps, stream);
-  } else {
-    launch_backward<true>(p, shape, tuning.backward_warps, stream);
-    if (p.zero_next)  // the mma.sync kernel has no side job: a memset after it
-      PG_CUDA_CHECK(cudaMemsetAsync(p.zero_next, 0, static_cast<size_t>(p.zero_next_float4s) * 16, stream));
-  }
+  if (wgmma) launch_attention_backward_wgmma(p, shape, tuning.backward_warps, stream);
+  else launch_backward<true>(p, shape, tuning.backward_warps, stream);
   return DqSum{p.dq_accum, wgmma ? kSoftmaxScale : 1.f};
 }
 
@@ -462,15 +446,14 @@ void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, con
 DqSum attention_backward_unfinished(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                     const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse,
                                     const __nv_bfloat16* d_o, __nv_bfloat16* dk, __nv_bfloat16* dv, void* workspace,
-                                    size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning,
-                                    const DqAccumChain* chain) {
+                                    size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning) {
   PG_CUDA_REQUIRE(!tuning.deterministic,
                   "attention_backward_unfinished: the deterministic backward writes bf16 dq itself "
                   "(call attention_backward)");
   check_attention_shape(shape);
   if (shape.total_tokens == 0) return DqSum{static_cast<const float*>(workspace), 1.f};
   const AttentionBackwardParams p =
-      prepare_backward(shape, q, k, v, o, lse, d_o, dk, dv, workspace, workspace_bytes, stream, tuning, chain);
+      prepare_backward(shape, q, k, v, o, lse, d_o, dk, dv, workspace, workspace_bytes, stream, tuning);
   return launch_backward_atomic(p, shape, tuning, stream);
 }
 

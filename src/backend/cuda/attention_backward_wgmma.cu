@@ -217,12 +217,6 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
   using Smem = BackwardSmem<kWarpgroups>;
   extern __shared__ unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warpgroup = warp >> 2, wg_warp = warp & 3;
-  if (p.zero_next) {  // the side job (DqAccumChain): this block's share of the next accumulator, in stores
-    const int64_t share = (p.zero_next_float4s + gridDim.x - 1) / gridDim.x;
-    const int64_t end = min(p.zero_next_float4s, (static_cast<int64_t>(blockIdx.x) + 1) * share);
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * share + tid; i < end; i += kThreads)
-      p.zero_next[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
   const BlockWork work = block_work(p, kBlockN);
   const int kv_head = work.kv_head;
   const SegmentTile seg = work.seg;

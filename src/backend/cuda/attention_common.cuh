@@ -127,10 +127,6 @@ struct AttentionBackwardParams : AttentionLayout {
   const int2* __restrict__ tile_schedule;
   __nv_bfloat16* __restrict__ dk;
   __nv_bfloat16* __restrict__ dv;
-  // The wgmma kernel's side job (DqAccumChain): zero these `zero_next_float4s` float4s (the next call's
-  // dQ accumulator, of this call's shape) while its tensor cores work; null: none.
-  float4* __restrict__ zero_next;
-  int64_t zero_next_float4s;
 };
 
 // The wgmma kernels run only on an sm_90 GPU (wgmma is Hopper's; sm_90a code does not run on later

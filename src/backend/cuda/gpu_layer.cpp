@@ -90,24 +90,15 @@ NormGrad GpuModel::Impl::backward_attention(int v) {
   }
   const AttentionShape shape = attention_shape();
   QkDq dq(bw.dq);
-  if (fold_dq_finish) {
-    // Layers v, v-1, ... alternate between the two workspaces; while layer v's kernel runs it zeroes the
-    // other's accumulator, which layer v+1's qk_norm_rope_backward has already read, for layer v-1.
-    void* const ws[2] = {bw.attn_ws, bw.attn_ws2};
-    DqAccumChain chain;
-    chain.accum_zeroed = bw.dq_chain_zeroed;
-    chain.zero_next = v > 0 ? ws[1 - bw.dq_chain] : nullptr;
-    dq = attention_backward_unfinished(shape, b.q, b.k, vals, b.y, b.lse, dy, bw.dk, bw.dv, ws[bw.dq_chain],
-                                       bw.attn_ws_bytes, stream, attention, &chain);
-    bw.dq_chain = 1 - bw.dq_chain;
-    bw.dq_chain_zeroed = v > 0;
-  } else if (Dh == kAttentionHeadDim) {
+  if (fold_dq_finish)
+    dq = attention_backward_unfinished(shape, b.q, b.k, vals, b.y, b.lse, dy, bw.dk, bw.dv, bw.attn_ws,
+                                       bw.attn_ws_bytes, stream, attention);
+  else if (Dh == kAttentionHeadDim)
     attention_backward(shape, b.q, b.k, vals, b.y, b.lse, dy, bw.dq, bw.dk, bw.dv, bw.attn_ws, bw.attn_ws_bytes,
                        stream, attention);
-  } else {
+  else
     attention_reference_backward(shape, Dh, max_seqlen, b.q, b.k, vals, b.y, b.lse, dy, bw.dq, bw.dk, bw.dv,
                                  bw.attn_ws, bw.attn_ws_bytes, stream);
-  }
 
   // q, k: gain, RoPE, QK-norm → the q and k columns of dqkv; v: XSA's share, the value path → its columns.
   qk_norm_rope_backward(dq, bw.dk, b.qkv, b.qkv + qd, qkv_w, b.q_rstd, b.k_rstd, P(p.q_gain), rope_cos, rope_sin,

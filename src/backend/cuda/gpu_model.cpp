@@ -378,8 +378,6 @@ void GpuModel::Impl::allocate(Alloc& a) {
   bw.attn_ws_bytes = Dh == kAttentionHeadDim ? attention_backward_workspace_bytes(shape)
                                               : attention_reference_workspace_bytes(shape, Dh);
   bw.attn_ws = a.template get<unsigned char>(static_cast<int64_t>(bw.attn_ws_bytes), "attention workspace");
-  if (fold_dq_finish)
-    bw.attn_ws2 = a.template get<unsigned char>(static_cast<int64_t>(bw.attn_ws_bytes), "attention workspace 2");
   if (deterministic) {
     bw.sort_ws_bytes = embedding_sort_workspace_bytes(n);
     bw.sort_ws = a.template get<unsigned char>(static_cast<int64_t>(bw.sort_ws_bytes), "embedding sort workspace");
@@ -772,7 +770,6 @@ void GpuModel::Impl::backward(const float* weights_device) {
   if (bw.dv0) PG_CUDA_CHECK(cudaMemsetAsync(bw.dv0, 0, static_cast<size_t>(N) * kvd * 4, stream));
 
   const int nv = static_cast<int>(order.size()), E = static_cast<int>(plan.encoder.size());
-  bw.dq_chain = 0, bw.dq_chain_zeroed = false;  // the first layer's attention backward zeroes its own
   bool mlp_branch_done = false;  // layer v's MLP-branch backward ran in layer v+1's last pass
   for (int v = nv - 1; v >= 0; --v) {
     const VirtualLayer& L = order[static_cast<size_t>(v)];

@@ -192,12 +192,6 @@ struct GpuModel::Impl {
     std::vector<float*> d_enc;  // per encoder slot: the gradient its skip connection sends back
     void* attn_ws = nullptr;
     size_t attn_ws_bytes = 0;
-    // With fold_dq_finish, a second attention workspace: the layers of a backward pass alternate between
-    // the two, each one's attention backward zeroing the other's dQ accumulator for the next layer
-    // (DqAccumChain); dq_chain: the one the next layer uses, and whether its accumulator is zero.
-    void* attn_ws2 = nullptr;
-    int dq_chain = 0;
-    bool dq_chain_zeroed = false;
     void* sort_ws = nullptr;  // deterministic mode: the sorted embedding backward
     size_t sort_ws_bytes = 0;
     ReduceWorkspace reduce;
