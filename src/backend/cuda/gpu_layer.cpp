@@ -39,8 +39,7 @@ void GpuModel::Impl::forward_attention(int v, bool selected_queries) {
 
   AttentionShape shape = attention_shape();
   if (selected_queries) shape.query_begin = selection.query_begin;
-  if (Dh == kAttentionHeadDim)
-    attention_forward(shape, b.q, b.k, vals, b.y, b.lse, stream, lora ? lora_attention : attention);
+  if (Dh == kAttentionHeadDim) attention_forward(shape, b.q, b.k, vals, b.y, b.lse, stream, attention);
   else attention_reference_forward(shape, Dh, max_seqlen, b.q, b.k, vals, b.y, b.lse, stream);
 }
 

@@ -69,12 +69,6 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
   mlp_fused = options.mlp_fused && mlp_fused_supported(d, hid);
   fold_dq_finish = options.fold_dq_finish && Dh == kAttentionHeadDim && !deterministic;
   bf16_norm_grads = options.bf16_norm_grads;
-  lora_attention = attention;
-  if (lora_attention.forward_kernel == AttentionForwardKernel::wgmma_ws) {
-    lora_attention.forward_kernel = AttentionForwardKernel::wgmma;
-    lora_attention.forward_warps = 8;  // the wgmma forward's fastest shape
-    lora_attention.forward_key_tile = 64;
-  }
   gate_ld = static_cast<int>(round_up(H, 8));
   PG_CHECK(max_tokens > 0, "GpuModel: max_tokens must be positive, got {}", max_tokens);
   PG_CHECK(!(m.branch_gates && m.parallel_start_layer > 0),

@@ -55,10 +55,6 @@ struct GpuModel::Impl {
   int64_t max_tokens = 0;
   bool deterministic = false;
   AttentionTuning attention;  // flash attention kernels, with `deterministic`
-  // The forward's tuning while LoRA adapters are attached: LoRA TTT's many small calls of varied shapes
-  // run the wgmma forward where `attention` names the warp-specialized one, which measured slower there
-  // (docs/PERFORMANCE.md); otherwise the same as `attention`.
-  AttentionTuning lora_attention;
   bool mlp_fused = false;      // the fused MLP kernels serve this model (options, shape and device)
   bool fold_dq_finish = false;  // qk_norm_rope_backward reads attention's fp32 dQ sum (options, head dim, mode)
   bool bf16_norm_grads = true;  // norm gradients stored bf16 where one GEMM writes them alone (options)
