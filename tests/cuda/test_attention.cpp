@@ -189,6 +189,8 @@ std::vector<AttentionTuning> tunings_under_test() {
     t.backward_kernel = cuda::AttentionBackwardKernel::wgmma;
     tunings.push_back(t);
   }
+  // Each forward as named, whatever the size of the test shapes (the fallback has its own test).
+  for (AttentionTuning& t : tunings) t.forward_ws_min_waves = 0;
   return tunings;
 }
 
@@ -330,6 +332,42 @@ TEST_F(AttentionTest, SelectedQueryTilesMatchTheFullForward) {
   EXPECT_THROW(cuda::attention_backward(selected, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(),
                                         dev.d_o.data(), dq.data(), dk.data(), dv.data(), ws.data(), ws_bytes, nullptr),
                Error);
+}
+
+// The default warp-specialized forward on a shape with fewer of its blocks than two waves of the GPU's
+// multiprocessors runs the wgmma forward (8 warps, 64-key tiles): the same bits as that kernel named;
+// on a shape with enough blocks, the warp-specialized kernel's bits.
+TEST_F(AttentionTest, WarpSpecializedForwardFallsBackOnSmallShapes) {
+  auto forward = [](DeviceAttention& dev, const AttentionTuning& t) {
+    auto o = poisoned_buffer<__nv_bfloat16>(dev.in.q.size());
+    auto lse = poisoned_buffer<float>(size_t(dev.in.tokens) * dev.in.heads);
+    cuda::attention_forward(dev.shape, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(), nullptr, t);
+    PG_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<float> out = from_device_bf16(o), l = lse.download();
+    out.insert(out.end(), l.begin(), l.end());
+    return out;
+  };
+  auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  AttentionTuning automatic, ws, wgmma;
+  ws.forward_ws_min_waves = 0;
+  wgmma.forward_kernel = cuda::AttentionForwardKernel::wgmma;
+  wgmma.forward_warps = 8;
+  wgmma.forward_key_tile = 64;
+  ASSERT_EQ(automatic.forward_kernel, cuda::AttentionForwardKernel::wgmma_ws);
+  // One row of 1024 tokens, 8 heads: (1 + 1024 / 192) x 4 = 24 blocks, under any H100's 2 x 132.
+  const AttentionInputs small = make_inputs(cu_from_lengths({1024}), 8, 4, 110);
+  DeviceAttention small_dev(small);
+  const std::vector<float> small_auto = forward(small_dev, automatic), small_wgmma = forward(small_dev, wgmma);
+  EXPECT_TRUE(same_bits(small_auto, small_wgmma)) << "small shape: not the wgmma forward's bits";
+  EXPECT_FALSE(same_bits(small_auto, forward(small_dev, ws))) << "the two kernels agree bit for bit: a vacuous test";
+  // 24 rows of 2048: (24 + 256) x 4 = 1120 blocks, over 2 waves of any GPU with up to 560 multiprocessors.
+  std::vector<int> rows(24, 2048);
+  const AttentionInputs large = make_inputs(cu_from_lengths(rows), 8, 4, 111);
+  DeviceAttention large_dev(large);
+  EXPECT_TRUE(same_bits(forward(large_dev, automatic), forward(large_dev, ws)))
+      << "large shape: not the warp-specialized forward's bits";
 }
 
 TEST_F(AttentionTest, SmallWorkspaceAndBadHeadsAreErrors) {

@@ -71,6 +71,12 @@ struct AttentionTuning {
   AttentionBackwardKernel backward_kernel = AttentionBackwardKernel::wgmma;
   // Keys per K/V tile of the wgmma forwards: 64 or 128 (the mma.sync forward always uses 64).
   int forward_key_tile = 128;
+  // The warp-specialized forward runs one block per multiprocessor. A call with fewer of its blocks than
+  // this many waves of the GPU's multiprocessors runs the wgmma forward (8 warps, 64-key tiles) instead:
+  // few rows leave most of the GPU idle with its 192-query, two-head blocks (LoRA TTT's small calls:
+  // 25.5 s with it against 24.9 s with the wgmma forward on the s1560 prefix). The choice depends on
+  // the shape only, so every caller gets the same bits for the same shape. 0: never.
+  double forward_ws_min_waves = 2.0;
 };
 
 void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,

@@ -151,6 +151,8 @@ void launch_attention_forward_wgmma(const AttentionForwardParams& p, const Atten
 // warpgroups of 64 query rows, plus a producer warpgroup), `key_tile` 64 or 128.
 void launch_attention_forward_ws(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
                                  int key_tile, cudaStream_t stream);
+// The blocks launch_attention_forward_ws runs for `shape` (an upper bound over the segments' tiles).
+int64_t attention_forward_ws_blocks(const AttentionShape& shape);
 
 // The Hopper backward main kernel (attention_backward_wgmma.cu): `warps` 4, 8 or 12 (one, two or
 // three warpgroups of 64 keys), 8 · dq (the softmax scale 1/8 is left to the finish kernel) added to

@@ -179,6 +179,19 @@ void launch_forward(const AttentionForwardParams& p, const AttentionShape& shape
 
 }  // namespace
 
+namespace {
+// Multiprocessors of the GPU, read once (a machine has one kind of GPU).
+int multiprocessors() {
+  static const int count = [] {
+    int device = 0, n = 0;
+    PG_CUDA_CHECK(cudaGetDevice(&device));
+    PG_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }();
+  return count;
+}
+}  // namespace
+
 void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
                        const __nv_bfloat16* v, __nv_bfloat16* o, float* lse, cudaStream_t stream,
                        const AttentionTuning& tuning) {
@@ -195,6 +208,11 @@ void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, cons
     return;
   }
   if (tuning.forward_kernel == AttentionForwardKernel::wgmma_ws) {
+    if (tuning.forward_ws_min_waves > 0 &&
+        static_cast<double>(attention_forward_ws_blocks(shape)) < tuning.forward_ws_min_waves * multiprocessors()) {
+      launch_attention_forward_wgmma(p, shape, 8, 64, stream);  // too few blocks for a full GPU
+      return;
+    }
     launch_attention_forward_ws(p, shape, tuning.forward_warps, tuning.forward_key_tile, stream);
     return;
   }

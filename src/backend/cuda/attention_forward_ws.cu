@@ -337,6 +337,11 @@ void launch(const AttentionForwardParams& p, const AttentionShape& shape, int he
 
 }  // namespace
 
+int64_t attention_forward_ws_blocks(const AttentionShape& shape) {
+  const int heads_per_block = shape.num_heads % kMaxHeadsPerBlock == 0 ? kMaxHeadsPerBlock : 1;
+  return static_cast<int64_t>(segment_tile_grid(shape, kBlockM)) * (shape.num_heads / heads_per_block);
+}
+
 void launch_attention_forward_ws(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
                                  int key_tile, cudaStream_t stream) {
   PG_CUDA_REQUIRE(warps == 12 && (key_tile == 64 || key_tile == 128),
