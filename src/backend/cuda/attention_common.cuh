@@ -151,6 +151,8 @@ void launch_attention_forward_wgmma(const AttentionForwardParams& p, const Atten
 // warpgroups of 64 query rows, plus a producer warpgroup), `key_tile` 64 or 128.
 void launch_attention_forward_ws(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
                                  int key_tile, cudaStream_t stream);
+// Refuses a tuning the warp-specialized forward does not take (also where a small shape would fall back).
+void check_attention_forward_ws_tuning(int warps, int key_tile);
 // The blocks launch_attention_forward_ws runs for `shape` (an upper bound over the segments' tiles).
 int64_t attention_forward_ws_blocks(const AttentionShape& shape);
 

@@ -342,11 +342,15 @@ int64_t attention_forward_ws_blocks(const AttentionShape& shape) {
   return static_cast<int64_t>(segment_tile_grid(shape, kBlockM)) * (shape.num_heads / heads_per_block);
 }
 
-void launch_attention_forward_ws(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
-                                 int key_tile, cudaStream_t stream) {
+void check_attention_forward_ws_tuning(int warps, int key_tile) {
   PG_CUDA_REQUIRE(warps == 12 && (key_tile == 64 || key_tile == 128),
                   "attention_forward: the warp-specialized kernel takes tuning.forward_warps 12 and "
                   "forward_key_tile 64 or 128");
+}
+
+void launch_attention_forward_ws(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
+                                 int key_tile, cudaStream_t stream) {
+  check_attention_forward_ws_tuning(warps, key_tile);
   require_hopper("attention_forward: the warp-specialized wgmma kernel needs an sm_90 (Hopper) GPU");
   const int heads_per_block = shape.num_heads % kMaxHeadsPerBlock == 0 ? kMaxHeadsPerBlock : 1;
   if (key_tile == 64) launch<64>(p, shape, heads_per_block, stream);
