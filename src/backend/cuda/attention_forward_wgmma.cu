@@ -15,6 +15,7 @@
 // Per thread (warp w of the block, g = lane / 4, t = lane % 4): query rows 16w + g and 16w + g + 8 of
 // the block tile; s[h][4j + e] holds key 64h + 8j + 2t + (e % 2) of row g + 8·(e / 2); o[4j + e] holds
 // head dim 8j + 2t + (e % 2) of the same rows.
+#include <climits>
 #include <cmath>
 
 #include "backend/cuda/attention_common.cuh"
@@ -184,24 +185,8 @@ __global__ void __launch_bounds__(kWarpgroups * 128, wgmma_forward_min_blocks<kW
     }
   }
 
-  // O / l and LSE = ln(sum exp(scale·s)) = (max + log2(sum)) · ln 2.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int row = warp_row0 + (lane >> 2) + r * 8;
-    if (row >= seg.length) continue;
-    const float inv = 1.f / sum;
-    const int64_t token = seg.start + row;
-    __nv_bfloat16* dst = p.o + token * p.q_row_stride + head * kHeadDim + 2 * (lane & 3);
-#pragma unroll
-    for (int jn = 0; jn < 8; ++jn)
-      *reinterpret_cast<uint32_t*>(dst + jn * 8) =
-          pack_bf16(o_acc[4 * jn + 2 * r] * inv, o_acc[4 * jn + 2 * r + 1] * inv);
-    if ((lane & 3) == 0)
-      p.lse[static_cast<int64_t>(head) * p.total_tokens + token] = (row_max[r] + log2f(sum)) / kLog2e;
-  }
+  // Rows past the segment (the last tile's) stay unwritten.
+  store_forward_rows(p, o_acc, row_sum, row_max, seg.start, head, warp_row0, INT_MIN, seg.length, lane);
 #else
   __trap();  // built without sm_90a (PGOLF_CUDA_ARCH): fail loudly rather than compute nothing
 #endif

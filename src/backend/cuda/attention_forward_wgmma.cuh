@@ -91,4 +91,30 @@ __device__ __forceinline__ void pack_p(const float (&s)[kHalves][32], uint32_t (
   }
 }
 
+// O / l and LSE = ln(sum exp(scale·s)) = (max + log2(sum)) · ln 2 of the thread's two query rows,
+// warp_row0 + lane / 4 and 8 rows further (segment-local, o_acc in the wgmma accumulator layout of
+// attention_forward_wgmma.cu); rows outside [row_begin, row_end) are left unwritten.
+__device__ __forceinline__ void store_forward_rows(const AttentionForwardParams& p, const float (&o_acc)[32],
+                                                   const float (&row_sum)[2], const float (&row_max)[2],
+                                                   int64_t seg_start, int head, int warp_row0, int row_begin,
+                                                   int row_end, int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int row = warp_row0 + (lane >> 2) + r * 8;
+    if (row < row_begin || row >= row_end) continue;
+    const float inv = 1.f / sum;
+    const int64_t token = seg_start + row;
+    __nv_bfloat16* dst = p.o + token * p.q_row_stride + head * kHeadDim + 2 * (lane & 3);
+#pragma unroll
+    for (int jn = 0; jn < 8; ++jn)
+      *reinterpret_cast<uint32_t*>(dst + jn * 8) =
+          pack_bf16(o_acc[4 * jn + 2 * r] * inv, o_acc[4 * jn + 2 * r + 1] * inv);
+    if ((lane & 3) == 0)
+      p.lse[static_cast<int64_t>(head) * p.total_tokens + token] = (row_max[r] + log2f(sum)) / kLog2e;
+  }
+}
+
 }  // namespace pgolf::cuda::attention_detail
