@@ -126,22 +126,10 @@ __global__ void __launch_bounds__(kWarpgroups * 128, wgmma_forward_min_blocks<kW
     }
     wgmma_commit();
   };
-  // O += P_j V_j over kBlockN / 16 k-steps. V is the MN-major B operand: keys 16kk.. start 2048·kk
-  // bytes into the tile.
-  auto issue_pv = [&](int j) {
-    const uint32_t v_base = v_tile(j).base;
-#pragma unroll
-    for (int kk = 0; kk < kHalves * 4; ++kk)
-      wgmma_m64n64k16_bf16<true, 1>(o_acc, p_frag[kk], mn_major_step_descriptor(v_base, kk));
-    wgmma_commit();
-  };
-  // After S_j has landed: masked and exponentiated in place (P_j in fp32); `correction` as in online_softmax.
+  // O += P_j V_j; S_j masked and exponentiated (attention_forward_wgmma.cuh).
+  auto issue_pv = [&](int j) { attention_detail::issue_pv<kHalves>(o_acc, p_frag, v_tile(j).base); };
   auto softmax_scores = [&](int j, float (&correction)[2]) {
-#pragma unroll
-    for (int h = 0; h < kHalves; ++h) wgmma_fence_operands(s[h]);
-    const int key0 = j * kBlockN;
-    if (key0 + kBlockN - 1 > warp_row0) mask_causal(s, key0, warp_row0, lane);  // crosses the diagonal
-    online_softmax(s, row_max, row_sum, correction);
+    attention_detail::softmax_scores<kHalves>(s, j * kBlockN, warp_row0, lane, row_max, row_sum, correction);
   };
 
   // Step j <= num_kv_tiles computes S_j (j < warpgroup_tiles) and O += P_{j-1}·V_{j-1} (0 < j <=

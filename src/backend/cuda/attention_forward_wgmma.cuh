@@ -9,6 +9,7 @@
 
 #include "backend/cuda/attention_common.cuh"
 #include "backend/cuda/mma.cuh"
+#include "backend/cuda/wgmma.cuh"
 
 namespace pgolf::cuda::attention_detail {
 
@@ -89,6 +90,27 @@ __device__ __forceinline__ void pack_p(const float (&s)[kHalves][32], uint32_t (
     p_frag[kk][2] = pack_bf16(s[h][hi], s[h][hi + 1]);
     p_frag[kk][3] = pack_bf16(s[h][hi + 2], s[h][hi + 3]);
   }
+}
+
+// O += P·V over the tile's kHalves · 4 k-steps of 16 keys, committed as one group. V is the MN-major B
+// operand (wgmma.cuh): keys 16kk.. start 2048·kk bytes into the tile at v_base.
+template <int kHalves>
+__device__ __forceinline__ void issue_pv(float (&o_acc)[32], const uint32_t (&p_frag)[kHalves * 4][4], uint32_t v_base) {
+#pragma unroll
+  for (int kk = 0; kk < kHalves * 4; ++kk)
+    wgmma_m64n64k16_bf16<true, 1>(o_acc, p_frag[kk], mn_major_step_descriptor(v_base, kk));
+  wgmma_commit();
+}
+
+// After the scores of the key tile starting at key0 have landed: masked (where the tile crosses the
+// diagonal) and exponentiated in place (P in fp32); `correction` as in online_softmax.
+template <int kHalves>
+__device__ __forceinline__ void softmax_scores(float (&s)[kHalves][32], int key0, int warp_row0, int lane,
+                                               float (&row_max)[2], float (&row_sum)[2], float (&correction)[2]) {
+#pragma unroll
+  for (int h = 0; h < kHalves; ++h) wgmma_fence_operands(s[h]);
+  if (key0 + kHalves * 64 - 1 > warp_row0) mask_causal(s, key0, warp_row0, lane);
+  online_softmax(s, row_max, row_sum, correction);
 }
 
 // O / l and LSE = ln(sum exp(scale·s)) = (max + log2(sum)) · ln 2 of the thread's two query rows,

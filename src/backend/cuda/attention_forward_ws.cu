@@ -229,23 +229,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       wgmma_commit();
     };
-    // O += P V (tile g) over kBlockN / 16 k-steps; V is the MN-major B operand (keys 16kk.. 2048·kk
-    // bytes on).
-    auto issue_pv = [&](int g) {
-      const uint32_t v_base = v_tile(g);
-#pragma unroll
-      for (int kk = 0; kk < kHalves * 4; ++kk)
-        wgmma_m64n64k16_bf16<true, 1>(o_acc, p_frag[kk], mn_major_step_descriptor(v_base, kk));
-      wgmma_commit();
-    };
-    // After S_j has landed: masked and exponentiated in place (P_j in fp32); `correction` as in
-    // online_softmax.
+    // O += P V of tile g; S_j masked and exponentiated (attention_forward_wgmma.cuh).
+    auto issue_pv = [&](int g) { attention_detail::issue_pv<kHalves>(o_acc, p_frag, v_tile(g)); };
     auto softmax_scores = [&](int j, float (&correction)[2]) {
-#pragma unroll
-      for (int h = 0; h < kHalves; ++h) wgmma_fence_operands(s[h]);
-      const int key0 = j * kBlockN;
-      if (key0 + kBlockN - 1 > warp_row0) mask_causal(s, key0, warp_row0, lane);  // crosses the diagonal
-      online_softmax(s, row_max, row_sum, correction);
+      attention_detail::softmax_scores<kHalves>(s, j * kBlockN, warp_row0, lane, row_max, row_sum, correction);
     };
 
     mbarrier_wait(q_full(i), 0);
