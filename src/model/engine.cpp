@@ -27,4 +27,17 @@ void Engine::collect(std::vector<float>& nll) {
   completed_.pop_front();
 }
 
+void Engine::submit_train_step(std::span<const Batch> micro_batches, const StepControl& control) {
+  PG_CHECK(train_steps_pending() < kMaxTrainPending, "Engine: {} training steps already wait to be collected",
+           train_steps_pending());
+  completed_steps_.push_back(train_step(micro_batches, control));
+}
+
+StepResult Engine::collect_train_step() {
+  PG_CHECK(!completed_steps_.empty(), "Engine::collect_train_step: no training step is pending");
+  const StepResult r = completed_steps_.front();
+  completed_steps_.pop_front();
+  return r;
+}
+
 }  // namespace pgolf

@@ -79,6 +79,19 @@ class Engine {
   // ranks, clip (global or local as the preset says), the optimizer groups, then the EMA.
   virtual StepResult train_step(std::span<const Batch> micro_batches, const StepControl& control) = 0;
 
+  // Pipelined training: the trainer submits step k + 1 before it waits for step k, so that its host
+  // work between steps (the next batch, the upload, the launch, the logs) overlaps the device's work
+  // instead of leaving the device idle. Results come back in submission order; at most
+  // kMaxTrainPending steps wait to be collected, and no other call may come between a submission and
+  // the collection of every pending step except the set_looping / set_qat of the next step (they apply
+  // to steps submitted after them). submit_train_step + collect_train_step is train_step: the same
+  // work, the same result. The defaults run the step at submission (the CPU engine); the CUDA engine
+  // enqueues it and copies its loss and gradient norm back into pinned memory behind it.
+  static constexpr int kMaxTrainPending = 2;
+  virtual void submit_train_step(std::span<const Batch> micro_batches, const StepControl& control);
+  virtual StepResult collect_train_step();  // the result of the oldest pending step
+  virtual int train_steps_pending() const { return static_cast<int>(completed_steps_.size()); }
+
   // ---- evaluation -----------------------------------------------------------------------------
   // Eval-mode forward: the per-token NLL (natural log, fp32) of every position of the batch, [tokens].
   // With batch.losses_from set only the positions it names are guaranteed; the others may hold
@@ -131,10 +144,11 @@ class Engine {
 
  private:
   std::deque<std::vector<float>> completed_;  // the default pipeline: NLL of calls run at submission
+  std::deque<StepResult> completed_steps_;     // ... and the results of steps run at submission
 };
 
-// Collects, and drops, the calls still pending when a pipelined loop is left by an exception, so the
-// engine can take synchronous calls again.
+// Collects, and drops, the calls (and training steps) still pending when a pipelined loop is left by
+// an exception, so the engine can take synchronous calls again.
 class PendingCalls {
  public:
   explicit PendingCalls(Engine& engine) : engine_(engine) {}
@@ -145,6 +159,12 @@ class PendingCalls {
     try {
       while (engine_.pending() > 0) engine_.collect(dropped);
     } catch (...) {  // the error that left the loop is the one to report
+    }
+    while (engine_.train_steps_pending() > 0) {
+      try {
+        engine_.collect_train_step();
+      } catch (...) {  // a step whose result fails its check is collected all the same
+      }
     }
   }
 

@@ -225,10 +225,75 @@ TrainResult train(Engine& engine, Communicator& comm, const Config& config, cons
              {{"event", "checkpoint"}, {"step", state.step}, {"path", path.string()}});
   };
 
+  // Pipelined steps (Engine::submit_train_step): where nothing between two steps needs the device to
+  // stop (a validation, a checkpoint, an SWA snapshot, the last step of the iterations, the last
+  // seconds before the cap), the next step is submitted before the current one is collected, so the
+  // host's work between steps (the next batch and its upload, the launch, the logs, the stop rule)
+  // runs while the device works instead of leaving it idle. The next step's schedules (LR, looping,
+  // late QAT) are evaluated at the training time at which it is predicted to start: the current step's
+  // start plus the last step's duration. Every rank decides the same: the only time-dependent part, how
+  // near the cap the run is, is all-reduced with the stop rule.
+  const bool lookahead = config.get_bool("train_lookahead") && !(swa && world > 1);
+  struct Submitted {
+    StepControl control;
+    int64_t tokens = 0;      // all ranks'
+    nlohmann::json loader;   // the loader's state after the step's batches
+    bool qat = false, looping = false;
+    double submit_ms = 0.0;  // training time at submission
+    double start_ms = 0.0;   // ... at which the device starts it (predicted while the step before runs)
+  };
+  auto submit = [&](int64_t step, double start_ms) {
+    const double lr_scale = schedule.lr_scale(step, start_ms);
+    if (!state.looping && schedule.looping_due(step, start_ms)) {
+      state.looping = true;
+      engine.set_looping(true);
+      log.line(fmt::format("layer_loop:enabled step:{} frac:{:.3f}", step, schedule.training_fraction(step, start_ms)),
+               {{"event", "layer_loop"}, {"step", step}});
+    }
+    if (!state.qat && schedule.late_qat_due(lr_scale)) {
+      state.qat = true;
+      engine.set_qat(true);
+      log.line(fmt::format("late_qat:enabled step:{} scale:{:.4f}", step, lr_scale),
+               {{"event", "late_qat"}, {"step", step}, {"lr_scale", lr_scale}});
+    }
+    Submitted s;
+    s.control.step = step;
+    s.control.lr_scale = lr_scale;
+    s.control.muon_momentum = schedule.muon_momentum(step);
+    s.control.update_ema = ema_enabled;
+    const std::vector<Batch> micro = batches.next_step();
+    for (const Batch& b : micro) s.tokens += b.tokens();
+    s.tokens *= world;
+    s.submit_ms = timer.elapsed_ms();
+    s.start_ms = start_ms;
+    engine.submit_train_step(micro, s.control);
+    s.loader = batches.state();
+    s.qat = state.qat;
+    s.looping = state.looping;
+    return s;
+  };
+  // Whether the step after the one just submitted may be submitted before it is collected: `next` steps
+  // will then be done, and nothing that happens after them may need the device idle.
+  bool near_cap = schedule.has_cap();  // all ranks agree that the cap is far: known after the first step
+  auto may_look_ahead = [&](int64_t next, double lr_scale) {
+    return lookahead && !near_cap && next < iterations && state.stop_after_step < 0 &&
+           !(val_every > 0 && next % val_every == 0) && !(checkpoint_every > 0 && next % checkpoint_every == 0) &&
+           !(swa && schedule.swa_snapshot_due(next, lr_scale)) &&
+           !(options.stop_after_steps > 0 && next >= options.stop_after_steps);
+  };
+  // Near the cap: within this many of the last step's durations plus this margin every step waits for
+  // the one before, so that the stop rule sees each step's end before the next one is submitted.
+  constexpr double kNearCapSteps = 4.0, kNearCapMarginMs = 1000.0;
+  std::optional<Submitted> ahead;
+  double last_step_ms = 0.0;
+
   try {
+    PendingCalls drain(engine);  // a step still pending when an error leaves the loop
     while (true) {
       const bool last = state.step >= iterations || (state.stop_after_step >= 0 && state.step >= state.stop_after_step);
-      if (last || (val_every > 0 && state.step % val_every == 0)) {
+      const bool validates = last || (val_every > 0 && state.step % val_every == 0);
+      PG_CHECK(!ahead || !validates, "trainer: step {} was submitted ahead of a validation", state.step);
+      if (validates) {
         timer.pause();
         state.train_ms = timer.elapsed_ms();
         result.validations.push_back(validate("val"));
@@ -242,47 +307,29 @@ TrainResult train(Engine& engine, Communicator& comm, const Config& config, cons
         break;
       }
 
-      // Schedules of this step, from the step index and the training time so far.
-      const double elapsed_ms = timer.elapsed_ms();
-      const double lr_scale = schedule.lr_scale(state.step, elapsed_ms);
-      if (!state.looping && schedule.looping_due(state.step, elapsed_ms)) {
-        state.looping = true;
-        engine.set_looping(true);
-        log.line(fmt::format("layer_loop:enabled step:{} frac:{:.3f}", state.step,
-                             schedule.training_fraction(state.step, elapsed_ms)),
-                 {{"event", "layer_loop"}, {"step", state.step}});
-      }
-      if (!state.qat && schedule.late_qat_due(lr_scale)) {
-        state.qat = true;
-        engine.set_qat(true);
-        log.line(fmt::format("late_qat:enabled step:{} scale:{:.4f}", state.step, lr_scale),
-                 {{"event", "late_qat"}, {"step", state.step}, {"lr_scale", lr_scale}});
-      }
-      StepControl control;
-      control.step = state.step;
-      control.lr_scale = lr_scale;
-      control.muon_momentum = schedule.muon_momentum(state.step);
-      control.update_ema = ema_enabled;
+      Submitted cur = ahead ? std::move(*ahead) : submit(state.step, timer.elapsed_ms());
+      ahead.reset();
+      if (may_look_ahead(state.step + 1, cur.control.lr_scale))
+        ahead = submit(state.step + 1, std::max(timer.elapsed_ms(), cur.start_ms + last_step_ms));
 
-      const std::vector<Batch> micro = batches.next_step();
-      int64_t step_tokens = 0;
-      for (const Batch& b : micro) step_tokens += b.tokens();
-      step_tokens *= world;
-      const StepResult r = engine.train_step(micro, control);
+      const StepResult r = engine.collect_train_step();
       PG_CHECK(std::isfinite(r.loss), "step {}: training loss is {}: the run diverged", state.step + 1, r.loss);
       ++state.step;
-      if (swa && schedule.swa_snapshot_due(state.step, lr_scale)) {
+      const double end_ms = timer.elapsed_ms();
+      last_step_ms = end_ms - cur.start_ms;
+      if (ahead) ahead->start_ms = std::max(ahead->submit_ms, end_ms);  // queued behind this step
+      if (swa && schedule.swa_snapshot_due(state.step, cur.control.lr_scale)) {
         ParamSet<float> live(engine.layout());
         engine.store_params(live);
         swa->add(live);
       }
-      state.loader = batches.state();
-      state.train_ms = timer.elapsed_ms();
+      state.loader = cur.loader;
+      state.train_ms = end_ms;
 
-      StepRecord rec{state.step, r.loss, r.grad_norm, lr_scale, control.muon_momentum, state.qat, state.looping,
-                     state.train_ms};
+      StepRecord rec{state.step,    r.loss,   r.grad_norm,     cur.control.lr_scale, cur.control.muon_momentum,
+                     cur.qat,       cur.looping, state.train_ms};
       result.steps.push_back(rec);
-      const double tokens_per_s = static_cast<double>(state.step) * static_cast<double>(step_tokens) /
+      const double tokens_per_s = static_cast<double>(state.step) * static_cast<double>(cur.tokens) /
                                   std::max(state.train_ms / 1000.0, 1e-9);
       if (log_every > 0 && (state.step <= 10 || state.step % log_every == 0 || state.stop_after_step >= 0))
         log.line(train_log_line(state.step, iterations, r.loss, state.train_ms),
@@ -292,19 +339,31 @@ TrainResult train(Engine& engine, Communicator& comm, const Config& config, cons
                   {"train_time_ms", state.train_ms},
                   {"step_avg_ms", state.train_ms / static_cast<double>(state.step)},
                   {"tokens_per_s", tokens_per_s},
-                  {"lr_scale", lr_scale},
+                  {"lr_scale", cur.control.lr_scale},
                   {"grad_norm", r.grad_norm},
-                  {"muon_momentum", control.muon_momentum},
-                  {"qat", state.qat},
-                  {"looping", state.looping}});
+                  {"muon_momentum", cur.control.muon_momentum},
+                  {"qat", cur.qat},
+                  {"looping", cur.looping}});
       log.progress(fmt::format("step {}/{} | train_loss {:.4f} | {:.0f} tok/s | train {:.1f}s | lr x{:.3f}", state.step,
-                               iterations, r.loss, tokens_per_s, state.train_ms / 1000.0, lr_scale));
+                               iterations, r.loss, tokens_per_s, state.train_ms / 1000.0, cur.control.lr_scale));
 
-      // The stop rule: the first step at which any rank reached the cap is the last one.
+      // The stop rule: the first step at which any rank reached the cap is the last one. A step already
+      // submitted then (possible only if a step took several times the last one's duration) has run
+      // too: it becomes the last one, and the log says so.
       if (schedule.has_cap()) {
-        double reached = schedule.reached_cap(state.train_ms) ? 1.0 : 0.0;
-        comm.all_reduce_host(&reached, 1, ReduceOp::Max);
-        if (state.stop_after_step < 0 && reached > 0.0) state.stop_after_step = state.step;
+        double flags[2] = {schedule.reached_cap(state.train_ms) ? 1.0 : 0.0,
+                           schedule.reached_cap(state.train_ms + kNearCapSteps * last_step_ms + kNearCapMarginMs)
+                               ? 1.0
+                               : 0.0};
+        comm.all_reduce_host(flags, 2, ReduceOp::Max);
+        near_cap = flags[1] > 0.0;
+        if (state.stop_after_step < 0 && flags[0] > 0.0) {
+          state.stop_after_step = ahead ? state.step + 1 : state.step;
+          if (ahead)
+            log.line(fmt::format("cap reached at step {} with step {} already submitted: it is the last one",
+                                 state.step, state.step + 1),
+                     {{"event", "cap_after_submission"}, {"step", state.step}});
+        }
       }
       if (checkpoint_every > 0 && state.step % checkpoint_every == 0) {
         timer.pause();

@@ -162,6 +162,59 @@ TEST_F(CudaEngineTest, SaveReloadReplayIsBitExact) {
   }
 }
 
+// Pipelined steps (Engine::submit_train_step): two steps in flight, the loop switched on between a
+// submission and the collection of the step before (it applies to the later step), the results and
+// the weights the same bits as one step at a time; a third submission, a synchronous step and the
+// calls that read state wait for the pending steps to be collected.
+TEST_F(CudaEngineTest, PipelinedTrainingStepsKeepTheBits) {
+  Config c = engine_config("s1560");
+  c.set("ema_enabled", true);
+  auto comm = make_single_process_communicator();
+  const int vocab = static_cast<int>(c.get_int("vocab_size"));
+  std::vector<Batch> batches;
+  for (int s = 0; s < 6; ++s) batches.push_back(random_rows(vocab, 2, 64, 90 + s));
+  auto one = [&](int s) { return std::span<const Batch>(&batches[static_cast<size_t>(s)], 1); };
+  const ParamSet<float> p0 = initial_params(c, 58);
+  std::vector<StepResult> want;
+  auto a = cuda_engine(c, *comm, 160, true);
+  a->load_params(p0);
+  a->init_ema();
+  for (int s = 0; s < 6; ++s) {
+    if (s == 3) a->set_looping(true);
+    want.push_back(a->train_step(one(s), step(s, true)));
+  }
+
+  auto b = cuda_engine(c, *comm, 160, true);
+  b->load_params(p0);
+  b->init_ema();
+  EXPECT_THROW(b->collect_train_step(), Error) << "nothing pending";
+  b->submit_train_step(one(0), step(0, true));
+  for (int s = 1; s < 6; ++s) {
+    if (s == 3) b->set_looping(true);
+    b->submit_train_step(one(s), step(s, true));
+    EXPECT_EQ(b->train_steps_pending(), 2);
+    if (s == 2) {
+      EXPECT_THROW(b->submit_train_step(one(s), step(s, true)), Error) << "more than kMaxTrainPending";
+      EXPECT_THROW(b->train_step(one(s), step(s, true)), Error) << "a synchronous step behind pending ones";
+      ParamSet<float> p(b->layout());
+      EXPECT_THROW(b->store_params(p), Error) << "state read behind pending steps";
+      std::vector<float> nll;
+      EXPECT_THROW(b->token_losses(batches[0], nll), Error) << "an evaluation behind pending steps";
+    }
+    const StepResult r = b->collect_train_step();
+    EXPECT_EQ(r.loss, want[static_cast<size_t>(s - 1)].loss) << "step " << s - 1;
+    EXPECT_EQ(r.grad_norm, want[static_cast<size_t>(s - 1)].grad_norm) << "step " << s - 1;
+  }
+  const StepResult last = b->collect_train_step();
+  EXPECT_EQ(last.loss, want.back().loss);
+  EXPECT_EQ(b->train_steps_pending(), 0);
+  EXPECT_TRUE(same_bits(params_of(*b).all(), params_of(*a).all()));
+  ParamSet<float> ea(a->layout()), eb(b->layout());
+  a->store_ema(ea);
+  b->store_ema(eb);
+  EXPECT_TRUE(same_bits(ea.all(), eb.all()));
+}
+
 // The GPU's optimizer state loads into the CPU engine (the same names) and back.
 TEST_F(CudaEngineTest, OptimizerStateMovesBetweenEngines) {
   Config c = engine_config("baseline");

@@ -57,6 +57,56 @@ void expect_same_steps(const std::vector<StepRecord>& a, const std::vector<StepR
   }
 }
 
+// The CPU engine behind the trainer's pipelined step calls, watching them: at most kMaxTrainPending steps
+// pending, and no call but the next step's submission and its mode switches while one is (what the CUDA
+// engine requires). Steps run at submission (Engine's default), so results match the unwatched engine.
+class StepPipelineWatch final : public Engine {
+ public:
+  explicit StepPipelineWatch(CpuEngine& inner) : inner_(inner) {}
+  int most_pending = 0;                  // the deepest the pipeline went
+  mutable std::vector<std::string> violations;  // calls made while a step was pending
+
+  const ModelConfig& model_config() const override { return inner_.model_config(); }
+  const ParamLayout& layout() const override { return inner_.layout(); }
+  const char* backend_name() const override { return inner_.backend_name(); }
+  void load_params(const ParamSet<float>& p) override { idle("load_params"), inner_.load_params(p); }
+  void store_params(ParamSet<float>& p) const override { idle("store_params"), inner_.store_params(p); }
+  TensorMap optimizer_state() const override { return idle("optimizer_state"), inner_.optimizer_state(); }
+  void load_optimizer_state(const TensorMap& s, const std::string& w) override {
+    idle("load_optimizer_state"), inner_.load_optimizer_state(s, w);
+  }
+  void init_ema() override { idle("init_ema"), inner_.init_ema(); }
+  void store_ema(ParamSet<float>& out) const override { idle("store_ema"), inner_.store_ema(out); }
+  void set_looping(bool on) override { inner_.set_looping(on); }
+  void set_qat(bool on) override { inner_.set_qat(on); }
+  StepResult train_step(std::span<const Batch> b, const StepControl& c) override { return inner_.train_step(b, c); }
+  void submit_train_step(std::span<const Batch> b, const StepControl& c) override {
+    Engine::submit_train_step(b, c);
+    most_pending = std::max(most_pending, train_steps_pending());
+  }
+  void token_losses(const Batch& b, std::vector<float>& nll) override { idle("token_losses"), inner_.token_losses(b, nll); }
+  void submit_token_losses(const Batch& b) override { idle("submit_token_losses"), Engine::submit_token_losses(b); }
+  void ttt_begin(const TttOptimizerConfig& c) override { idle("ttt_begin"), inner_.ttt_begin(c); }
+  double ttt_step(const Batch& b, double lr) override { return idle("ttt_step"), inner_.ttt_step(b, lr); }
+  void ttt_end() override { inner_.ttt_end(); }
+  void lora_begin(const LoraConfig& l, int64_t rows, const LoraOptimizerConfig& o) override {
+    idle("lora_begin"), inner_.lora_begin(l, rows, o);
+  }
+  void lora_reset(uint64_t seed) override { inner_.lora_reset(seed); }
+  void lora_score_and_train(const Batch& b, std::span<const float> w, std::vector<float>& nll) override {
+    idle("lora_score_and_train"), inner_.lora_score_and_train(b, w, nll);
+  }
+  void lora_train_step(const Batch& b, std::span<const float> w) override { inner_.lora_train_step(b, w); }
+  void lora_end() override { inner_.lora_end(); }
+  void accumulate_hessians(const Batch& b, TensorMap& h) override { idle("accumulate_hessians"), inner_.accumulate_hessians(b, h); }
+
+ private:
+  void idle(const char* call) const {
+    if (train_steps_pending() > 0) violations.push_back(call);
+  }
+  CpuEngine& inner_;
+};
+
 std::vector<std::string> read_lines(const fs::path& p) {
   std::ifstream f(p);
   std::vector<std::string> lines;
@@ -333,4 +383,74 @@ TEST(Trainer, WallClockCapStopsAfterTheStepThatReachesIt) {
   for (const std::string& line : read_lines(run / "train.log"))
     stopping |= std::regex_match(line, std::regex(R"(stopping_early: wallclock_cap train_time:\d+ms step:1/8)"));
   EXPECT_TRUE(stopping);
+}
+
+// Pipelined steps (train_lookahead): the next step is submitted before the current one is collected
+// except where something between them needs the engine idle (validations every 4 steps, checkpoints
+// every 3, SWA snapshots, the last iteration), and the run is the same as one step at a time: every
+// step, validation, checkpoint and the output weights, bit for bit. Covers the EMA and late QAT
+// (s691), SWA (s562) and the loop switch and document packing (s1560).
+TEST(Trainer, PipelinedStepsMatchOneStepAtATime) {
+  test::TempDir data;
+  test::write_synthetic_shards(data.path());
+  for (std::string stack : {"s691", "s562", "s1560"}) {
+    SCOPED_TRACE(stack);
+    Config c = test::tiny_run_config(stack, data.path());
+    c.set("iterations", int64_t{12});
+    c.set("checkpoint_every", int64_t{3});
+    c.set("late_qat_threshold", stack == "s1560" ? 0.0 : 0.6);
+    if (stack == "s562") {
+      c.set("swa_start_frac", 0.9);
+      c.set("swa_every", int64_t{2});
+    }
+    TrainResult runs[2];
+    test::TempDir dirs[2];
+    int most_pending[2] = {};
+    for (int ahead = 0; ahead < 2; ++ahead) {
+      c.set("train_lookahead", ahead == 1);
+      auto comm = make_single_process_communicator();
+      CpuEngine inner(c, *comm);
+      StepPipelineWatch watch(inner);
+      TrainOptions o;
+      o.run_dir = dirs[ahead].path();
+      runs[ahead] = train(watch, *comm, c, o);
+      EXPECT_TRUE(watch.violations.empty()) << watch.violations.front();
+      most_pending[ahead] = watch.most_pending;
+    }
+    EXPECT_EQ(most_pending[0], 1);
+    EXPECT_EQ(most_pending[1], 2);
+    expect_same_steps(runs[0].steps, runs[1].steps);
+    ASSERT_EQ(runs[1].steps.size(), 12u);
+    ASSERT_EQ(runs[0].validations.size(), runs[1].validations.size());
+    for (size_t i = 0; i < runs[0].validations.size(); ++i) {
+      EXPECT_EQ(runs[0].validations[i].step, runs[1].validations[i].step);
+      EXPECT_EQ(runs[0].validations[i].val.val_loss, runs[1].validations[i].val.val_loss);
+    }
+    EXPECT_EQ(runs[0].averaging, runs[1].averaging);
+    EXPECT_EQ(max_abs_diff(runs[0].final_params.all(), runs[1].final_params.all()), 0.0);
+    for (int64_t step : {3, 6, 9, 12}) {
+      const Checkpoint a = load_checkpoint(checkpoint_path(dirs[0].path(), step));
+      const Checkpoint b = load_checkpoint(checkpoint_path(dirs[1].path(), step));
+      EXPECT_EQ(a.state.loader, b.state.loader) << step;
+      EXPECT_EQ(a.state.qat, b.state.qat) << step;
+      EXPECT_EQ(a.state.looping, b.state.looping) << step;
+    }
+  }
+}
+
+// Under a cap, the steps run one at a time until every rank knows the cap is far (after the first
+// step), and again once it is near: a 1 ms cap is reached by the first step, which stays the last one.
+TEST(Trainer, PipelinedStepsKeepTheStopRule) {
+  test::TempDir data;
+  test::write_synthetic_shards(data.path());
+  Config c = test::tiny_run_config("baseline", data.path());
+  c.set("max_wallclock_seconds", 0.001);
+  auto comm = make_single_process_communicator();
+  CpuEngine inner(c, *comm);
+  StepPipelineWatch watch(inner);
+  const TrainResult r = train(watch, *comm, c, {});
+  ASSERT_EQ(r.steps.size(), 1u);
+  EXPECT_EQ(r.final_state.stop_after_step, 1);
+  EXPECT_EQ(watch.most_pending, 1);
+  EXPECT_TRUE(watch.violations.empty());
 }

@@ -99,11 +99,16 @@ CudaEngine::Impl::Impl(const Config& config, Communicator& comm_, const CudaEngi
     replicated_buffer = DeviceBuffer<float>(static_cast<size_t>(plan.replicated_values), "replicated gradients");
   }
   void* host = nullptr;
-  PG_CUDA_CHECK(cudaMallocHost(&host, sizeof(StepReadBack)));
-  readback = new (host) StepReadBack{};
+  PG_CUDA_CHECK(cudaMallocHost(&host, sizeof(StepReadBack) * Engine::kMaxTrainPending));
+  readback = new (host) StepReadBack[Engine::kMaxTrainPending]{};
+  for (TrainSlot& t : train_slots) PG_CUDA_CHECK(cudaEventCreateWithFlags(&t.copied, cudaEventDisableTiming));
 }
 
 CudaEngine::Impl::~Impl() {
+  // A step still pending (a loop left by an exception) runs on: wait for it before its buffers go.
+  if (train_pending > 0) cudaStreamSynchronize(stream());
+  for (TrainSlot& t : train_slots)
+    if (t.copied) cudaEventDestroy(t.copied);
   if (readback) cudaFreeHost(readback);
   for (ResultSlot& r : results) {
     if (r.host) cudaFreeHost(r.host);
@@ -195,6 +200,7 @@ CudaEngine::HostCounters CudaEngine::host_counters() const {
 // ---- parameters and state --------------------------------------------------------------------------
 
 void CudaEngine::load_params(const ParamSet<float>& params) {
+  impl_->require_no_pending_steps("load_params");
   PG_CHECK(params.layout().total() == layout().total() && params.layout().size() == layout().size(),
            "load_params: {} parameters in {} tensors, the model has {} in {}", params.layout().count(),
            params.layout().size(), layout().count(), layout().size());
@@ -202,11 +208,13 @@ void CudaEngine::load_params(const ParamSet<float>& params) {
 }
 
 void CudaEngine::store_params(ParamSet<float>& params) const {
+  impl_->require_no_pending_steps("store_params");
   if (params.layout().total() != layout().total()) params = ParamSet<float>(layout());
   impl_->model.store_params(params);
 }
 
 TensorMap CudaEngine::optimizer_state() const {
+  impl_->require_no_pending_steps("optimizer_state");
   TensorMap t = impl_->optimizer.state_tensors(impl_->stream());  // a collective under Parallel Muon
   if (impl_->ema) {
     TensorMap e = impl_->ema->state_tensors();
@@ -238,6 +246,7 @@ void CudaEngine::init_ema() {
 }
 
 void CudaEngine::store_ema(ParamSet<float>& out) const {
+  impl_->require_no_pending_steps("store_ema");
   PG_CHECK(impl_->ema.has_value(), "store_ema: the EMA was never initialised (init_ema)");
   if (out.layout().total() != layout().total()) out = ParamSet<float>(layout());
   PG_CUDA_CHECK(cudaDeviceSynchronize());
@@ -297,24 +306,51 @@ void CudaEngine::Impl::begin_update(const StepControl& control) {
   optimizer.begin_step(control.step, control.lr_scale, control.muon_momentum, stream());
 }
 
-StepResult CudaEngine::Impl::finish_step(const StepControl& control, int micro_batches) {
+void CudaEngine::Impl::submit_readback(const StepControl& control, int micro_batches) {
+  PG_CHECK(train_pending < Engine::kMaxTrainPending, "CudaEngine: {} training steps already wait to be collected",
+           train_pending);
+  const int index = (train_head + train_pending) % Engine::kMaxTrainPending;
   const GradClip& clip = clips_locally() ? local_clip : optimizer.clip();
-  read_back(&readback->loss_sum, loss_sum.data(), sizeof(double));
-  read_back(&readback->clip, clip.state(), sizeof(GradClipState));
-  synchronize();
+  // Stream-ordered before the next step's graph overwrites the loss sum and the clip state.
+  read_back(&readback[index].loss_sum, loss_sum.data(), sizeof(double));
+  read_back(&readback[index].clip, clip.state(), sizeof(GradClipState));
+  TrainSlot& t = train_slots[index];
+  PG_CUDA_CHECK(cudaEventRecord(t.copied, stream()));
+  t.step = control.step;
+  t.micro_batches = micro_batches;
+  ++train_pending;
+}
+
+StepResult CudaEngine::Impl::collect_step() {
+  PG_CHECK(train_pending > 0, "CudaEngine::collect_train_step: no training step is pending");
+  const TrainSlot& t = train_slots[train_head];
+  const StepReadBack& back = readback[train_head];
+  train_head = (train_head + 1) % Engine::kMaxTrainPending;
+  --train_pending;
+  PG_CUDA_CHECK(cudaEventSynchronize(t.copied));
   StepResult r;
-  r.grad_norm = readback->clip.norm;
-  PG_CHECK(std::isfinite(r.grad_norm), "step {}: gradient norm is {} (NaN or infinite loss?)", control.step,
-           r.grad_norm);
-  r.loss = readback->loss_sum / static_cast<double>(micro_batches);
+  r.grad_norm = back.clip.norm;
+  PG_CHECK(std::isfinite(r.grad_norm), "step {}: gradient norm is {} (NaN or infinite loss?)", t.step, r.grad_norm);
+  r.loss = back.loss_sum / static_cast<double>(t.micro_batches);
   comm.all_reduce_host(&r.loss, 1, ReduceOp::Avg);
-  PG_CHECK(std::isfinite(r.loss), "step {}: training loss is {}", control.step, r.loss);
+  PG_CHECK(std::isfinite(r.loss), "step {}: training loss is {}", t.step, r.loss);
   return r;
 }
 
 StepResult CudaEngine::train_step(std::span<const Batch> micro_batches, const StepControl& control) {
+  PG_CHECK(impl_->train_pending == 0, "train_step: {} submitted steps are not collected yet", impl_->train_pending);
+  submit_train_step(micro_batches, control);
+  return collect_train_step();
+}
+
+StepResult CudaEngine::collect_train_step() { return impl_->collect_step(); }
+int CudaEngine::train_steps_pending() const { return impl_->train_pending; }
+
+void CudaEngine::submit_train_step(std::span<const Batch> micro_batches, const StepControl& control) {
   Impl& m = *impl_;
   PG_CHECK(!micro_batches.empty(), "train_step needs at least one micro-batch");
+  PG_CHECK(m.results_pending == 0, "train_step: {} submitted evaluation calls are not collected yet",
+           m.results_pending);
   GpuModel& model = m.model;
   const int n = static_cast<int>(micro_batches.size());
   model.set_train(true);
@@ -341,16 +377,18 @@ StepResult CudaEngine::train_step(std::span<const Batch> micro_batches, const St
     m.graphs.run("update n" + std::to_string(n) + m.update_mode(control.update_ema), m.stream(),
                  [&] { m.enqueue_update(n, control.update_ema); });
   }
-  return m.finish_step(control, n);
+  m.submit_readback(control, n);
 }
 
 StepResult CudaEngine::optimizer_step(const StepControl& control) {
+  impl_->require_no_pending_steps("optimizer_step");
   Impl& m = *impl_;
   m.model.set_train(true);
   m.begin_update(control);
   m.graphs.run("update n1" + m.update_mode(control.update_ema), m.stream(),
                [&] { m.enqueue_update(1, control.update_ema); });
-  return m.finish_step(control, 1);
+  m.submit_readback(control, 1);
+  return m.collect_step();
 }
 
 // ---- evaluation ------------------------------------------------------------------------------------
@@ -362,6 +400,7 @@ void CudaEngine::token_losses(const Batch& batch, std::vector<float>& nll) {
 }
 
 void CudaEngine::submit_token_losses(const Batch& batch) {
+  impl_->require_no_pending_steps("submit_token_losses");
   Impl& m = *impl_;
   PG_CHECK(!batch.targets.empty(), "token_losses: the batch has no targets");
   GpuModel& model = m.model;

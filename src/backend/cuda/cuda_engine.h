@@ -58,6 +58,9 @@ class CudaEngine final : public Engine {
   void set_qat(bool on) override;
 
   StepResult train_step(std::span<const Batch> micro_batches, const StepControl& control) override;
+  void submit_train_step(std::span<const Batch> micro_batches, const StepControl& control) override;
+  StepResult collect_train_step() override;
+  int train_steps_pending() const override;
   void token_losses(const Batch& batch, std::vector<float>& nll) override;
 
   void ttt_begin(const TttOptimizerConfig& config) override;

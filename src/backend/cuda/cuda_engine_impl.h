@@ -18,6 +18,7 @@
 #include "backend/cuda/grad_clip.h"
 #include "backend/cuda/segment_copy.h"
 #include "backend/cuda/step_graphs.h"
+#include "core/error.h"
 #include "dist/communicator.h"
 #include "model/lora.h"
 
@@ -49,7 +50,17 @@ struct CudaEngine::Impl {
   StepGraphs graphs;
   bool eval_overlap = true;  // cuda_eval_overlap: submitted evaluation calls run while the host goes on
   DeviceBuffer<double> loss_sum;  // Σ micro-batch mean losses of the current step (fp64, as the CPU engine)
-  StepReadBack* readback = nullptr;  // pinned
+  // Pinned, one block per pending training step (Engine::kMaxTrainPending); TTT uses the first.
+  StepReadBack* readback = nullptr;
+  // Pipelined training (Engine::submit_train_step): per pending step, the event after the copies into
+  // its read-back block, and what its result needs; collected in submission order.
+  struct TrainSlot {
+    cudaEvent_t copied = nullptr;
+    int64_t step = 0;
+    int micro_batches = 0;
+  };
+  TrainSlot train_slots[Engine::kMaxTrainPending];
+  int train_head = 0, train_pending = 0;
 
   // Score-first TTT over the base weights.
   struct Ttt {
@@ -110,7 +121,14 @@ struct CudaEngine::Impl {
   void enqueue_update(int micro_batches, bool update_ema);
   std::string update_mode(bool update_ema) const;
   void begin_update(const StepControl& control);  // outside the graph: fresh weights, optimizer scalars
-  StepResult finish_step(const StepControl& control, int micro_batches);  // the one read-back
+  // The step's one read-back into the next training slot, behind its work; then the result of the
+  // oldest pending step (its wait, its checks, the loss averaged across ranks).
+  void submit_readback(const StepControl& control, int micro_batches);
+  StepResult collect_step();
+  // Calls other than the next step's submission and mode switches wait for no training step.
+  void require_no_pending_steps(const char* call) const {
+    PG_CHECK(train_pending == 0, "{}: {} submitted training steps are not collected yet", call, train_pending);
+  }
   // Calls fn on `batch`, or, when it has more than max_tokens tokens, on the pieces of split_batch
   // (forward-only work: rows and segments are independent).
   void for_each_row_chunk(const Batch& batch, const std::function<void(const Batch&)>& fn) const;

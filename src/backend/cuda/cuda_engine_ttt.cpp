@@ -11,6 +11,7 @@ namespace pgolf::cuda {
 // ---- score-first TTT over the base weights --------------------------------------------------------
 
 void CudaEngine::ttt_begin(const TttOptimizerConfig& config) {
+  impl_->require_no_pending_steps("ttt_begin");
   Impl& m = *impl_;
   PG_CHECK(config.freeze_blocks == 0 || !model_config().param_banks,
            "ttt_freeze_blocks needs per-layer weights; the banked stack stores blocks in shared banks");
@@ -109,6 +110,7 @@ void CudaEngine::ttt_end() {
 // ---- per-document LoRA TTT ------------------------------------------------------------------------
 
 void CudaEngine::lora_begin(const LoraConfig& lora, int64_t rows, const LoraOptimizerConfig& opt) {
+  impl_->require_no_pending_steps("lora_begin");
   Impl& m = *impl_;
   Impl::Lora s;
   s.config = lora;
@@ -262,6 +264,7 @@ void add_to(TensorMap& hessians, const std::string& name, int cols, const std::v
 }  // namespace
 
 void CudaEngine::accumulate_hessians(const Batch& batch, TensorMap& hessians) {
+  impl_->require_no_pending_steps("accumulate_hessians");
   Impl& m = *impl_;
   GpuModel& model = m.model;
   model.set_train(false);
