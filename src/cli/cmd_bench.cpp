@@ -105,16 +105,18 @@ void run_bench(const BenchOptions& o) {
   int64_t step_index = 0;
   const std::span<const Batch> step_batch(&batch, 1);
   auto train = [&](int) { engine->train_step(step_batch, {step_index++, 1.0, 0.95, true}); };
-  const double sync_step_s = seconds_per_call(o.warmup, o.steps, train);
+  for (int i = 0; i < o.warmup; ++i) train(i);
   // Steps as the trainer runs them (train_lookahead): each submitted before the one before it is
   // collected, so the host's work between steps overlaps the device's. Timed from the first
-  // submission to the collection of `steps` steps, one more in flight.
+  // submission to the collection of `steps` steps, one more in flight. Then the same steps one at a
+  // time, for comparison (measured second: a GPU warming up runs slower, which favours the first).
   engine->submit_train_step(step_batch, {step_index++, 1.0, 0.95, true});
   const double step_s = seconds_per_call(0, o.steps, [&](int) {
     engine->submit_train_step(step_batch, {step_index++, 1.0, 0.95, true});
     engine->collect_train_step();
   });
   engine->collect_train_step();
+  const double sync_step_s = seconds_per_call(0, o.steps, train);
   std::vector<float> nll;
   const double eval_s = seconds_per_call(std::max(o.warmup, 1), o.steps, [&](int) { engine->token_losses(batch, nll); });
 
