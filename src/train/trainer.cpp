@@ -231,9 +231,12 @@ TrainResult train(Engine& engine, Communicator& comm, const Config& config, cons
   // host's work between steps (the next batch and its upload, the launch, the logs, the stop rule)
   // runs while the device works instead of leaving it idle. The next step's schedules (LR, looping,
   // late QAT) are evaluated at the training time at which it is predicted to start: the current step's
-  // start plus the last step's duration. Every rank decides the same: the only time-dependent part, how
-  // near the cap the run is, is all-reduced with the stop rule.
-  const bool lookahead = config.get_bool("train_lookahead") && !(swa && world > 1);
+  // start plus the last step's duration. How near the cap the run is, the one time-dependent part of
+  // the decision, is all-reduced with the stop rule. One rank only: with several, the loss average and
+  // the stop rule are host collectives on the engine's stream (NCCL), which would wait behind the step
+  // submitted ahead, so the host would still idle the device between steps and read each step's
+  // training time one step late; a communicator of its own for host values would lift that.
+  const bool lookahead = config.get_bool("train_lookahead") && world == 1;
   struct Submitted {
     StepControl control;
     int64_t tokens = 0;      // all ranks'
