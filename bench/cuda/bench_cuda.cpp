@@ -221,6 +221,10 @@ void bench_attention(const std::string& label, const std::vector<int32_t>& cu_ho
       row(fmt::format("attn {} bwd wgmma ({} warps)", label, warps), shape_text, timer.median_ms([&] { backward(t); }),
           2.5 * fwd_flops);
     }
+    AttentionTuning ws;  // warp-specialized: 12 consumer warps and a producer warpgroup
+    ws.backward_kernel = AttentionBackwardKernel::wgmma_ws;
+    row(fmt::format("attn {} bwd wgmma-ws (12 warps)", label), shape_text, timer.median_ms([&] { backward(ws); }),
+        2.5 * fwd_flops);
   }
   const AttentionTuning defaults{};
   row(fmt::format("attn {} fwd+bwd (w{}/w{})", label, defaults.forward_warps, defaults.backward_warps), shape_text,

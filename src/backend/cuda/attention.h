@@ -40,14 +40,16 @@ struct AttentionShape {
 enum class AttentionForwardKernel { mma_sync, wgmma, wgmma_ws };
 
 // Backward main kernels: mma.sync (16 keys per warp), or Hopper's wgmma (64 keys per warpgroup,
-// sm_90a build and sm_90 GPU). Both add dQ with fp32 atomics; the deterministic dQ path
-// (AttentionTuning::deterministic) always runs the mma.sync kernel for dK, dV.
-enum class AttentionBackwardKernel { mma_sync, wgmma };
+// sm_90a build and sm_90 GPU), either with every warp computing (operands copied by cp.async) or
+// warp-specialized (wgmma_ws: a producer warpgroup streams the query tiles with TMA to three consumer
+// warpgroups, which take turns computing a tile's dQ; 12 warps only). All add dQ with fp32 atomics;
+// the deterministic dQ path (AttentionTuning::deterministic) always runs the mma.sync kernel for dK, dV.
+enum class AttentionBackwardKernel { mma_sync, wgmma, wgmma_ws };
 
 // Kernel shapes. The forward kernel gives each warp 16 query rows (a block has 16 · forward_warps;
 // with wgmma each warpgroup of 4 warps owns 64 of them); the backward kernel gives each warp 16 keys
 // (with wgmma each warpgroup 64). Both accept 4 or 8, the wgmma backward also 12 (three warpgroups,
-// 192 keys a block); the warp-specialized forward takes 12 only (three warpgroups computing, plus a
+// 192 keys a block), the warp-specialized backward 12 only; the warp-specialized forward takes 12 only (three warpgroups computing, plus a
 // producer warpgroup). The defaults are the fastest measured on an H100 for the default kernels
 // (bench_cuda compares them): the warp-specialized forward with 128-key tiles (dense T 2048: 0.64-0.65
 // ms against 0.75 with 64); the wgmma forward with 8 warps and 64-key tiles (0.68 ms against 0.72 with
