@@ -5,10 +5,11 @@
 // The wgmma kernel's warpgroups meet at a block barrier every query tile (the cp.async copies of the
 // tile are shared, and so is the sum of their dQ parts), so that all three run the same phase at once:
 // their Sᵀ/dPᵀ products together, then their exponentials together (the tensor cores idle), then the
-// dQ sum and its atomics. Here a producer warpgroup streams each query tile's Q and dO (TMA boxes in
-// the 128-byte swizzle of the wgmma descriptors) and its LSE and D (1-D TMA boxes) into a ring of
-// kStages buffers, with a `full` mbarrier (the bytes landed) and an `empty` one (each consumer warp
-// is done with the buffer), and gives its registers to the three consumer warpgroups (setmaxnreg).
+// dQ sum and its atomics. Here a producer warpgroup streams each query tile's Q and dO (one thread:
+// TMA boxes in the 128-byte swizzle of the wgmma descriptors) and its LSE and D (one warp: plain
+// loads, zero past the segment as in the wgmma kernel) into a ring of kStages buffers, with a `full`
+// mbarrier (the bytes landed and the statistics are stored) and an `empty` one (each consumer warp is
+// done with the buffer), and gives its registers to the three consumer warpgroups (setmaxnreg).
 // No block barrier follows the start: each warpgroup waits only for what it reads, and they drift
 // apart, one's exponentials overlapping another's products.
 //
@@ -22,9 +23,9 @@
 //
 // A warpgroup whose keys all follow the tile's last query (the later ones on a block's first tiles)
 // computes nothing for it but still takes part in the barriers, and stores zero dSᵀ rows. Rows past
-// the segment are read from the next segment (or as zeros past the last token), not zero-filled: their
-// queries and keys are masked (Pᵀ = 0, so dSᵀ = 0 and they add nothing to dK, dV or dQ) and their
-// values are finite, so the bits are those of the wgmma kernel.
+// the segment are read by TMA from the next segment (or as zeros past the last token), not zero-filled:
+// their queries and keys are masked (Pᵀ = 0, so dSᵀ = 0 and they add nothing to dK, dV or dQ) and
+// their values are finite, so the bits are those of the wgmma kernel.
 #include "backend/cuda/attention_backward_wgmma.cuh"
 #include "backend/cuda/tensor_map.h"
 #include "backend/cuda/tma.cuh"
@@ -44,7 +45,6 @@ constexpr int kProducerRegisters = 24, kConsumerRegisters = 160;
 struct WsBackwardParams {
   CUtensorMap q_map, do_map;       // q, d_o as [N, H·64]: boxes of 64 rows x 64
   CUtensorMap k_map, v_map;        // k, v as [N, Hkv·64]: boxes of kBlockN rows x 64
-  CUtensorMap lse_map, delta_map;  // lse, delta as [H·N] fp32: boxes of 64
   AttentionBackwardParams p;
 };
 
@@ -60,7 +60,7 @@ struct WsLayout {
   static constexpr uint32_t kStats = kRing + kStages * 2 * kTileBytes;
   static constexpr uint32_t kBarriers = kStats + kStages * 2 * kStatBytes;
   static constexpr uint32_t kBytes = kBarriers + (1 + 2 * kStages + 2 * kDsStages) * 8 + kSwizzleAtomBytes;
-  static constexpr uint32_t kStageBytes = 2 * kTileBytes + 2 * kStatBytes;  // the TMA bytes of a query tile
+  static constexpr uint32_t kStageBytes = 2 * kTileBytes;  // the TMA bytes of a query tile
 };
 
 __global__ void __launch_bounds__(kThreads, 1) attention_backward_ws_kernel(const __grid_constant__ WsBackwardParams params) {
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_ws_kernel(cons
   // Query tile i of the walk uses ring stage i % kStages and dSᵀ tile i % kDsStages; their barriers
   // complete phase i / stages for it.
   const uint32_t base = (smem_address(smem) + (kSwizzleAtomBytes - 1)) & ~uint32_t(kSwizzleAtomBytes - 1);
-  const unsigned char* const aligned = smem + (base - smem_address(smem));
+  unsigned char* const aligned = smem + (base - smem_address(smem));
   auto q_tile = [&](int i) { return base + L::kRing + static_cast<uint32_t>(i % kStages) * 2 * kTileBytes; };
   auto do_tile = [&](int i) { return q_tile(i) + kTileBytes; };
   auto lse_offset = [&](int i) { return L::kStats + static_cast<uint32_t>(i % kStages) * 2 * L::kStatBytes; };
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_ws_kernel(cons
   if (tid == 0) {
     mbarrier_init(kv_full, 1);
     for (int st = 0; st < kStages; ++st) {
-      mbarrier_init(q_full(st), 1);
+      mbarrier_init(q_full(st), 1 + 32);  // the TMA thread and the statistics warp's lanes
       mbarrier_init(q_empty(st), 4 * kConsumers);  // every consumer warp
     }
     for (int st = 0; st < kDsStages; ++st) {
@@ -111,6 +111,22 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_ws_kernel(cons
     // once every consumer warp has released it. The boxes are counted in full, rows past the tensor's
     // end included.
     setmaxnreg_dec<kProducerRegisters>();
+    const int producer_warp = warp - 4 * kConsumers;
+    if (producer_warp == 1) {  // LSE and D of the tile's 64 queries, two of each a lane
+      int i = 0;
+      for (QueryTile t = first_tile; t.head < head_end; t = next_query_tile(t, key_start, seg.length), ++i) {
+        if (i >= kStages) mbarrier_wait(q_empty(i), phase(i, kStages) ^ 1);
+        float* const lse_s = reinterpret_cast<float*>(aligned + lse_offset(i));
+        const int rows = seg.length - t.q_start;  // rows from `rows` on are past the segment: zeros
+        const int64_t stat = static_cast<int64_t>(t.head) * p.total_tokens + seg.start + t.q_start;
+#pragma unroll
+        for (int r = lane; r < kQueryTile; r += 32) {
+          lse_s[r] = r < rows ? p.lse[stat + r] : 0.f;
+          lse_s[kQueryTile + r] = r < rows ? p.delta[stat + r] : 0.f;
+        }
+        mbarrier_arrive(q_full(i));
+      }
+    }
     if (tid == kConsumers * 128) {
       mbarrier_arrive_expect_tx(kv_full, 2 * L::kKeyBytes);
       tma_load_2d(base + L::kK, &params.k_map, kv_head * kHeadDim, seg.start + key_start, kv_full);
@@ -122,9 +138,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_ws_kernel(cons
         const int row = seg.start + t.q_start;
         tma_load_2d(q_tile(i), &params.q_map, t.head * kHeadDim, row, q_full(i));
         tma_load_2d(do_tile(i), &params.do_map, t.head * kHeadDim, row, q_full(i));
-        const int stat = t.head * p.total_tokens + row;
-        tma_load_1d(base + lse_offset(i), &params.lse_map, stat, q_full(i));
-        tma_load_1d(base + lse_offset(i) + L::kStatBytes, &params.delta_map, stat, q_full(i));
       }
     }
     return;
@@ -204,9 +217,7 @@ void launch_attention_backward_ws(const AttentionBackwardParams& p, const Attent
                                   cudaStream_t stream) {
   attention_backward_ws_schedule_keys(warps);  // checks `warps`
   require_hopper("attention_backward: the warp-specialized wgmma kernel needs an sm_90 (Hopper) GPU");
-  check_aligned16(p.lse, "attention_backward: lse must be a 16-byte aligned device pointer (warp-specialized kernel)");
-  const uint64_t n = static_cast<uint64_t>(shape.total_tokens), stats = n * static_cast<uint64_t>(shape.num_heads);
-  PG_CUDA_REQUIRE(stats < (uint64_t{1} << 31), "attention_backward: H · N must stay below 2^31 (TMA coordinates)");
+  const uint64_t n = static_cast<uint64_t>(shape.total_tokens);
   static const bool configured = [] {
     PG_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        WsLayout::kBytes));
@@ -218,8 +229,6 @@ void launch_attention_backward_ws(const AttentionBackwardParams& p, const Attent
   params.do_map = swizzled_tensor_map(p.d_o, static_cast<uint64_t>(p.q_row_stride), n, kQueryTile);
   params.k_map = swizzled_tensor_map(p.k, static_cast<uint64_t>(p.kv_row_stride), n, kBlockN);
   params.v_map = swizzled_tensor_map(p.v, static_cast<uint64_t>(p.kv_row_stride), n, kBlockN);
-  params.lse_map = linear_tensor_map(p.lse, stats, kQueryTile);
-  params.delta_map = linear_tensor_map(p.delta, stats, kQueryTile);
   params.p = p;
   const int64_t blocks = static_cast<int64_t>(segment_tile_grid(shape, kBlockN)) * shape.num_kv_heads;
   PG_CUDA_REQUIRE(blocks < (int64_t{1} << 31), "attention_backward: too many blocks for a one-dimensional grid");

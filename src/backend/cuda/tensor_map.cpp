@@ -36,17 +36,4 @@ CUtensorMap swizzled_tensor_map(const __nv_bfloat16* base, uint64_t inner, uint6
   return map;
 }
 
-CUtensorMap linear_tensor_map(const float* base, uint64_t count, uint32_t box) {
-  CUtensorMap map;
-  const cuuint64_t dims[1] = {count};
-  const cuuint32_t boxes[1] = {box};
-  const cuuint32_t element_strides[1] = {1};
-  const CUresult result = tensor_map_encoder()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 1, const_cast<float*>(base), dims, nullptr, boxes, element_strides,
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
-      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  PG_CUDA_REQUIRE(result == CUDA_SUCCESS, "tensor maps: cuTensorMapEncodeTiled rejected a vector");
-  return map;
-}
-
 }  // namespace pgolf::cuda

@@ -1,6 +1,5 @@
 // TMA tensor maps (Hopper) of bf16 matrices, as the wgmma kernels read them: 2-D, row-major, boxes of
-// 64 columns (one 128-byte row of a swizzled tile, wgmma.cuh) with the 128-byte swizzle; and of fp32
-// vectors (per-row statistics), 1-D and unswizzled.
+// 64 columns (one 128-byte row of a swizzled tile, wgmma.cuh) with the 128-byte swizzle.
 #pragma once
 
 #include <cuda.h>
@@ -14,9 +13,5 @@ namespace pgolf::cuda {
 // box_outer rows x 64 columns, swizzled as SwizzledTile64 stores them; boxes past the edges read
 // zeros. `base` and the row pitch (inner · 2 bytes) must be multiples of 16 bytes.
 CUtensorMap swizzled_tensor_map(const __nv_bfloat16* base, uint64_t inner, uint64_t outer, uint32_t box_outer);
-
-// A contiguous fp32 vector of `count` values read in boxes of `box` values (box · 4 a multiple of 16
-// bytes), at any element offset; boxes past the end read zeros. `base` must be 16-byte aligned.
-CUtensorMap linear_tensor_map(const float* base, uint64_t count, uint32_t box);
 
 }  // namespace pgolf::cuda

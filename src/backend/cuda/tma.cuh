@@ -63,13 +63,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tensor_map
       "l"(tensor_map), "r"(inner), "r"(outer), "r"(bar)
       : "memory");
 }
-// The box at `coordinate` (elements) of a 1-D tensor map → shared memory at `dst`, counted on `bar`.
-__device__ __forceinline__ void tma_load_1d(uint32_t dst, const void* tensor_map, int coordinate, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.1d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2}], [%3];\n" ::"r"(dst),
-      "l"(tensor_map), "r"(coordinate), "r"(bar)
-      : "memory");
-}
 // The same box to the same shared-memory offset `dst` of every CTA in `cta_mask`, each counting the
 // bytes on its own barrier at offset `bar`.
 __device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const void* tensor_map, int inner, int outer,
