@@ -13,6 +13,7 @@
 // (attention_backward_wgmma.cu, attention_backward_ws.cu; same workspace and semantics); the deterministic path keeps this
 // file's kernel without atomics and the separate dQ pass (attention_dq.cu).
 #include <cmath>
+#include <cstdlib>
 
 #include "backend/cuda/attention_common.cuh"
 #include "backend/cuda/mma.cuh"
@@ -398,6 +399,8 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
   float* delta = reinterpret_cast<float*>(static_cast<char*>(workspace) + dq_accum_bytes(shape));
   int2* tile_schedule =
       reinterpret_cast<int2*>(static_cast<char*>(workspace) + dq_accum_bytes(shape) + delta_bytes(shape));
+  // EXPERIMENT: PGOLF_BWD_VARIANT bit 0 walks query tiles descending, bit 1 drops the longest-first list.
+  static const int variant = std::getenv("PGOLF_BWD_VARIANT") ? std::atoi(std::getenv("PGOLF_BWD_VARIANT")) : 0;
   int schedule_keys = 0;  // the wgmma kernels' work list (none for the mma.sync kernel)
   if (!tuning.deterministic && tuning.backward_kernel == AttentionBackwardKernel::wgmma)
     schedule_keys = attention_backward_wgmma_schedule_keys(tuning.backward_warps);
@@ -408,9 +411,9 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
   const int64_t blocks = (rows * 8 + threads - 1) / threads;
   attention_backward_prepare_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
       o, d_o, delta, dq_accum, shape.total_tokens, shape.num_heads, shape.cu_seqlens, shape.num_segments,
-      schedule_keys, tile_schedule);
+      (variant & 2) ? 0 : schedule_keys, tile_schedule);
   PG_CUDA_LAUNCH_CHECK();
-  return AttentionBackwardParams{attention_layout(shape), q, k, v, d_o, lse, delta, dq_accum, tile_schedule, dk, dv};
+  return AttentionBackwardParams{attention_layout(shape), q, k, v, d_o, lse, delta, dq_accum, tile_schedule, variant & 1, dk, dv};
 }
 
 // The atomic main kernel (dK, dV, dQ summed into the accumulator); not the deterministic path.

@@ -125,11 +125,8 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
 
   // The walk: for each query head of the group, the query tiles from the block's first key to the
   // segment end (next_query_tile).
-  auto next_tile = [&](QueryTile t) { return next_query_tile(t, key_start, seg.length); };
-  auto previous_tile = [&](QueryTile t) {
-    return t.q_start == key_start ? QueryTile{t.head - 1, (seg.length - 1) / kBlockM * kBlockM}
-                                  : QueryTile{t.head, t.q_start - kBlockM};
-  };
+  const QueryWalk walk(key_start, seg.length, p.descending_walk);
+  auto next_tile = [&](QueryTile t) { return walk.next(t); };
   // Q is copied by the first warpgroup, dO, LSE and D by the last (the same one when there is one).
   auto load_queries = [&](QueryTile t, int buf) {
     const int head = t.head, q_start = t.q_start;
@@ -156,7 +153,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
     k_tile.load_async<kBlockN, kThreads>(p.k + offset, p.kv_row_stride, rows, tid);
     v_tile.load_async<kBlockN, kThreads>(p.v + offset, p.kv_row_stride, rows, tid);
   }
-  QueryTile tile{kv_head * p.group, key_start};
+  QueryTile tile = walk.first(kv_head * p.group), previous = tile;
   load_queries(tile, 0);
   cp_async_commit();
 
@@ -171,7 +168,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
   float dk_acc[32] = {}, dv_acc[32] = {};
 
   int buf = 0;  // the query buffer of `tile`
-  for (bool first = true; tile.head < head_end; first = false, buf ^= 1, tile = next_tile(tile)) {
+  for (bool first = true; tile.head < head_end; first = false, buf ^= 1, previous = tile, tile = next_tile(tile)) {
     cp_async_wait<0>();          // this iteration's queries (and K, V) have landed for this thread's copies
     fence_proxy_async_shared();  // ... and are visible to the tensor cores' reads after the barrier
     // Every thread's copies have landed, and every warpgroup is done with the previous tile: its MMAs
@@ -188,8 +185,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
 
     if constexpr (kWarpgroups > 1) {  // the previous tile's dQ (the atomics need no wait)
       if (!first) {
-        const QueryTile prev = previous_tile(tile);
-        const int prev_head = prev.head, prev_q_start = prev.q_start;
+        const int prev_head = previous.head, prev_q_start = previous.q_start;
         add_dq_parts<kWarpgroups>(dq_parts_of(buf ^ 1), active_warpgroups(prev_q_start),
                                   p.dq_accum + (seg.start + prev_q_start) * p.q_row_stride + prev_head * kHeadDim,
                                   p.q_row_stride, seg.length - prev_q_start, tid);
@@ -225,8 +221,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
   }
   if constexpr (kWarpgroups > 1) {  // the last tile's dQ
     __syncthreads();
-    const QueryTile last = previous_tile(tile);  // tile is past the walk's end
-    const int head = last.head, q_start = last.q_start;
+    const int head = previous.head, q_start = previous.q_start;  // tile is past the walk's end
     add_dq_parts<kWarpgroups>(dq_parts_of(buf ^ 1), active_warpgroups(q_start),
                               p.dq_accum + (seg.start + q_start) * p.q_row_stride + head * kHeadDim, p.q_row_stride,
                               seg.length - q_start, tid);

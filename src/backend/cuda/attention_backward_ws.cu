@@ -75,7 +75,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_ws_kernel(cons
   if (!seg.valid) return;
   const int key_start = seg.tile * kBlockN;  // segment-local, a multiple of kQueryTile
   const int head_end = (kv_head + 1) * p.group;  // the walk ends at this query head
-  const QueryTile first_tile{kv_head * p.group, key_start};
+  const QueryWalk walk(key_start, seg.length, p.descending_walk);
+  const QueryTile first_tile = walk.first(kv_head * p.group);
 
   // Query tile i of the walk uses ring stage i % kStages and dSᵀ tile i % kDsStages; their barriers
   // complete phase i / stages for it.
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_ws_kernel(cons
     const int producer_warp = warp - 4 * kConsumers;
     if (producer_warp == 1) {  // LSE and D of the tile's 64 queries, two of each a lane
       int i = 0;
-      for (QueryTile t = first_tile; t.head < head_end; t = next_query_tile(t, key_start, seg.length), ++i) {
+      for (QueryTile t = first_tile; t.head < head_end; t = walk.next(t), ++i) {
         if (i >= kStages) mbarrier_wait(q_empty(i), phase(i, kStages) ^ 1);
         float* const lse_s = reinterpret_cast<float*>(aligned + lse_offset(i));
         const int rows = seg.length - t.q_start;  // rows from `rows` on are past the segment: zeros
@@ -132,7 +133,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_ws_kernel(cons
       tma_load_2d(base + L::kK, &params.k_map, kv_head * kHeadDim, seg.start + key_start, kv_full);
       tma_load_2d(base + L::kV, &params.v_map, kv_head * kHeadDim, seg.start + key_start, kv_full);
       int i = 0;
-      for (QueryTile t = first_tile; t.head < head_end; t = next_query_tile(t, key_start, seg.length), ++i) {
+      for (QueryTile t = first_tile; t.head < head_end; t = walk.next(t), ++i) {
         if (i >= kStages) mbarrier_wait(q_empty(i), phase(i, kStages) ^ 1);
         mbarrier_arrive_expect_tx(q_full(i), L::kStageBytes);
         const int row = seg.start + t.q_start;
@@ -177,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_ws_kernel(cons
   mbarrier_wait(kv_full, 0);
   int i = 0;
   QueryTile previous = first_tile;
-  for (QueryTile t = first_tile; t.head < head_end; previous = t, t = next_query_tile(t, key_start, seg.length), ++i) {
+  for (QueryTile t = first_tile; t.head < head_end; previous = t, t = walk.next(t), ++i) {
     if (i > 0 && (i - 1) % kConsumers == warpgroup) tile_dq(i - 1, previous);
     mbarrier_wait(q_full(i), phase(i, kStages));
     uint32_t ds_frag[4][4];

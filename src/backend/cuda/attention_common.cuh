@@ -125,6 +125,7 @@ struct AttentionBackwardParams : AttentionLayout {
   // The wgmma kernel's work list, written by the prepare kernel (attention_backward.cu): entry 0 is
   // {count, 0}, then `count` (segment, key tile) pairs, longest work first; count -1: no list.
   const int2* __restrict__ tile_schedule;
+  int descending_walk;  // EXPERIMENT (PGOLF_BWD_VARIANT bit 0): query tiles walked from the segment's end
   __nv_bfloat16* __restrict__ dk;
   __nv_bfloat16* __restrict__ dv;
 };
