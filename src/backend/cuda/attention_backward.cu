@@ -13,7 +13,6 @@
 // (attention_backward_wgmma.cu, attention_backward_ws.cu; same workspace and semantics); the deterministic path keeps this
 // file's kernel without atomics and the separate dQ pass (attention_dq.cu).
 #include <cmath>
-#include <cstdlib>
 
 #include "backend/cuda/attention_common.cuh"
 #include "backend/cuda/mma.cuh"
@@ -33,7 +32,8 @@ constexpr int kBackwardBlockM = 64;  // queries per tile
 // (dense T 2048 on an H100, three warpgroups: 1.98 → 1.86 ms for the whole backward). Used for
 // 192-key blocks only: with 64 or 128 keys (3 or 1 blocks per multiprocessor, every block reading
 // its segment's Q and dO) the order that keeps a segment's key tiles together is much faster
-// (2.18 against 4.66 ms, 2.02 against 2.44), presumably by L2 reuse of those reads.
+// (2.18 against 4.66 ms, 2.02 against 2.44), presumably by L2 reuse of those reads. The
+// warp-specialized kernel (attention_backward_ws.cu) also takes that order, for the same reason.
 // Counting sort by tile index; the order of the segments within one index is immaterial (each block
 // writes only its own dK, dV rows). schedule[0] = {count, 0}, count -1 when a segment has more than
 // kMaxScheduleTiles tiles.
@@ -399,8 +399,6 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
   float* delta = reinterpret_cast<float*>(static_cast<char*>(workspace) + dq_accum_bytes(shape));
   int2* tile_schedule =
       reinterpret_cast<int2*>(static_cast<char*>(workspace) + dq_accum_bytes(shape) + delta_bytes(shape));
-  // EXPERIMENT: PGOLF_BWD_VARIANT bit 0 walks query tiles descending, bit 1 drops the longest-first list.
-  static const int variant = std::getenv("PGOLF_BWD_VARIANT") ? std::atoi(std::getenv("PGOLF_BWD_VARIANT")) : 0;
   int schedule_keys = 0;  // the wgmma kernels' work list (none for the mma.sync kernel)
   if (!tuning.deterministic && tuning.backward_kernel == AttentionBackwardKernel::wgmma)
     schedule_keys = attention_backward_wgmma_schedule_keys(tuning.backward_warps);
@@ -411,9 +409,9 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
   const int64_t blocks = (rows * 8 + threads - 1) / threads;
   attention_backward_prepare_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
       o, d_o, delta, dq_accum, shape.total_tokens, shape.num_heads, shape.cu_seqlens, shape.num_segments,
-      (variant & 2) ? 0 : schedule_keys, tile_schedule);
+      schedule_keys, tile_schedule);
   PG_CUDA_LAUNCH_CHECK();
-  return AttentionBackwardParams{attention_layout(shape), q, k, v, d_o, lse, delta, dq_accum, tile_schedule, variant & 1, dk, dv};
+  return AttentionBackwardParams{attention_layout(shape), q, k, v, d_o, lse, delta, dq_accum, tile_schedule, dk, dv};
 }
 
 // The atomic main kernel (dK, dV, dQ summed into the accumulator); not the deterministic path.

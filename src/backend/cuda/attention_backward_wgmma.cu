@@ -92,7 +92,7 @@ __device__ __forceinline__ void add_dq_parts(const float* parts, int active, flo
 
 // Registers: the dK and dV accumulators (64 floats) stay with Sᵀ and dPᵀ (64 more) and the A
 // fragments (32): 168 a thread, 12 warps per multiprocessor either as three blocks of one warpgroup
-// (shared memory 3 x 58 KB, no spills) or one block of three (202 KB; ptxas 13.0 spills 16 bytes);
+// (shared memory 3 x 58 KB, no spills) or one block of three (202 KB; ptxas 13.0 spills 20 bytes);
 // two warpgroups: one block (189 registers, 146 KB).
 template <int kWarpgroups>
 __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
@@ -125,8 +125,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
 
   // The walk: for each query head of the group, the query tiles from the block's first key to the
   // segment end (next_query_tile).
-  const QueryWalk walk(key_start, seg.length, p.descending_walk);
-  auto next_tile = [&](QueryTile t) { return walk.next(t); };
+  auto next_tile = [&](QueryTile t) { return next_query_tile(t, key_start, seg.length); };
   // Q is copied by the first warpgroup, dO, LSE and D by the last (the same one when there is one).
   auto load_queries = [&](QueryTile t, int buf) {
     const int head = t.head, q_start = t.q_start;
@@ -153,7 +152,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
     k_tile.load_async<kBlockN, kThreads>(p.k + offset, p.kv_row_stride, rows, tid);
     v_tile.load_async<kBlockN, kThreads>(p.v + offset, p.kv_row_stride, rows, tid);
   }
-  QueryTile tile = walk.first(kv_head * p.group), previous = tile;
+  QueryTile tile{kv_head * p.group, key_start}, previous = tile;
   load_queries(tile, 0);
   cp_async_commit();
 

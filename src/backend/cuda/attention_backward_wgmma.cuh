@@ -253,27 +253,17 @@ __device__ __forceinline__ BlockWork block_work(const AttentionBackwardParams& p
 }
 
 // The walk of a block whose keys start at key_start (segment-local, a multiple of kQueryTile): for
-// each query head of the group, the query tiles from key_start to the segment's end, ascending or
-// (descending) from the segment's last tile down to key_start.
+// each query head of the group, the query tiles from key_start to the segment's end. (Walking them
+// from the segment's end instead, so that the blocks of one segment read the same query rows at about
+// the same time, measured no faster with either block order: dense T = 2048 on an H100, 1.655 against
+// 1.651 ms for the warp-specialized kernel, 1.875 against 1.856 for the wgmma one.)
 struct QueryTile {
   int head, q_start;
 };
-struct QueryWalk {
-  int key_start, last_q;  // the first and the last tile's start
-  bool descending;
-  __device__ __forceinline__ QueryWalk(int key_start_, int seg_length, bool descending_)
-      : key_start(key_start_), last_q((seg_length - 1) / kQueryTile * kQueryTile), descending(descending_) {}
-  __device__ __forceinline__ QueryTile first(int head) const { return {head, descending ? last_q : key_start}; }
-  __device__ __forceinline__ QueryTile next(QueryTile t) const {
-    if (descending) {
-      t.q_start -= kQueryTile;
-      if (t.q_start < key_start) t.q_start = last_q, ++t.head;
-    } else {
-      t.q_start += kQueryTile;
-      if (t.q_start > last_q) t.q_start = key_start, ++t.head;
-    }
-    return t;
-  }
-};
+__device__ __forceinline__ QueryTile next_query_tile(QueryTile t, int key_start, int seg_length) {
+  t.q_start += kQueryTile;
+  if (t.q_start >= seg_length) t.q_start = key_start, ++t.head;
+  return t;
+}
 
 }  // namespace pgolf::cuda::attention_detail

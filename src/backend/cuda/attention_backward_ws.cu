@@ -1,6 +1,10 @@
 // Flash attention backward main kernel on Hopper with warp specialization: the products and
-// semantics of the three-warpgroup wgmma kernel (attention_backward_wgmma.cu, the same work list,
-// 192 keys a block, the same dK and dV bits), fed and synchronized differently.
+// semantics of the three-warpgroup wgmma kernel (attention_backward_wgmma.cu: 192 keys a block, dK and
+// dV summed in the same order: the tests' errors of the two agree in every printed digit), fed,
+// synchronized and ordered differently. On an H100 (bench_cuda, s691's
+// shape N = 98304, H 8, Hkv 4; the whole backward with its prepare and finish kernels) 1.651 ms
+// against 1.856 at dense T = 2048 (312 against 278 TFLOP/s) and 1.296 against 1.421 on documents of
+// random length; pgolf bench s691 77.6 against 80.2-80.5 ms a step.
 //
 // The wgmma kernel's warpgroups meet at a block barrier every query tile (the cp.async copies of the
 // tile are shared, and so is the sum of their dQ parts), so that all three run the same phase at once:
@@ -20,6 +24,15 @@
 // and added to the fp32 accumulator with float4 atomics from its registers, one per (query, 4 dh) as
 // before. The tensor work is the same (12 k-steps a tile either way); the wgmma kernel's 48 KB of
 // fp32 part stores and 48 KB of loads per tile, and the sum, are gone.
+//
+// Block order: the flat segment-major one (block_work without a work list: a segment's key tiles of
+// one KV head run side by side), not the wgmma kernel's longest-first list. Under that list the
+// blocks in flight belong to some 130 different (segment, KV head) pairs, whose fp32 dQ rows (201 MB
+// in all at s691's shape) and Q, dO streams miss the 50 MB L2: ncu measured DRAM at 74 % of peak
+// (4.3 GB a call) and an L2 hit rate of 32 %, and with it this kernel took 1.999 ms, slower than the
+// wgmma kernel. Segment-major: 1.651 ms (ncu, with the tiles walked from the segment's end, which is
+// otherwise no faster: L2 hits 81 %, DRAM 15 %). (The wgmma kernel, bound by its
+// warpgroups running in step, gains nothing from the order: 1.901 ms against 1.856.)
 //
 // A warpgroup whose keys all follow the tile's last query (the later ones on a block's first tiles)
 // computes nothing for it but still takes part in the barriers, and stores zero dSᵀ rows. Rows past
@@ -75,8 +88,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_ws_kernel(cons
   if (!seg.valid) return;
   const int key_start = seg.tile * kBlockN;  // segment-local, a multiple of kQueryTile
   const int head_end = (kv_head + 1) * p.group;  // the walk ends at this query head
-  const QueryWalk walk(key_start, seg.length, p.descending_walk);
-  const QueryTile first_tile = walk.first(kv_head * p.group);
+  const QueryTile first_tile{kv_head * p.group, key_start};
 
   // Query tile i of the walk uses ring stage i % kStages and dSᵀ tile i % kDsStages; their barriers
   // complete phase i / stages for it.
@@ -115,7 +127,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_ws_kernel(cons
     const int producer_warp = warp - 4 * kConsumers;
     if (producer_warp == 1) {  // LSE and D of the tile's 64 queries, two of each a lane
       int i = 0;
-      for (QueryTile t = first_tile; t.head < head_end; t = walk.next(t), ++i) {
+      for (QueryTile t = first_tile; t.head < head_end; t = next_query_tile(t, key_start, seg.length), ++i) {
         if (i >= kStages) mbarrier_wait(q_empty(i), phase(i, kStages) ^ 1);
         float* const lse_s = reinterpret_cast<float*>(aligned + lse_offset(i));
         const int rows = seg.length - t.q_start;  // rows from `rows` on are past the segment: zeros
@@ -133,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_ws_kernel(cons
       tma_load_2d(base + L::kK, &params.k_map, kv_head * kHeadDim, seg.start + key_start, kv_full);
       tma_load_2d(base + L::kV, &params.v_map, kv_head * kHeadDim, seg.start + key_start, kv_full);
       int i = 0;
-      for (QueryTile t = first_tile; t.head < head_end; t = walk.next(t), ++i) {
+      for (QueryTile t = first_tile; t.head < head_end; t = next_query_tile(t, key_start, seg.length), ++i) {
         if (i >= kStages) mbarrier_wait(q_empty(i), phase(i, kStages) ^ 1);
         mbarrier_arrive_expect_tx(q_full(i), L::kStageBytes);
         const int row = seg.start + t.q_start;
@@ -178,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_ws_kernel(cons
   mbarrier_wait(kv_full, 0);
   int i = 0;
   QueryTile previous = first_tile;
-  for (QueryTile t = first_tile; t.head < head_end; previous = t, t = walk.next(t), ++i) {
+  for (QueryTile t = first_tile; t.head < head_end; previous = t, t = next_query_tile(t, key_start, seg.length), ++i) {
     if (i > 0 && (i - 1) % kConsumers == warpgroup) tile_dq(i - 1, previous);
     mbarrier_wait(q_full(i), phase(i, kStages));
     uint32_t ds_frag[4][4];
@@ -211,7 +223,7 @@ int attention_backward_ws_schedule_keys(int warps) {
   PG_CUDA_REQUIRE(warps == 12,
                   "attention_backward: the warp-specialized kernel takes tuning.backward_warps 12 (three consumer "
                   "warpgroups and a producer)");
-  return kBlockN;
+  return 0;  // no work list: the segment-major block order (see the top of this file)
 }
 
 void launch_attention_backward_ws(const AttentionBackwardParams& p, const AttentionShape& shape, int warps,

@@ -125,7 +125,6 @@ struct AttentionBackwardParams : AttentionLayout {
   // The wgmma kernel's work list, written by the prepare kernel (attention_backward.cu): entry 0 is
   // {count, 0}, then `count` (segment, key tile) pairs, longest work first; count -1: no list.
   const int2* __restrict__ tile_schedule;
-  int descending_walk;  // EXPERIMENT (PGOLF_BWD_VARIANT bit 0): query tiles walked from the segment's end
   __nv_bfloat16* __restrict__ dk;
   __nv_bfloat16* __restrict__ dv;
 };
@@ -172,7 +171,8 @@ int attention_backward_wgmma_schedule_keys(int warps);
 // launch_attention_backward_wgmma with 12 warps.
 void launch_attention_backward_ws(const AttentionBackwardParams& p, const AttentionShape& shape, int warps,
                                   cudaStream_t stream);
-// The key-tile size of its work list (192, the keys of a block); refuses other `warps`.
+// The key-tile size of its work list for the prepare kernel: 0, none (it runs its blocks in the flat
+// segment-major order, for L2 locality); refuses other `warps`.
 int attention_backward_ws_schedule_keys(int warps);
 
 // The deterministic dQ pass (attention_dq.cu): dq written (bf16) from q, k, v, dO, the forward's LSE
