@@ -189,11 +189,11 @@ void bench_attention(const std::string& label, const std::vector<int32_t>& cu_ho
                        dv.data(), ws.data(), ws_bytes, timer.stream, t);
   };
   for (int warps : {4, 8}) {
-    const AttentionTuning t{warps, warps, false, AttentionForwardKernel::mma_sync};
+    const AttentionTuning t{warps, warps, false, AttentionForwardKernel::mma_sync, AttentionBackwardKernel::mma_sync};
     row(fmt::format("attn {} fwd mma.sync ({} warps)", label, warps), shape_text, timer.median_ms([&] { forward(t); }),
         fwd_flops);
     forward(t);  // the backward reads this tuning's O and LSE
-    row(fmt::format("attn {} bwd ({} warps)", label, warps), shape_text, timer.median_ms([&] { backward(t); }),
+    row(fmt::format("attn {} bwd mma.sync ({} warps)", label, warps), shape_text, timer.median_ms([&] { backward(t); }),
         2.5 * fwd_flops);
   }
   if (hopper) {  // the wgmma forward (both block shapes and key tiles) and backward (both block shapes)
@@ -221,6 +221,10 @@ void bench_attention(const std::string& label, const std::vector<int32_t>& cu_ho
       row(fmt::format("attn {} bwd wgmma ({} warps)", label, warps), shape_text, timer.median_ms([&] { backward(t); }),
           2.5 * fwd_flops);
     }
+    AttentionTuning ws;  // warp-specialized: 12 consumer warps and a producer warpgroup
+    ws.backward_kernel = AttentionBackwardKernel::wgmma_ws;
+    row(fmt::format("attn {} bwd wgmma-ws (12 warps)", label), shape_text, timer.median_ms([&] { backward(ws); }),
+        2.5 * fwd_flops);
   }
   const AttentionTuning defaults{};
   row(fmt::format("attn {} fwd+bwd (w{}/w{})", label, defaults.forward_warps, defaults.backward_warps), shape_text,

@@ -165,8 +165,8 @@ struct DeviceAttention {
 // The mma.sync forward and the backward at both block shapes (and the deterministic dQ), then the
 // wgmma forwards at each block shape and key tile they take (4 or 8 warps with 64 or 128 keys;
 // warp-specialized, 12 consumer warps with 64 or 128 keys), each followed by the mma.sync
-// backward, then the wgmma backward at its three block shapes (one, two or three warpgroups) after the
-// default forward.
+// backward, then the wgmma backward at its three block shapes (one, two or three warpgroups) and the
+// warp-specialized backward after the default forward.
 std::vector<AttentionTuning> tunings_under_test() {
   constexpr auto mma = cuda::AttentionForwardKernel::mma_sync;
   constexpr auto mma_bwd = cuda::AttentionBackwardKernel::mma_sync;
@@ -189,6 +189,10 @@ std::vector<AttentionTuning> tunings_under_test() {
     t.backward_kernel = cuda::AttentionBackwardKernel::wgmma;
     tunings.push_back(t);
   }
+  AttentionTuning ws;  // the warp-specialized backward: 12 warps only
+  ws.backward_warps = 12;
+  ws.backward_kernel = cuda::AttentionBackwardKernel::wgmma_ws;
+  tunings.push_back(ws);
   // Each forward as named, whatever the size of the test shapes (the fallback has its own test).
   for (AttentionTuning& t : tunings) t.forward_ws_min_waves = 0;
   return tunings;
@@ -199,7 +203,8 @@ std::string tuning_label(const AttentionTuning& t) {
   std::string label = "mma_fw" + std::to_string(t.forward_warps);
   if (t.forward_kernel == cuda::AttentionForwardKernel::wgmma) label = "wgmma_fw" + shape;
   if (t.forward_kernel == cuda::AttentionForwardKernel::wgmma_ws) label = "wgmma_ws_fw" + shape;
-  label += t.backward_kernel == cuda::AttentionBackwardKernel::wgmma ? "_wgmma_bw" : "_bw";
+  if (t.backward_kernel == cuda::AttentionBackwardKernel::mma_sync) label += "_bw";
+  else label += t.backward_kernel == cuda::AttentionBackwardKernel::wgmma ? "_wgmma_bw" : "_wgmma_ws_bw";
   label += std::to_string(t.backward_warps);
   return t.deterministic ? label + "_det" : label;
 }
@@ -275,7 +280,7 @@ TEST_F(AttentionTest, SelectedQueryTilesMatchTheFullForward) {
   DeviceBuffer<int32_t> begin_device(begin);
   const int H = in.heads, N = in.tokens;
   for (const AttentionTuning& tuning : tunings_under_test()) {
-    if (tuning.backward_kernel == cuda::AttentionBackwardKernel::wgmma) continue;  // the same forwards again
+    if (tuning.backward_kernel != cuda::AttentionBackwardKernel::mma_sync) continue;  // the same forwards again
     SCOPED_TRACE(tuning_label(tuning));
     auto run = [&](const AttentionShape& shape, std::vector<float>& o, std::vector<float>& lse) {
       auto o_dev = poisoned_buffer<__nv_bfloat16>(in.q.size());

@@ -139,7 +139,7 @@ cuda::AttentionTuning mma_sync_backward() {
   return t;
 }
 
-constexpr float kWgmmaScale = 0.125f;  // 1/√64, left out of dS by the wgmma backward
+constexpr float kWgmmaScale = 0.125f;  // 1/√64, left out of dS by the Hopper backwards (the default one)
 
 class AttentionDqFoldTest : public CudaTest {};
 

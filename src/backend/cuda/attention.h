@@ -40,20 +40,23 @@ struct AttentionShape {
 enum class AttentionForwardKernel { mma_sync, wgmma, wgmma_ws };
 
 // Backward main kernels: mma.sync (16 keys per warp), or Hopper's wgmma (64 keys per warpgroup,
-// sm_90a build and sm_90 GPU). Both add dQ with fp32 atomics; the deterministic dQ path
-// (AttentionTuning::deterministic) always runs the mma.sync kernel for dK, dV.
-enum class AttentionBackwardKernel { mma_sync, wgmma };
+// sm_90a build and sm_90 GPU), either with every warp computing (operands copied by cp.async) or
+// warp-specialized (wgmma_ws: a producer warpgroup streams the query tiles with TMA to three consumer
+// warpgroups, which take turns computing a tile's dQ; 12 warps only). All add dQ with fp32 atomics;
+// the deterministic dQ path (AttentionTuning::deterministic) always runs the mma.sync kernel for dK, dV.
+enum class AttentionBackwardKernel { mma_sync, wgmma, wgmma_ws };
 
 // Kernel shapes. The forward kernel gives each warp 16 query rows (a block has 16 · forward_warps;
 // with wgmma each warpgroup of 4 warps owns 64 of them); the backward kernel gives each warp 16 keys
 // (with wgmma each warpgroup 64). Both accept 4 or 8, the wgmma backward also 12 (three warpgroups,
-// 192 keys a block); the warp-specialized forward takes 12 only (three warpgroups computing, plus a
-// producer warpgroup). The defaults are the fastest measured on an H100 for the default kernels
+// 192 keys a block) and the warp-specialized backward 12 only, as the warp-specialized forward (three
+// warpgroups computing, plus a producer warpgroup). The defaults are the fastest measured on an H100 for the default kernels
 // (bench_cuda compares them): the warp-specialized forward with 128-key tiles (dense T 2048: 0.64-0.65
 // ms against 0.75 with 64); the wgmma forward with 8 warps and 64-key tiles (0.68 ms against 0.72 with
 // 4 warps; set them with that kernel); the mma.sync forward with 4 warps (0.81 against 0.84); the
 // mma.sync backward with 8 warps (2.60 ms against 2.64 with 4 at s691's shape; set it with that kernel,
-// which has no 12), the wgmma one with 12 (1.86 ms against 2.18 with 4 and 2.02 with 8). The
+// which has no 12), the wgmma one with 12 (1.86 ms against 2.18 with 4 and 2.02 with 8; set them with
+// that kernel). The
 // deterministic path runs the mma.sync kernel and needs 4 or 8.
 struct AttentionTuning {
   int forward_warps = 12;
@@ -66,9 +69,11 @@ struct AttentionTuning {
   // 1-4 % less on documents of random length, with the same results within the tests' bounds.
   AttentionForwardKernel forward_kernel = AttentionForwardKernel::wgmma_ws;
   // The wgmma backward (attention_backward_wgmma.cu) is 27-28 % faster than the mma.sync one on an
-  // H100 (dense T 2048: 1.86 ms, 277 TFLOP/s against 2.60 ms, 198) within the same test bounds.
+  // H100 (dense T 2048: 1.86 ms, 277 TFLOP/s against 2.60 ms, 198) within the same test bounds; the
+  // warp-specialized one (attention_backward_ws.cu) 11 % faster than that (1.65 ms, 312 TFLOP/s; 9 %
+  // on documents of random length; s691 77.6 against 80.2-80.5 ms a step), the same dK, dV.
   // Ignored when `deterministic` is set.
-  AttentionBackwardKernel backward_kernel = AttentionBackwardKernel::wgmma;
+  AttentionBackwardKernel backward_kernel = AttentionBackwardKernel::wgmma_ws;
   // Keys per K/V tile of the wgmma forwards: 64 or 128 (the mma.sync forward always uses 64).
   int forward_key_tile = 128;
   // The warp-specialized forward runs one block per multiprocessor. A call with fewer of its blocks than

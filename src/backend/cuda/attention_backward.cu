@@ -9,8 +9,8 @@
 //             dSᵀ also goes to shared memory, from where the block computes dQ_tile = dS K and adds
 //             it to the fp32 accumulator with vector atomics;
 //   finish:   dQ = bf16(accumulator), or left to the consumer (attention_backward_unfinished).
-// AttentionTuning::backward_kernel = wgmma swaps the main kernel for the Hopper one
-// (attention_backward_wgmma.cu, same workspace and semantics); the deterministic path keeps this
+// AttentionTuning::backward_kernel = wgmma or wgmma_ws swaps the main kernel for a Hopper one
+// (attention_backward_wgmma.cu, attention_backward_ws.cu; same workspace and semantics); the deterministic path keeps this
 // file's kernel without atomics and the separate dQ pass (attention_dq.cu).
 #include <cmath>
 
@@ -32,7 +32,8 @@ constexpr int kBackwardBlockM = 64;  // queries per tile
 // (dense T 2048 on an H100, three warpgroups: 1.98 → 1.86 ms for the whole backward). Used for
 // 192-key blocks only: with 64 or 128 keys (3 or 1 blocks per multiprocessor, every block reading
 // its segment's Q and dO) the order that keeps a segment's key tiles together is much faster
-// (2.18 against 4.66 ms, 2.02 against 2.44), presumably by L2 reuse of those reads.
+// (2.18 against 4.66 ms, 2.02 against 2.44), presumably by L2 reuse of those reads. The
+// warp-specialized kernel (attention_backward_ws.cu) also takes that order, for the same reason.
 // Counting sort by tile index; the order of the segments within one index is immaterial (each block
 // writes only its own dK, dV rows). schedule[0] = {count, 0}, count -1 when a segment has more than
 // kMaxScheduleTiles tiles.
@@ -398,13 +399,17 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
   float* delta = reinterpret_cast<float*>(static_cast<char*>(workspace) + dq_accum_bytes(shape));
   int2* tile_schedule =
       reinterpret_cast<int2*>(static_cast<char*>(workspace) + dq_accum_bytes(shape) + delta_bytes(shape));
-  const bool wgmma = !tuning.deterministic && tuning.backward_kernel == AttentionBackwardKernel::wgmma;
+  int schedule_keys = 0;  // the wgmma kernels' work list (none for the mma.sync kernel)
+  if (!tuning.deterministic && tuning.backward_kernel == AttentionBackwardKernel::wgmma)
+    schedule_keys = attention_backward_wgmma_schedule_keys(tuning.backward_warps);
+  if (!tuning.deterministic && tuning.backward_kernel == AttentionBackwardKernel::wgmma_ws)
+    schedule_keys = attention_backward_ws_schedule_keys(tuning.backward_warps);
   const int64_t rows = static_cast<int64_t>(shape.total_tokens) * shape.num_heads;
   const int threads = 256;
   const int64_t blocks = (rows * 8 + threads - 1) / threads;
   attention_backward_prepare_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
       o, d_o, delta, dq_accum, shape.total_tokens, shape.num_heads, shape.cu_seqlens, shape.num_segments,
-      wgmma ? attention_backward_wgmma_schedule_keys(tuning.backward_warps) : 0, tile_schedule);
+      schedule_keys, tile_schedule);
   PG_CUDA_LAUNCH_CHECK();
   return AttentionBackwardParams{attention_layout(shape), q, k, v, d_o, lse, delta, dq_accum, tile_schedule, dk, dv};
 }
@@ -412,10 +417,14 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
 // The atomic main kernel (dK, dV, dQ summed into the accumulator); not the deterministic path.
 DqSum launch_backward_atomic(const AttentionBackwardParams& p, const AttentionShape& shape,
                              const AttentionTuning& tuning, cudaStream_t stream) {
-  const bool wgmma = tuning.backward_kernel == AttentionBackwardKernel::wgmma;
-  if (wgmma) launch_attention_backward_wgmma(p, shape, tuning.backward_warps, stream);
-  else launch_backward<true>(p, shape, tuning.backward_warps, stream);
-  return DqSum{p.dq_accum, wgmma ? kSoftmaxScale : 1.f};
+  switch (tuning.backward_kernel) {
+    case AttentionBackwardKernel::wgmma: launch_attention_backward_wgmma(p, shape, tuning.backward_warps, stream); break;
+    case AttentionBackwardKernel::wgmma_ws: launch_attention_backward_ws(p, shape, tuning.backward_warps, stream); break;
+    case AttentionBackwardKernel::mma_sync: launch_backward<true>(p, shape, tuning.backward_warps, stream); break;
+  }
+  // The Hopper kernels leave the softmax scale out of dS (attention_backward_finish_kernel).
+  const bool hopper = tuning.backward_kernel != AttentionBackwardKernel::mma_sync;
+  return DqSum{p.dq_accum, hopper ? kSoftmaxScale : 1.f};
 }
 
 }  // namespace

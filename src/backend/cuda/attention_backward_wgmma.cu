@@ -21,23 +21,13 @@
 // threads sum the parts and issue the atomics, one float4 per (query, 4 dh) per block. Each
 // iteration has one block barrier: the query tiles, LSE, D and the dQ parts are double-buffered, so
 // the barrier at the top of iteration it both publishes tile it and retires iteration it - 1. The
-// blocks take their key tiles from the prepare kernel's work list, longest first (block_work).
-//
-// Per thread (warp w of its warpgroup, g = lane / 4, t = lane % 4), accumulator element 4j + e of a
-// 64x64 product is row 16w + g + 8·(e / 2), column 8j + 2t + (e % 2) (wgmma.cuh): rows are keys for
-// Sᵀ, dPᵀ, dK, dV and queries for dQ; columns are queries for Sᵀ, dPᵀ and dh for dK, dV, dQ.
-#include <cmath>
-
-#include "backend/cuda/attention_common.cuh"
-#include "backend/cuda/mma.cuh"
-#include "backend/cuda/wgmma.cuh"
+// blocks take their key tiles from the prepare kernel's work list, longest first (block_work). The
+// products of a warpgroup are in attention_backward_wgmma.cuh, shared with the warp-specialized
+// kernel (attention_backward_ws.cu).
+#include "backend/cuda/attention_backward_wgmma.cuh"
 
 namespace pgolf::cuda::attention_detail {
 namespace {
-
-constexpr int kSwizzleAtomBytes = 1024;  // tile starts must be aligned to this (wgmma.cuh)
-constexpr int kQueryTile = 64;           // queries per tile (the N of Sᵀ, the M of dQ)
-constexpr int kTileBytes = 64 * 128;     // one SwizzledTile64 of 64 rows (8 atoms)
 
 constexpr int kDqPartFloats = kQueryTile * 64;  // one warpgroup's fp32 dQ_part [64 queries][64 dh]
 
@@ -54,84 +44,11 @@ struct BackwardSmem {
   static constexpr int kBytes = kKeyTiles + kQueryTiles + kStats + kDqParts + kSwizzleAtomBytes;
 };
 
-__device__ __forceinline__ void store_shared_u32(uint32_t address, uint32_t value) {
-  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(address), "r"(value));
-}
-
 // The 128 threads of one warpgroup: named barrier 1 + warpgroup (0 is __syncthreads). Immediate ids,
 // so that ptxas reserves 2 barriers rather than all 16.
 __device__ __forceinline__ void warpgroup_barrier(int warpgroup) {
   if (warpgroup == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
   else asm volatile("bar.sync 2, 128;\n" ::: "memory");
-}
-
-// Rounds the fp32 accumulators of a 64x64 Pᵀ or dSᵀ (rows = keys, columns = queries) to the A
-// fragments of the k-steps over queries: k-step kq (queries 16kq..16kq+15) is accumulator groups
-// j = 2kq (columns 16kq + 2t, +1) and 2kq + 1 (columns 16kq + 8 + 2t, +1), rows g and g + 8 — the
-// A layout {row g, k 2t}, {row g+8, k 2t}, {row g, k 2t+8}, {row g+8, k 2t+8} of wgmma.cuh.
-__device__ __forceinline__ void accumulators_to_a_fragments(const float (&acc)[32], uint32_t (&frag)[4][4]) {
-#pragma unroll
-  for (int kq = 0; kq < 4; ++kq) {
-    frag[kq][0] = pack_bf16(acc[8 * kq], acc[8 * kq + 1]);
-    frag[kq][1] = pack_bf16(acc[8 * kq + 2], acc[8 * kq + 3]);
-    frag[kq][2] = pack_bf16(acc[8 * kq + 4], acc[8 * kq + 5]);
-    frag[kq][3] = pack_bf16(acc[8 * kq + 6], acc[8 * kq + 7]);
-  }
-}
-
-// Pᵀ = exp2(scale·log2e·Sᵀ − log2e·LSE) in place (accumulator layout: element 4j + e is key
-// thread_key0 + 8·(e / 2), tile query 8j + 2t + (e % 2)). kMasked: 0 where key > query or query ≥
-// seg_length; tiles entirely after the warpgroup's keys and inside the segment skip those tests.
-template <bool kMasked>
-__device__ __forceinline__ void probabilities(float (&s)[32], const float* lse_s, int lane, int q_start,
-                                              int thread_key0, int seg_length) {
-  constexpr float kScaleLog2 = kSoftmaxScale * kLog2e;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int qi = 8 * j + 2 * (lane & 3);  // tile-local query of elements e = 0, 2 (e = 1, 3: qi + 1)
-    const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + qi);
-    const float bias0 = -lse2.x * kLog2e, bias1 = -lse2.y * kLog2e;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float bias = (e & 1) ? bias1 : bias0;
-      if constexpr (kMasked) {
-        const int query = q_start + qi + (e & 1);
-        const int key = thread_key0 + (e >> 1) * 8;
-        const bool visible = key <= query && query < seg_length;
-        s[4 * j + e] = visible ? exp2_approx(fmaf(s[4 * j + e], kScaleLog2, bias)) : 0.f;
-      } else {
-        s[4 * j + e] = exp2_approx(fmaf(s[4 * j + e], kScaleLog2, bias));
-      }
-    }
-  }
-}
-
-// Step descriptors from a tile's descriptor (swizzled_tile_descriptor of its base): the step's byte
-// offset >> 4 added to the start-address field (bits 0-13). Shared addresses stay below 2^18 bytes,
-// so the sum never carries out of the field. K-major: 32·kk bytes; MN-major: 2048·kk bytes (wgmma.cuh).
-__device__ __forceinline__ uint64_t k_major_step(uint64_t tile_descriptor, int kk) { return tile_descriptor + 2 * kk; }
-__device__ __forceinline__ uint64_t mn_major_step(uint64_t tile_descriptor, int kk) { return tile_descriptor + 128 * kk; }
-
-// One warpgroup: adds a thread's part of a dQ tile (dq[4j + e]: rows g + 8·(e / 2) of its warp's 16
-// queries, columns 8j + 2t + (e % 2)) to the fp32 accumulator with float4 atomics: lanes t and t ^ 1
-// swap halves so that the even lane holds 4 consecutive columns of row g, the odd lane of row g + 8.
-__device__ __forceinline__ void add_dq_rows(const AttentionBackwardParams& p, const float (&dq)[32], int64_t token0,
-                                            int seg_rows_left, int head, int lane) {
-  const bool odd = lane & 1;
-  const int row = (lane >> 2) + (odd ? 8 : 0);  // row within the warp's 16, relative to token0
-  const int col = 2 * ((lane & 3) & ~1);
-  float4 values[8];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    // Even lane sends its row g + 8 pair, odd lane its row g pair.
-    const float send0 = odd ? dq[4 * j] : dq[4 * j + 2], send1 = odd ? dq[4 * j + 1] : dq[4 * j + 3];
-    const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1), got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
-    values[j] = odd ? make_float4(got0, got1, dq[4 * j + 2], dq[4 * j + 3]) : make_float4(dq[4 * j], dq[4 * j + 1], got0, got1);
-  }
-  if (row >= seg_rows_left) return;  // one branch and one address for the 8 atomics
-  float4* dst = reinterpret_cast<float4*>(p.dq_accum + (token0 + row) * p.q_row_stride + head * kHeadDim + col);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) atomicAdd(dst + 2 * j, values[j]);
 }
 
 // Two or three warpgroups: a dQ_part [64 queries][64 dh] fp32 in shared memory, row-major with the
@@ -173,41 +90,9 @@ __device__ __forceinline__ void add_dq_parts(const float* parts, int active, flo
   }
 }
 
-// The block's KV head and key tile. The grid is one-dimensional, Hkv · (num_segments + N / block_n)
-// blocks (segment_tile_grid per KV head), at least Hkv per entry of the work list: block b takes
-// entry b / Hkv (the longest first) for KV head b % Hkv. Without a list (count -1: 64- or 128-key
-// blocks, or a segment of more than kMaxScheduleTiles tiles), KV head b / G takes flat tile b % G
-// of find_segment_tile, G = gridDim.x / Hkv (the order of the former two-dimensional grid).
-struct BlockWork {
-  int kv_head;
-  SegmentTile seg;
-};
-
-__device__ __forceinline__ BlockWork block_work(const AttentionBackwardParams& p, int block_n) {
-  const int num_kv_heads = gridDim.x / (p.num_segments + p.total_tokens / block_n);
-  const int block = blockIdx.x, count = p.tile_schedule[0].x;
-  BlockWork w;
-  if (count >= 0) {
-    const int rank = block / num_kv_heads;
-    w.kv_head = block % num_kv_heads;
-    w.seg.valid = rank < count;
-    if (w.seg.valid) {
-      const int2 entry = p.tile_schedule[1 + rank];  // (segment, tile)
-      w.seg.start = __ldg(p.cu + entry.x);
-      w.seg.length = __ldg(p.cu + entry.x + 1) - w.seg.start;
-      w.seg.tile = entry.y;
-    }
-  } else {
-    const int per_head = gridDim.x / num_kv_heads;
-    w.kv_head = block / per_head;
-    w.seg = find_segment_tile(p.cu, p.num_segments, block % per_head, block_n);
-  }
-  return w;
-}
-
 // Registers: the dK and dV accumulators (64 floats) stay with Sᵀ and dPᵀ (64 more) and the A
 // fragments (32): 168 a thread, 12 warps per multiprocessor either as three blocks of one warpgroup
-// (shared memory 3 x 58 KB, no spills) or one block of three (202 KB; ptxas 13.0 spills 16 bytes);
+// (shared memory 3 x 58 KB, no spills) or one block of three (202 KB; ptxas 13.0 spills 20 bytes);
 // two warpgroups: one block (189 registers, 146 KB).
 template <int kWarpgroups>
 __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
@@ -238,20 +123,9 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
   float* const dq_parts = reinterpret_cast<float*>(aligned + Smem::kKeyTiles + Smem::kQueryTiles + Smem::kStats);
   auto dq_parts_of = [&](int buf) { return dq_parts + buf * kWarpgroups * kDqPartFloats; };
 
-  // The walk: for each query head of the group, the query tiles from the block's first key (a
-  // multiple of kBlockM) to the segment end.
-  struct QueryTile {
-    int head, q_start;
-  };
-  auto next_tile = [&](QueryTile t) {
-    t.q_start += kBlockM;
-    if (t.q_start >= seg.length) t.q_start = key_start, ++t.head;
-    return t;
-  };
-  auto previous_tile = [&](QueryTile t) {
-    return t.q_start == key_start ? QueryTile{t.head - 1, (seg.length - 1) / kBlockM * kBlockM}
-                                  : QueryTile{t.head, t.q_start - kBlockM};
-  };
+  // The walk: for each query head of the group, the query tiles from the block's first key to the
+  // segment end (next_query_tile).
+  auto next_tile = [&](QueryTile t) { return next_query_tile(t, key_start, seg.length); };
   // Q is copied by the first warpgroup, dO, LSE and D by the last (the same one when there is one).
   auto load_queries = [&](QueryTile t, int buf) {
     const int head = t.head, q_start = t.q_start;
@@ -278,7 +152,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
     k_tile.load_async<kBlockN, kThreads>(p.k + offset, p.kv_row_stride, rows, tid);
     v_tile.load_async<kBlockN, kThreads>(p.v + offset, p.kv_row_stride, rows, tid);
   }
-  QueryTile tile{kv_head * p.group, key_start};
+  QueryTile tile{kv_head * p.group, key_start}, previous = tile;
   load_queries(tile, 0);
   cp_async_commit();
 
@@ -293,7 +167,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
   float dk_acc[32] = {}, dv_acc[32] = {};
 
   int buf = 0;  // the query buffer of `tile`
-  for (bool first = true; tile.head < head_end; first = false, buf ^= 1, tile = next_tile(tile)) {
+  for (bool first = true; tile.head < head_end; first = false, buf ^= 1, previous = tile, tile = next_tile(tile)) {
     cp_async_wait<0>();          // this iteration's queries (and K, V) have landed for this thread's copies
     fence_proxy_async_shared();  // ... and are visible to the tensor cores' reads after the barrier
     // Every thread's copies have landed, and every warpgroup is done with the previous tile: its MMAs
@@ -310,100 +184,27 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
 
     if constexpr (kWarpgroups > 1) {  // the previous tile's dQ (the atomics need no wait)
       if (!first) {
-        const QueryTile prev = previous_tile(tile);
-        const int prev_head = prev.head, prev_q_start = prev.q_start;
+        const int prev_head = previous.head, prev_q_start = previous.q_start;
         add_dq_parts<kWarpgroups>(dq_parts_of(buf ^ 1), active_warpgroups(prev_q_start),
                                   p.dq_accum + (seg.start + prev_q_start) * p.q_row_stride + prev_head * kHeadDim,
                                   p.q_row_stride, seg.length - prev_q_start, tid);
       }
     }
-    // Sᵀ and dPᵀ (64 keys x 64 queries), 4 k-steps over dh each: A rows are 32·kk bytes into each
-    // K / V row, B likewise into each Q / dO row (both K-major). Two commit groups, so that Pᵀ is
-    // computed while dPᵀ is still in flight.
-    float s[32], dp[32];
-    if (active) {
-      wgmma_fence();
-      wgmma_m64n64k16_bf16_ss<false, 0, 0>(s, k_major_step(k_desc, 0), k_major_step(q_desc, 0));
-#pragma unroll
-      for (int kk = 1; kk < 4; ++kk)
-        wgmma_m64n64k16_bf16_ss<true, 0, 0>(s, k_major_step(k_desc, kk), k_major_step(q_desc, kk));
-      wgmma_commit();
-      wgmma_m64n64k16_bf16_ss<false, 0, 0>(dp, k_major_step(v_desc, 0), k_major_step(do_desc, 0));
-#pragma unroll
-      for (int kk = 1; kk < 4; ++kk)
-        wgmma_m64n64k16_bf16_ss<true, 0, 0>(dp, k_major_step(v_desc, kk),
-                                            k_major_step(do_desc, kk));
-      wgmma_commit();
-    }
     // A warpgroup whose first key is after the tile's last query contributes nothing (the later
     // warpgroups on the block's first query tiles, or keys past the segment end).
     if (!active) continue;
-
-    const float* lse_s = lse_rows(buf);
-    const float* delta_s = delta_rows(buf);
-    wgmma_wait<1>();  // Sᵀ
-    wgmma_fence_operands(s);
-    // Queries all after the warpgroup's 64 keys (tile starts are multiples of 64) and in the segment.
-    if (q_start > wg_key0 && q_start + kBlockM <= seg.length)
-      probabilities<false>(s, lse_s, lane, q_start, thread_key0, seg.length);
-    else
-      probabilities<true>(s, lse_s, lane, q_start, thread_key0, seg.length);
-    // dV += Pᵀ dO: 4 k-steps over the tile's queries; dO rows 16kq.. start 2048·kq bytes in.
-    uint32_t p_frag[4][4];
-    accumulators_to_a_fragments(s, p_frag);
-    wgmma_fence();
-#pragma unroll
-    for (int kq = 0; kq < 4; ++kq)
-      wgmma_m64n64k16_bf16<true, 1>(dv_acc, p_frag[kq], mn_major_step(do_desc, kq));
-    wgmma_commit();
-
-    wgmma_wait<1>();  // dPᵀ (committed before dV)
-    wgmma_fence_operands(dp);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int qi = 8 * j + 2 * (lane & 3);
-      const float2 delta2 = *reinterpret_cast<const float2*>(delta_s + qi);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float delta = (e & 1) ? delta2.y : delta2.x;
-        dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - delta);
-      }
-    }
-    // dK += dSᵀ Q, the same way.
     uint32_t ds_frag[4][4];
-    accumulators_to_a_fragments(dp, ds_frag);
-    wgmma_fence();
-#pragma unroll
-    for (int kq = 0; kq < 4; ++kq)
-      wgmma_m64n64k16_bf16<true, 1>(dk_acc, ds_frag[kq], mn_major_step(q_desc, kq));
-    wgmma_commit();
-
-    // dSᵀ (bf16, the rounding the dK product used) → this warpgroup's rows of the shared tile:
-    // element 4j + e is key row 16w + g + 8·(e / 2), query column 8j + 2t + (e % 2); the pairs
-    // (e, e + 1) are adjacent columns, one 4-byte store each. The previous iteration's dQ_part MMA,
-    // which read these rows, completed before its wgmma_wait<0>.
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        store_shared_u32(ds_rows.pair_address(wg_warp * 16 + (lane >> 2) + r * 8, 8 * j + 2 * (lane & 3)),
-                         ds_frag[j / 2][(j % 2) * 2 + r]);
-    }
+    key_tile_products<true>({k_desc, v_desc, q_desc, do_desc, lse_rows(buf), delta_rows(buf), wg_key0, thread_key0},
+                      q_start, seg.length, lane, dk_acc, dv_acc, ds_frag);
+    // dSᵀ → this warpgroup's rows of the shared tile. The previous iteration's dQ_part MMA, which
+    // read these rows, completed before its wgmma_wait<0>.
+    store_ds_rows(ds_rows, ds_frag, wg_warp, lane);
     fence_proxy_async_shared();  // the st.shared above are read next by the tensor cores
     warpgroup_barrier(warpgroup);
 
-    // dQ_part (64 queries x 64 dh) = dS · K_wg over the warpgroup's 64 keys, 4 k-steps: keys 16kk..
-    // are rows 16kk.. of both the dSᵀ tile (A, MN-major: 64 queries contiguous per key row) and the
-    // K rows (B, MN-major: 64 dh contiguous per key row), 2048·kk bytes in.
+    // dQ_part (64 queries x 64 dh) = dS · K_wg over the warpgroup's 64 keys.
     float dq[32];
-    wgmma_fence();
-    wgmma_m64n64k16_bf16_ss<false, 1, 1>(dq, mn_major_step(ds_desc, 0),
-                                         mn_major_step(k_desc, 0));
-#pragma unroll
-    for (int kk = 1; kk < 4; ++kk)
-      wgmma_m64n64k16_bf16_ss<true, 1, 1>(dq, mn_major_step(ds_desc, kk),
-                                          mn_major_step(k_desc, kk));
-    wgmma_commit();
+    issue_dq<4>(dq, ds_desc, k_desc);
     wgmma_wait<0>();  // dV, dK and dQ_part
     wgmma_fence_operands(dq);
     wgmma_fence_operands(dk_acc);
@@ -419,28 +220,13 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kWarpgroups == 1 ? 3 : 1)
   }
   if constexpr (kWarpgroups > 1) {  // the last tile's dQ
     __syncthreads();
-    const QueryTile last = previous_tile(tile);  // tile is past the walk's end
-    const int head = last.head, q_start = last.q_start;
+    const int head = previous.head, q_start = previous.q_start;  // tile is past the walk's end
     add_dq_parts<kWarpgroups>(dq_parts_of(buf ^ 1), active_warpgroups(q_start),
                               p.dq_accum + (seg.start + q_start) * p.q_row_stride + head * kHeadDim, p.q_row_stride,
                               seg.length - q_start, tid);
   }
 
-  // dK (times the softmax scale left out of dS) and dV of the warpgroup's keys: element 4j + e is
-  // key row 16w + g + 8·(e / 2), dh column 8j + 2t + (e % 2).
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = thread_key0 + r * 8;
-    if (key >= seg.length) continue;
-    const int64_t offset =
-        static_cast<int64_t>(seg.start + key) * p.kv_row_stride + kv_head * kHeadDim + 2 * (lane & 3);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      *reinterpret_cast<uint32_t*>(p.dk + offset + 8 * j) = pack_bf16(dk_acc[4 * j + 2 * r] * kSoftmaxScale,
-                                                                       dk_acc[4 * j + 2 * r + 1] * kSoftmaxScale);
-      *reinterpret_cast<uint32_t*>(p.dv + offset + 8 * j) = pack_bf16(dv_acc[4 * j + 2 * r], dv_acc[4 * j + 2 * r + 1]);
-    }
-  }
+  store_dk_dv(p, dk_acc, dv_acc, seg, kv_head, thread_key0, lane);
 #else
   __trap();  // built without sm_90a (PGOLF_CUDA_ARCH): fail loudly rather than compute nothing
 #endif

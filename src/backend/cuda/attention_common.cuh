@@ -166,6 +166,15 @@ void launch_attention_backward_wgmma(const AttentionBackwardParams& p, const Att
 // tiling (4 and 8 warps, for which that order measured faster; attention_backward.cu).
 int attention_backward_wgmma_schedule_keys(int warps);
 
+// The warp-specialized Hopper backward main kernel (attention_backward_ws.cu): `warps` 12 (three
+// consumer warpgroups of 64 keys and a producer warpgroup), the same outputs as
+// launch_attention_backward_wgmma with 12 warps.
+void launch_attention_backward_ws(const AttentionBackwardParams& p, const AttentionShape& shape, int warps,
+                                  cudaStream_t stream);
+// The key-tile size of its work list for the prepare kernel: 0, none (it runs its blocks in the flat
+// segment-major order, for L2 locality); refuses other `warps`.
+int attention_backward_ws_schedule_keys(int warps);
+
 // The deterministic dQ pass (attention_dq.cu): dq written (bf16) from q, k, v, dO, the forward's LSE
 // and D = rowsum(dO ∘ O) [H, N].
 void launch_attention_dq(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,

@@ -13,7 +13,6 @@
 
 namespace pgolf::cuda::attention_detail {
 
-constexpr int kSwizzleAtomBytes = 1024;  // tile starts must be aligned to this (wgmma.cuh)
 constexpr float kScaleLog2 = kSoftmaxScale * kLog2e;
 
 // Sets the scores of keys after the query to -inf. key0: the tile's first key, warp_row0: the warp's

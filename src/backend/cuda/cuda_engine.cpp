@@ -28,11 +28,13 @@ double global_clip_norm(const Config& c, const ParamLayout& layout, const Commun
   return local ? 0.0 : c.get_double("grad_clip_norm");
 }
 
-// attention_backward: "mma_sync" or "wgmma".
-bool wgmma_kernel(const Config& c, const std::string& key) {
-  const std::string name = c.get_string(key);
-  PG_CHECK(name == "mma_sync" || name == "wgmma", "{} = '{}': expected mma_sync | wgmma", key, name);
-  return name == "wgmma";
+// attention_backward: "mma_sync", "wgmma" or "wgmma_ws".
+AttentionBackwardKernel backward_kernel(const Config& c) {
+  const std::string name = c.get_string("attention_backward");
+  PG_CHECK(name == "mma_sync" || name == "wgmma" || name == "wgmma_ws",
+           "attention_backward = '{}': expected mma_sync | wgmma | wgmma_ws", name);
+  if (name == "wgmma") return AttentionBackwardKernel::wgmma;
+  return name == "wgmma_ws" ? AttentionBackwardKernel::wgmma_ws : AttentionBackwardKernel::mma_sync;
 }
 
 GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
@@ -51,10 +53,9 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
     m.attention.forward_warps = 8;  // the wgmma forward's fastest shape
     m.attention.forward_key_tile = 64;
   }
-  if (!wgmma_kernel(c, "attention_backward")) {
-    m.attention.backward_kernel = AttentionBackwardKernel::mma_sync;
+  m.attention.backward_kernel = backward_kernel(c);
+  if (m.attention.backward_kernel == AttentionBackwardKernel::mma_sync)
     m.attention.backward_warps = 8;  // the mma.sync backward's fastest shape
-  }
   const std::string mlp = c.get_string("mlp_gemm");
   PG_CHECK(mlp == "fused" || mlp == "cublas", "mlp_gemm = '{}': expected fused | cublas", mlp);
   m.mlp_fused = mlp == "fused";

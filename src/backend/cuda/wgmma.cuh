@@ -43,6 +43,8 @@
 
 namespace pgolf::cuda {
 
+constexpr int kSwizzleAtomBytes = 1024;  // SwizzledTile64 starts must be aligned to this (see above)
+
 // Descriptor (PTX ISA "Matrix Descriptor Format"): bits 0-13 start address >> 4, 16-29 leading byte
 // offset >> 4, 32-45 stride byte offset >> 4, 49-51 base offset (0), 62-63 swizzle (1 = 128 bytes).
 // `address` is a shared-memory address inside a SwizzledTile64 whose start is 1024-byte aligned.
