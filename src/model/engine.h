@@ -6,6 +6,7 @@
 // given at construction (host buffers for the CPU engine, device buffers for NCCL).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <deque>
 #include <span>
@@ -27,11 +28,16 @@ struct StepControl {
   double lr_scale = 1.0;       // schedule multiplier of every group's LR
   double muon_momentum = 0.95;
   bool update_ema = false;     // fold the new weights into the EMA (decay from the preset) after the step
+  // Host values the ranks agree on with the step: their maximum over the ranks comes back in
+  // StepResult::agreed, reduced in order with the step's own work (the trainer's stop-rule flags, so
+  // that no host collective has to wait behind a step submitted ahead; see submit_train_step).
+  std::array<double, 2> agree_max{0.0, 0.0};
 };
 
 struct StepResult {
   double loss = 0.0;       // mean training loss of the step (micro-batches averaged, then ranks averaged)
   double grad_norm = 0.0;  // global L2 norm before clipping (the local one when clipping is local or under Parallel Muon)
+  std::array<double, 2> agreed{0.0, 0.0};  // StepControl::agree_max, the maximum over the ranks
 };
 
 // Optimizer of score-first TTT over the base weights (SPEC §6.3 / §6.4 / §6.7).
@@ -86,7 +92,10 @@ class Engine {
   // the collection of every pending step except the set_looping / set_qat of the next step (they apply
   // to steps submitted after them). submit_train_step + collect_train_step is train_step: the same
   // work, the same result. The defaults run the step at submission (the CPU engine); the CUDA engine
-  // enqueues it and copies its loss and gradient norm back into pinned memory behind it.
+  // enqueues it and copies its loss and gradient norm back into pinned memory behind it. With several
+  // ranks, the collection makes no collective of its own: the loss average and agree_max are reduced
+  // on the device behind the step's work (a host collective on the engine's stream would wait behind
+  // the step submitted after it).
   static constexpr int kMaxTrainPending = 2;
   virtual void submit_train_step(std::span<const Batch> micro_batches, const StepControl& control);
   virtual StepResult collect_train_step();  // the result of the oldest pending step

@@ -111,6 +111,8 @@ StepResult CpuEngine::train_step(std::span<const Batch> micro_batches, const Ste
   r.loss = loss_sum / static_cast<double>(micro_batches.size());
   comm_.all_reduce_host(&r.loss, 1, ReduceOp::Avg);
   PG_CHECK(std::isfinite(r.loss), "step {}: training loss is {}: the run diverged", control.step + 1, r.loss);
+  r.agreed = control.agree_max;
+  comm_.all_reduce_host(r.agreed.data(), r.agreed.size(), ReduceOp::Max);
   r.grad_norm = reduce_and_clip(grad_clip_local_, grad_clip_norm_, parallel_muon_);
   PG_CHECK(std::isfinite(r.grad_norm), "step {}: gradient norm is {} with a finite loss {}", control.step + 1,
            r.grad_norm, r.loss);

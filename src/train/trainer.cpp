@@ -2,6 +2,7 @@
 
 #include <fmt/core.h>
 
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <optional>
@@ -232,11 +233,25 @@ TrainResult train(Engine& engine, Communicator& comm, const Config& config, cons
   // runs while the device works instead of leaving it idle. The next step's schedules (LR, looping,
   // late QAT) are evaluated at the training time at which it is predicted to start: the current step's
   // start plus the last step's duration. How near the cap the run is, the one time-dependent part of
-  // the decision, is all-reduced with the stop rule. One rank only: with several, the loss average and
-  // the stop rule are host collectives on the engine's stream (NCCL), which would wait behind the step
-  // submitted ahead, so the host would still idle the device between steps and read each step's
-  // training time one step late; a communicator of its own for host values would lift that.
-  const bool lookahead = config.get_bool("train_lookahead") && world == 1;
+  // the decision, is all-reduced with the stop rule. With several ranks that all-reduce cannot be a
+  // host collective while a step is pending (on NCCL it would wait behind that step on the engine's
+  // stream): each step carries the stop rule's flags as they stood at its submission
+  // (StepControl::agree_max), the engine reduces them behind the step, and a step collected while the
+  // next one is pending is judged by them, with the near-cap horizon widened by the steps they lag.
+  const bool lookahead = config.get_bool("train_lookahead");
+  // Near the cap: within this many of the last step's durations plus this margin every step waits for
+  // the one before, so that the stop rule sees each step's end before the next one is submitted.
+  constexpr double kNearCapSteps = 4.0, kNearCapMarginMs = 1000.0;
+  // Flags carried by a step were taken at its submission: up to two steps before the end of the step
+  // that is collected when they are read.
+  constexpr double kCarriedFlagLagSteps = 2.0;
+  double last_step_ms = 0.0;
+  // The stop rule's flags at training time t: the cap is reached; it is near (within `steps` times the
+  // last step's duration plus the margin).
+  auto cap_flags = [&](double t, double steps) -> std::array<double, 2> {
+    return {schedule.reached_cap(t) ? 1.0 : 0.0,
+            schedule.reached_cap(t + steps * last_step_ms + kNearCapMarginMs) ? 1.0 : 0.0};
+  };
   struct Submitted {
     StepControl control;
     int64_t tokens = 0;      // all ranks'
@@ -264,6 +279,7 @@ TrainResult train(Engine& engine, Communicator& comm, const Config& config, cons
     s.control.lr_scale = lr_scale;
     s.control.muon_momentum = schedule.muon_momentum(step);
     s.control.update_ema = ema_enabled;
+    if (schedule.has_cap()) s.control.agree_max = cap_flags(timer.elapsed_ms(), kNearCapSteps + kCarriedFlagLagSteps);
     const std::vector<Batch> micro = batches.next_step();
     for (const Batch& b : micro) s.tokens += b.tokens();
     s.tokens *= world;
@@ -284,11 +300,7 @@ TrainResult train(Engine& engine, Communicator& comm, const Config& config, cons
            !(swa && schedule.swa_snapshot_due(next, lr_scale)) &&
            !(options.stop_after_steps > 0 && next >= options.stop_after_steps);
   };
-  // Near the cap: within this many of the last step's durations plus this margin every step waits for
-  // the one before, so that the stop rule sees each step's end before the next one is submitted.
-  constexpr double kNearCapSteps = 4.0, kNearCapMarginMs = 1000.0;
   std::optional<Submitted> ahead;
-  double last_step_ms = 0.0;
 
   try {
     PendingCalls drain(engine);  // a step still pending when an error leaves the loop
@@ -352,13 +364,14 @@ TrainResult train(Engine& engine, Communicator& comm, const Config& config, cons
 
       // The stop rule: the first step at which any rank reached the cap is the last one. A step already
       // submitted then (possible only if a step took several times the last one's duration) has run
-      // too: it becomes the last one, and the log says so.
+      // too: it becomes the last one, and the log says so. With several ranks and a step pending, the
+      // flags this step carried stand in for a host collective (see above).
       if (schedule.has_cap()) {
-        double flags[2] = {schedule.reached_cap(state.train_ms) ? 1.0 : 0.0,
-                           schedule.reached_cap(state.train_ms + kNearCapSteps * last_step_ms + kNearCapMarginMs)
-                               ? 1.0
-                               : 0.0};
-        comm.all_reduce_host(flags, 2, ReduceOp::Max);
+        std::array<double, 2> flags = r.agreed;
+        if (!ahead || world == 1) {
+          flags = cap_flags(state.train_ms, kNearCapSteps);
+          comm.all_reduce_host(flags.data(), flags.size(), ReduceOp::Max);
+        }
         near_cap = flags[1] > 0.0;
         if (state.stop_after_step < 0 && flags[0] > 0.0) {
           state.stop_after_step = ahead ? state.step + 1 : state.step;

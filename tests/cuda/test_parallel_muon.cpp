@@ -318,6 +318,69 @@ TEST_F(ParallelMuonTest, SaveReloadUnderParallelMuonIsBitExact) {
   EXPECT_EQ(cpu.optimizer_state().names(), saved[0].state.names());
 }
 
+// ---- pipelined steps on several ranks --------------------------------------------------------------
+
+// Engine::submit_train_step on 2 ranks: the loss average and StepControl::agree_max are reduced on the
+// device behind each step (no collective at collection), so two steps in flight give every rank the
+// same bits as one step at a time, and every rank gets the ranks' maximum of the agreed values.
+TEST_F(ParallelMuonTest, PipelinedStepsOnRanksKeepTheBits) {
+  constexpr int kWorld = 2;
+  for (const std::string stack : {"s691", "s1560"}) {
+    SCOPED_TRACE(stack);
+    const Config c = parallel_config(stack);
+    const ParamSet<float> init = initial_params(c, 111);
+    const std::vector<Batch> micro = one_row_batches(kWorld, 112);
+    std::vector<RunResult> runs[2];
+    for (int pipelined = 0; pipelined < 2; ++pipelined) {
+      runs[pipelined].resize(kWorld);
+      run_device_ranks(kWorld, [&](Communicator& comm) {
+        const int rank = comm.rank();
+        std::unique_ptr<Engine> e = make_cuda(c, comm);
+        e->load_params(init);
+        e->set_looping(e->model_config().has_looping());
+        e->init_ema();
+        const std::span<const Batch> mine(&micro[static_cast<size_t>(rank)], 1);
+        RunResult& out = runs[pipelined][static_cast<size_t>(rank)];
+        auto control = [&](int s) {
+          StepControl k{s, 1.0, 0.9, true};
+          k.agree_max = {static_cast<double>(s + rank), -static_cast<double>(rank)};
+          return k;
+        };
+        auto record = [&](const StepResult& r, int s) {
+          out.losses.push_back(r.loss);
+          out.grad_norms.push_back(r.grad_norm);
+          EXPECT_EQ(r.agreed[0], static_cast<double>(s + kWorld - 1)) << "rank " << rank << " step " << s;
+          EXPECT_EQ(r.agreed[1], 0.0) << "rank " << rank << " step " << s;
+        };
+        if (pipelined == 0) {
+          for (int s = 0; s < kSteps; ++s) record(e->train_step(mine, control(s)), s);
+        } else {
+          e->submit_train_step(mine, control(0));
+          for (int s = 1; s < kSteps; ++s) {
+            e->submit_train_step(mine, control(s));
+            EXPECT_EQ(e->train_steps_pending(), 2);
+            record(e->collect_train_step(), s - 1);
+          }
+          record(e->collect_train_step(), kSteps - 1);
+        }
+        out.params = ParamSet<float>(e->layout());
+        out.ema = ParamSet<float>(e->layout());
+        e->store_params(out.params);
+        e->store_ema(out.ema);
+      });
+    }
+    for (int r = 0; r < kWorld; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      EXPECT_EQ(runs[1][r].losses, runs[0][r].losses);
+      EXPECT_EQ(runs[1][r].grad_norms, runs[0][r].grad_norms);
+      EXPECT_EQ(runs[1][r].losses, runs[1][0].losses);
+      EXPECT_TRUE(same_bits(runs[1][r].params.all(), runs[0][r].params.all()));
+      EXPECT_TRUE(same_bits(runs[1][r].ema.all(), runs[0][r].ema.all()));
+    }
+    EXPECT_LT(runs[1][0].losses.back(), runs[1][0].losses.front() - 0.1) << "the run learns";
+  }
+}
+
 // ---- against the CPU engine ------------------------------------------------------------------------
 
 // The GPU's 2-rank run follows the CPU engine's 2-rank run with test_cuda_engine.cpp's tolerances

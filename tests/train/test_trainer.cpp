@@ -4,6 +4,9 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <thread>
+#include <functional>
+#include <chrono>
 
 #include "core/safetensors.h"
 #include "dist/communicator.h"
@@ -79,7 +82,15 @@ class StepPipelineWatch final : public Engine {
   void store_ema(ParamSet<float>& out) const override { idle("store_ema"), inner_.store_ema(out); }
   void set_looping(bool on) override { inner_.set_looping(on); }
   void set_qat(bool on) override { inner_.set_qat(on); }
-  StepResult train_step(std::span<const Batch> b, const StepControl& c) override { return inner_.train_step(b, c); }
+  std::function<void(const StepControl&)> before_step;  // e.g. a step that stalls
+  bool in_step = false;  // inside a step's own work (its collectives are part of it)
+  StepResult train_step(std::span<const Batch> b, const StepControl& c) override {
+    if (before_step) before_step(c);
+    in_step = true;
+    StepResult r = inner_.train_step(b, c);
+    in_step = false;
+    return r;
+  }
   void submit_train_step(std::span<const Batch> b, const StepControl& c) override {
     Engine::submit_train_step(b, c);
     most_pending = std::max(most_pending, train_steps_pending());
@@ -105,6 +116,41 @@ class StepPipelineWatch final : public Engine {
     if (train_steps_pending() > 0) violations.push_back(call);
   }
   CpuEngine& inner_;
+};
+
+// A rank's communicator that notes the host collectives the trainer makes while a training step is
+// pending (outside the step's own work): on NCCL they would wait behind that step on the engine's
+// stream, so a pipelined run on several ranks must make none.
+class HostCollectiveWatch final : public Communicator {
+ public:
+  HostCollectiveWatch(Communicator& inner, const StepPipelineWatch& engine) : inner_(inner), engine_(engine) {}
+  std::vector<std::string> violations;
+
+  int rank() const override { return inner_.rank(); }
+  int world_size() const override { return inner_.world_size(); }
+  void all_reduce(void* data, size_t count, DType dtype, ReduceOp op) override {
+    inner_.all_reduce(data, count, dtype, op);
+  }
+  void reduce_scatter(const void* in, void* out, size_t count, DType dtype, ReduceOp op) override {
+    inner_.reduce_scatter(in, out, count, dtype, op);
+  }
+  void all_gather(const void* in, void* out, size_t count, DType dtype) override {
+    inner_.all_gather(in, out, count, dtype);
+  }
+  void broadcast(void* data, size_t count, DType dtype, int root) override { inner_.broadcast(data, count, dtype, root); }
+  void barrier() override { note("barrier"), inner_.barrier(); }
+  void all_reduce_host(double* data, size_t count, ReduceOp op) override {
+    note("all_reduce_host"), inner_.all_reduce_host(data, count, op);
+  }
+  int64_t fetch_add(int64_t inc) override { return inner_.fetch_add(inc); }
+  void reset_counter(int64_t value) override { inner_.reset_counter(value); }
+
+ private:
+  void note(const char* what) {
+    if (!engine_.in_step && engine_.train_steps_pending() > 0) violations.push_back(what);
+  }
+  Communicator& inner_;
+  const StepPipelineWatch& engine_;
 };
 
 std::vector<std::string> read_lines(const fs::path& p) {
@@ -453,4 +499,93 @@ TEST(Trainer, PipelinedStepsKeepTheStopRule) {
   EXPECT_EQ(r.final_state.stop_after_step, 1);
   EXPECT_EQ(watch.most_pending, 1);
   EXPECT_TRUE(watch.violations.empty());
+}
+
+// On several ranks the trainer makes no host collective while a step is pending: each step carries the
+// stop rule's flags and the engine reduces them with the step. Under a cap far away (so that the flags
+// are in use and the LR scale stays 1), the pipelined run is the one-step-at-a-time run, bit for bit,
+// on every rank.
+TEST(Trainer, PipelinedStepsOnSeveralRanks) {
+  test::TempDir data;
+  test::write_synthetic_shards(data.path());
+  for (std::string stack : {"s691", "s1560"}) {
+    SCOPED_TRACE(stack);
+    Config c = test::tiny_run_config(stack, data.path());
+    c.set("iterations", int64_t{10});
+    c.set("max_wallclock_seconds", 3600.0);
+    if (stack == "s1560") c.set("grad_clip_norm", 0.0);
+    constexpr int kWorld = 2;
+    std::vector<TrainResult> runs[2];
+    for (int ahead = 0; ahead < 2; ++ahead) {
+      c.set("train_lookahead", ahead == 1);
+      runs[ahead].resize(kWorld);
+      std::vector<int> most_pending(kWorld);
+      std::vector<std::vector<std::string>> violations(kWorld);
+      run_thread_group(kWorld, [&](Communicator& comm) {
+        CpuEngine inner(c, comm);
+        StepPipelineWatch watch(inner);
+        HostCollectiveWatch watched(comm, watch);
+        runs[ahead][comm.rank()] = train(watch, watched, c, {});
+        most_pending[comm.rank()] = watch.most_pending;
+        violations[comm.rank()] = watched.violations;
+        violations[comm.rank()].insert(violations[comm.rank()].end(), watch.violations.begin(), watch.violations.end());
+      });
+      for (int r = 0; r < kWorld; ++r) {
+        EXPECT_EQ(most_pending[r], ahead == 1 ? 2 : 1) << "rank " << r;
+        EXPECT_TRUE(violations[r].empty()) << "rank " << r << ": " << violations[r].front();
+      }
+    }
+    for (int r = 0; r < kWorld; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      ASSERT_EQ(runs[1][r].steps.size(), 10u);
+      expect_same_steps(runs[0][r].steps, runs[1][r].steps, 0, stack != "s1560");
+      for (const StepRecord& step : runs[1][r].steps) EXPECT_EQ(step.lr_scale, 1.0);
+      EXPECT_EQ(max_abs_diff(runs[0][r].final_params.all(), runs[1][r].final_params.all()), 0.0);
+      EXPECT_EQ(runs[0][r].validations.back().val.val_loss, runs[1][r].validations.back().val.val_loss);
+    }
+  }
+}
+
+// The stop rule on several ranks: a 1 ms cap is reached by the first step, the last one on every rank;
+// and a step that stalls past the cap while the run is pipelined stops it on every rank at the same
+// step, at most two steps later (the flags it carried were taken at its submission).
+TEST(Trainer, PipelinedStepsKeepTheStopRuleOnSeveralRanks) {
+  test::TempDir data;
+  test::write_synthetic_shards(data.path());
+  Config c = test::tiny_run_config("baseline", data.path());
+  constexpr int kWorld = 2;
+  for (const bool stall : {false, true}) {
+    SCOPED_TRACE(stall ? "a stalled step" : "a 1 ms cap");
+    c.set("iterations", int64_t{stall ? 1000 : 8});
+    c.set("val_loss_every", int64_t{0});
+    c.set("max_wallclock_seconds", stall ? 2.5 : 0.001);
+    std::vector<TrainResult> runs(kWorld);
+    std::vector<int> most_pending(kWorld);
+    run_thread_group(kWorld, [&](Communicator& comm) {
+      CpuEngine inner(c, comm);
+      StepPipelineWatch watch(inner);
+      if (stall)
+        watch.before_step = [](const StepControl& control) {
+          if (control.step == 3) std::this_thread::sleep_for(std::chrono::milliseconds(2700));
+        };
+      HostCollectiveWatch watched(comm, watch);
+      runs[comm.rank()] = train(watch, watched, c, {});
+      most_pending[comm.rank()] = watch.most_pending;
+      EXPECT_TRUE(watched.violations.empty()) << "rank " << comm.rank();
+    });
+    for (int r = 0; r < kWorld; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      expect_same_steps(runs[0].steps, runs[r].steps);
+      if (!stall) {
+        ASSERT_EQ(runs[r].steps.size(), 1u);
+        EXPECT_EQ(runs[r].final_state.stop_after_step, 1);
+        EXPECT_EQ(most_pending[r], 1);
+      } else {
+        EXPECT_EQ(most_pending[r], 2);  // pipelined before the stall
+        EXPECT_GE(runs[r].steps.size(), 4u);
+        EXPECT_LE(runs[r].steps.size(), 6u);
+        EXPECT_EQ(runs[r].final_state.stop_after_step, static_cast<int64_t>(runs[r].steps.size()));
+      }
+    }
+  }
 }

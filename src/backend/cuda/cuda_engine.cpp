@@ -2,7 +2,9 @@
 // TTT, LoRA and the GPTQ Hessians are in cuda_engine_ttt.cpp.
 #include "backend/cuda/cuda_engine.h"
 
+#include <algorithm>
 #include <cmath>
+#include <iterator>
 
 #include "backend/cuda/cuda_engine_impl.h"
 #include "backend/cuda/launch.cuh"
@@ -87,7 +89,8 @@ CudaEngine::Impl::Impl(const Config& config, Communicator& comm_, const CudaEngi
       grad_clip_local(config.get_bool("grad_clip_local")),
       graphs(options_.graphs && comm_.graph_capturable(), graph_capture_at(config)),
       eval_overlap(config.get_bool("cuda_eval_overlap")),
-      loss_sum(1, "step loss sum") {
+      loss_sum(1, "step loss sum"),
+      step_agree(2, "step agreement values") {
   // The host communicators reduce host memory; several ranks need one that reduces device buffers
   // (NCCL), which enqueues on the engine's stream, in order with (and captured into) its graphs.
   PG_CHECK(comm.world_size() == 1 || comm.device_buffers(),
@@ -312,9 +315,20 @@ void CudaEngine::Impl::submit_readback(const StepControl& control, int micro_bat
            train_pending);
   const int index = (train_head + train_pending) % Engine::kMaxTrainPending;
   const GradClip& clip = clips_locally() ? local_clip : optimizer.clip();
+  StepReadBack& back = readback[index];
+  std::copy(control.agree_max.begin(), control.agree_max.end(), back.agree);
+  if (comm.world_size() > 1) {
+    // The ranks' loss average and agreement, reduced behind the step on its stream: collecting the
+    // step then needs no collective, which would wait behind a step submitted after this one. The
+    // slot's pinned values are the copy's source until the step is collected.
+    PG_CUDA_CHECK(cudaMemcpyAsync(step_agree.data(), back.agree, sizeof(back.agree), cudaMemcpyHostToDevice, stream()));
+    comm.all_reduce(step_agree.data(), 2, DType::F64, ReduceOp::Max);
+    comm.all_reduce(loss_sum.data(), 1, DType::F64, ReduceOp::Avg);
+    read_back(back.agree, step_agree.data(), sizeof(back.agree));
+  }
   // Stream-ordered before the next step's graph overwrites the loss sum and the clip state.
-  read_back(&readback[index].loss_sum, loss_sum.data(), sizeof(double));
-  read_back(&readback[index].clip, clip.state(), sizeof(GradClipState));
+  read_back(&back.loss_sum, loss_sum.data(), sizeof(double));
+  read_back(&back.clip, clip.state(), sizeof(GradClipState));
   TrainSlot& t = train_slots[index];
   PG_CUDA_CHECK(cudaEventRecord(t.copied, stream()));
   t.step = control.step;
@@ -333,7 +347,7 @@ StepResult CudaEngine::Impl::collect_step() {
   r.grad_norm = back.clip.norm;
   PG_CHECK(std::isfinite(r.grad_norm), "step {}: gradient norm is {} (NaN or infinite loss?)", t.step, r.grad_norm);
   r.loss = back.loss_sum / static_cast<double>(t.micro_batches);
-  comm.all_reduce_host(&r.loss, 1, ReduceOp::Avg);
+  std::copy(std::begin(back.agree), std::end(back.agree), r.agreed.begin());
   PG_CHECK(std::isfinite(r.loss), "step {}: training loss is {}", t.step, r.loss);
   return r;
 }

@@ -26,8 +26,9 @@ namespace pgolf::cuda {
 
 // What a step reads back to the host, in one pinned block (one copy each, one synchronisation).
 struct StepReadBack {
-  double loss_sum = 0.0;
+  double loss_sum = 0.0;  // with several ranks: already their average
   GradClipState clip;
+  double agree[2] = {0.0, 0.0};  // StepControl::agree_max, up and back (with several ranks: the maximum)
 };
 
 struct CudaEngine::Impl {
@@ -50,6 +51,7 @@ struct CudaEngine::Impl {
   StepGraphs graphs;
   bool eval_overlap = true;  // cuda_eval_overlap: submitted evaluation calls run while the host goes on
   DeviceBuffer<double> loss_sum;  // Σ micro-batch mean losses of the current step (fp64, as the CPU engine)
+  DeviceBuffer<double> step_agree;  // the step's StepControl::agree_max on its way through the reduction
   // Pinned, one block per pending training step (Engine::kMaxTrainPending); TTT uses the first.
   StepReadBack* readback = nullptr;
   // Pipelined training (Engine::submit_train_step): per pending step, the event after the copies into
