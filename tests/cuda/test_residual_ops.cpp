@@ -4,12 +4,15 @@
 // wider than 512 features (the 4-vectors-per-lane kernels).
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include "backend/cpu/mixing.h"
 #include "backend/cpu/rmsnorm.h"
 #include "backend/cpu/smear.h"
 #include "backend/cuda/residual.h"
 #include "backend/cuda/rmsnorm.h"
 #include "backend/cuda/smear.h"
+#include "core/error.h"
 #include "op_test_util.h"
 
 namespace pgolf::test {
@@ -284,6 +287,67 @@ TEST_F(ResidualOpsTest, MixNormBackwardWithTheBranchBelowEqualsBothPasses) {
       }
     }
   }
+}
+
+// mix_norm_forward with the residual updates below folded in (ResidualBelow: the MLP branch of the layer
+// below, with or without its gate, then no skip, a skip or a gated skip) writes the bits of the separate
+// passes (branch_forward, skip_forward, mix_norm_forward): out, in, x_in, n and rstd.
+TEST_F(ResidualOpsTest, MixNormForwardWithTheResidualBelowEqualsTheSeparatePasses) {
+  for (const RowCase& c : kCases) {
+    for (const bool gated : {false, true}) {
+      for (const int skip : {0, 1, 2}) {  // none, plain, gated
+        const std::string tag = case_name(c) + (gated ? "_gated" : "") + "_skip" + std::to_string(skip);
+        SCOPED_TRACE(tag);
+        const int64_t n = c.rows * c.dim;
+        Rng rng(700 + c.dim + 3 * gated + skip);
+        const auto x_mid = random_bf16_values(n, rng), f = random_bf16_values(n, rng), x0 = random_bf16_values(n, rng);
+        const auto s = random_bf16_values(n, rng);
+        const auto mix = params_near(2 * c.dim, rng, 0.5, 0.5), scale = params_near(c.dim, rng, 1.0, 0.3);
+        const auto gate = params_near(c.dim, rng, 0.0, 1.0), w = params_near(c.dim, rng, 1.0, 0.5);
+        const auto skip_gate = params_near(c.dim, rng, 0.0, 1.0);
+        DeviceBuffer<float> dmix(mix), dscale(scale), dgate(gate), dw(w), dskip_gate(skip_gate);
+        auto dx_mid = to_device_bf16(x_mid), df = to_device_bf16(f), dx0 = to_device_bf16(x0), ds = to_device_bf16(s);
+
+        auto run = [&](bool fused) {
+          auto out = poisoned_buffer<bf16>(n), in = poisoned_buffer<bf16>(n), x_in = poisoned_buffer<bf16>(n);
+          auto nn = poisoned_buffer<bf16>(n);
+          DeviceBuffer<float> rstd(static_cast<size_t>(c.rows), "rstd");
+          cuda::ResidualBelow below{dx_mid.data(), df.data(), dscale.data(), gated ? dgate.data() : nullptr, out.data()};
+          if (skip > 0) {
+            below.s = ds.data();
+            below.w = dw.data();
+            below.skip_gate = skip == 2 ? dskip_gate.data() : nullptr;
+            below.in = in.data();
+          }
+          if (fused) {
+            cuda::mix_norm_forward(nullptr, dx0.data(), dmix.data(), x_in.data(), nn.data(), rstd.data(), c.rows, c.dim,
+                                   0.7f, nullptr, &below);
+          } else {
+            cuda::branch_forward(below.x_mid, below.a, below.branch_scale, below.gate, out.data(), nullptr, nullptr,
+                                 c.rows, c.dim, 1.f, nullptr);
+            if (skip > 0)
+              cuda::skip_forward(out.data(), below.s, below.w, below.skip_gate, in.data(), c.rows, c.dim, nullptr);
+            cuda::mix_norm_forward(skip > 0 ? in.data() : out.data(), dx0.data(), dmix.data(), x_in.data(), nn.data(),
+                                   rstd.data(), c.rows, c.dim, 0.7f, nullptr);
+          }
+          sync_device();
+          std::vector<std::vector<float>> r{from_device_bf16(out), from_device_bf16(x_in), from_device_bf16(nn),
+                                            rstd.download()};
+          if (skip > 0) r.push_back(from_device_bf16(in));
+          return r;
+        };
+        const auto fused = run(true), separate = run(false);
+        const char* names[] = {"out", "x_in", "n", "rstd", "in"};
+        for (size_t i = 0; i < fused.size(); ++i) {
+          ASSERT_EQ(fused[i].size(), separate[i].size()) << names[i];
+          EXPECT_EQ(0, std::memcmp(fused[i].data(), separate[i].data(), fused[i].size() * sizeof(float)))
+              << tag << ": " << names[i];
+        }
+      }
+    }
+  }
+  EXPECT_THROW(cuda::mix_norm_forward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 4, 64, 1.f, nullptr),
+               pgolf::Error);
 }
 
 // A bf16 norm gradient (norm_grad.h, a single GEMM's output) is read as the fp32 rows of the same values:

@@ -172,15 +172,37 @@ NormGrad GpuModel::Impl::backward_mlp(int v) {
 }
 
 // Plain block:    x_in = mix(x, x0); x_mid = x_in + attn_scale⊙(g_a⊙Attn(n)); out = x_mid + mlp_scale⊙(g_m⊙MLP(m))
+// (out, and the skip into the next layer, computed by the next layer's mix when it is a plain block too)
 // Parallel block: x_in = mix(lane0, x0); (lane0, lane1) = lanes(lane0, lane1, Attn(n), MLP(RMSNorm(lane1)))
 // In the last layer of a selective forward (runs_selected_rows) everything after attention runs on the
 // selected rows only: the norms' inputs are needed for all rows (keys and values), the rest is not.
+bool GpuModel::Impl::mix_takes_branch_below(int v) const {
+  if (v < 1 || v >= static_cast<int>(order.size())) return false;
+  const VirtualLayer& L = order[static_cast<size_t>(v)];
+  return !L.parallel && !L.opens_lanes && !order[static_cast<size_t>(v - 1)].parallel;
+}
+
 void GpuModel::Impl::forward_layer(int v) {
   const VirtualLayer& L = order[static_cast<size_t>(v)];
   const LayerParams& p = lp[static_cast<size_t>(L.physical)];
   LayerBuf& b = layers[static_cast<size_t>(v)];
   const bool selected = runs_selected_rows() && v + 1 == static_cast<int>(order.size());
-  mix_norm_forward(b.x, io.x0, P(p.resid_mix), b.x_in, b.n, b.n_rstd, N, d, p.ln_scale, stream);
+  if (mix_takes_branch_below(v)) {
+    // Layer v−1's MLP branch (left by its forward_layer_rows) and the skip into v, in v's mix.
+    const LayerParams& pb = lp[static_cast<size_t>(order[static_cast<size_t>(v - 1)].physical)];
+    const LayerBuf& below = layers[static_cast<size_t>(v - 1)];
+    ResidualBelow r{below.x_mid, below.f, P(pb.mlp_scale), P_or_null(pb.mlp_gate), below.out};
+    if (L.skip >= 0) {
+      const int E = static_cast<int>(plan.encoder.size()), k = L.skip;
+      r.s = layers[static_cast<size_t>(E - 1 - k)].out;
+      r.w = P(gp.skip_weights) + int64_t{k} * d;
+      r.skip_gate = gp.skip_gates >= 0 ? P(gp.skip_gates) + int64_t{k} * d : nullptr;
+      r.in = b.in;
+    }
+    mix_norm_forward(nullptr, io.x0, P(p.resid_mix), b.x_in, b.n, b.n_rstd, N, d, p.ln_scale, stream, &r);
+  } else {
+    mix_norm_forward(b.x, io.x0, P(p.resid_mix), b.x_in, b.n, b.n_rstd, N, d, p.ln_scale, stream);
+  }
   forward_attention(v, selected);
   forward_layer_rows(v, selected ? gather_selected_rows(v) : all_rows(v));
 }
@@ -195,7 +217,9 @@ void GpuModel::Impl::forward_layer_rows(int v, const LayerRows& rows) {
     branch_forward(rows.x_in, b.a, P(p.attn_scale), P_or_null(p.attn_gate), b.x_mid, b.m, b.m_rstd, R, d, p.ln_scale,
                    stream);
     forward_mlp(v, b.m, R);
-    branch_forward(b.x_mid, b.f, P(p.mlp_scale), P_or_null(p.mlp_gate), b.out, nullptr, nullptr, R, d, 1.f, stream);
+    // Else the next layer's mix runs this branch (mix_takes_branch_below).
+    if (!mix_takes_branch_below(v + 1))
+      branch_forward(b.x_mid, b.f, P(p.mlp_scale), P_or_null(p.mlp_gate), b.out, nullptr, nullptr, R, d, 1.f, stream);
     return;
   }
   rmsnorm_forward(rows.lane1, nullptr, b.m, b.m_rstd, R, d, p.ln_scale, stream);

@@ -683,10 +683,12 @@ void GpuModel::Impl::forward() {
     const bf16* cur = L.parallel ? lane0 : x;
     b.pre_skip = cur;
     if (L.skip >= 0) {
-      // Decoder entry k adds the skip pushed by encoder entry E-1-k (LIFO).
+      // Decoder entry k adds the skip pushed by encoder entry E-1-k (LIFO); in the layer's mix when that
+      // also runs the branch below (mix_takes_branch_below).
       const int k = L.skip;
-      skip_forward(cur, layers[static_cast<size_t>(E - 1 - k)].out, P(gp.skip_weights) + int64_t{k} * d,
-                   gp.skip_gates >= 0 ? P(gp.skip_gates) + int64_t{k} * d : nullptr, b.in, N, d, stream);
+      if (!mix_takes_branch_below(v))
+        skip_forward(cur, layers[static_cast<size_t>(E - 1 - k)].out, P(gp.skip_weights) + int64_t{k} * d,
+                     gp.skip_gates >= 0 ? P(gp.skip_gates) + int64_t{k} * d : nullptr, b.in, N, d, stream);
       b.x = b.in;
     } else {
       b.x = cur;

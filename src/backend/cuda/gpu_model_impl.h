@@ -219,6 +219,9 @@ struct GpuModel::Impl {
   void forward_embedding();
   void backward_embedding();
   void forward_layer(int v);
+  // Whether layer v's mix also runs layer v−1's MLP branch and the skip between them (ResidualBelow):
+  // both layers sequential, so that layer v−1's output feeds v's mix and nothing else before it.
+  bool mix_takes_branch_below(int v) const;
   // Returns whether its last pass also ran layer v−1's MLP-branch backward (mlp_branch_done for v−1).
   bool backward_layer(int v, bool mlp_branch_done);
   const float* skip_grad_of(int v) const;

@@ -109,6 +109,16 @@ __device__ __forceinline__ void store_branch_partials(const float (&acc)[kVec][8
   }
 }
 
+// A branch added to the residual, x + coef·a, and the U-Net skip, x + w·s or lerp(w·s, x, σ), rounded to
+// bf16 as stored: one definition, with every fp32 operation spelled out (no contraction left to the
+// compiler), for the separate passes and the mix that folds them in, so that both give the same bits.
+__device__ __forceinline__ float branch_value(float x, float coef, float a) { return round_bf16(__fmaf_rn(coef, a, x)); }
+__device__ __forceinline__ float skip_value(float x, float s, float w, bool gated, float gate) {
+  if (!gated) return round_bf16(__fmaf_rn(w, s, x));
+  const float ws = __fmul_rn(w, s);
+  return round_bf16(__fmaf_rn(sigmoidf_(gate), __fsub_rn(x, ws), ws));
+}
+
 // ---- resid_mix + RMSNorm -----------------------------------------------------------------------
 
 // x_in = m0·x + m1·x0 rounded to bf16 as stored, with every fp32 operation rounded on its own (no
@@ -117,23 +127,46 @@ __device__ __forceinline__ float mixed_input(float m0, float x, float m1, float 
   return round_bf16(__fadd_rn(__fmul_rn(m0, x), __fmul_rn(m1, x0)));
 }
 
-template <int kVec>
+// kBelow: x from the residual updates of ResidualBelow (x is not read).
+template <int kVec, bool kBelow>
 __global__ void __launch_bounds__(kRowThreads) mix_norm_forward_kernel(const bf16* __restrict__ x,
                                                                        const bf16* __restrict__ x0,
                                                                        const float* __restrict__ mix,
                                                                        bf16* __restrict__ x_in, bf16* __restrict__ n,
                                                                        float* __restrict__ rstd, int64_t rows,
-                                                                       int dim, float scale) {
+                                                                       int dim, float scale, const ResidualBelow below) {
   pdl_prologue();
   const int lane = threadIdx.x & 31;
   float m0[kVec][8], m1[kVec][8];
   lane_params<kVec>(mix, dim, lane, 0.f, m0);
   lane_params<kVec>(mix + dim, dim, lane, 0.f, m1);
+  float coef[kVec][8], wv[kVec][8], gv[kVec][8];
+  if constexpr (kBelow) {
+    branch_coef<kVec>(below.branch_scale, below.gate, dim, lane, coef);
+    lane_params<kVec>(below.w, dim, lane, 0.f, wv);
+    lane_params<kVec>(below.skip_gate, dim, lane, 0.f, gv);
+  }
   PG_ROWS_OF_WARP(r, rows) {
     float u[kVec][8];
     PG_LANE_VECS(k, f0, dim) {
       float a[8], b[8];
-      load8(x + r * dim + f0, a);
+      if constexpr (kBelow) {
+        float xm[8], av[8];
+        load8(below.x_mid + r * dim + f0, xm);
+        load8(below.a + r * dim + f0, av);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) a[e] = branch_value(xm[e], coef[k][e], av[e]);
+        store8(below.out + r * dim + f0, a);
+        if (below.s) {
+          float sv[8];
+          load8(below.s + r * dim + f0, sv);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) a[e] = skip_value(a[e], sv[e], wv[k][e], below.skip_gate != nullptr, gv[k][e]);
+          store8(below.in + r * dim + f0, a);
+        }
+      } else {
+        load8(x + r * dim + f0, a);
+      }
       load8(x0 + r * dim + f0, b);
       // The stored (bf16) x_in is what the norm and its backward see.
 #pragma unroll
@@ -246,7 +279,7 @@ __global__ void __launch_bounds__(kRowThreads) branch_forward_kernel(const bf16*
       load8(a + r * dim + f0, av);
       if (x) load8(x + r * dim + f0, xv);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) u[k][e] = round_bf16(xv[e] + coef[k][e] * av[e]);
+      for (int e = 0; e < 8; ++e) u[k][e] = branch_value(xv[e], coef[k][e], av[e]);
       store8(out + r * dim + f0, u[k]);
     }
     if (!n) continue;
@@ -329,10 +362,7 @@ __global__ void __launch_bounds__(kRowThreads) skip_forward_kernel(const bf16* _
       load8(x + r * dim + f0, xv);
       load8(s + r * dim + f0, sv);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float ws = wv[k][e] * sv[e];
-        o[e] = gate ? ws + sigmoidf_(gv[k][e]) * (xv[e] - ws) : xv[e] + ws;
-      }
+      for (int e = 0; e < 8; ++e) o[e] = skip_value(xv[e], sv[e], wv[k][e], gate != nullptr, gv[k][e]);
       store8(out + r * dim + f0, o);
     }
   }
@@ -488,12 +518,24 @@ size_t column_smem(int dim) { return static_cast<size_t>(kRowWarps) * dim * size
 size_t residual_workspace_floats(int64_t rows, int dim) { return static_cast<size_t>(row_blocks(rows)) * (4 * dim + 6); }
 
 void mix_norm_forward(const bf16* x, const bf16* x0, const float* mix, bf16* x_in, bf16* n, float* rstd, int64_t rows,
-                      int dim, float scale, cudaStream_t stream) {
+                      int dim, float scale, cudaStream_t stream, const ResidualBelow* below) {
   check_row_dim(dim, "mix_norm_forward");
   if (rows == 0) return;
+  if (below) {
+    PG_CUDA_REQUIRE(below->x_mid && below->a && below->branch_scale && below->out,
+                    "mix_norm_forward: the branch below needs x_mid, a, branch_scale and out");
+    PG_CUDA_REQUIRE(!below->s || (below->w && below->in), "mix_norm_forward: the skip below needs w and in");
+  } else {
+    PG_CUDA_REQUIRE(x != nullptr, "mix_norm_forward: x is null");
+  }
   dispatch_row_vec(dim, [&](auto vec) {
-    launch_kernel(mix_norm_forward_kernel<decltype(vec)::value>, row_blocks(rows), kRowThreads, 0, stream, x, x0, mix,
-                  x_in, n, rstd, rows, dim, scale);
+    constexpr int kVec = decltype(vec)::value;
+    if (below)
+      launch_kernel(mix_norm_forward_kernel<kVec, true>, row_blocks(rows), kRowThreads, 0, stream, x, x0, mix, x_in, n,
+                    rstd, rows, dim, scale, *below);
+    else
+      launch_kernel(mix_norm_forward_kernel<kVec, false>, row_blocks(rows), kRowThreads, 0, stream, x, x0, mix, x_in,
+                    n, rstd, rows, dim, scale, ResidualBelow{});
   });
   PG_CUDA_LAUNCH_CHECK();
 }

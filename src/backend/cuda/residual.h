@@ -15,9 +15,28 @@
 
 namespace pgolf::cuda {
 
+// The residual updates between the layer below and this layer's mix, folded into the mix's pass to save
+// a write and a read of each intermediate: the layer below's MLP branch, branch_forward without a norm,
+//   out = x_mid + branch_scale⊙(σ(gate)⊙a)   (stored bf16),
+// then, with s given, the U-Net skip of skip_forward, in = skip(out, s, w, skip_gate) (stored bf16);
+// the mix then takes in (or out) as its x. The same bits as the separate passes.
+struct ResidualBelow {
+  const __nv_bfloat16* x_mid = nullptr;
+  const __nv_bfloat16* a = nullptr;
+  const float* branch_scale = nullptr;
+  const float* gate = nullptr;  // null: σ = 1
+  __nv_bfloat16* out = nullptr;
+  const __nv_bfloat16* s = nullptr;  // null: no skip
+  const float* w = nullptr;
+  const float* skip_gate = nullptr;
+  __nv_bfloat16* in = nullptr;
+};
+
 // resid_mix + RMSNorm: x_in = mix[0]⊙x + mix[1]⊙x0 (stored bf16), n = RMSNorm(x_in)·scale, rstd [rows].
+// With `below`, x is what its updates produce (x itself is not read: pass null).
 void mix_norm_forward(const __nv_bfloat16* x, const __nv_bfloat16* x0, const float* mix, __nv_bfloat16* x_in,
-                      __nv_bfloat16* n, float* rstd, int64_t rows, int dim, float scale, cudaStream_t stream);
+                      __nv_bfloat16* n, float* rstd, int64_t rows, int dim, float scale, cudaStream_t stream,
+                      const ResidualBelow* below = nullptr);
 
 // The MLP-branch backward of the layer below (branch_backward without dn), folded into mix_norm_backward,
 // the pass that writes that branch's output gradient, to save a read of it: with t = dx as written
