@@ -21,9 +21,9 @@ namespace pgolf::cuda {
 bool mlp_fused_supported(int dim, int hidden);
 
 // How the mainloop feeds the MMAs (mlp_gemm.cu); both give bit-identical results. Measured on an H100
-// (bench_cuda --only mlp, 98,304 rows): the forward is faster with A resident (0.355 against 0.361 ms
-// at hidden 1536), the backward with both operands streamed (0.399 against 0.435 ms; 0.284 against
-// 0.306 at hidden 1024), so those are the defaults.
+// (bench_cuda --only mlp, 98,304 rows): both products are faster with A resident (hidden 1536: forward
+// 0.319 against 0.363 ms, backward 0.350 against 0.367; hidden 1024: 0.230 against 0.257, 0.251
+// against 0.260), so that is the default.
 enum class MlpSchedule {
   resident_a,         // A's 128 x 512 rows stay in shared memory, B streams through 4 stages
   streamed_operands,  // A and B slices stream through 6 stages
@@ -35,6 +35,6 @@ void mlp_fused_forward(const __nv_bfloat16* m, const __nv_bfloat16* wfc, __nv_bf
 
 void mlp_fused_backward(const __nv_bfloat16* df, const __nv_bfloat16* wproj, const __nv_bfloat16* pre,
                         __nv_bfloat16* dpre, int64_t rows, int dim, int hidden, float slope, cudaStream_t stream,
-                        MlpSchedule schedule = MlpSchedule::streamed_operands);
+                        MlpSchedule schedule = MlpSchedule::resident_a);
 
 }  // namespace pgolf::cuda
