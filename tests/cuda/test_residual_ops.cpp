@@ -401,6 +401,89 @@ TEST_F(ResidualOpsTest, Bf16NormGradientGivesTheBitsOfItsFp32Copy) {
   }
 }
 
+// The staged kernels (set_row_staging: per-feature parameters and column sums in shared memory) give the bits
+// of the same kernels with them in registers: mix_norm_forward with and without the residual updates below,
+// mix_norm_backward with and without the branch below (a gate, a skip gradient), skip_backward with and
+// without a gate, every output and parameter gradient.
+TEST_F(ResidualOpsTest, StagedRowKernelsKeepTheBits) {
+  struct Restore {
+    bool was = cuda::row_staging();
+    ~Restore() { cuda::set_row_staging(was); }
+  } restore;
+  for (const RowCase& c : kCases) {
+    for (const bool gated : {false, true}) {
+      const std::string tag = case_name(c) + (gated ? "_gated" : "");
+      SCOPED_TRACE(tag);
+      const int64_t n = c.rows * c.dim;
+      Rng rng(800 + c.dim + gated);
+      const auto x = random_bf16_values(n, rng), x0 = random_bf16_values(n, rng), f = random_bf16_values(n, rng);
+      const auto s = random_bf16_values(n, rng), dn = random_bf16_values(n, rng);
+      const auto g = random_f32_values(n, rng), g_add = random_f32_values(n, rng), dx0_init = random_f32_values(n, rng);
+      const auto mix = params_near(2 * c.dim, rng, 0.5, 0.5), scale = params_near(c.dim, rng, 1.0, 0.3);
+      const auto gate = params_near(c.dim, rng, 0.0, 1.0), w = params_near(c.dim, rng, 1.0, 0.5);
+      const auto sums_init = random_f32_values(4 * c.dim, rng), rstd_in = params_near(c.rows, rng, 1.0, 0.3);
+      TestWorkspace tw(cuda::residual_workspace_floats(c.rows, c.dim));
+      DeviceBuffer<float> dmix(mix), dscale(scale), dgate(gate), dw(w), dg_add(g_add), drstd(rstd_in);
+      auto dx = to_device_bf16(x), dx0 = to_device_bf16(x0), df = to_device_bf16(f), ds = to_device_bf16(s);
+      auto ddn = to_device_bf16(dn);
+      const float* gate_or_null = gated ? dgate.data() : nullptr;
+
+      auto run = [&](bool staged) {
+        cuda::set_row_staging(staged);
+        std::vector<std::vector<float>> r;
+        // Forward: plain, then with the branch below and a skip (gated with the branch).
+        for (const bool folded : {false, true}) {
+          auto out = poisoned_buffer<bf16>(n), in = poisoned_buffer<bf16>(n), x_in = poisoned_buffer<bf16>(n);
+          auto nn = poisoned_buffer<bf16>(n);
+          DeviceBuffer<float> rstd(static_cast<size_t>(c.rows), "rstd");
+          const cuda::ResidualBelow below{dx.data(), df.data(), dscale.data(), gate_or_null, out.data(),
+                                          ds.data(),  dw.data(), gate_or_null, in.data()};
+          cuda::mix_norm_forward(folded ? nullptr : dx.data(), dx0.data(), dmix.data(), x_in.data(), nn.data(),
+                                 rstd.data(), c.rows, c.dim, 0.7f, nullptr, folded ? &below : nullptr);
+          sync_device();
+          for (auto* t : {&x_in, &nn}) r.push_back(from_device_bf16(*t));
+          r.push_back(rstd.download());
+          if (folded)
+            for (auto* t : {&out, &in}) r.push_back(from_device_bf16(*t));
+        }
+        // Backward: plain, then with the branch below (and a skip gradient when gated).
+        for (const bool folded : {false, true}) {
+          const std::vector<float> dmix_init(sums_init.begin(), sums_init.begin() + 2 * c.dim);
+          const std::vector<float> dsc_init(sums_init.begin() + 2 * c.dim, sums_init.begin() + 3 * c.dim);
+          const std::vector<float> dgt_init(sums_init.begin() + 3 * c.dim, sums_init.end());
+          DeviceBuffer<float> out_g(g), out_dx0(dx0_init), out_dmix(dmix_init), out_ds(dsc_init), out_dg(dgt_init);
+          auto out_da = poisoned_buffer<bf16>(n);
+          const cuda::BranchBelow below{df.data(),     dscale.data(), gate_or_null, gated ? dg_add.data() : nullptr,
+                                        out_da.data(), out_ds.data(), out_dg.data()};
+          cuda::mix_norm_backward(ddn.data(), out_g.data(), drstd.data(), dx.data(), dx0.data(), dmix.data(),
+                                  out_g.data(), false, out_dx0.data(), out_dmix.data(), c.rows, c.dim, 0.6f, tw.ws,
+                                  nullptr, folded ? &below : nullptr);
+          sync_device();
+          for (auto* t : {&out_g, &out_dx0, &out_dmix}) r.push_back(t->download());
+          if (folded) {
+            r.push_back(from_device_bf16(out_da));
+            for (auto* t : {&out_ds, &out_dg}) r.push_back(t->download());
+          }
+        }
+        DeviceBuffer<float> skip_g(g), skip_ds(std::vector<float>(n, NAN)), skip_dw(std::vector<float>(g_add.begin(), g_add.begin() + c.dim)),
+            skip_dgate(std::vector<float>(g_add.begin() + c.dim, g_add.begin() + 2 * c.dim));
+        cuda::skip_backward(skip_g.data(), dx.data(), ds.data(), dw.data(), gate_or_null, skip_ds.data(),
+                            skip_dw.data(), skip_dgate.data(), c.rows, c.dim, tw.ws, nullptr);
+        sync_device();
+        for (auto* t : {&skip_g, &skip_ds, &skip_dw, &skip_dgate}) r.push_back(t->download());
+        return r;
+      };
+      const auto registers = run(false), staged = run(true);
+      ASSERT_EQ(registers.size(), staged.size());
+      for (size_t i = 0; i < staged.size(); ++i) {
+        ASSERT_EQ(registers[i].size(), staged[i].size()) << "output " << i;
+        EXPECT_EQ(0, std::memcmp(registers[i].data(), staged[i].data(), staged[i].size() * sizeof(float)))
+            << tag << ": output " << i;
+      }
+    }
+  }
+}
+
 TEST_F(ResidualOpsTest, SkipWithAndWithoutGate) {
   for (const RowCase& c : kCases) {
     for (const bool gated : {true, false}) {

@@ -8,6 +8,7 @@
 
 #include "backend/cuda/cuda_engine_impl.h"
 #include "backend/cuda/launch.cuh"
+#include "backend/cuda/residual.h"
 #include "core/error.h"
 #include "optim/parallel_muon_plan.h"
 
@@ -65,6 +66,7 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   m.bf16_norm_grads = c.get_bool("cuda_bf16_norm_grads");
   // Process-wide (launch.cuh), set here so that it holds before the model's first launch.
   set_programmatic_launch(c.get_bool("cuda_pdl"));
+  set_row_staging(c.get_bool("cuda_row_staging"));
   return m;
 }
 

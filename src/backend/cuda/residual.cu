@@ -5,6 +5,8 @@
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/residual.h"
 
+#include <atomic>
+
 namespace pgolf::cuda {
 namespace {
 
@@ -62,6 +64,99 @@ __device__ __forceinline__ void scaled_copy(const float (&a)[kVec][8], const flo
   for (int k = 0; k < kVec; ++k)
 #pragma unroll
     for (int e = 0; e < 8; ++e) out[k][e] = a[k][e] * s[k][e];
+}
+
+// ---- per-feature vectors in registers or in shared memory -------------------------------------------
+// A row kernel keeps, per lane, kVec vectors of 8 features of each per-feature parameter and of each column
+// sum it accumulates over its rows. In registers they crowd out the rows in flight (mix_norm_backward held
+// 200 registers a thread: one block per multiprocessor); staged (set_row_staging) they live in shared
+// memory: parameters once per block, column sums once per warp, in slots of float4 pairs laid out
+// [k][half][lane] (16-byte accesses without bank conflicts). The arithmetic is the same either way.
+template <int kVec>
+constexpr int kSlotFloat4s = kVec * 2 * 32;
+
+template <int kVec, bool kStaged>
+struct LaneVecs;
+
+template <int kVec>
+struct LaneVecs<kVec, false> {
+  float v[kVec][8];
+  __device__ __forceinline__ void get(int k, float (&o)[8]) const {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] = v[k][e];
+  }
+  __device__ __forceinline__ void put(int k, const float (&o)[8]) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[k][e] = o[e];
+  }
+};
+
+template <int kVec>
+struct LaneVecs<kVec, true> {
+  float4* p;  // the slot's entry of this lane
+  __device__ __forceinline__ void get(int k, float (&o)[8]) const {
+    const float4 a = p[(2 * k) * 32], b = p[(2 * k + 1) * 32];
+    o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
+  }
+  __device__ __forceinline__ void put(int k, const float (&o)[8]) {
+    p[(2 * k) * 32] = make_float4(o[0], o[1], o[2], o[3]);
+    p[(2 * k + 1) * 32] = make_float4(o[4], o[5], o[6], o[7]);
+  }
+};
+
+// Per-feature values value(f) for f < dim (fill beyond) as LaneVecs: in registers, each thread its own, or
+// in shared-memory slot `slot`, written by the whole block (every thread must call it; the caller
+// synchronises the block before the first read).
+template <int kVec, bool kStaged, typename F>
+__device__ __forceinline__ LaneVecs<kVec, kStaged> param_vecs(float4* slots, int slot, int dim, float fill, F value) {
+  const int lane = threadIdx.x & 31;
+  if constexpr (kStaged) {
+    float4* base = slots + slot * kSlotFloat4s<kVec>;
+    for (int i = static_cast<int>(threadIdx.x); i < kSlotFloat4s<kVec>; i += static_cast<int>(blockDim.x)) {
+      const int f0 = ((i & 31) + 32 * (i >> 6)) * 8 + 4 * ((i >> 5) & 1);  // i = (2k + half)·32 + lane
+      float v[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[e] = f0 + e < dim ? value(f0 + e) : fill;
+      base[i] = make_float4(v[0], v[1], v[2], v[3]);
+    }
+    return LaneVecs<kVec, true>{base + lane};
+  } else {
+    LaneVecs<kVec, false> r;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const int f0 = (lane + 32 * k) * 8;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) r.v[k][e] = f0 < dim ? value(f0 + e) : fill;
+    }
+    return r;
+  }
+}
+
+// Zeroed column sums: in registers, or in this warp's slot `slot` (slots numbered per warp from `first`).
+template <int kVec, bool kStaged>
+__device__ __forceinline__ LaneVecs<kVec, kStaged> zero_vecs(float4* slots, int first, int per_warp, int slot) {
+  LaneVecs<kVec, kStaged> r;
+  if constexpr (kStaged) r.p = slots + (first + (threadIdx.x >> 5) * per_warp + slot) * kSlotFloat4s<kVec> + (threadIdx.x & 31);
+  const float z[8] = {};
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) r.put(k, z);
+  return r;
+}
+
+template <int kVec, bool kStaged>
+__device__ __forceinline__ void vecs_to_registers(const LaneVecs<kVec, kStaged>& v, float (&o)[kVec][8]) {
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) v.get(k, o[k]);
+}
+
+// Shared memory of a row kernel with `params` parameter slots, `per_warp` column-sum slots per warp and,
+// when it stores column partials, the kRowWarps·dim floats of store_column_partials (the column-sum slots
+// are reused for them once read back; staged only).
+inline size_t staged_smem(int dim, int params, int per_warp, bool columns) {
+  const size_t slot = static_cast<size_t>(dim <= 512 ? 2 : 4) * 2 * 32 * sizeof(float4);
+  const size_t sums = static_cast<size_t>(kRowWarps) * per_warp * slot;
+  const size_t column = columns ? static_cast<size_t>(kRowWarps) * dim * sizeof(float) : 0;
+  return params * slot + (sums > column ? sums : column);
 }
 
 // coef = branch_scale⊙σ(gate) for the lane's features.
@@ -127,50 +222,56 @@ __device__ __forceinline__ float mixed_input(float m0, float x, float m1, float 
   return round_bf16(__fadd_rn(__fmul_rn(m0, x), __fmul_rn(m1, x0)));
 }
 
-// kBelow: x from the residual updates of ResidualBelow (x is not read).
-template <int kVec, bool kBelow>
-__global__ void __launch_bounds__(kRowThreads) mix_norm_forward_kernel(const bf16* __restrict__ x,
-                                                                       const bf16* __restrict__ x0,
-                                                                       const float* __restrict__ mix,
-                                                                       bf16* __restrict__ x_in, bf16* __restrict__ n,
-                                                                       float* __restrict__ rstd, int64_t rows,
-                                                                       int dim, float scale, const ResidualBelow below) {
+// kBelow: x from the residual updates of ResidualBelow (x is not read). Staged: 5 parameter slots.
+template <int kVec, bool kBelow, bool kStaged>
+__global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 4 : 1) mix_norm_forward_kernel(
+    const bf16* __restrict__ x, const bf16* __restrict__ x0, const float* __restrict__ mix, bf16* __restrict__ x_in,
+    bf16* __restrict__ n, float* __restrict__ rstd, int64_t rows, int dim, float scale, const ResidualBelow below) {
   pdl_prologue();
+  extern __shared__ float4 slots[];
   const int lane = threadIdx.x & 31;
-  float m0[kVec][8], m1[kVec][8];
-  lane_params<kVec>(mix, dim, lane, 0.f, m0);
-  lane_params<kVec>(mix + dim, dim, lane, 0.f, m1);
-  float coef[kVec][8], wv[kVec][8], gv[kVec][8];
+  const auto m0 = param_vecs<kVec, kStaged>(slots, 0, dim, 0.f, [&](int f) { return mix[f]; });
+  const auto m1 = param_vecs<kVec, kStaged>(slots, 1, dim, 0.f, [&](int f) { return mix[dim + f]; });
+  const bool skip = kBelow && below.s != nullptr, skip_gated = skip && below.skip_gate != nullptr;
+  LaneVecs<kVec, kStaged> coef{}, wv{}, gv{};
   if constexpr (kBelow) {
-    branch_coef<kVec>(below.branch_scale, below.gate, dim, lane, coef);
-    lane_params<kVec>(below.w, dim, lane, 0.f, wv);
-    lane_params<kVec>(below.skip_gate, dim, lane, 0.f, gv);
+    coef = param_vecs<kVec, kStaged>(slots, 2, dim, 0.f, [&](int f) {
+      return below.gate ? below.branch_scale[f] * sigmoidf_(below.gate[f]) : below.branch_scale[f];
+    });
+    wv = param_vecs<kVec, kStaged>(slots, 3, dim, 0.f, [&](int f) { return skip ? below.w[f] : 0.f; });
+    gv = param_vecs<kVec, kStaged>(slots, 4, dim, 0.f, [&](int f) { return skip_gated ? below.skip_gate[f] : 0.f; });
   }
+  if constexpr (kStaged) __syncthreads();
   PG_ROWS_OF_WARP(r, rows) {
     float u[kVec][8];
     PG_LANE_VECS(k, f0, dim) {
-      float a[8], b[8];
+      float a[8], b[8], p0[8], p1[8];
       if constexpr (kBelow) {
-        float xm[8], av[8];
+        float xm[8], av[8], c[8];
         load8(below.x_mid + r * dim + f0, xm);
         load8(below.a + r * dim + f0, av);
+        coef.get(k, c);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) a[e] = branch_value(xm[e], coef[k][e], av[e]);
+        for (int e = 0; e < 8; ++e) a[e] = branch_value(xm[e], c[e], av[e]);
         store8(below.out + r * dim + f0, a);
-        if (below.s) {
-          float sv[8];
+        if (skip) {
+          float sv[8], w[8], g[8];
           load8(below.s + r * dim + f0, sv);
+          wv.get(k, w);
+          gv.get(k, g);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) a[e] = skip_value(a[e], sv[e], wv[k][e], below.skip_gate != nullptr, gv[k][e]);
+          for (int e = 0; e < 8; ++e) a[e] = skip_value(a[e], sv[e], w[e], skip_gated, g[e]);
           store8(below.in + r * dim + f0, a);
         }
       } else {
         load8(x + r * dim + f0, a);
       }
       load8(x0 + r * dim + f0, b);
+      m0.get(k, p0);
+      m1.get(k, p1);
       // The stored (bf16) x_in is what the norm and its backward see.
 #pragma unroll
-      for (int e = 0; e < 8; ++e) u[k][e] = mixed_input(m0[k][e], a[e], m1[k][e], b[e]);
+      for (int e = 0; e < 8; ++e) u[k][e] = mixed_input(p0[e], a[e], p1[e], b[e]);
       store8(x_in + r * dim + f0, u[k]);
     }
     const float inv = row_rstd<kVec>(u, dim, lane);
@@ -184,30 +285,38 @@ __global__ void __launch_bounds__(kRowThreads) mix_norm_forward_kernel(const bf1
   }
 }
 
-// kBelow: the MLP-branch backward of the layer below, on dx as written (BranchBelow).
-template <int kVec, bool kBelow, typename DnT>
-__global__ void __launch_bounds__(kRowThreads) mix_norm_backward_kernel(
+// kBelow: the MLP-branch backward of the layer below, on dx as written (BranchBelow). Staged: 3 parameter
+// slots, then 3 column-sum slots per warp.
+template <int kVec, bool kBelow, typename DnT, bool kStaged>
+__global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix_norm_backward_kernel(
     const DnT* __restrict__ dn, const float* g_in, const float* __restrict__ rstd, const bf16* __restrict__ x,
     const bf16* __restrict__ x0, const float* __restrict__ mix, float* dx, bool accumulate_dx, float* __restrict__ dx0,
     float* __restrict__ partials, const BranchBelow below, int64_t rows, int dim, float scale) {
   pdl_prologue();
-  extern __shared__ float smem[];
+  extern __shared__ float4 slots[];
   const int lane = threadIdx.x & 31;
-  float m0[kVec][8], m1[kVec][8], acc0[kVec][8] = {}, acc1[kVec][8] = {};
-  float coef[kVec][8], acc_a[kVec][8] = {};
-  lane_params<kVec>(mix, dim, lane, 0.f, m0);
-  lane_params<kVec>(mix + dim, dim, lane, 0.f, m1);
-  if constexpr (kBelow) branch_coef<kVec>(below.branch_scale, below.gate, dim, lane, coef);
+  const auto m0 = param_vecs<kVec, kStaged>(slots, 0, dim, 0.f, [&](int f) { return mix[f]; });
+  const auto m1 = param_vecs<kVec, kStaged>(slots, 1, dim, 0.f, [&](int f) { return mix[dim + f]; });
+  LaneVecs<kVec, kStaged> coef{};
+  if constexpr (kBelow)
+    coef = param_vecs<kVec, kStaged>(slots, 2, dim, 0.f, [&](int f) {
+      return below.gate ? below.branch_scale[f] * sigmoidf_(below.gate[f]) : below.branch_scale[f];
+    });
+  auto acc0 = zero_vecs<kVec, kStaged>(slots, 3, 3, 0), acc1 = zero_vecs<kVec, kStaged>(slots, 3, 3, 1);
+  auto acc_a = zero_vecs<kVec, kStaged>(slots, 3, 3, 2);
+  if constexpr (kStaged) __syncthreads();
   PG_ROWS_OF_WARP(r, rows) {
     float d[kVec][8], u[kVec][8], t[kVec][8];
     PG_LANE_VECS(k, f0, dim) {
       // x_in recomputed from x and x0 instead of read back: x and x0 are read below anyway (their
       // second read hits the cache), so the row costs 2 bytes per feature less from memory.
-      float a[8], b[8];
+      float a[8], b[8], p0[8], p1[8];
       load8(x + r * dim + f0, a);
       load8(x0 + r * dim + f0, b);
+      m0.get(k, p0);
+      m1.get(k, p1);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) u[k][e] = mixed_input(m0[k][e], a[e], m1[k][e], b[e]);
+      for (int e = 0; e < 8; ++e) u[k][e] = mixed_input(p0[e], a[e], p1[e], b[e]);
       load8(dn + r * dim + f0, d[k]);
       if (g_in) load8(g_in + r * dim + f0, t[k]);
       else
@@ -216,21 +325,27 @@ __global__ void __launch_bounds__(kRowThreads) mix_norm_backward_kernel(
     }
     add_norm_backward<kVec>(d, u, rstd[r], scale, dim, lane, t);
     PG_LANE_VECS(k, f0, dim) {
-      float a[8], b[8], o[8], o0[8];
+      float a[8], b[8], o[8], o0[8], p0[8], p1[8], s0[8], s1[8];
       load8(x + r * dim + f0, a);
       load8(x0 + r * dim + f0, b);
       if (accumulate_dx) load8(dx + r * dim + f0, o);
       load8(dx0 + r * dim + f0, o0);
+      m0.get(k, p0);
+      m1.get(k, p1);
+      acc0.get(k, s0);
+      acc1.get(k, s1);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        o[e] = (accumulate_dx ? o[e] : 0.f) + m0[k][e] * t[k][e];
-        o0[e] += m1[k][e] * t[k][e];
-        acc0[k][e] += t[k][e] * a[e];
-        acc1[k][e] += t[k][e] * b[e];
+        o[e] = (accumulate_dx ? o[e] : 0.f) + p0[e] * t[k][e];
+        o0[e] += p1[e] * t[k][e];
+        s0[e] += t[k][e] * a[e];
+        s1[e] += t[k][e] * b[e];
       }
+      acc0.put(k, s0);
+      acc1.put(k, s1);
       if constexpr (kBelow) {
         // branch_backward's first pass, on the gradient just formed (the same fp32 operations).
-        float av[8], da[8];
+        float av[8], da[8], c[8], sa[8];
         if (below.g_add) {
           float extra[8];
           load8(below.g_add + r * dim + f0, extra);
@@ -238,11 +353,14 @@ __global__ void __launch_bounds__(kRowThreads) mix_norm_backward_kernel(
           for (int e = 0; e < 8; ++e) o[e] += extra[e];
         }
         load8(below.a + r * dim + f0, av);
+        coef.get(k, c);
+        acc_a.get(k, sa);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-          da[e] = coef[k][e] * o[e];
-          acc_a[k][e] += o[e] * av[e];
+          da[e] = c[e] * o[e];
+          sa[e] += o[e] * av[e];
         }
+        acc_a.put(k, sa);
         store8(below.da + r * dim + f0, da);
       }
       store8(dx + r * dim + f0, o);
@@ -250,11 +368,20 @@ __global__ void __launch_bounds__(kRowThreads) mix_norm_backward_kernel(
     }
   }
   if (!partials) return;
+  float s0[kVec][8], s1[kVec][8], sa[kVec][8];
+  vecs_to_registers(acc0, s0);
+  vecs_to_registers(acc1, s1);
+  vecs_to_registers(acc_a, sa);
+  float* smem = reinterpret_cast<float*>(slots);
+  if constexpr (kStaged) {
+    __syncthreads();  // every warp has read its sums back: their slots take the column partials
+    smem = reinterpret_cast<float*>(slots + 3 * kSlotFloat4s<kVec>);
+  }
   float* out = partials + static_cast<size_t>(blockIdx.x) * 4 * dim;  // [dmix 2·dim | dscale, dgate below]
-  store_column_partials<kVec>(acc0, smem, out, dim);
-  store_column_partials<kVec>(acc1, smem, out + dim, dim);
+  store_column_partials<kVec>(s0, smem, out, dim);
+  store_column_partials<kVec>(s1, smem, out + dim, dim);
   if constexpr (kBelow)
-    store_branch_partials<kVec>(acc_a, below.branch_scale, below.gate, below.dscale != nullptr,
+    store_branch_partials<kVec>(sa, below.branch_scale, below.gate, below.dscale != nullptr,
                                 below.dgate != nullptr && below.gate != nullptr, smem, out + 2 * dim, dim, lane);
 }
 
@@ -368,59 +495,69 @@ __global__ void __launch_bounds__(kRowThreads) skip_forward_kernel(const bf16* _
   }
 }
 
-template <int kVec>
-__global__ void __launch_bounds__(kRowThreads) skip_backward_kernel(float* __restrict__ g, const bf16* __restrict__ x,
-                                                                    const bf16* __restrict__ s,
-                                                                    const float* __restrict__ w,
-                                                                    const float* __restrict__ gate,
-                                                                    float* __restrict__ ds, float* __restrict__ partials,
-                                                                    bool want_dw, bool want_dgate, int64_t rows,
-                                                                    int dim) {
+// Staged: 2 parameter slots, then 2 column-sum slots per warp.
+template <int kVec, bool kStaged>
+__global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 4 : 1) skip_backward_kernel(
+    float* __restrict__ g, const bf16* __restrict__ x, const bf16* __restrict__ s, const float* __restrict__ w,
+    const float* __restrict__ gate, float* __restrict__ ds, float* __restrict__ partials, bool want_dw,
+    bool want_dgate, int64_t rows, int dim) {
   pdl_prologue();
-  extern __shared__ float smem[];
+  extern __shared__ float4 slots[];
   const int lane = threadIdx.x & 31;
-  float wv[kVec][8], sig[kVec][8], acc_w[kVec][8] = {}, acc_g[kVec][8] = {};
-  lane_params<kVec>(w, dim, lane, 0.f, wv);
-  lane_params<kVec>(gate, dim, lane, 0.f, sig);
-#pragma unroll
-  for (int k = 0; k < kVec; ++k)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) sig[k][e] = gate ? sigmoidf_(sig[k][e]) : 1.f;
+  const auto wv = param_vecs<kVec, kStaged>(slots, 0, dim, 0.f, [&](int f) { return w ? w[f] : 0.f; });
+  const auto sig = param_vecs<kVec, kStaged>(slots, 1, dim, 1.f, [&](int f) { return gate ? sigmoidf_(gate[f]) : 1.f; });
+  auto acc_w = zero_vecs<kVec, kStaged>(slots, 2, 2, 0), acc_g = zero_vecs<kVec, kStaged>(slots, 2, 2, 1);
+  if constexpr (kStaged) __syncthreads();
   PG_ROWS_OF_WARP(r, rows) {
     PG_LANE_VECS(k, f0, dim) {
-      float gv[8], xv[8], sv[8], dsv[8];
+      float gv[8], xv[8], sv[8], dsv[8], wk[8], sk[8], aw[8], ag[8];
       load8(g + r * dim + f0, gv);
       load8(s + r * dim + f0, sv);
       if (gate) load8(x + r * dim + f0, xv);
+      wv.get(k, wk);
+      sig.get(k, sk);
+      acc_w.get(k, aw);
+      if (gate) acc_g.get(k, ag);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        const float keep = gate ? 1.f - sig[k][e] : 1.f;
-        dsv[e] = keep * wv[k][e] * gv[e];
-        acc_w[k][e] += gv[e] * sv[e];
-        if (gate) acc_g[k][e] += gv[e] * (xv[e] - wv[k][e] * sv[e]);
-        gv[e] *= sig[k][e];
+        const float keep = gate ? 1.f - sk[e] : 1.f;
+        dsv[e] = keep * wk[e] * gv[e];
+        aw[e] += gv[e] * sv[e];
+        if (gate) ag[e] += gv[e] * (xv[e] - wk[e] * sv[e]);
+        gv[e] *= sk[e];
       }
+      acc_w.put(k, aw);
+      if (gate) acc_g.put(k, ag);
       store8(ds + r * dim + f0, dsv);
       if (gate) store8(g + r * dim + f0, gv);
     }
   }
   if (!partials) return;
+  float aw[kVec][8], ag[kVec][8], sk[kVec][8];
+  vecs_to_registers(acc_w, aw);
+  vecs_to_registers(acc_g, ag);
+  vecs_to_registers(sig, sk);
+  float* smem = reinterpret_cast<float*>(slots);
+  if constexpr (kStaged) {
+    __syncthreads();  // every warp has read its sums back: their slots take the column partials
+    smem = reinterpret_cast<float*>(slots + 2 * kSlotFloat4s<kVec>);
+  }
   float* row = partials + static_cast<size_t>(blockIdx.x) * 2 * dim;
   float factor[kVec][8], p[kVec][8];
   if (want_dw) {
 #pragma unroll
     for (int k = 0; k < kVec; ++k)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) factor[k][e] = gate ? 1.f - sig[k][e] : 1.f;
-    scaled_copy<kVec>(acc_w, factor, p);
+      for (int e = 0; e < 8; ++e) factor[k][e] = gate ? 1.f - sk[k][e] : 1.f;
+    scaled_copy<kVec>(aw, factor, p);
     store_column_partials<kVec>(p, smem, row, dim);
   }
   if (want_dgate) {
 #pragma unroll
     for (int k = 0; k < kVec; ++k)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) factor[k][e] = sig[k][e] * (1.f - sig[k][e]);
-    scaled_copy<kVec>(acc_g, factor, p);
+      for (int e = 0; e < 8; ++e) factor[k][e] = sk[k][e] * (1.f - sk[k][e]);
+    scaled_copy<kVec>(ag, factor, p);
     store_column_partials<kVec>(p, smem, row + dim, dim);
   }
 }
@@ -513,7 +650,32 @@ __global__ void __launch_bounds__(kRowThreads) lanes_backward_kernel(
 
 size_t column_smem(int dim) { return static_cast<size_t>(kRowWarps) * dim * sizeof(float); }
 
+template <typename F>
+void dispatch_bool(bool b, F&& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+std::atomic<bool>& staging() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+// Raises the kernel's dynamic shared-memory limit, once, to what it needs for the largest rows of its kVec.
+template <auto kKernel>
+void allow_staged_smem(size_t max_bytes) {
+  static const bool done = [max_bytes] {
+    if (max_bytes > 48 * 1024)
+      PG_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(max_bytes)));
+    return true;
+  }();
+  (void)done;
+}
+
 }  // namespace
+
+void set_row_staging(bool on) { staging().store(on); }
+bool row_staging() { return staging().load(); }
 
 size_t residual_workspace_floats(int64_t rows, int dim) { return static_cast<size_t>(row_blocks(rows)) * (4 * dim + 6); }
 
@@ -528,14 +690,20 @@ void mix_norm_forward(const bf16* x, const bf16* x0, const float* mix, bf16* x_i
   } else {
     PG_CUDA_REQUIRE(x != nullptr, "mix_norm_forward: x is null");
   }
+  const bool staged = row_staging();
   dispatch_row_vec(dim, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
-    if (below)
-      launch_kernel(mix_norm_forward_kernel<kVec, true>, row_blocks(rows), kRowThreads, 0, stream, x, x0, mix, x_in, n,
-                    rstd, rows, dim, scale, *below);
-    else
-      launch_kernel(mix_norm_forward_kernel<kVec, false>, row_blocks(rows), kRowThreads, 0, stream, x, x0, mix, x_in,
-                    n, rstd, rows, dim, scale, ResidualBelow{});
+    auto launch = [&](auto below_tag, auto staged_tag) {
+      constexpr bool kBelow = decltype(below_tag)::value, kStaged = decltype(staged_tag)::value;
+      constexpr auto kernel = mix_norm_forward_kernel<kVec, kBelow, kStaged>;
+      const size_t smem = kStaged ? staged_smem(dim, 5, 0, false) : 0;
+      if constexpr (kStaged) allow_staged_smem<kernel>(staged_smem(kVec * 256, 5, 0, false));
+      launch_kernel(kernel, row_blocks(rows), kRowThreads, smem, stream, x, x0, mix, x_in, n, rstd, rows, dim, scale,
+                    below ? *below : ResidualBelow{});
+    };
+    dispatch_bool(below != nullptr, [&](auto below_tag) {
+      dispatch_bool(staged, [&](auto staged_tag) { launch(below_tag, staged_tag); });
+    });
   });
   PG_CUDA_LAUNCH_CHECK();
 }
@@ -552,17 +720,21 @@ void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const 
   // Partials per block: [dmix 2·dim | dscale dim | dgate dim] (the layout has room for all four).
   if (any) check_reduce_workspace(ws, blocks, 4 * dim, "mix_norm_backward");
   float* partials = any ? ws.data : nullptr;
+  const bool staged = row_staging();
   dispatch_row_vec(dim, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
     dispatch_norm_grad(dn, [&](auto dn_rows) {
       using DnT = std::remove_cv_t<std::remove_pointer_t<decltype(dn_rows)>>;
-      if (below)
-        launch_kernel(mix_norm_backward_kernel<decltype(vec)::value, true, DnT>, blocks, kRowThreads, column_smem(dim),
-                      stream, dn_rows, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials, *below, rows, dim,
-                      scale);
-      else
-        launch_kernel(mix_norm_backward_kernel<decltype(vec)::value, false, DnT>, blocks, kRowThreads,
-                      column_smem(dim), stream, dn_rows, g_in, rstd, x, x0, mix, dx, accumulate_dx, dx0, partials,
-                      BranchBelow{}, rows, dim, scale);
+      dispatch_bool(below != nullptr, [&](auto below_tag) {
+        dispatch_bool(staged, [&](auto staged_tag) {
+          constexpr bool kBelow = decltype(below_tag)::value, kStaged = decltype(staged_tag)::value;
+          constexpr auto kernel = mix_norm_backward_kernel<kVec, kBelow, DnT, kStaged>;
+          const size_t smem = kStaged ? staged_smem(dim, 3, 3, true) : column_smem(dim);
+          if constexpr (kStaged) allow_staged_smem<kernel>(staged_smem(kVec * 256, 3, 3, true));
+          launch_kernel(kernel, blocks, kRowThreads, smem, stream, dn_rows, g_in, rstd, x, x0, mix, dx, accumulate_dx,
+                        dx0, partials, below ? *below : BranchBelow{}, rows, dim, scale);
+        });
+      });
     });
   });
   PG_CUDA_LAUNCH_CHECK();
@@ -625,9 +797,17 @@ void skip_backward(float* g, const bf16* x, const bf16* s, const float* w, const
   const bool any = dw != nullptr || want_dgate;
   if (any) check_reduce_workspace(ws, blocks, 2 * dim, "skip_backward");
   float* partials = any ? ws.data : nullptr;
+  const bool staged = row_staging();
   dispatch_row_vec(dim, [&](auto vec) {
-    launch_kernel(skip_backward_kernel<decltype(vec)::value>, blocks, kRowThreads, column_smem(dim), stream, g, x, s, w,
-                  gate, ds, partials, dw != nullptr, want_dgate, rows, dim);
+    dispatch_bool(staged, [&](auto staged_tag) {
+      constexpr int kVec = decltype(vec)::value;
+      constexpr bool kStaged = decltype(staged_tag)::value;
+      constexpr auto kernel = skip_backward_kernel<kVec, kStaged>;
+      const size_t smem = kStaged ? staged_smem(dim, 2, 2, true) : column_smem(dim);
+      if constexpr (kStaged) allow_staged_smem<kernel>(staged_smem(kVec * 256, 2, 2, true));
+      launch_kernel(kernel, blocks, kRowThreads, smem, stream, g, x, s, w, gate, ds, partials, dw != nullptr,
+                    want_dgate, rows, dim);
+    });
   });
   PG_CUDA_LAUNCH_CHECK();
   if (any) finish_partial_sums(ws.data, blocks, {{dw, dim}, {want_dgate ? dgate : nullptr, dim}}, stream);

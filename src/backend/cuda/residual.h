@@ -106,6 +106,12 @@ void lanes_backward(float* g0, float* g1, const __nv_bfloat16* lane0, const __nv
                     float* dmlp_scale, float* dresid, float* dpost, int64_t rows, int dim, const ReduceWorkspace& ws,
                     cudaStream_t stream);
 
+// Process-wide: the row kernels with many per-feature vectors (mix_norm_forward with the residual updates
+// below, mix_norm_backward, skip_backward) keep their parameters and column sums in shared memory instead of
+// registers, so that more rows are in flight (on by default; the same bits either way).
+void set_row_staging(bool on);
+bool row_staging();
+
 // Workspace floats the backward ops above need for `rows` rows of `dim` features.
 size_t residual_workspace_floats(int64_t rows, int dim);
 
