@@ -171,6 +171,56 @@ TEST_F(GpuModelTest, Fp32NormGradients) {
   }
 }
 
+// A selective eval forward (Batch::losses_from) stores only the activations it reads itself: no MLP pre
+// (the fused kernel's, full-width s691), no skip outputs, layer outputs only where a decoder skip reads
+// them. It must therefore read nothing it did not write in the same forward: on a fresh model, and on a
+// model whose buffers hold another batch's activations, it gives the same bits. Tiny s691 (U-Net skips,
+// the residual fold, unfused MLP) and full-width s691 (fused MLP) in eval mode, eagerly.
+TEST_F(GpuModelTest, SelectiveForwardReadsOnlyWhatItWrites) {
+  struct Case {
+    std::string name;
+    ModelConfig cfg;
+    int64_t rows, seq_len;
+  };
+  const std::vector<Case> cases = {{"s691 tiny", tiny64_config("s691"), 2, 80},
+                                   {"s691 full width", ModelConfig::from_config(Config::load("s691")), 4, 512}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    CpuModel<float> init(c.cfg);
+    perturbed_init(init, 91);
+    Batch selected = random_rows(c.cfg.vocab_size, c.rows, c.seq_len, 92);
+    selected.losses_from.assign(static_cast<size_t>(c.rows), static_cast<int32_t>(c.seq_len - 16));
+    selected.losses_from[0] = 0;  // a first window: every position
+    const Batch other = random_rows(c.cfg.vocab_size, c.rows, c.seq_len, 93);
+    auto model = [&] {
+      cuda::GpuModelOptions o;
+      o.max_tokens = c.rows * c.seq_len;
+      auto gpu = std::make_unique<cuda::GpuModel>(c.cfg, o);
+      gpu->load_params(init.params());
+      gpu->set_train(false);
+      return gpu;
+    };
+    auto fresh = model();
+    fresh->set_batch(selected);
+    ASSERT_EQ(fresh->selected_rows(), c.seq_len + (c.rows - 1) * 16);
+    fresh->forward();
+    const std::vector<float> first = fresh->token_losses();
+    auto used = model();
+    used->set_batch(other);
+    used->forward();  // every activation buffer now holds the other batch's values
+    used->set_batch(selected);
+    used->forward();
+    const std::vector<float> again = used->token_losses();
+    ASSERT_EQ(first.size(), again.size());
+    EXPECT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float)))
+        << "the selective forward read a buffer it did not write";
+    EXPECT_THROW((void)used->layer_output(0), Error);
+    int64_t scored = 0;
+    for (float l : again) scored += std::isfinite(l) ? 1 : 0;
+    EXPECT_EQ(scored, used->selected_rows());
+  }
+}
+
 TEST_F(GpuModelTest, LateQatInTrainModeOnly) {
   const ModelConfig cfg = tiny64_config("s691");
   const ParamSet<double> params = perturbed_params(cfg, 31);

@@ -142,7 +142,8 @@ void GpuModel::Impl::forward_mlp(int v, const bf16* m_in, int64_t rows) {
   const int n = static_cast<int>(rows);
   const float slope = cfg.activation == Activation::Leaky2 ? static_cast<float>(cfg.leaky_slope) : 0.f;
   if (mlp_fused) {
-    mlp_fused_forward(m_in, W16(p.w16_fc), b.pre, b.post, rows, d, hid, slope, stream);
+    // pre only for the backward (none follows a selective forward).
+    mlp_fused_forward(m_in, W16(p.w16_fc), selective_forward ? nullptr : b.pre, b.post, rows, d, hid, slope, stream);
   } else {
     linear(m_in, d, W16(p.w16_fc), n, d, hid, b.pre, hid, false, 0.f);
     leaky_relu_sq_forward(b.pre, b.post, rows * hid, slope, stream);
@@ -191,13 +192,15 @@ void GpuModel::Impl::forward_layer(int v) {
     // Layer v−1's MLP branch (left by its forward_layer_rows) and the skip into v, in v's mix.
     const LayerParams& pb = lp[static_cast<size_t>(order[static_cast<size_t>(v - 1)].physical)];
     const LayerBuf& below = layers[static_cast<size_t>(v - 1)];
-    ResidualBelow r{below.x_mid, below.f, P(pb.mlp_scale), P_or_null(pb.mlp_gate), below.out};
+    // A selective forward keeps out only where a skip reads it later, and in not at all (backward only).
+    ResidualBelow r{below.x_mid, below.f, P(pb.mlp_scale), P_or_null(pb.mlp_gate),
+                    selective_forward && !is_skip_source(v - 1) ? nullptr : below.out};
     if (L.skip >= 0) {
       const int E = static_cast<int>(plan.encoder.size()), k = L.skip;
       r.s = layers[static_cast<size_t>(E - 1 - k)].out;
       r.w = P(gp.skip_weights) + int64_t{k} * d;
       r.skip_gate = gp.skip_gates >= 0 ? P(gp.skip_gates) + int64_t{k} * d : nullptr;
-      r.in = b.in;
+      r.in = selective_forward ? nullptr : b.in;
     }
     mix_norm_forward(nullptr, io.x0, P(p.resid_mix), b.x_in, b.n, b.n_rstd, N, d, p.ln_scale, stream, &r);
   } else {
@@ -255,6 +258,11 @@ GpuModel::Impl::LayerRows GpuModel::Impl::gather_selected_rows(int v) {
     r.x_in = gather(all.x_in, d, selection.x_in);
   }
   return r;
+}
+
+bool GpuModel::Impl::is_skip_source(int v) const {
+  const int E = static_cast<int>(plan.encoder.size());
+  return v < E && E - 1 - v < plan.num_skips;
 }
 
 // The gradient an encoder output receives through its skip connection (bw.d_enc), added into bw.g by the

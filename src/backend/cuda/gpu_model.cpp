@@ -670,6 +670,9 @@ void GpuModel::Impl::forward() {
              lora->slots(), nv);
   }
   prepare_weights();
+  // A selective eval forward (no backward may follow) stores only what the forward itself reads on.
+  selective_forward = runs_selected_rows();
+  head_selected = selects_head_rows();
   forward_embedding();
 
   const int E = static_cast<int>(plan.encoder.size());
@@ -706,8 +709,6 @@ void GpuModel::Impl::forward() {
   // Final hidden state: the residual, or the mean of the two lanes (s1560's "mean" final lane); R rows:
   // all N, or the M selected ones (the last layer's outputs hold only those), whose losses are then
   // put in their places (NaN elsewhere) and averaged for the mean loss.
-  selective_forward = runs_selected_rows();
-  head_selected = selects_head_rows();
   const int64_t R = selective_forward || head_selected ? selection.rows : N;
   io.final_x = lane0 ? lane0 : x;
   io.final_x2 = lane0 ? lane1 : nullptr;
@@ -894,6 +895,8 @@ std::vector<float> GpuModel::layer_output(int v, int lane) const {
   PG_CHECK(v >= 0 && v < num_virtual_layers(), "layer_output: virtual layer {} of {}", v, num_virtual_layers());
   const bool parallel = impl_->order[static_cast<size_t>(v)].parallel;
   PG_CHECK(lane == 0 || (lane == 1 && parallel), "layer_output: virtual layer {} has no lane {}", v, lane);
+  PG_CHECK(!impl_->selective_forward, "layer_output: the last forward was a selective evaluation, which keeps only the "
+           "layer outputs it reads itself");
   const auto& b = impl_->layers[static_cast<size_t>(v)];
   return impl_->download_bf16(lane == 0 ? b.out : b.out1, impl_->N * impl_->d);
 }

@@ -137,7 +137,9 @@ struct GpuModel::Impl {
     bf16 *y = nullptr, *vals = nullptr, *n = nullptr, *x_in = nullptr, *x = nullptr, *lane1 = nullptr;  // gathered
     int64_t tail = 0;  // every row selects its last `tail` positions (0: the rows select differently)
   } selection;
-  bool selective_forward = false;  // the last forward computed the selected rows only
+  // The last forward computed the selected rows only (set as it begins); it stored only the activations it
+  // reads itself (no MLP pre, no skip outputs, layer outputs only where a skip reads them).
+  bool selective_forward = false;
   // A LoRA forward whose rows all select their last `tail` positions runs every layer on all rows (the
   // backward needs them) but the final norm, the head (and its adapter, over rows of `tail` tokens) and
   // the loss on the M selected rows only; its backward starts from them (the other rows' weights are 0).
@@ -225,6 +227,7 @@ struct GpuModel::Impl {
   // Returns whether its last pass also ran layer v−1's MLP-branch backward (mlp_branch_done for v−1).
   bool backward_layer(int v, bool mlp_branch_done);
   const float* skip_grad_of(int v) const;
+  bool is_skip_source(int v) const;  // a decoder skip reads virtual layer v's output
   bool folds_mlp_branch_below(int v) const;
   BranchBelow mlp_branch_of(int v);
   bool runs_selected_rows() const;

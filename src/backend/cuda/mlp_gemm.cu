@@ -198,7 +198,7 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
       uint4 result;
       uint32_t* out = &result.x;
       if constexpr (!kBackward) {
-        *reinterpret_cast<uint4*>(p.out + offset) = v;
+        if (p.out) *reinterpret_cast<uint4*>(p.out + offset) = v;  // pre: null when no backward follows
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float2 x = unpack_bf16(in[e]);
@@ -351,12 +351,14 @@ bool mlp_fused_supported(int dim, int hidden) {
 
 void mlp_fused_forward(const bf16* m, const bf16* wfc, bf16* pre, bf16* post, int64_t rows, int dim, int hidden,
                        float slope, cudaStream_t stream, MlpSchedule schedule) {
+  PG_CUDA_REQUIRE(post != nullptr, "mlp_fused_forward: post is required");
   launch<false>(m, wfc, nullptr, pre, post, rows, dim, hidden, slope,
                 "mlp_fused_forward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", schedule, stream);
 }
 
 void mlp_fused_backward(const bf16* df, const bf16* wproj, const bf16* pre, bf16* dpre, int64_t rows, int dim,
                         int hidden, float slope, cudaStream_t stream, MlpSchedule schedule) {
+  PG_CUDA_REQUIRE(pre != nullptr && dpre != nullptr, "mlp_fused_backward: pre and dpre are required");
   launch<true>(df, wproj, pre, dpre, nullptr, rows, dim, hidden, slope,
                "mlp_fused_backward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", schedule, stream);
 }

@@ -5,7 +5,8 @@
 //   forward   pre = bf16(m · Wfcᵀ),  post = bf16(leaky(pre)²)          (post from the rounded pre)
 //   backward  dpre = bf16(bf16(df · Wproj) · f'(pre))                  (no dpost written)
 // m, df [rows, dim]; Wfc [hidden, dim]; Wproj [dim, hidden]; pre, post, dpre [rows, hidden]; bf16,
-// row-major, contiguous, 16-byte aligned.
+// row-major, contiguous, 16-byte aligned. The forward's pre may be null (not written) when no backward
+// reads it: post is the same.
 #pragma once
 
 #include <cuda_bf16.h>

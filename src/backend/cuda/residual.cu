@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 4 : 1) mix
         coef.get(k, c);
 #pragma unroll
         for (int e = 0; e < 8; ++e) a[e] = branch_value(xm[e], c[e], av[e]);
-        store8(below.out + r * dim + f0, a);
+        if (below.out) store8(below.out + r * dim + f0, a);
         if (skip) {
           float sv[8], w[8], g[8];
           load8(below.s + r * dim + f0, sv);
@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 4 : 1) mix
           gv.get(k, g);
 #pragma unroll
           for (int e = 0; e < 8; ++e) a[e] = skip_value(a[e], sv[e], w[e], skip_gated, g[e]);
-          store8(below.in + r * dim + f0, a);
+          if (below.in) store8(below.in + r * dim + f0, a);
         }
       } else {
         load8(x + r * dim + f0, a);
@@ -684,9 +684,9 @@ void mix_norm_forward(const bf16* x, const bf16* x0, const float* mix, bf16* x_i
   check_row_dim(dim, "mix_norm_forward");
   if (rows == 0) return;
   if (below) {
-    PG_CUDA_REQUIRE(below->x_mid && below->a && below->branch_scale && below->out,
-                    "mix_norm_forward: the branch below needs x_mid, a, branch_scale and out");
-    PG_CUDA_REQUIRE(!below->s || (below->w && below->in), "mix_norm_forward: the skip below needs w and in");
+    PG_CUDA_REQUIRE(below->x_mid && below->a && below->branch_scale,
+                    "mix_norm_forward: the branch below needs x_mid, a and branch_scale");
+    PG_CUDA_REQUIRE(!below->s || below->w, "mix_norm_forward: the skip below needs w");
   } else {
     PG_CUDA_REQUIRE(x != nullptr, "mix_norm_forward: x is null");
   }

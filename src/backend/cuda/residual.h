@@ -19,7 +19,8 @@ namespace pgolf::cuda {
 // a write and a read of each intermediate: the layer below's MLP branch, branch_forward without a norm,
 //   out = x_mid + branch_scale⊙(σ(gate)⊙a)   (stored bf16),
 // then, with s given, the U-Net skip of skip_forward, in = skip(out, s, w, skip_gate) (stored bf16);
-// the mix then takes in (or out) as its x. The same bits as the separate passes.
+// the mix then takes in (or out) as its x. The same bits as the separate passes. out and in may be null
+// (not stored) where nothing reads them later (an evaluation forward).
 struct ResidualBelow {
   const __nv_bfloat16* x_mid = nullptr;
   const __nv_bfloat16* a = nullptr;
