@@ -17,11 +17,9 @@
 // of resident warps, was slower.)
 #include "backend/cuda/check.h"
 #include "backend/cuda/launch.cuh"
-#include "backend/cuda/device.h"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/qk_norm_rope.h"
 
-#include <algorithm>
 #include <numeric>
 
 namespace pgolf::cuda {
@@ -236,20 +234,6 @@ int grid_of(const QkShape& s) {
   return item_blocks(s.tokens * (s.heads + s.kv_heads), vecs_per_block(s), kMaxBlocks);
 }
 
-// The forward (no per-block sums) runs one wave: as many blocks as the GPU holds at once, each looping over
-// its share, instead of grid_of's 2,048, which left a sixth of a wave running alone at s691's shape.
-int forward_grid(const QkShape& s) {
-  static const int sms = [] {
-    int device = 0;
-    PG_CUDA_CHECK(cudaGetDevice(&device));
-    return device_info(device).sm_count;
-  }();
-  int per_sm = 0;
-  PG_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, qk_forward_kernel,
-                                                              vecs_per_block(s) * kLanesPerVec, 0));
-  return std::max(1, std::min(grid_of(s), std::max(per_sm, 1) * sms));
-}
-
 }  // namespace
 
 size_t qk_norm_rope_workspace_floats(const QkShape& shape) { return static_cast<size_t>(grid_of(shape)) * shape.heads; }
@@ -261,8 +245,8 @@ void qk_norm_rope_forward(const bf16* q_lin, const bf16* k_lin, int64_t in_strid
               "qk_norm_rope_forward: head_dim must be a multiple of 8 up to 64, lcm(heads + kv_heads, 4) at most 64, rope_dims "
               "even and at most head_dim, fewer than 2^31 head vectors");
   if (s.tokens == 0) return;
-  launch_kernel(qk_forward_kernel, forward_grid(s), vecs_per_block(s) * kLanesPerVec, 0, stream, q_lin, k_lin,
-                in_stride, gain, rope_cos, rope_sin, q, k, q_rstd, k_rstd, s);
+  launch_kernel(qk_forward_kernel, grid_of(s), vecs_per_block(s) * kLanesPerVec, 0, stream, q_lin, k_lin, in_stride,
+                gain, rope_cos, rope_sin, q, k, q_rstd, k_rstd, s);
   PG_CUDA_LAUNCH_CHECK();
 }
 
