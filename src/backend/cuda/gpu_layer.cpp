@@ -282,6 +282,13 @@ bool GpuModel::Impl::folds_mlp_branch_below(int v) const {
   return L.skip < 0 || (gp.skip_gates < 0 && !skip_grad_of(v - 1));
 }
 
+// Whether layer v's last pass (mix_norm_backward) also runs the backward of the skip into it: a plain layer
+// and a plain skip (a gated one rewrites the gradient the pass writes, and reads the input before the skip).
+bool GpuModel::Impl::folds_skip(int v) const {
+  const VirtualLayer& L = order[static_cast<size_t>(v)];
+  return L.skip >= 0 && !L.parallel && gp.skip_gates < 0;
+}
+
 // Layer v's MLP branch (out = x_mid + mlp_scale⊙σ(mlp_gate)⊙f) for its backward: d f into bw.df.
 BranchBelow GpuModel::Impl::mlp_branch_of(int v) {
   const LayerParams& p = lp[static_cast<size_t>(order[static_cast<size_t>(v)].physical)];
@@ -309,8 +316,14 @@ bool GpuModel::Impl::backward_layer(int v, bool mlp_branch_done) {
     const NormGrad dn = backward_attention(v);
     const bool fold = folds_mlp_branch_below(v);
     const BranchBelow below = fold ? mlp_branch_of(v - 1) : BranchBelow{};
+    SkipBelow skip;
+    if (folds_skip(v)) {
+      const int E = static_cast<int>(plan.encoder.size()), k = L.skip;
+      skip = SkipBelow{layers[static_cast<size_t>(E - 1 - k)].out, P(gp.skip_weights) + int64_t{k} * d,
+                       bw.d_enc[static_cast<size_t>(k)], G(gp.skip_weights, int64_t{k} * d)};
+    }
     mix_norm_backward(dn, bw.g, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, false, bw.dx0, G(p.resid_mix), N, d,
-                      p.ln_scale, bw.reduce, stream, fold ? &below : nullptr);
+                      p.ln_scale, bw.reduce, stream, fold ? &below : nullptr, folds_skip(v) ? &skip : nullptr);
     return fold;
   }
   PG_CHECK(!mlp_branch_done, "GpuModel: a parallel layer's lanes backward cannot be folded into the layer above");

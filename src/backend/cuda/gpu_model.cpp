@@ -778,7 +778,7 @@ void GpuModel::Impl::backward(const float* weights_device) {
     const VirtualLayer& L = order[static_cast<size_t>(v)];
     LayerBuf& b = layers[static_cast<size_t>(v)];
     mlp_branch_done = backward_layer(v, mlp_branch_done);
-    if (L.skip >= 0) {
+    if (L.skip >= 0 && !folds_skip(v)) {  // else the layer's last pass ran it
       const int k = L.skip;
       skip_backward(bw.g, b.pre_skip, layers[static_cast<size_t>(E - 1 - k)].out, P(gp.skip_weights) + int64_t{k} * d,
                     gp.skip_gates >= 0 ? P(gp.skip_gates) + int64_t{k} * d : nullptr,

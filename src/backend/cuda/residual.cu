@@ -75,6 +75,8 @@ __device__ __forceinline__ void scaled_copy(const float (&a)[kVec][8], const flo
 template <int kVec>
 constexpr int kSlotFloat4s = kVec * 2 * 32;
 
+constexpr int kMixNormPartials = 5;  // mix_norm_backward's partial-sum rows: dim-wide columns per block
+
 template <int kVec, bool kStaged>
 struct LaneVecs;
 
@@ -285,25 +287,33 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 4 : 1) mix
   }
 }
 
-// kBelow: the MLP-branch backward of the layer below, on dx as written (BranchBelow). Staged: 3 parameter
-// slots, then 3 column-sum slots per warp.
-template <int kVec, bool kBelow, typename DnT, bool kStaged>
+// Shared-memory slots of the staged mix_norm_backward: parameters (mix 0, mix 1, the branch coefficient, the
+// skip weight), then per warp the column sums (Σ t⊙x, Σ t⊙x0, Σ o⊙a of the branch, Σ o⊙s of the skip).
+constexpr int mix_norm_backward_slots(bool skip) { return skip ? 4 : 3; }
+
+// kBelow: the MLP-branch backward of the layer below, on dx as written (BranchBelow). kSkip: the backward of
+// the plain U-Net skip that feeds this layer, on dx as written too (SkipBelow).
+template <int kVec, bool kBelow, bool kSkip, typename DnT, bool kStaged>
 __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix_norm_backward_kernel(
     const DnT* __restrict__ dn, const float* g_in, const float* __restrict__ rstd, const bf16* __restrict__ x,
     const bf16* __restrict__ x0, const float* __restrict__ mix, float* dx, bool accumulate_dx, float* __restrict__ dx0,
-    float* __restrict__ partials, const BranchBelow below, int64_t rows, int dim, float scale) {
+    float* __restrict__ partials, const BranchBelow below, const SkipBelow skip, int64_t rows, int dim, float scale) {
   pdl_prologue();
   extern __shared__ float4 slots[];
   const int lane = threadIdx.x & 31;
+  constexpr int kSlots = mix_norm_backward_slots(kSkip);
   const auto m0 = param_vecs<kVec, kStaged>(slots, 0, dim, 0.f, [&](int f) { return mix[f]; });
   const auto m1 = param_vecs<kVec, kStaged>(slots, 1, dim, 0.f, [&](int f) { return mix[dim + f]; });
-  LaneVecs<kVec, kStaged> coef{};
+  LaneVecs<kVec, kStaged> coef{}, skip_w{};
   if constexpr (kBelow)
     coef = param_vecs<kVec, kStaged>(slots, 2, dim, 0.f, [&](int f) {
       return below.gate ? below.branch_scale[f] * sigmoidf_(below.gate[f]) : below.branch_scale[f];
     });
-  auto acc0 = zero_vecs<kVec, kStaged>(slots, 3, 3, 0), acc1 = zero_vecs<kVec, kStaged>(slots, 3, 3, 1);
-  auto acc_a = zero_vecs<kVec, kStaged>(slots, 3, 3, 2);
+  if constexpr (kSkip) skip_w = param_vecs<kVec, kStaged>(slots, 3, dim, 0.f, [&](int f) { return skip.w[f]; });
+  auto acc0 = zero_vecs<kVec, kStaged>(slots, kSlots, kSlots, 0), acc1 = zero_vecs<kVec, kStaged>(slots, kSlots, kSlots, 1);
+  auto acc_a = zero_vecs<kVec, kStaged>(slots, kSlots, kSlots, 2);
+  LaneVecs<kVec, kStaged> acc_s{};
+  if constexpr (kSkip) acc_s = zero_vecs<kVec, kStaged>(slots, kSlots, kSlots, 3);
   if constexpr (kStaged) __syncthreads();
   PG_ROWS_OF_WARP(r, rows) {
     float d[kVec][8], u[kVec][8], t[kVec][8];
@@ -363,26 +373,44 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix
         acc_a.put(k, sa);
         store8(below.da + r * dim + f0, da);
       }
+      if constexpr (kSkip) {
+        // skip_backward without a gate, on the gradient just formed (the same fp32 operations).
+        float sv[8], wk[8], ss[8], dsv[8];
+        load8(skip.s + r * dim + f0, sv);
+        skip_w.get(k, wk);
+        acc_s.get(k, ss);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          dsv[e] = wk[e] * o[e];
+          ss[e] += o[e] * sv[e];
+        }
+        acc_s.put(k, ss);
+        store8(skip.ds + r * dim + f0, dsv);
+      }
       store8(dx + r * dim + f0, o);
       store8(dx0 + r * dim + f0, o0);
     }
   }
   if (!partials) return;
-  float s0[kVec][8], s1[kVec][8], sa[kVec][8];
+  float s0[kVec][8], s1[kVec][8], sa[kVec][8], sk[kVec][8];
   vecs_to_registers(acc0, s0);
   vecs_to_registers(acc1, s1);
   vecs_to_registers(acc_a, sa);
+  if constexpr (kSkip) vecs_to_registers(acc_s, sk);
   float* smem = reinterpret_cast<float*>(slots);
   if constexpr (kStaged) {
     __syncthreads();  // every warp has read its sums back: their slots take the column partials
-    smem = reinterpret_cast<float*>(slots + 3 * kSlotFloat4s<kVec>);
+    smem = reinterpret_cast<float*>(slots + kSlots * kSlotFloat4s<kVec>);
   }
-  float* out = partials + static_cast<size_t>(blockIdx.x) * 4 * dim;  // [dmix 2·dim | dscale, dgate below]
+  // [dmix 2·dim | dscale, dgate below | dw of the skip]
+  float* out = partials + static_cast<size_t>(blockIdx.x) * kMixNormPartials * dim;
   store_column_partials<kVec>(s0, smem, out, dim);
   store_column_partials<kVec>(s1, smem, out + dim, dim);
   if constexpr (kBelow)
     store_branch_partials<kVec>(sa, below.branch_scale, below.gate, below.dscale != nullptr,
                                 below.dgate != nullptr && below.gate != nullptr, smem, out + 2 * dim, dim, lane);
+  if constexpr (kSkip)
+    if (skip.dw) store_column_partials<kVec>(sk, smem, out + 4 * dim, dim);
 }
 
 // ---- residual branch (+ RMSNorm) ---------------------------------------------------------------
@@ -677,7 +705,9 @@ void allow_staged_smem(size_t max_bytes) {
 void set_row_staging(bool on) { staging().store(on); }
 bool row_staging() { return staging().load(); }
 
-size_t residual_workspace_floats(int64_t rows, int dim) { return static_cast<size_t>(row_blocks(rows)) * (4 * dim + 6); }
+size_t residual_workspace_floats(int64_t rows, int dim) {
+  return static_cast<size_t>(row_blocks(rows)) * (kMixNormPartials * dim + 6);
+}
 
 void mix_norm_forward(const bf16* x, const bf16* x0, const float* mix, bf16* x_in, bf16* n, float* rstd, int64_t rows,
                       int dim, float scale, cudaStream_t stream, const ResidualBelow* below) {
@@ -710,15 +740,19 @@ void mix_norm_forward(const bf16* x, const bf16* x0, const float* mix, bf16* x_i
 
 void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const bf16* x, const bf16* x0,
                        const float* mix, float* dx, bool accumulate_dx, float* dx0, float* dmix, int64_t rows, int dim,
-                       float scale, const ReduceWorkspace& ws, cudaStream_t stream, const BranchBelow* below) {
+                       float scale, const ReduceWorkspace& ws, cudaStream_t stream, const BranchBelow* below,
+                       const SkipBelow* skip) {
   check_row_dim(dim, "mix_norm_backward");
   if (rows == 0) return;
   PG_CUDA_REQUIRE(!below || (below->a && below->da), "mix_norm_backward: the branch below needs a and da");
+  PG_CUDA_REQUIRE(!skip || (skip->s && skip->w && skip->ds), "mix_norm_backward: the skip needs s, w and ds");
+  PG_CUDA_REQUIRE(!skip || !below || !below->g_add,
+                  "mix_norm_backward: a skip gradient into the layer below and this layer's skip together");
   const int blocks = row_blocks(rows);
   const bool below_dgate = below && below->dgate && below->gate;
-  const bool any = dmix || (below && (below->dscale || below_dgate));
-  // Partials per block: [dmix 2·dim | dscale dim | dgate dim] (the layout has room for all four).
-  if (any) check_reduce_workspace(ws, blocks, 4 * dim, "mix_norm_backward");
+  const bool any = dmix || (below && (below->dscale || below_dgate)) || (skip && skip->dw);
+  // Partials per block: [dmix 2·dim | dscale dim | dgate dim | dw dim].
+  if (any) check_reduce_workspace(ws, blocks, kMixNormPartials * dim, "mix_norm_backward");
   float* partials = any ? ws.data : nullptr;
   const bool staged = row_staging();
   dispatch_row_vec(dim, [&](auto vec) {
@@ -726,13 +760,18 @@ void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const 
     dispatch_norm_grad(dn, [&](auto dn_rows) {
       using DnT = std::remove_cv_t<std::remove_pointer_t<decltype(dn_rows)>>;
       dispatch_bool(below != nullptr, [&](auto below_tag) {
-        dispatch_bool(staged, [&](auto staged_tag) {
-          constexpr bool kBelow = decltype(below_tag)::value, kStaged = decltype(staged_tag)::value;
-          constexpr auto kernel = mix_norm_backward_kernel<kVec, kBelow, DnT, kStaged>;
-          const size_t smem = kStaged ? staged_smem(dim, 3, 3, true) : column_smem(dim);
-          if constexpr (kStaged) allow_staged_smem<kernel>(staged_smem(kVec * 256, 3, 3, true));
-          launch_kernel(kernel, blocks, kRowThreads, smem, stream, dn_rows, g_in, rstd, x, x0, mix, dx, accumulate_dx,
-                        dx0, partials, below ? *below : BranchBelow{}, rows, dim, scale);
+        dispatch_bool(skip != nullptr, [&](auto skip_tag) {
+          dispatch_bool(staged, [&](auto staged_tag) {
+            constexpr bool kBelow = decltype(below_tag)::value, kSkip = decltype(skip_tag)::value;
+            constexpr bool kStaged = decltype(staged_tag)::value;
+            constexpr auto kernel = mix_norm_backward_kernel<kVec, kBelow, kSkip, DnT, kStaged>;
+            constexpr int n = mix_norm_backward_slots(kSkip);
+            const size_t smem = kStaged ? staged_smem(dim, n, n, true) : column_smem(dim);
+            if constexpr (kStaged) allow_staged_smem<kernel>(staged_smem(kVec * 256, n, n, true));
+            launch_kernel(kernel, blocks, kRowThreads, smem, stream, dn_rows, g_in, rstd, x, x0, mix, dx,
+                          accumulate_dx, dx0, partials, below ? *below : BranchBelow{}, skip ? *skip : SkipBelow{},
+                          rows, dim, scale);
+          });
         });
       });
     });
@@ -740,7 +779,10 @@ void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const 
   PG_CUDA_LAUNCH_CHECK();
   if (any)
     finish_partial_sums(ws.data, blocks,
-                        {{dmix, 2 * dim}, {below ? below->dscale : nullptr, dim}, {below_dgate ? below->dgate : nullptr, dim}},
+                        {{dmix, 2 * dim},
+                         {below ? below->dscale : nullptr, dim},
+                         {below_dgate ? below->dgate : nullptr, dim},
+                         {skip ? skip->dw : nullptr, dim}},
                         stream);
 }
 

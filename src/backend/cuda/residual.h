@@ -53,15 +53,26 @@ struct BranchBelow {
   float* dgate = nullptr;
 };
 
+// The backward of a plain (ungated) U-Net skip into this layer, in = x + w⊙s, folded into mix_norm_backward,
+// the pass that writes d in (skip_backward without a gate, to save a read of it): with o = dx as written,
+// ds = w⊙o (fp32), dw += Σ o⊙s (null: skipped). The same bits as skip_backward after the pass.
+struct SkipBelow {
+  const __nv_bfloat16* s = nullptr;
+  const float* w = nullptr;
+  float* ds = nullptr;
+  float* dw = nullptr;
+};
+
 // dn: fp32 or bf16 rows (norm_grad.h).
 // t = (g_in ? g_in : 0) + RMSNorm backward of dn (through x_in, recomputed from x and x0 with the
 // forward's roundings: the same bits as the stored x_in, not read back);
 // dx = (accumulate_dx ? dx : 0) + mix[0]⊙t; dx0 += mix[1]⊙t; dmix [2, dim] += [Σ t⊙x, Σ t⊙x0].
-// g_in may alias dx (read before written, element by element). below: see BranchBelow.
+// g_in may alias dx (read before written, element by element). below: see BranchBelow; skip: see SkipBelow
+// (not with a below.g_add).
 void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const __nv_bfloat16* x,
                        const __nv_bfloat16* x0, const float* mix, float* dx, bool accumulate_dx, float* dx0,
                        float* dmix, int64_t rows, int dim, float scale, const ReduceWorkspace& ws,
-                       cudaStream_t stream, const BranchBelow* below = nullptr);
+                       cudaStream_t stream, const BranchBelow* below = nullptr, const SkipBelow* skip = nullptr);
 
 // Residual branch (+ RMSNorm of the result when n is given):
 //   out = (x ? x : 0) + branch_scale⊙(σ(gate)⊙a)   (gate null: σ = 1), stored bf16;
