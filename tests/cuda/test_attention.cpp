@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "backend/cuda/attention.h"
+#include "backend/cuda/xsa.h"
 #include "core/error.h"
 #include "cuda_test_util.h"
 
@@ -373,6 +374,59 @@ TEST_F(AttentionTest, WarpSpecializedForwardFallsBackOnSmallShapes) {
   DeviceAttention large_dev(large);
   EXPECT_TRUE(same_bits(forward(large_dev, automatic), forward(large_dev, ws)))
       << "large shape: not the warp-specialized forward's bits";
+}
+
+// XSA's backward writes the attention backward's D (attention_backward_delta) from the dO it writes and
+// the attention output it reads: the same bits as the backward's own first pass, so the backward that
+// reads it (delta_ready) gives the bits of the one that computes it: dq, dk and dv deterministic, dk and
+// dv of the warp-specialized backward, and the D rows themselves. Varlen, GQA (8 heads over 4).
+TEST_F(AttentionTest, XsaWritesTheBackwardsDelta) {
+  const AttentionInputs in = make_inputs(cu_from_lengths({300, 1, 200, 523}), 8, 4, 97);
+  DeviceAttention dev(in);
+  Rng rng(98);
+  const auto dy = random_bf16_values(in.d_o.size(), rng), xv = random_bf16_values(in.v.size(), rng);
+  auto d_dy = to_device_bf16(dy), d_xv = to_device_bf16(xv);
+  auto o = poisoned_buffer<__nv_bfloat16>(in.q.size());
+  auto lse = poisoned_buffer<float>(size_t(in.tokens) * in.heads);
+  cuda::attention_forward(dev.shape, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(), nullptr, {});
+  const size_t ws_bytes = cuda::attention_backward_workspace_bytes(dev.shape);
+  const AttentionTuning deterministic{4, 8, true, cuda::AttentionForwardKernel::mma_sync,
+                                      cuda::AttentionBackwardKernel::mma_sync};
+  const AttentionTuning warp_specialized;  // the defaults
+  for (const AttentionTuning& tuning : {deterministic, warp_specialized}) {
+    SCOPED_TRACE(tuning_label(tuning));
+    auto run = [&](bool from_xsa) {
+      auto ws = poisoned_buffer<unsigned char>(ws_bytes);
+      auto d_o = poisoned_buffer<__nv_bfloat16>(in.q.size());
+      auto dxv = poisoned_buffer<float>(in.v.size());
+      auto dq = poisoned_buffer<__nv_bfloat16>(in.q.size());
+      auto dk = poisoned_buffer<__nv_bfloat16>(in.k.size());
+      auto dv = poisoned_buffer<__nv_bfloat16>(in.v.size());
+      float* delta = cuda::attention_backward_delta(dev.shape, ws.data());
+      cuda::xsa_backward(d_dy.data(), o.data(), d_xv.data(), d_o.data(), dxv.data(), in.tokens, in.heads,
+                         in.kv_heads, kDh, nullptr, from_xsa ? delta : nullptr);
+      cuda::attention_backward(dev.shape, dev.q.data(), dev.k.data(), dev.v.data(), o.data(), lse.data(),
+                               d_o.data(), dq.data(), dk.data(), dv.data(), ws.data(), ws_bytes, nullptr, tuning,
+                               from_xsa);
+      PG_CUDA_CHECK(cudaDeviceSynchronize());
+      std::vector<float> d(static_cast<size_t>(in.tokens) * in.heads);
+      PG_CUDA_CHECK(cudaMemcpy(d.data(), delta, d.size() * sizeof(float), cudaMemcpyDeviceToHost));
+      return std::vector<std::vector<float>>{d, from_device_bf16(dk), from_device_bf16(dv), from_device_bf16(dq)};
+    };
+    const auto from_xsa = run(true), own = run(false);
+    const char* names[] = {"D", "dk", "dv", "dq"};
+    const size_t compared = tuning.deterministic ? 4 : 3;  // dq's atomics are not deterministic
+    for (size_t i = 0; i < compared; ++i)
+      EXPECT_EQ(0, std::memcmp(from_xsa[i].data(), own[i].data(), own[i].size() * sizeof(float))) << names[i];
+    double norm = 0;
+    for (float x : own[0]) norm += std::fabs(x);
+    EXPECT_GT(norm, 0.0) << "D is all zero";
+  }
+  auto out = poisoned_buffer<__nv_bfloat16>(in.q.size());
+  auto dxv = poisoned_buffer<float>(in.v.size());
+  EXPECT_THROW(cuda::xsa_backward(d_dy.data(), o.data(), d_xv.data(), out.data(), dxv.data(), in.tokens, in.heads * 2,
+                                  in.kv_heads, kDh / 2, nullptr, dxv.data()),
+               Error);
 }
 
 TEST_F(AttentionTest, SmallWorkspaceAndBadHeadsAreErrors) {

@@ -91,14 +91,22 @@ void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, cons
 // Device scratch the backward needs (fp32 dq accumulator and the per-row D = rowsum(dO ∘ O)).
 size_t attention_backward_workspace_bytes(const AttentionShape& shape);
 
+// The rows of D = rowsum(dO ∘ O) in the backward's workspace, fp32 [heads][tokens] (D of head h and token
+// i at h·total_tokens + i). A caller that holds dO and O already (XSA's backward, xsa.h) may write D there
+// and pass delta_ready: the backward then reads it instead of computing it (its first pass only zeroes
+// the dQ accumulator). D must be the bits the backward computes: per token and head, over 8 slices of 8
+// features, s = fma(o[2j], d[2j], fma(o[2j+1], d[2j+1], s)) for j = 0..3 from 0, then the slices summed by
+// xor-shuffles over 1, 2 and 4, on dO and O as stored (bf16).
+float* attention_backward_delta(const AttentionShape& shape, void* workspace);
+
 // dq, dk, dv from the forward's o and lse and the output gradient d_o. Every element of dq, dk and
 // dv is written (no accumulation into them). dk and dv are deterministic; dq only with
-// tuning.deterministic.
+// tuning.deterministic. delta_ready: D is in the workspace (attention_backward_delta).
 void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse,
                         const __nv_bfloat16* d_o, __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream,
-                        const AttentionTuning& tuning = {});
+                        const AttentionTuning& tuning = {}, bool delta_ready = false);
 
 // dQ before the backward's finish pass: dq = bf16(scale · sum) elementwise, sum [N, H, 64] fp32 (device).
 struct DqSum {
@@ -113,6 +121,7 @@ struct DqSum {
 DqSum attention_backward_unfinished(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                     const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse,
                                     const __nv_bfloat16* d_o, __nv_bfloat16* dk, __nv_bfloat16* dv, void* workspace,
-                                    size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning = {});
+                                    size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning = {},
+                                    bool delta_ready = false);
 
 }  // namespace pgolf::cuda

@@ -75,10 +75,11 @@ __device__ void build_tile_schedule(const int32_t* __restrict__ cu, int num_segm
 
 // Eight threads per (token, head) row, 8 elements (16 bytes) each. Block 0 also writes the wgmma
 // kernel's work list for key tiles of schedule_block_n keys, or with 0 an empty one (count -1).
+// With compute_delta false, D is already in place (attention_backward_delta): only dQ is zeroed.
 __global__ void attention_backward_prepare_kernel(const __nv_bfloat16* __restrict__ o,
                                                   const __nv_bfloat16* __restrict__ d_o, float* __restrict__ delta,
-                                                  float* __restrict__ dq_accum, int total_tokens, int num_heads,
-                                                  const int32_t* __restrict__ cu, int num_segments,
+                                                  bool compute_delta, float* __restrict__ dq_accum, int total_tokens,
+                                                  int num_heads, const int32_t* __restrict__ cu, int num_segments,
                                                   int schedule_block_n, int2* __restrict__ tile_schedule) {
   if (blockIdx.x == 0) {
     if (schedule_block_n > 0) build_tile_schedule(cu, num_segments, schedule_block_n, tile_schedule);
@@ -89,6 +90,12 @@ __global__ void attention_backward_prepare_kernel(const __nv_bfloat16* __restric
   const int part = static_cast<int>(thread & 7);
   const bool active = row < static_cast<int64_t>(total_tokens) * num_heads;
   float sum = 0.f;
+  if (active && !compute_delta) {
+    float4* acc = reinterpret_cast<float4*>(dq_accum + row * kHeadDim + part * 8);
+    acc[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+    acc[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  if (!compute_delta) return;
   if (active) {
     const int64_t offset = row * kHeadDim + part * 8;
     const uint4 ov = *reinterpret_cast<const uint4*>(o + offset);
@@ -372,6 +379,10 @@ size_t attention_backward_workspace_bytes(const AttentionShape& shape) {
   return dq_accum_bytes(shape) + delta_bytes(shape) + tile_schedule_entries(shape) * sizeof(int2);
 }
 
+float* attention_backward_delta(const AttentionShape& shape, void* workspace) {
+  return reinterpret_cast<float*>(static_cast<char*>(workspace) + dq_accum_bytes(shape));
+}
+
 namespace {
 
 // Checks the arguments, runs the prepare kernel (D, the zeroed dQ accumulator, the wgmma work list)
@@ -380,7 +391,7 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
                                          const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse,
                                          const __nv_bfloat16* d_o, __nv_bfloat16* dk, __nv_bfloat16* dv,
                                          void* workspace, size_t workspace_bytes, cudaStream_t stream,
-                                         const AttentionTuning& tuning) {
+                                         const AttentionTuning& tuning, bool delta_ready) {
   PG_CUDA_REQUIRE(shape.query_begin == nullptr,
                   "attention_backward: shape.query_begin is for the forward only (a backward needs every query)");
   check_aligned16(q, "attention_backward: q must be a 16-byte aligned device pointer");
@@ -396,7 +407,7 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
                   "attention_backward: workspace smaller than attention_backward_workspace_bytes(shape)");
 
   float* dq_accum = static_cast<float*>(workspace);
-  float* delta = reinterpret_cast<float*>(static_cast<char*>(workspace) + dq_accum_bytes(shape));
+  float* delta = attention_backward_delta(shape, workspace);
   int2* tile_schedule =
       reinterpret_cast<int2*>(static_cast<char*>(workspace) + dq_accum_bytes(shape) + delta_bytes(shape));
   int schedule_keys = 0;  // the wgmma kernels' work list (none for the mma.sync kernel)
@@ -408,8 +419,8 @@ AttentionBackwardParams prepare_backward(const AttentionShape& shape, const __nv
   const int threads = 256;
   const int64_t blocks = (rows * 8 + threads - 1) / threads;
   attention_backward_prepare_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-      o, d_o, delta, dq_accum, shape.total_tokens, shape.num_heads, shape.cu_seqlens, shape.num_segments,
-      schedule_keys, tile_schedule);
+      o, d_o, delta, !delta_ready, dq_accum, shape.total_tokens, shape.num_heads, shape.cu_seqlens,
+      shape.num_segments, schedule_keys, tile_schedule);
   PG_CUDA_LAUNCH_CHECK();
   return AttentionBackwardParams{attention_layout(shape), q, k, v, d_o, lse, delta, dq_accum, tile_schedule, dk, dv};
 }
@@ -432,12 +443,13 @@ DqSum launch_backward_atomic(const AttentionBackwardParams& p, const AttentionSh
 void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse, const __nv_bfloat16* d_o,
                         __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, void* workspace,
-                        size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning) {
+                        size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning,
+                        bool delta_ready) {
   check_attention_shape(shape);
   if (shape.total_tokens == 0) return;
   check_aligned16(dq, "attention_backward: dq must be a 16-byte aligned device pointer");
   const AttentionBackwardParams p =
-      prepare_backward(shape, q, k, v, o, lse, d_o, dk, dv, workspace, workspace_bytes, stream, tuning);
+      prepare_backward(shape, q, k, v, o, lse, d_o, dk, dv, workspace, workspace_bytes, stream, tuning, delta_ready);
   if (tuning.deterministic) {
     launch_backward<false>(p, shape, tuning.backward_warps, stream);
     launch_attention_dq(shape, q, k, v, d_o, lse, p.delta, dq, stream);
@@ -455,14 +467,15 @@ void attention_backward(const AttentionShape& shape, const __nv_bfloat16* q, con
 DqSum attention_backward_unfinished(const AttentionShape& shape, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                     const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse,
                                     const __nv_bfloat16* d_o, __nv_bfloat16* dk, __nv_bfloat16* dv, void* workspace,
-                                    size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning) {
+                                    size_t workspace_bytes, cudaStream_t stream, const AttentionTuning& tuning,
+                                    bool delta_ready) {
   PG_CUDA_REQUIRE(!tuning.deterministic,
                   "attention_backward_unfinished: the deterministic backward writes bf16 dq itself "
                   "(call attention_backward)");
   check_attention_shape(shape);
   if (shape.total_tokens == 0) return DqSum{static_cast<const float*>(workspace), 1.f};
   const AttentionBackwardParams p =
-      prepare_backward(shape, q, k, v, o, lse, d_o, dk, dv, workspace, workspace_bytes, stream, tuning);
+      prepare_backward(shape, q, k, v, o, lse, d_o, dk, dv, workspace, workspace_bytes, stream, tuning, delta_ready);
   return launch_backward_atomic(p, shape, tuning, stream);
 }
 

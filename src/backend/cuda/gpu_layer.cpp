@@ -84,18 +84,21 @@ NormGrad GpuModel::Impl::backward_attention(int v) {
                        bw.reduce, stream);
     std::swap(dy, spare);
   }
+  const AttentionShape shape = attention_shape();
+  // XSA's backward holds dO and O: it also writes the flash backward's D, which then need not read them.
+  const bool delta_ready = p.xsa && Dh == kAttentionHeadDim;
   if (p.xsa) {
-    xsa_backward(dy, b.y, vals, spare, bw.dv_xsa, N, H, Hkv, Dh, stream);
+    xsa_backward(dy, b.y, vals, spare, bw.dv_xsa, N, H, Hkv, Dh, stream,
+                 delta_ready ? attention_backward_delta(shape, bw.attn_ws) : nullptr);
     std::swap(dy, spare);
   }
-  const AttentionShape shape = attention_shape();
   QkDq dq(bw.dq);
   if (fold_dq_finish)
     dq = attention_backward_unfinished(shape, b.q, b.k, vals, b.y, b.lse, dy, bw.dk, bw.dv, bw.attn_ws,
-                                       bw.attn_ws_bytes, stream, attention);
+                                       bw.attn_ws_bytes, stream, attention, delta_ready);
   else if (Dh == kAttentionHeadDim)
     attention_backward(shape, b.q, b.k, vals, b.y, b.lse, dy, bw.dq, bw.dk, bw.dv, bw.attn_ws, bw.attn_ws_bytes,
-                       stream, attention);
+                       stream, attention, delta_ready);
   else
     attention_reference_backward(shape, Dh, max_seqlen, b.q, b.k, vals, b.y, b.lse, dy, bw.dq, bw.dk, bw.dv,
                                  bw.attn_ws, bw.attn_ws_bytes, stream);

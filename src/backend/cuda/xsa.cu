@@ -66,11 +66,26 @@ __global__ void __launch_bounds__(kXsaThreads) xsa_forward_kernel(const bf16* __
   }
 }
 
+// D = rowsum(dy_in ∘ y) of one head (head dim 64: 8 slices of 8) with attention_backward's operations
+// (attention.h, attention_backward_delta): on the bf16 values as stored, a fused multiply-add chain per
+// slice, the slices summed by xor 1, 2, 4.
+__device__ __forceinline__ float attention_delta(const float (&y)[8], const float (&dy)[8]) {
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    sum = fmaf(y[2 * i], round_bf16(dy[2 * i]), fmaf(y[2 * i + 1], round_bf16(dy[2 * i + 1]), sum));
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+  return sum;
+}
+
 template <int kLanes>
 __global__ void __launch_bounds__(kXsaThreads) xsa_backward_kernel(const bf16* __restrict__ dy_out,
                                                                    const bf16* __restrict__ y,
                                                                    const bf16* __restrict__ v, bf16* __restrict__ dy_in,
-                                                                   float* __restrict__ dv, int items, int H, int Hkv) {
+                                                                   float* __restrict__ dv, float* __restrict__ delta,
+                                                                   int items, int H, int Hkv) {
   pdl_prologue();
   constexpr int kDh = 8 * kLanes;
   const int group = H / Hkv;
@@ -98,6 +113,12 @@ __global__ void __launch_bounds__(kXsaThreads) xsa_backward_kernel(const bf16* _
         dyv[e] -= e_dot * vh[e];
       }
       if (valid) store8(dy_in + at, dyv);
+      if constexpr (kLanes == 8) {
+        if (delta) {
+          const float d = attention_delta(yv, dyv);
+          if (valid && part == 0) delta[static_cast<int64_t>(g * group + hq) * (items / Hkv) + i] = d;
+        }
+      }
     }
     const float vd = item_dot<kLanes>(vh, dvh);
 #pragma unroll
@@ -133,14 +154,15 @@ void xsa_forward(const bf16* y, const bf16* v, bf16* y_out, int64_t N, int H, in
 }
 
 void xsa_backward(const bf16* dy_out, const bf16* y, const bf16* v, bf16* dy_in, float* dv, int64_t N, int H, int Hkv,
-                  int head_dim, cudaStream_t stream) {
+                  int head_dim, cudaStream_t stream, float* delta) {
   PG_CUDA_REQUIRE(Hkv > 0 && H % Hkv == 0, "xsa_backward: kv_heads must divide heads");
+  PG_CUDA_REQUIRE(!delta || head_dim == 64, "xsa_backward: D for the attention backward needs head_dim 64");
   PG_CUDA_REQUIRE(N * Hkv * 8 < INT32_MAX, "xsa_backward: more than 2^28 (token, KV head) items");
   if (N == 0) return;
   dispatch_head_dim(head_dim, "xsa_backward: head_dim must be 8, 16, 32 or 64", [&](auto dh) {
     constexpr int kLanes = decltype(dh)::value / 8;
     launch_kernel(xsa_backward_kernel<kLanes>, item_blocks(N * Hkv * kLanes, kXsaThreads), kXsaThreads, 0, stream,
-                  dy_out, y, v, dy_in, dv, static_cast<int>(N * Hkv), H, Hkv);
+                  dy_out, y, v, dy_in, dv, delta, static_cast<int>(N * Hkv), H, Hkv);
   });
   PG_CUDA_LAUNCH_CHECK();
 }
