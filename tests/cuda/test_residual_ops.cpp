@@ -289,77 +289,94 @@ TEST_F(ResidualOpsTest, MixNormBackwardWithTheBranchBelowEqualsBothPasses) {
   }
 }
 
-// mix_norm_backward with the backward of a plain U-Net skip folded in (SkipBelow) gives the bits of
-// mix_norm_backward followed by skip_backward without a gate: d in, ds, dw (and, with the branch below folded
-// in too, its outputs), with the row kernels' vectors staged and in registers.
+// mix_norm_backward with the backward of the U-Net skip folded in (SkipBelow) gives the bits of
+// mix_norm_backward followed by skip_backward: d x, ds, dw, dgate (and, with the branch below folded in
+// too, its outputs), for a plain skip with and without the branch below, a gated one, and a gated one
+// into a parallel layer's pass (accumulating dx, no g_in), with the row kernels' vectors staged and in
+// registers.
 TEST_F(ResidualOpsTest, MixNormBackwardWithTheSkipEqualsBothPasses) {
   struct Restore {
     bool was = cuda::row_staging();
     ~Restore() { cuda::set_row_staging(was); }
   } restore;
+  struct Variant {
+    const char* name;
+    bool below, gated, lanes;
+  };
+  const Variant variants[] = {
+      {"plain", false, false, false}, {"plain_below", true, false, false}, {"gated", false, true, false},
+      {"gated_lanes", false, true, true}};
   for (const RowCase& c : kCases) {
-    for (const bool with_below : {false, true}) {
+    for (const Variant& var : variants) {
       for (const bool staged : {true, false}) {
         cuda::set_row_staging(staged);
-        const std::string tag = case_name(c) + (with_below ? "_below" : "") + (staged ? "_staged" : "_registers");
+        const std::string tag = case_name(c) + "_" + var.name + (staged ? "_staged" : "_registers");
         SCOPED_TRACE(tag);
         const int64_t n = c.rows * c.dim;
-        Rng rng(900 + c.dim + 2 * with_below);
+        Rng rng(900 + c.dim + 2 * var.below + 4 * var.gated + 8 * var.lanes);
         const auto dn = random_bf16_values(n, rng), g = random_f32_values(n, rng);
         const auto x = random_bf16_values(n, rng), x0 = random_bf16_values(n, rng), f = random_bf16_values(n, rng);
-        const auto skip_s = random_bf16_values(n, rng), dx0_init = random_f32_values(n, rng);
+        const auto skip_s = random_bf16_values(n, rng), skip_x = random_bf16_values(n, rng);
+        const auto dx0_init = random_f32_values(n, rng);
         const auto rstd = params_near(c.rows, rng, 1.0, 0.3), mix = params_near(2 * c.dim, rng, 0.5, 0.5);
         const auto scale = params_near(c.dim, rng, 1.0, 0.3), gate = params_near(c.dim, rng, 0.0, 1.0);
-        const auto w = params_near(c.dim, rng, 1.0, 0.5), sums_init = random_f32_values(5 * c.dim, rng);
+        const auto w = params_near(c.dim, rng, 1.0, 0.5), skip_gate = params_near(c.dim, rng, 0.0, 1.0);
+        const auto sums_init = random_f32_values(6 * c.dim, rng);
         TestWorkspace tw(cuda::residual_workspace_floats(c.rows, c.dim));
-        DeviceBuffer<float> drstd(rstd), dmix(mix), dscale(scale), dgate(gate), dw(w);
+        DeviceBuffer<float> drstd(rstd), dmix(mix), dscale(scale), dgate(gate), dw(w), dskip_gate(skip_gate);
         auto ddn = to_device_bf16(dn), dx = to_device_bf16(x), dx0 = to_device_bf16(x0), df = to_device_bf16(f);
-        auto ds = to_device_bf16(skip_s);
+        auto ds = to_device_bf16(skip_s), dsx = to_device_bf16(skip_x);
 
         auto run = [&](bool fused) {
           auto part = [&](int from, int count) {
             return std::vector<float>(sums_init.begin() + from * c.dim, sums_init.begin() + (from + count) * c.dim);
           };
           DeviceBuffer<float> out_g(g), out_dx0(dx0_init), out_dmix(part(0, 2)), out_ds(part(2, 1)),
-              out_dg(part(3, 1)), out_dw(part(4, 1)), out_skip_ds(std::vector<float>(n, NAN));
+              out_dg(part(3, 1)), out_dw(part(4, 1)), out_dsg(part(5, 1)), out_skip_ds(std::vector<float>(n, NAN));
           auto out_da = poisoned_buffer<bf16>(n);
           const cuda::BranchBelow below{df.data(), dscale.data(), dgate.data(), nullptr, out_da.data(),
                                         out_ds.data(), out_dg.data()};
-          const cuda::SkipBelow skip{ds.data(), dw.data(), out_skip_ds.data(), out_dw.data()};
-          cuda::mix_norm_backward(ddn.data(), out_g.data(), drstd.data(), dx.data(), dx0.data(), dmix.data(),
-                                  out_g.data(), false, out_dx0.data(), out_dmix.data(), c.rows, c.dim, 0.6f, tw.ws,
-                                  nullptr, with_below ? &below : nullptr, fused ? &skip : nullptr);
+          cuda::SkipBelow skip{ds.data(), dw.data(), out_skip_ds.data(), out_dw.data()};
+          if (var.gated) skip.gate = dskip_gate.data(), skip.x = dsx.data(), skip.dgate = out_dsg.data();
+          cuda::mix_norm_backward(ddn.data(), var.lanes ? nullptr : out_g.data(), drstd.data(), dx.data(), dx0.data(),
+                                  dmix.data(), out_g.data(), var.lanes, out_dx0.data(), out_dmix.data(), c.rows, c.dim,
+                                  0.6f, tw.ws, nullptr, var.below ? &below : nullptr, fused ? &skip : nullptr);
           if (!fused)
-            cuda::skip_backward(out_g.data(), nullptr, skip.s, skip.w, nullptr, skip.ds, skip.dw, nullptr, c.rows,
+            cuda::skip_backward(out_g.data(), skip.x, skip.s, skip.w, skip.gate, skip.ds, skip.dw, skip.dgate, c.rows,
                                 c.dim, tw.ws, nullptr);
           sync_device();
-          std::vector<std::vector<float>> r{out_g.download(), out_dx0.download(), out_dmix.download(),
-                                            out_skip_ds.download(), out_dw.download()};
-          if (with_below)
-            r.insert(r.end(), {from_device_bf16(out_da), out_ds.download(), out_dg.download()});
+          std::vector<std::vector<float>> r{out_g.download(),       out_dx0.download(), out_dmix.download(),
+                                            out_skip_ds.download(), out_dw.download(),  out_dsg.download()};
+          if (var.below) r.insert(r.end(), {from_device_bf16(out_da), out_ds.download(), out_dg.download()});
           return r;
         };
         const auto fused = run(true), separate = run(false);
-        const char* names[] = {"g", "dx0", "dmix", "skip ds", "skip dw", "da", "dscale", "dgate"};
+        const char* names[] = {"g", "dx0", "dmix", "skip ds", "skip dw", "skip dgate", "da", "dscale", "dgate"};
         ASSERT_EQ(fused.size(), separate.size());
         for (size_t i = 0; i < fused.size(); ++i)
           EXPECT_EQ(0, std::memcmp(fused[i].data(), separate[i].data(), fused[i].size() * sizeof(float)))
               << tag << ": " << names[i];
-        EXPECT_NE(fused[4], std::vector<float>(sums_init.begin() + 4 * c.dim, sums_init.end()))
+        EXPECT_NE(fused[4], std::vector<float>(sums_init.begin() + 4 * c.dim, sums_init.begin() + 5 * c.dim))
             << tag << ": the skip weight's gradient must be added";
+        const std::vector<float> gate_init(sums_init.begin() + 5 * c.dim, sums_init.end());
+        if (var.gated) EXPECT_NE(fused[5], gate_init) << tag << ": the skip gate's gradient must be added";
+        else EXPECT_EQ(fused[5], gate_init) << tag << ": no gate: its gradient must stay untouched";
       }
     }
   }
-  // A skip gradient into the layer below (below.g_add) with a folded skip is refused before any launch.
-  auto both = [] {
+  // The branch below with a skip gradient into it, or with a gated skip, is refused with a folded skip before
+  // any launch (the skip's gradient and the branch's would differ).
+  auto both = [](bool g_add, bool gated) {
     const auto* some = reinterpret_cast<const float*>(uintptr_t{256});
     auto* out = reinterpret_cast<bf16*>(uintptr_t{256});
-    const cuda::BranchBelow below{reinterpret_cast<const bf16*>(out), some, nullptr, some, out};
-    const cuda::SkipBelow skip{reinterpret_cast<const bf16*>(out), some, const_cast<float*>(some), nullptr};
+    const cuda::BranchBelow below{reinterpret_cast<const bf16*>(out), some, nullptr, g_add ? some : nullptr, out};
+    cuda::SkipBelow skip{reinterpret_cast<const bf16*>(out), some, const_cast<float*>(some), nullptr};
+    if (gated) skip.gate = some, skip.x = reinterpret_cast<const bf16*>(out);
     cuda::mix_norm_backward(some, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, false, nullptr, nullptr, 4, 64,
                             1.f, cuda::ReduceWorkspace{}, nullptr, &below, &skip);
   };
-  EXPECT_THROW(both(), pgolf::Error);
+  EXPECT_THROW(both(true, false), pgolf::Error);
+  EXPECT_THROW(both(false, true), pgolf::Error);
 }
 
 // mix_norm_forward with the residual updates below folded in (ResidualBelow: the MLP branch of the layer

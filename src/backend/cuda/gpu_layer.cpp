@@ -276,8 +276,9 @@ const float* GpuModel::Impl::skip_grad_of(int v) const {
 }
 
 // Whether layer v's last pass (mix_norm_backward) can also run layer v−1's MLP-branch backward: both
-// layers sequential, and nothing between the two touches bw.g: a gated skip at v rewrites it, and a skip at
-// v reads it (its skip_backward) before v−1's skip gradient may be added.
+// layers sequential, and the skip at v (whose backward runs in the same pass, on the same gradient) neither
+// gated (the gate rewrites the gradient the branch needs) nor followed by v−1's own skip gradient (added to
+// it for the branch, but not for the skip).
 bool GpuModel::Impl::folds_mlp_branch_below(int v) const {
   if (v < 1) return false;
   const VirtualLayer& L = order[static_cast<size_t>(v)];
@@ -285,11 +286,20 @@ bool GpuModel::Impl::folds_mlp_branch_below(int v) const {
   return L.skip < 0 || (gp.skip_gates < 0 && !skip_grad_of(v - 1));
 }
 
-// Whether layer v's last pass (mix_norm_backward) also runs the backward of the skip into it: a plain layer
-// and a plain skip (a gated one rewrites the gradient the pass writes, and reads the input before the skip).
-bool GpuModel::Impl::folds_skip(int v) const {
+// The U-Net skip into layer v for its last pass (mix_norm_backward), which runs the skip's backward: d in
+// → d x, the encoder output's gradient into bw.d_enc, the skip's parameter gradients. Empty without a skip.
+SkipBelow GpuModel::Impl::skip_into(int v) {
   const VirtualLayer& L = order[static_cast<size_t>(v)];
-  return L.skip >= 0 && !L.parallel && gp.skip_gates < 0;
+  if (L.skip < 0) return SkipBelow{};
+  const int E = static_cast<int>(plan.encoder.size()), k = L.skip;
+  const bool gated = gp.skip_gates >= 0;
+  return SkipBelow{layers[static_cast<size_t>(E - 1 - k)].out,
+                   P(gp.skip_weights) + int64_t{k} * d,
+                   bw.d_enc[static_cast<size_t>(k)],
+                   G(gp.skip_weights, int64_t{k} * d),
+                   gated ? P(gp.skip_gates) + int64_t{k} * d : nullptr,
+                   gated ? layers[static_cast<size_t>(v)].pre_skip : nullptr,
+                   gated ? G(gp.skip_gates, int64_t{k} * d) : nullptr};
 }
 
 // Layer v's MLP branch (out = x_mid + mlp_scale⊙σ(mlp_gate)⊙f) for its backward: d f into bw.df.
@@ -319,14 +329,9 @@ bool GpuModel::Impl::backward_layer(int v, bool mlp_branch_done) {
     const NormGrad dn = backward_attention(v);
     const bool fold = folds_mlp_branch_below(v);
     const BranchBelow below = fold ? mlp_branch_of(v - 1) : BranchBelow{};
-    SkipBelow skip;
-    if (folds_skip(v)) {
-      const int E = static_cast<int>(plan.encoder.size()), k = L.skip;
-      skip = SkipBelow{layers[static_cast<size_t>(E - 1 - k)].out, P(gp.skip_weights) + int64_t{k} * d,
-                       bw.d_enc[static_cast<size_t>(k)], G(gp.skip_weights, int64_t{k} * d)};
-    }
+    const SkipBelow skip = skip_into(v);
     mix_norm_backward(dn, bw.g, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, false, bw.dx0, G(p.resid_mix), N, d,
-                      p.ln_scale, bw.reduce, stream, fold ? &below : nullptr, folds_skip(v) ? &skip : nullptr);
+                      p.ln_scale, bw.reduce, stream, fold ? &below : nullptr, L.skip >= 0 ? &skip : nullptr);
     return fold;
   }
   PG_CHECK(!mlp_branch_done, "GpuModel: a parallel layer's lanes backward cannot be folded into the layer above");
@@ -338,8 +343,9 @@ bool GpuModel::Impl::backward_layer(int v, bool mlp_branch_done) {
   const NormGrad dm = backward_mlp(v);
   rmsnorm_backward(dm, b.lane1, nullptr, b.m_rstd, bw.g1, N, d, p.ln_scale, 1.f, true, stream);
   const NormGrad dn = backward_attention(v);
+  const SkipBelow skip = skip_into(v);
   mix_norm_backward(dn, nullptr, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, true, bw.dx0, G(p.resid_mix), N, d,
-                    p.ln_scale, bw.reduce, stream);
+                    p.ln_scale, bw.reduce, stream, nullptr, L.skip >= 0 ? &skip : nullptr);
   return false;
 }
 

@@ -772,20 +772,12 @@ void GpuModel::Impl::backward(const float* weights_device) {
   if (bw.dve) PG_CUDA_CHECK(cudaMemsetAsync(bw.dve, 0, static_cast<size_t>(N) * kvd * 4, stream));
   if (bw.dv0) PG_CUDA_CHECK(cudaMemsetAsync(bw.dv0, 0, static_cast<size_t>(N) * kvd * 4, stream));
 
-  const int nv = static_cast<int>(order.size()), E = static_cast<int>(plan.encoder.size());
+  const int nv = static_cast<int>(order.size());
   bool mlp_branch_done = false;  // layer v's MLP-branch backward ran in layer v+1's last pass
   for (int v = nv - 1; v >= 0; --v) {
-    const VirtualLayer& L = order[static_cast<size_t>(v)];
-    LayerBuf& b = layers[static_cast<size_t>(v)];
+    // The skip into layer v, if any, has its backward in the layer's last pass (skip_into).
     mlp_branch_done = backward_layer(v, mlp_branch_done);
-    if (L.skip >= 0 && !folds_skip(v)) {  // else the layer's last pass ran it
-      const int k = L.skip;
-      skip_backward(bw.g, b.pre_skip, layers[static_cast<size_t>(E - 1 - k)].out, P(gp.skip_weights) + int64_t{k} * d,
-                    gp.skip_gates >= 0 ? P(gp.skip_gates) + int64_t{k} * d : nullptr,
-                    bw.d_enc[static_cast<size_t>(k)], G(gp.skip_weights, int64_t{k} * d),
-                    G(gp.skip_gates, int64_t{k} * d), N, d, bw.reduce, stream);
-    }
-    if (L.opens_lanes) add_f32(bw.g, bw.g1, N * d, stream);
+    if (order[static_cast<size_t>(v)].opens_lanes) add_f32(bw.g, bw.g1, N * d, stream);
   }
   add_f32(bw.dx0, bw.g, N * d, stream);
   backward_embedding();

@@ -229,7 +229,7 @@ struct GpuModel::Impl {
   const float* skip_grad_of(int v) const;
   bool is_skip_source(int v) const;  // a decoder skip reads virtual layer v's output
   bool folds_mlp_branch_below(int v) const;
-  bool folds_skip(int v) const;
+  SkipBelow skip_into(int v);
   BranchBelow mlp_branch_of(int v);
   bool runs_selected_rows() const;
   void forward_attention(int v, bool selected_queries);  // through attention (b.y); optionally the selected tiles only

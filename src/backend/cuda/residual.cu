@@ -75,7 +75,7 @@ __device__ __forceinline__ void scaled_copy(const float (&a)[kVec][8], const flo
 template <int kVec>
 constexpr int kSlotFloat4s = kVec * 2 * 32;
 
-constexpr int kMixNormPartials = 5;  // mix_norm_backward's partial-sum rows: dim-wide columns per block
+constexpr int kMixNormPartials = 6;  // mix_norm_backward's partial-sum rows: dim-wide columns per block
 
 template <int kVec, bool kStaged>
 struct LaneVecs;
@@ -216,6 +216,45 @@ __device__ __forceinline__ float skip_value(float x, float s, float w, bool gate
   return round_bf16(__fmaf_rn(sigmoidf_(gate), __fsub_rn(x, ws), ws));
 }
 
+// The U-Net skip's backward on one element, with every fp32 operation spelled out, shared by skip_backward
+// and the mix that folds it in (the same bits): g = d out on entry, d x on return (σ⊙g, or g without a
+// gate); ds = (1−σ)⊙w⊙g; the column sums Σ g⊙s (dw's) and, gated, Σ g⊙(x − w⊙s) (dgate's).
+__device__ __forceinline__ void skip_element(float& g, float s, float x, float w, float sig, bool gated, float& ds,
+                                             float& sum_w, float& sum_gate) {
+  const float keep = gated ? __fsub_rn(1.f, sig) : 1.f;
+  ds = __fmul_rn(__fmul_rn(keep, w), g);
+  sum_w = __fmaf_rn(g, s, sum_w);
+  if (gated) {
+    sum_gate = __fmaf_rn(g, __fmaf_rn(-w, s, x), sum_gate);
+    g = __fmul_rn(g, sig);
+  }
+}
+
+// The block's partial sums of the skip's parameter gradients (the whole block calls it): dw = (1−σ)⊙Σ g⊙s
+// into row_w, dgate = σ(1−σ)⊙Σ g⊙(x − w⊙s) into row_gate (null: skipped).
+template <int kVec>
+__device__ __forceinline__ void store_skip_partials(const float (&sum_w)[kVec][8], const float (&sum_gate)[kVec][8],
+                                                    const float (&sig)[kVec][8], bool gated, float* smem,
+                                                    float* row_w, float* row_gate, int dim) {
+  float factor[kVec][8], p[kVec][8];
+  if (row_w) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) factor[k][e] = gated ? 1.f - sig[k][e] : 1.f;
+    scaled_copy<kVec>(sum_w, factor, p);
+    store_column_partials<kVec>(p, smem, row_w, dim);
+  }
+  if (gated && row_gate) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) factor[k][e] = sig[k][e] * (1.f - sig[k][e]);
+    scaled_copy<kVec>(sum_gate, factor, p);
+    store_column_partials<kVec>(p, smem, row_gate, dim);
+  }
+}
+
 // ---- resid_mix + RMSNorm -----------------------------------------------------------------------
 
 // x_in = m0·x + m1·x0 rounded to bf16 as stored, with every fp32 operation rounded on its own (no
@@ -288,12 +327,12 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 4 : 1) mix
 }
 
 // Shared-memory slots of the staged mix_norm_backward: parameters (mix 0, mix 1, the branch coefficient, the
-// skip weight), then per warp the column sums (Σ t⊙x, Σ t⊙x0, Σ o⊙a of the branch, Σ o⊙s of the skip).
-constexpr int mix_norm_backward_slots(bool skip) { return skip ? 4 : 3; }
+// skip's weight and σ), then per warp the column sums (Σ t⊙x, Σ t⊙x0, Σ o⊙a of the branch, the skip's two).
+constexpr int mix_norm_backward_slots(int skip) { return skip ? 5 : 3; }
 
 // kBelow: the MLP-branch backward of the layer below, on dx as written (BranchBelow). kSkip: the backward of
-// the plain U-Net skip that feeds this layer, on dx as written too (SkipBelow).
-template <int kVec, bool kBelow, bool kSkip, typename DnT, bool kStaged>
+// the U-Net skip that feeds this layer, on dx as formed (SkipBelow): 0 none, 1 plain, 2 gated.
+template <int kVec, bool kBelow, int kSkip, typename DnT, bool kStaged>
 __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix_norm_backward_kernel(
     const DnT* __restrict__ dn, const float* g_in, const float* __restrict__ rstd, const bf16* __restrict__ x,
     const bf16* __restrict__ x0, const float* __restrict__ mix, float* dx, bool accumulate_dx, float* __restrict__ dx0,
@@ -309,11 +348,20 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix
     coef = param_vecs<kVec, kStaged>(slots, 2, dim, 0.f, [&](int f) {
       return below.gate ? below.branch_scale[f] * sigmoidf_(below.gate[f]) : below.branch_scale[f];
     });
-  if constexpr (kSkip) skip_w = param_vecs<kVec, kStaged>(slots, 3, dim, 0.f, [&](int f) { return skip.w[f]; });
+  LaneVecs<kVec, kStaged> skip_sig{};
+  constexpr bool skip_gated = kSkip == 2;
+  if constexpr (kSkip) {
+    skip_w = param_vecs<kVec, kStaged>(slots, 3, dim, 0.f, [&](int f) { return skip.w[f]; });
+    skip_sig = param_vecs<kVec, kStaged>(slots, 4, dim, 1.f,
+                                         [&](int f) { return skip.gate ? sigmoidf_(skip.gate[f]) : 1.f; });
+  }
   auto acc0 = zero_vecs<kVec, kStaged>(slots, kSlots, kSlots, 0), acc1 = zero_vecs<kVec, kStaged>(slots, kSlots, kSlots, 1);
   auto acc_a = zero_vecs<kVec, kStaged>(slots, kSlots, kSlots, 2);
-  LaneVecs<kVec, kStaged> acc_s{};
-  if constexpr (kSkip) acc_s = zero_vecs<kVec, kStaged>(slots, kSlots, kSlots, 3);
+  LaneVecs<kVec, kStaged> acc_s{}, acc_sg{};
+  if constexpr (kSkip) {
+    acc_s = zero_vecs<kVec, kStaged>(slots, kSlots, kSlots, 3);
+    acc_sg = zero_vecs<kVec, kStaged>(slots, kSlots, kSlots, 4);
+  }
   if constexpr (kStaged) __syncthreads();
   PG_ROWS_OF_WARP(r, rows) {
     float d[kVec][8], u[kVec][8], t[kVec][8];
@@ -374,17 +422,18 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix
         store8(below.da + r * dim + f0, da);
       }
       if constexpr (kSkip) {
-        // skip_backward without a gate, on the gradient just formed (the same fp32 operations).
-        float sv[8], wk[8], ss[8], dsv[8];
+        // skip_backward on the gradient just formed (skip_element: the same fp32 operations); dx gets d x.
+        float sv[8], xv[8] = {}, wk[8], sk[8], ss[8], sg[8], dsv[8];
         load8(skip.s + r * dim + f0, sv);
+        if (skip_gated) load8(skip.x + r * dim + f0, xv);
         skip_w.get(k, wk);
+        skip_sig.get(k, sk);
         acc_s.get(k, ss);
+        if (skip_gated) acc_sg.get(k, sg);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          dsv[e] = wk[e] * o[e];
-          ss[e] += o[e] * sv[e];
-        }
+        for (int e = 0; e < 8; ++e) skip_element(o[e], sv[e], xv[e], wk[e], sk[e], skip_gated, dsv[e], ss[e], sg[e]);
         acc_s.put(k, ss);
+        if (skip_gated) acc_sg.put(k, sg);
         store8(skip.ds + r * dim + f0, dsv);
       }
       store8(dx + r * dim + f0, o);
@@ -392,17 +441,21 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix
     }
   }
   if (!partials) return;
-  float s0[kVec][8], s1[kVec][8], sa[kVec][8], sk[kVec][8];
+  float s0[kVec][8], s1[kVec][8], sa[kVec][8], sk[kVec][8], sg[kVec][8], sig[kVec][8];
   vecs_to_registers(acc0, s0);
   vecs_to_registers(acc1, s1);
   vecs_to_registers(acc_a, sa);
-  if constexpr (kSkip) vecs_to_registers(acc_s, sk);
+  if constexpr (kSkip) {
+    vecs_to_registers(acc_s, sk);
+    vecs_to_registers(acc_sg, sg);
+    vecs_to_registers(skip_sig, sig);
+  }
   float* smem = reinterpret_cast<float*>(slots);
   if constexpr (kStaged) {
     __syncthreads();  // every warp has read its sums back: their slots take the column partials
     smem = reinterpret_cast<float*>(slots + kSlots * kSlotFloat4s<kVec>);
   }
-  // [dmix 2·dim | dscale, dgate below | dw of the skip]
+  // [dmix 2·dim | dscale, dgate below | dw, dgate of the skip]
   float* out = partials + static_cast<size_t>(blockIdx.x) * kMixNormPartials * dim;
   store_column_partials<kVec>(s0, smem, out, dim);
   store_column_partials<kVec>(s1, smem, out + dim, dim);
@@ -410,7 +463,8 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix
     store_branch_partials<kVec>(sa, below.branch_scale, below.gate, below.dscale != nullptr,
                                 below.dgate != nullptr && below.gate != nullptr, smem, out + 2 * dim, dim, lane);
   if constexpr (kSkip)
-    if (skip.dw) store_column_partials<kVec>(sk, smem, out + 4 * dim, dim);
+    store_skip_partials<kVec>(sk, sg, sig, skip_gated, smem, skip.dw ? out + 4 * dim : nullptr,
+                              skip.dgate ? out + 5 * dim : nullptr, dim);
 }
 
 // ---- residual branch (+ RMSNorm) ---------------------------------------------------------------
@@ -547,13 +601,8 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 4 : 1) ski
       acc_w.get(k, aw);
       if (gate) acc_g.get(k, ag);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float keep = gate ? 1.f - sk[e] : 1.f;
-        dsv[e] = keep * wk[e] * gv[e];
-        aw[e] += gv[e] * sv[e];
-        if (gate) ag[e] += gv[e] * (xv[e] - wk[e] * sv[e]);
-        gv[e] *= sk[e];
-      }
+      for (int e = 0; e < 8; ++e)
+        skip_element(gv[e], sv[e], gate ? xv[e] : 0.f, wk[e], sk[e], gate != nullptr, dsv[e], aw[e], ag[e]);
       acc_w.put(k, aw);
       if (gate) acc_g.put(k, ag);
       store8(ds + r * dim + f0, dsv);
@@ -571,23 +620,8 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 4 : 1) ski
     smem = reinterpret_cast<float*>(slots + 2 * kSlotFloat4s<kVec>);
   }
   float* row = partials + static_cast<size_t>(blockIdx.x) * 2 * dim;
-  float factor[kVec][8], p[kVec][8];
-  if (want_dw) {
-#pragma unroll
-    for (int k = 0; k < kVec; ++k)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) factor[k][e] = gate ? 1.f - sk[k][e] : 1.f;
-    scaled_copy<kVec>(aw, factor, p);
-    store_column_partials<kVec>(p, smem, row, dim);
-  }
-  if (want_dgate) {
-#pragma unroll
-    for (int k = 0; k < kVec; ++k)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) factor[k][e] = sk[k][e] * (1.f - sk[k][e]);
-    scaled_copy<kVec>(ag, factor, p);
-    store_column_partials<kVec>(p, smem, row + dim, dim);
-  }
+  store_skip_partials<kVec>(aw, ag, sk, gate != nullptr, smem, want_dw ? row : nullptr, want_dgate ? row + dim : nullptr,
+                            dim);
 }
 
 // ---- parallel lanes ------------------------------------------------------------------------------
@@ -684,6 +718,13 @@ void dispatch_bool(bool b, F&& f) {
   else f(std::false_type{});
 }
 
+template <typename F>
+void dispatch_skip(const SkipBelow* skip, F&& f) {
+  if (!skip) f(std::integral_constant<int, 0>{});
+  else if (!skip->gate) f(std::integral_constant<int, 1>{});
+  else f(std::integral_constant<int, 2>{});
+}
+
 std::atomic<bool>& staging() {
   static std::atomic<bool> on{true};
   return on;
@@ -745,13 +786,16 @@ void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const 
   check_row_dim(dim, "mix_norm_backward");
   if (rows == 0) return;
   PG_CUDA_REQUIRE(!below || (below->a && below->da), "mix_norm_backward: the branch below needs a and da");
-  PG_CUDA_REQUIRE(!skip || (skip->s && skip->w && skip->ds), "mix_norm_backward: the skip needs s, w and ds");
-  PG_CUDA_REQUIRE(!skip || !below || !below->g_add,
-                  "mix_norm_backward: a skip gradient into the layer below and this layer's skip together");
+  PG_CUDA_REQUIRE(!skip || (skip->s && skip->w && skip->ds && (!skip->gate || skip->x)),
+                  "mix_norm_backward: the skip needs s, w and ds, and x with a gate");
+  PG_CUDA_REQUIRE(!skip || !below || (!below->g_add && !skip->gate),
+                  "mix_norm_backward: the branch below with a skip gradient into it, or with a gated skip, cannot "
+                  "take this layer's skip too");
   const int blocks = row_blocks(rows);
   const bool below_dgate = below && below->dgate && below->gate;
-  const bool any = dmix || (below && (below->dscale || below_dgate)) || (skip && skip->dw);
-  // Partials per block: [dmix 2·dim | dscale dim | dgate dim | dw dim].
+  const bool skip_dgate = skip && skip->gate && skip->dgate;
+  const bool any = dmix || (below && (below->dscale || below_dgate)) || (skip && skip->dw) || skip_dgate;
+  // Partials per block: [dmix 2·dim | dscale dim | dgate dim | the skip's dw dim | its dgate dim].
   if (any) check_reduce_workspace(ws, blocks, kMixNormPartials * dim, "mix_norm_backward");
   float* partials = any ? ws.data : nullptr;
   const bool staged = row_staging();
@@ -760,17 +804,20 @@ void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const 
     dispatch_norm_grad(dn, [&](auto dn_rows) {
       using DnT = std::remove_cv_t<std::remove_pointer_t<decltype(dn_rows)>>;
       dispatch_bool(below != nullptr, [&](auto below_tag) {
-        dispatch_bool(skip != nullptr, [&](auto skip_tag) {
+        dispatch_skip(skip, [&](auto skip_tag) {
           dispatch_bool(staged, [&](auto staged_tag) {
-            constexpr bool kBelow = decltype(below_tag)::value, kSkip = decltype(skip_tag)::value;
+            constexpr bool kBelow = decltype(below_tag)::value;
+            constexpr int kSkip = decltype(skip_tag)::value;
             constexpr bool kStaged = decltype(staged_tag)::value;
-            constexpr auto kernel = mix_norm_backward_kernel<kVec, kBelow, kSkip, DnT, kStaged>;
-            constexpr int n = mix_norm_backward_slots(kSkip);
-            const size_t smem = kStaged ? staged_smem(dim, n, n, true) : column_smem(dim);
-            if constexpr (kStaged) allow_staged_smem<kernel>(staged_smem(kVec * 256, n, n, true));
-            launch_kernel(kernel, blocks, kRowThreads, smem, stream, dn_rows, g_in, rstd, x, x0, mix, dx,
-                          accumulate_dx, dx0, partials, below ? *below : BranchBelow{}, skip ? *skip : SkipBelow{},
-                          rows, dim, scale);
+            if constexpr (!(kBelow && kSkip == 2)) {  // that pair is refused above
+              constexpr auto kernel = mix_norm_backward_kernel<kVec, kBelow, kSkip, DnT, kStaged>;
+              constexpr int n = mix_norm_backward_slots(kSkip);
+              const size_t smem = kStaged ? staged_smem(dim, n, n, true) : column_smem(dim);
+              if constexpr (kStaged) allow_staged_smem<kernel>(staged_smem(kVec * 256, n, n, true));
+              launch_kernel(kernel, blocks, kRowThreads, smem, stream, dn_rows, g_in, rstd, x, x0, mix, dx,
+                            accumulate_dx, dx0, partials, below ? *below : BranchBelow{}, skip ? *skip : SkipBelow{},
+                            rows, dim, scale);
+            }
           });
         });
       });
@@ -782,7 +829,8 @@ void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const 
                         {{dmix, 2 * dim},
                          {below ? below->dscale : nullptr, dim},
                          {below_dgate ? below->dgate : nullptr, dim},
-                         {skip ? skip->dw : nullptr, dim}},
+                         {skip ? skip->dw : nullptr, dim},
+                         {skip_dgate ? skip->dgate : nullptr, dim}},
                         stream);
 }
 

@@ -53,14 +53,19 @@ struct BranchBelow {
   float* dgate = nullptr;
 };
 
-// The backward of a plain (ungated) U-Net skip into this layer, in = x + w⊙s, folded into mix_norm_backward,
-// the pass that writes d in (skip_backward without a gate, to save a read of it): with o = dx as written,
-// ds = w⊙o (fp32), dw += Σ o⊙s (null: skipped). The same bits as skip_backward after the pass.
+// The backward of the U-Net skip into this layer, in = x + w⊙s or lerp(w⊙s, x, σ(gate)), folded into
+// mix_norm_backward, the pass that writes d in (skip_backward's work, to save a read and a write of it):
+// with o = dx as formed, ds = (1−σ)⊙w⊙o (fp32), dw += (1−σ)⊙Σ o⊙s, dgate += σ(1−σ)⊙Σ o⊙(x − w⊙s), and dx
+// stores σ⊙o (d x; o itself without a gate). Null dw / dgate: skipped. The same bits as skip_backward after
+// the pass.
 struct SkipBelow {
   const __nv_bfloat16* s = nullptr;
   const float* w = nullptr;
   float* ds = nullptr;
   float* dw = nullptr;
+  const float* gate = nullptr;          // null: a plain skip
+  const __nv_bfloat16* x = nullptr;     // the input before the skip (gated only)
+  float* dgate = nullptr;
 };
 
 // dn: fp32 or bf16 rows (norm_grad.h).
