@@ -31,6 +31,12 @@ std::string case_name(const RowCase& c) { return std::to_string(c.rows) + "x" + 
 
 class ResidualOpsTest : public CudaTest {};
 
+// Puts the process-wide row staging switch (residual.h) back as it was when the test changed it.
+struct RowStagingRestore {
+  bool was = cuda::row_staging();
+  ~RowStagingRestore() { cuda::set_row_staging(was); }
+};
+
 TEST_F(ResidualOpsTest, RmsNormForwardBackwardAndLaneMean) {
   for (const RowCase& c : kCases) {
     for (const bool mean : {false, true}) {
@@ -295,10 +301,7 @@ TEST_F(ResidualOpsTest, MixNormBackwardWithTheBranchBelowEqualsBothPasses) {
 // into a parallel layer's pass (accumulating dx, no g_in), with the row kernels' vectors staged and in
 // registers.
 TEST_F(ResidualOpsTest, MixNormBackwardWithTheSkipEqualsBothPasses) {
-  struct Restore {
-    bool was = cuda::row_staging();
-    ~Restore() { cuda::set_row_staging(was); }
-  } restore;
+  const RowStagingRestore restore;
   struct Variant {
     const char* name;
     bool below, gated, lanes;
@@ -496,10 +499,7 @@ TEST_F(ResidualOpsTest, Bf16NormGradientGivesTheBitsOfItsFp32Copy) {
 // mix_norm_backward with and without the branch below (a gate, a skip gradient), skip_backward with and
 // without a gate, every output and parameter gradient.
 TEST_F(ResidualOpsTest, StagedRowKernelsKeepTheBits) {
-  struct Restore {
-    bool was = cuda::row_staging();
-    ~Restore() { cuda::set_row_staging(was); }
-  } restore;
+  const RowStagingRestore restore;
   for (const RowCase& c : kCases) {
     for (const bool gated : {false, true}) {
       const std::string tag = case_name(c) + (gated ? "_gated" : "");

@@ -151,6 +151,18 @@ __device__ __forceinline__ void vecs_to_registers(const LaneVecs<kVec, kStaged>&
   for (int k = 0; k < kVec; ++k) v.get(k, o[k]);
 }
 
+// Where store_column_partials puts its kRowWarps·dim floats once every warp holds its column sums in
+// registers again: staged, the column-sum slots after the `params` parameter slots (the block synchronises
+// first: other warps may still be reading theirs); else the start of the dynamic shared memory.
+template <int kVec, bool kStaged>
+__device__ __forceinline__ float* column_partials_smem(float4* slots, int params) {
+  if constexpr (kStaged) {
+    __syncthreads();
+    return reinterpret_cast<float*>(slots + params * kSlotFloat4s<kVec>);
+  }
+  return reinterpret_cast<float*>(slots);
+}
+
 // Shared memory of a row kernel with `params` parameter slots, `per_warp` column-sum slots per warp and,
 // when it stores column partials, the kRowWarps·dim floats of store_column_partials (the column-sum slots
 // are reused for them once read back; staged only).
@@ -450,11 +462,7 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix
     vecs_to_registers(acc_sg, sg);
     vecs_to_registers(skip_sig, sig);
   }
-  float* smem = reinterpret_cast<float*>(slots);
-  if constexpr (kStaged) {
-    __syncthreads();  // every warp has read its sums back: their slots take the column partials
-    smem = reinterpret_cast<float*>(slots + kSlots * kSlotFloat4s<kVec>);
-  }
+  float* smem = column_partials_smem<kVec, kStaged>(slots, kSlots);
   // [dmix 2·dim | dscale, dgate below | dw, dgate of the skip]
   float* out = partials + static_cast<size_t>(blockIdx.x) * kMixNormPartials * dim;
   store_column_partials<kVec>(s0, smem, out, dim);
@@ -614,11 +622,7 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 4 : 1) ski
   vecs_to_registers(acc_w, aw);
   vecs_to_registers(acc_g, ag);
   vecs_to_registers(sig, sk);
-  float* smem = reinterpret_cast<float*>(slots);
-  if constexpr (kStaged) {
-    __syncthreads();  // every warp has read its sums back: their slots take the column partials
-    smem = reinterpret_cast<float*>(slots + 2 * kSlotFloat4s<kVec>);
-  }
+  float* smem = column_partials_smem<kVec, kStaged>(slots, 2);
   float* row = partials + static_cast<size_t>(blockIdx.x) * 2 * dim;
   store_skip_partials<kVec>(aw, ag, sk, gate != nullptr, smem, want_dw ? row : nullptr, want_dgate ? row + dim : nullptr,
                             dim);
