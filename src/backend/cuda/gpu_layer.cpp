@@ -272,7 +272,7 @@ bool GpuModel::Impl::is_skip_source(int v) const {
 // layer's first backward pass; null for the other layers.
 const float* GpuModel::Impl::skip_grad_of(int v) const {
   const int E = static_cast<int>(plan.encoder.size());
-  return v < E && E - 1 - v < plan.num_skips ? bw.d_enc[static_cast<size_t>(E - 1 - v)] : nullptr;
+  return is_skip_source(v) ? bw.d_enc[static_cast<size_t>(E - 1 - v)] : nullptr;
 }
 
 // Whether layer v's last pass (mix_norm_backward) can also run layer v−1's MLP-branch backward: both
