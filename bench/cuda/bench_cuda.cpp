@@ -207,15 +207,12 @@ void bench_attention(const std::string& label, const std::vector<int32_t>& cu_ho
       }
     }
     for (int key_tile : {64, 128}) {
-      for (int poly : {0, 2, 3, 4}) {  // of every 16 pairs of exponentials on the FMA pipes
-        AttentionTuning t;  // warp-specialized: 12 consumer warps and a producer warpgroup
-        t.forward_warps = 12;
-        t.forward_kernel = AttentionForwardKernel::wgmma_ws;
-        t.forward_key_tile = key_tile;
-        t.forward_exp_poly = poly;
-        row(fmt::format("attn {} fwd wgmma-ws (12 warps, {} keys, poly {})", label, key_tile, poly), shape_text,
-            timer.median_ms([&] { forward(t); }), fwd_flops);
-      }
+      AttentionTuning t;  // warp-specialized: 12 consumer warps and a producer warpgroup
+      t.forward_warps = 12;
+      t.forward_kernel = AttentionForwardKernel::wgmma_ws;
+      t.forward_key_tile = key_tile;
+      row(fmt::format("attn {} fwd wgmma-ws (12 warps, {} keys)", label, key_tile), shape_text,
+          timer.median_ms([&] { forward(t); }), fwd_flops);
     }
     forward(AttentionTuning{});
     for (int warps : {4, 8, 12}) {

@@ -19,7 +19,6 @@
 #include "backend/cuda/xsa.h"
 #include "core/error.h"
 #include "cuda_test_util.h"
-#include "exp2_values.h"
 
 namespace pgolf::test {
 namespace {
@@ -184,11 +183,6 @@ std::vector<AttentionTuning> tunings_under_test() {
     t.backward_warps = 8;
     t.backward_kernel = mma_bwd;
     tunings.push_back(t);
-    if (t.forward_kernel != wgmma_ws) continue;
-    for (int poly : {2, 4}) {  // some of the exponentials by exp2_poly
-      t.forward_exp_poly = poly;
-      tunings.push_back(t);
-    }
   }
   for (int warps : {4, 8, 12}) {
     AttentionTuning t;
@@ -209,8 +203,7 @@ std::string tuning_label(const AttentionTuning& t) {
   const std::string shape = std::to_string(t.forward_warps) + "_keys" + std::to_string(t.forward_key_tile);
   std::string label = "mma_fw" + std::to_string(t.forward_warps);
   if (t.forward_kernel == cuda::AttentionForwardKernel::wgmma) label = "wgmma_fw" + shape;
-  if (t.forward_kernel == cuda::AttentionForwardKernel::wgmma_ws)
-    label = "wgmma_ws_fw" + shape + (t.forward_exp_poly > 0 ? "_poly" + std::to_string(t.forward_exp_poly) : "");
+  if (t.forward_kernel == cuda::AttentionForwardKernel::wgmma_ws) label = "wgmma_ws_fw" + shape;
   if (t.backward_kernel == cuda::AttentionBackwardKernel::mma_sync) label += "_bw";
   else label += t.backward_kernel == cuda::AttentionBackwardKernel::wgmma ? "_wgmma_bw" : "_wgmma_ws_bw";
   label += std::to_string(t.backward_warps);
@@ -280,34 +273,6 @@ TEST_F(AttentionTest, OtherHeadGroupings) {
 // segment's first needed query is skipped, every other block runs as in the full forward. So every
 // row of a block that runs has the full forward's bits (o and lse), and the rows of skipped blocks
 // keep the poison. Starts inside a tile, at 0, past the end, and one short of the end.
-// exp2_poly, which the warp-specialized forward may use for some exponentials instead of the
-// multi-function unit's exp2_approx, is as accurate as that one on the softmax's domain (finite
-// x <= 0): within 2.5e-7 of 2^x relative, 2^0 = 1 within an ulp, and below -126 no more than 2^-126·√2
-// (where exp2_approx flushes to 0), never negative or NaN. Every float of [-126, 0] with 16 fractions
-// per exponent step, plus a dense sweep around the rounding boundaries of j = round(x).
-TEST_F(AttentionTest, PolynomialExp2IsAsAccurateAsTheMultiFunctionUnit) {
-  std::vector<float> x;
-  for (int i = 0; i <= 126 * 4096; ++i) x.push_back(-static_cast<float>(i) / 4096.f);
-  for (int j = -125; j <= 0; ++j)
-    for (int d = -64; d <= 64; ++d) x.push_back(std::min(0.f, (static_cast<float>(j) - 0.5f) + d * 1e-6f));
-  const size_t in_range = x.size();
-  for (float below : {-126.25f, -126.5f, -127.f, -150.f, -1e4f, -3e38f}) x.push_back(below);
-  const Exp2Values got = exp2_values_device(x);
-  double worst_poly = 0, worst_approx = 0;
-  for (size_t i = 0; i < in_range; ++i) {
-    const double want = std::exp2(static_cast<double>(x[i]));
-    worst_poly = std::max(worst_poly, std::abs(got.poly[i] - want) / want);
-    worst_approx = std::max(worst_approx, std::abs(got.approx[i] - want) / want);
-  }
-  std::printf("    exp2 relative error on [-126, 0]: poly %.3e, ex2.approx %.3e\n", worst_poly, worst_approx);
-  EXPECT_LE(worst_poly, 2.5e-7);
-  EXPECT_NEAR(got.poly[0], 1.f, 1.2e-7f);
-  for (size_t i = in_range; i < x.size(); ++i) {
-    EXPECT_GE(got.poly[i], 0.f) << x[i];
-    EXPECT_LE(got.poly[i], 1.5f * std::ldexp(1.f, -126)) << x[i];
-  }
-}
-
 TEST_F(AttentionTest, SelectedQueryTilesMatchTheFullForward) {
   const std::vector<int32_t> cu = cu_from_lengths({300, 64, 1, 200, 2048});
   const std::vector<int32_t> begin = {236, 0, 1, 137, 1984};

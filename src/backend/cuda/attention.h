@@ -76,10 +76,6 @@ struct AttentionTuning {
   AttentionBackwardKernel backward_kernel = AttentionBackwardKernel::wgmma_ws;
   // Keys per K/V tile of the wgmma forwards: 64 or 128 (the mma.sync forward always uses 64).
   int forward_key_tile = 128;
-  // The warp-specialized forward computes this many of every 16 pairs of a row's exponentials on the
-  // FMA pipes (exp2_poly, as accurate as the multi-function unit's ex2.approx) where a key tile has no
-  // masked score, so that the softmax waits less on the multi-function unit: 0, 2, 3 or 4.
-  int forward_exp_poly = 0;
   // The warp-specialized forward runs one block per multiprocessor. A call with fewer of its blocks than
   // this many waves of the GPU's multiprocessors runs the wgmma forward (8 warps, 64-key tiles) instead:
   // few rows leave most of the GPU idle with its 192-query, two-head blocks (LoRA TTT's small calls:

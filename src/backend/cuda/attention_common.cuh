@@ -54,28 +54,6 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
-// 2^x for finite x <= 0 on the FMA and integer pipes instead of the multi-function unit, which
-// executes 16 MUFU.EX2 a clock per multiprocessor against 128 fp32 operations: the forward's softmax
-// hands some of its exponentials here so that neither pipe waits on the other (FlashAttention-4's
-// split). x = j + f with j = round(x) (adding 1.5·2^23 leaves j in the low mantissa bits) and
-// |f| <= 1/2; 2^f by the degree-5 polynomial of least maximum relative error on [-1/2, 1/2] (at most
-// 2.2e-7 evaluated in fp32, against ex2.approx's 2 ulp = 2.4e-7); 2^j added to its exponent field.
-// Below -126 the result is 2^-126·2^f (about 1e-38) where ex2.approx.ftz gives 0, so callers pass
-// only scores every key of which is visible (no -inf).
-__device__ __forceinline__ float exp2_poly(float x) {
-  constexpr float kShift = 12582912.f;  // 1.5·2^23
-  x = fmaxf(x, -126.f);
-  const float t = x + kShift;
-  const float f = x - (t - kShift);
-  float p = 1.32764725e-3f;
-  p = fmaf(p, f, 9.67554096e-3f);
-  p = fmaf(p, f, 5.55071309e-2f);
-  p = fmaf(p, f, 2.40221202e-1f);
-  p = fmaf(p, f, 6.93146944e-1f);
-  p = fmaf(p, f, 1.00000012f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
 inline int segment_tile_grid(const AttentionShape& s, int tile_size) {
   return s.num_segments + s.total_tokens / tile_size;
 }
@@ -170,12 +148,11 @@ void launch_attention_forward_wgmma(const AttentionForwardParams& p, const Atten
                                     int key_tile, cudaStream_t stream);
 
 // The warp-specialized Hopper forward (attention_forward_ws.cu): `warps` 12 consumer warps (three
-// warpgroups of 64 query rows, plus a producer warpgroup), `key_tile` 64 or 128, `exp_poly` of each 16
-// pairs of exponentials computed by exp2_poly (0, 2, 3 or 4; AttentionTuning::forward_exp_poly).
+// warpgroups of 64 query rows, plus a producer warpgroup), `key_tile` 64 or 128.
 void launch_attention_forward_ws(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
-                                 int key_tile, int exp_poly, cudaStream_t stream);
+                                 int key_tile, cudaStream_t stream);
 // Refuses a tuning the warp-specialized forward does not take (also where a small shape would fall back).
-void check_attention_forward_ws_tuning(int warps, int key_tile, int exp_poly);
+void check_attention_forward_ws_tuning(int warps, int key_tile);
 // The blocks launch_attention_forward_ws runs for `shape` (an upper bound over the segments' tiles).
 int64_t attention_forward_ws_blocks(const AttentionShape& shape);
 

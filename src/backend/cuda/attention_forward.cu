@@ -208,14 +208,13 @@ void attention_forward(const AttentionShape& shape, const __nv_bfloat16* q, cons
     return;
   }
   if (tuning.forward_kernel == AttentionForwardKernel::wgmma_ws) {
-    check_attention_forward_ws_tuning(tuning.forward_warps, tuning.forward_key_tile, tuning.forward_exp_poly);
+    check_attention_forward_ws_tuning(tuning.forward_warps, tuning.forward_key_tile);
     if (tuning.forward_ws_min_waves > 0 &&
         static_cast<double>(attention_forward_ws_blocks(shape)) < tuning.forward_ws_min_waves * multiprocessors()) {
       launch_attention_forward_wgmma(p, shape, 8, 64, stream);  // too few blocks for a full GPU
       return;
     }
-    launch_attention_forward_ws(p, shape, tuning.forward_warps, tuning.forward_key_tile, tuning.forward_exp_poly,
-                                stream);
+    launch_attention_forward_ws(p, shape, tuning.forward_warps, tuning.forward_key_tile, stream);
     return;
   }
   switch (tuning.forward_warps) {

@@ -30,18 +30,10 @@ __device__ __forceinline__ void mask_causal(float (&s)[kHalves][32], int key0, i
   }
 }
 
-// Whether pair i of a row's scores (of 16 a 128-key tile, 8 a 64-key one) is exponentiated by
-// exp2_poly rather than the multi-function unit when kPoly of each 16 pairs are: spread evenly.
-template <int kPoly>
-__device__ __forceinline__ constexpr bool poly_pair(int i) {
-  return (i + 1) * kPoly / 16 != i * kPoly / 16;
-}
-
 // Online softmax of one tile: new running max, the running sum rescaled and increased, the scores
 // replaced by exp2(scale·log2(e)·s - max). Returns in `correction` the factor O must be multiplied by
 // (exp2(old max - new max)). Row r of this thread is element e = 2r, 2r + 1 of every group of four.
-// kPoly of every 16 pairs of scores take exp2_poly: only for tiles without masked (-inf) scores.
-template <int kHalves, int kPoly = 0>
+template <int kHalves>
 __device__ __forceinline__ void online_softmax(float (&s)[kHalves][32], float (&row_max)[2], float (&row_sum)[2],
                                                float (&correction)[2]) {
   constexpr int kPairs = kHalves * 8;  // pairs of a row's scores this thread holds
@@ -76,9 +68,8 @@ __device__ __forceinline__ void online_softmax(float (&s)[kHalves][32], float (&
     for (int i = 0; i < kPairs; ++i) {
       float& e0 = s[i / 8][4 * (i % 8) + 2 * r];
       float& e1 = s[i / 8][4 * (i % 8) + 2 * r + 1];
-      const float x0 = fmaf(e0, kScaleLog2, -base[r]), x1 = fmaf(e1, kScaleLog2, -base[r]);
-      if (poly_pair<kPoly>(i)) e0 = exp2_poly(x0), e1 = exp2_poly(x1);  // i is a constant: no branch
-      else e0 = exp2_approx(x0), e1 = exp2_approx(x1);
+      e0 = exp2_approx(fmaf(e0, kScaleLog2, -base[r]));
+      e1 = exp2_approx(fmaf(e1, kScaleLog2, -base[r]));
       part[i % 4] += e0 + e1;
     }
     row_sum[r] = fmaf(row_sum[r], correction[r], (part[0] + part[1]) + (part[2] + part[3]));
@@ -111,19 +102,14 @@ __device__ __forceinline__ void issue_pv(float (&o_acc)[32], const uint32_t (&p_
 }
 
 // After the scores of the key tile starting at key0 have landed: masked (where the tile crosses the
-// diagonal) and exponentiated in place (P in fp32); `correction` as in online_softmax. A tile with no
-// masked score hands kPoly of every 16 pairs of exponentials to exp2_poly.
-template <int kHalves, int kPoly = 0>
+// diagonal) and exponentiated in place (P in fp32); `correction` as in online_softmax.
+template <int kHalves>
 __device__ __forceinline__ void softmax_scores(float (&s)[kHalves][32], int key0, int warp_row0, int lane,
                                                float (&row_max)[2], float (&row_sum)[2], float (&correction)[2]) {
 #pragma unroll
   for (int h = 0; h < kHalves; ++h) wgmma_fence_operands(s[h]);
-  if (key0 + kHalves * 64 - 1 > warp_row0) {
-    mask_causal(s, key0, warp_row0, lane);
-    online_softmax(s, row_max, row_sum, correction);
-  } else {
-    online_softmax<kHalves, kPoly>(s, row_max, row_sum, correction);
-  }
+  if (key0 + kHalves * 64 - 1 > warp_row0) mask_causal(s, key0, warp_row0, lane);
+  online_softmax(s, row_max, row_sum, correction);
 }
 
 // O / l and LSE = ln(sum exp(scale·s)) = (max + log2(sum)) · ln 2 of the thread's two query rows,

@@ -94,7 +94,7 @@ struct WsLayout {
   }
 };
 
-template <int kBlockN, int kPoly>
+template <int kBlockN>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_forward_ws_kernel(const __grid_constant__ WsForwardParams params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // O += P V of tile g; S_j masked and exponentiated (attention_forward_wgmma.cuh).
     auto issue_pv = [&](int g) { attention_detail::issue_pv<kHalves>(o_acc, p_frag, v_tile(g)); };
     auto softmax_scores = [&](int j, float (&correction)[2]) {
-      attention_detail::softmax_scores<kHalves, kPoly>(s, j * kBlockN, warp_row0, lane, row_max, row_sum, correction);
+      attention_detail::softmax_scores<kHalves>(s, j * kBlockN, warp_row0, lane, row_max, row_sum, correction);
     };
 
     mbarrier_wait(q_full(i), 0);
@@ -285,10 +285,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-template <int kBlockN, int kPoly>
+template <int kBlockN>
 void launch(const AttentionForwardParams& p, const AttentionShape& shape, int heads_per_block, cudaStream_t stream) {
   using Layout = WsLayout<kBlockN>;
-  constexpr auto kernel = attention_forward_ws_kernel<kBlockN, kPoly>;
+  constexpr auto kernel = attention_forward_ws_kernel<kBlockN>;
   static const bool configured = [] {
     PG_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        Layout::smem_bytes(kMaxHeadsPerBlock)));
@@ -314,30 +314,19 @@ int64_t attention_forward_ws_blocks(const AttentionShape& shape) {
   return static_cast<int64_t>(segment_tile_grid(shape, kBlockM)) * (shape.num_heads / heads_per_block);
 }
 
-void check_attention_forward_ws_tuning(int warps, int key_tile, int exp_poly) {
+void check_attention_forward_ws_tuning(int warps, int key_tile) {
   PG_CUDA_REQUIRE(warps == 12 && (key_tile == 64 || key_tile == 128),
                   "attention_forward: the warp-specialized kernel takes tuning.forward_warps 12 and "
                   "forward_key_tile 64 or 128");
-  PG_CUDA_REQUIRE(exp_poly == 0 || exp_poly == 2 || exp_poly == 3 || exp_poly == 4,
-                  "attention_forward: tuning.forward_exp_poly must be 0, 2, 3 or 4");
 }
 
 void launch_attention_forward_ws(const AttentionForwardParams& p, const AttentionShape& shape, int warps,
-                                 int key_tile, int exp_poly, cudaStream_t stream) {
-  check_attention_forward_ws_tuning(warps, key_tile, exp_poly);
+                                 int key_tile, cudaStream_t stream) {
+  check_attention_forward_ws_tuning(warps, key_tile);
   require_hopper("attention_forward: the warp-specialized wgmma kernel needs an sm_90 (Hopper) GPU");
   const int heads_per_block = shape.num_heads % kMaxHeadsPerBlock == 0 ? kMaxHeadsPerBlock : 1;
-  auto with_poly = [&](auto tile) {
-    constexpr int kTile = decltype(tile)::value;
-    switch (exp_poly) {
-      case 2: launch<kTile, 2>(p, shape, heads_per_block, stream); break;
-      case 3: launch<kTile, 3>(p, shape, heads_per_block, stream); break;
-      case 4: launch<kTile, 4>(p, shape, heads_per_block, stream); break;
-      default: launch<kTile, 0>(p, shape, heads_per_block, stream);
-    }
-  };
-  if (key_tile == 64) with_poly(std::integral_constant<int, 64>{});
-  else with_poly(std::integral_constant<int, 128>{});
+  if (key_tile == 64) launch<64>(p, shape, heads_per_block, stream);
+  else launch<128>(p, shape, heads_per_block, stream);
 }
 
 }  // namespace pgolf::cuda::attention_detail

@@ -56,10 +56,6 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
     m.attention.forward_warps = 8;  // the wgmma forward's fastest shape
     m.attention.forward_key_tile = 64;
   }
-  const int64_t exp_poly = c.get_int("attention_exp_poly");
-  PG_CHECK(exp_poly == 0 || exp_poly == 2 || exp_poly == 3 || exp_poly == 4,
-           "attention_exp_poly = {}: expected 0, 2, 3 or 4 (of every 16 pairs of exponentials)", exp_poly);
-  m.attention.forward_exp_poly = static_cast<int>(exp_poly);
   m.attention.backward_kernel = backward_kernel(c);
   if (m.attention.backward_kernel == AttentionBackwardKernel::mma_sync)
     m.attention.backward_warps = 8;  // the mma.sync backward's fastest shape
