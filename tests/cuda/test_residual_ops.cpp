@@ -9,6 +9,7 @@
 #include "backend/cpu/mixing.h"
 #include "backend/cpu/rmsnorm.h"
 #include "backend/cpu/smear.h"
+#include "backend/cuda/elementwise.h"
 #include "backend/cuda/residual.h"
 #include "backend/cuda/rmsnorm.h"
 #include "backend/cuda/smear.h"
@@ -385,6 +386,94 @@ TEST_F(ResidualOpsTest, MixNormBackwardWithTheSkipEqualsBothPasses) {
 // mix_norm_forward with the residual updates below folded in (ResidualBelow: the MLP branch of the layer
 // below, with or without its gate, then no skip, a skip or a gated skip) writes the bits of the separate
 // passes (branch_forward, skip_forward, mix_norm_forward): out, in, x_in, n and rstd.
+// Dx0Pass against the passes it replaces, bit for bit: `fresh` (dx0 not read) against a cleared dx0,
+// `takes_dx` (d x added into dx0, not stored) against storing d x and add_f32(dx0, dx), both together, and
+// a null dx0 (no x0 gradient) against the default for everything else. With a plain skip, so that d x is
+// the one after the skip's pass, and for a parallel layer (no g_in, d x accumulated), staged and not.
+TEST_F(ResidualOpsTest, MixNormBackwardDx0PassesEqualTheSeparatePasses) {
+  const RowStagingRestore restore;
+  for (const RowCase& c : kCases) {
+    for (const bool lanes : {false, true}) {
+      for (const bool staged : {true, false}) {
+        cuda::set_row_staging(staged);
+        const std::string tag = case_name(c) + (lanes ? "_lanes" : "_plain") + (staged ? "_staged" : "_registers");
+        SCOPED_TRACE(tag);
+        const int64_t n = c.rows * c.dim;
+        Rng rng(1300 + c.dim + 2 * lanes);
+        const auto dn = random_bf16_values(n, rng), g = random_f32_values(n, rng), dx0_init = random_f32_values(n, rng);
+        const auto x = random_bf16_values(n, rng), x0 = random_bf16_values(n, rng), skip_s = random_bf16_values(n, rng);
+        const auto rstd = params_near(c.rows, rng, 1.0, 0.3), mix = params_near(2 * c.dim, rng, 0.5, 0.5);
+        const auto w = params_near(c.dim, rng, 1.0, 0.5), sums_init = random_f32_values(3 * c.dim, rng);
+        TestWorkspace tw(cuda::residual_workspace_floats(c.rows, c.dim));
+        DeviceBuffer<float> drstd(rstd), dmix(mix), dw(w);
+        auto ddn = to_device_bf16(dn), dx = to_device_bf16(x), dx0 = to_device_bf16(x0), ds = to_device_bf16(skip_s);
+        const std::vector<float> zeros(n, 0.f), poison(n, NAN);
+
+        struct Result {
+          std::vector<float> g, dx0, dmix, skip_ds, skip_dw;
+        };
+        // dx0_start: dx0's contents before the pass (null: no dx0); add_after: add_f32(dx0, g) after it.
+        auto run = [&](const std::vector<float>* dx0_start, cuda::Dx0Pass pass, bool add_after) {
+          DeviceBuffer<float> out_g(g), out_dx0(dx0_start ? *dx0_start : zeros), out_skip_ds(poison),
+              out_dmix(std::vector<float>(sums_init.begin(), sums_init.begin() + 2 * c.dim)),
+              out_dw(std::vector<float>(sums_init.begin() + 2 * c.dim, sums_init.end()));
+          const cuda::SkipBelow skip{ds.data(), dw.data(), out_skip_ds.data(), out_dw.data()};
+          cuda::mix_norm_backward(ddn.data(), lanes ? nullptr : out_g.data(), drstd.data(), dx.data(), dx0.data(),
+                                  dmix.data(), out_g.data(), lanes, dx0_start ? out_dx0.data() : nullptr,
+                                  out_dmix.data(), c.rows, c.dim, 0.6f, tw.ws, nullptr, nullptr, &skip, pass);
+          if (add_after) cuda::add_f32(out_dx0.data(), out_g.data(), n, nullptr);
+          sync_device();
+          return Result{out_g.download(), out_dx0.download(), out_dmix.download(), out_skip_ds.download(),
+                        out_dw.download()};
+        };
+        auto same = [&](const std::vector<float>& a, const std::vector<float>& b, const char* what) {
+          ASSERT_EQ(a.size(), b.size()) << what;
+          EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << tag << ": " << what;
+        };
+        auto same_grads = [&](const Result& a, const Result& b) {
+          same(a.dmix, b.dmix, "dmix");
+          same(a.skip_ds, b.skip_ds, "skip ds");
+          same(a.skip_dw, b.skip_dw, "skip dw");
+        };
+        const Result added = run(&dx0_init, {}, false);
+        {
+          SCOPED_TRACE("fresh");
+          const Result want = run(&zeros, {}, false), got = run(&poison, {true, false}, false);
+          same(got.g, want.g, "g");
+          same(got.dx0, want.dx0, "dx0");
+          same_grads(got, want);
+        }
+        {
+          SCOPED_TRACE("takes_dx");
+          const Result want = run(&dx0_init, {}, true), got = run(&dx0_init, {false, true}, false);
+          same(got.dx0, want.dx0, "dx0");
+          same(got.g, g, "g (not stored)");
+          same_grads(got, want);
+          EXPECT_NE(got.dx0, added.dx0) << tag << ": d x must be added";
+        }
+        {
+          SCOPED_TRACE("fresh and takes_dx");
+          const Result want = run(&zeros, {}, true), got = run(&poison, {true, true}, false);
+          same(got.dx0, want.dx0, "dx0");
+          same_grads(got, want);
+        }
+        {
+          SCOPED_TRACE("no dx0");
+          const Result got = run(nullptr, {}, false);
+          same(got.g, added.g, "g");
+          same_grads(got, added);
+        }
+      }
+    }
+  }
+  // d x can only go into a dx0 that is given.
+  const auto* some = reinterpret_cast<const float*>(uintptr_t{256});
+  EXPECT_THROW(cuda::mix_norm_backward(some, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, false, nullptr,
+                                       nullptr, 4, 64, 1.f, cuda::ReduceWorkspace{}, nullptr, nullptr, nullptr,
+                                       cuda::Dx0Pass{false, true}),
+               pgolf::Error);
+}
+
 TEST_F(ResidualOpsTest, MixNormForwardWithTheResidualBelowEqualsTheSeparatePasses) {
   for (const RowCase& c : kCases) {
     for (const bool gated : {false, true}) {

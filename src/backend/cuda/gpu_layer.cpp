@@ -180,6 +180,16 @@ NormGrad GpuModel::Impl::backward_mlp(int v) {
 // Parallel block: x_in = mix(lane0, x0); (lane0, lane1) = lanes(lane0, lane1, Attn(n), MLP(RMSNorm(lane1)))
 // In the last layer of a selective forward (runs_selected_rows) everything after attention runs on the
 // selected rows only: the norms' inputs are needed for all rows (keys and values), the rest is not.
+bool GpuModel::Impl::wants_dx0() const { return !frozen; }
+
+// Layer nv - 1 is the backward's first: it writes dx0 rather than adding to it (no clearing pass). Layer
+// 0's input is x0 itself, so its d x goes into dx0 in the same pass, unless the lanes open there (their
+// second gradient is added to d x after the layer).
+Dx0Pass GpuModel::Impl::dx0_pass_of(int v) const {
+  const int last = static_cast<int>(order.size()) - 1;
+  return Dx0Pass{v == last, v == 0 && !order[0].opens_lanes};
+}
+
 bool GpuModel::Impl::mix_takes_branch_below(int v) const {
   if (v < 1 || v >= static_cast<int>(order.size())) return false;
   const VirtualLayer& L = order[static_cast<size_t>(v)];
@@ -309,13 +319,15 @@ BranchBelow GpuModel::Impl::mlp_branch_of(int v) {
                      bw.df, G(p.mlp_scale), G(p.mlp_gate)};
 }
 
-// bw.g (and bw.g1 for parallel layers) hold d(output) on entry and d(input) on return; bw.dx0 accumulates.
-// The skip gradient of an encoder output (skip_grad_of) is added into bw.g first. mlp_branch_done: the
-// MLP-branch backward (d f in bw.df, the branch's parameter gradients) already ran in layer v+1's last pass.
+// bw.g (and bw.g1 for parallel layers) hold d(output) on entry and d(input) on return; bw.dx0 accumulates
+// (dx0_pass_of). The skip gradient of an encoder output (skip_grad_of) is added into bw.g first.
+// mlp_branch_done: the MLP-branch backward (d f in bw.df, the branch's parameter gradients) already ran in
+// layer v+1's last pass.
 bool GpuModel::Impl::backward_layer(int v, bool mlp_branch_done) {
   const VirtualLayer& L = order[static_cast<size_t>(v)];
   const LayerParams& p = lp[static_cast<size_t>(L.physical)];
   LayerBuf& b = layers[static_cast<size_t>(v)];
+  float* dx0 = wants_dx0() ? bw.dx0 : nullptr;
   if (!L.parallel) {
     // g: d out → (MLP branch) → d x_mid (+ the MLP norm) → (attention branch) → d x_in (+ the norm) → d x.
     if (!mlp_branch_done) {
@@ -330,8 +342,9 @@ bool GpuModel::Impl::backward_layer(int v, bool mlp_branch_done) {
     const bool fold = folds_mlp_branch_below(v);
     const BranchBelow below = fold ? mlp_branch_of(v - 1) : BranchBelow{};
     const SkipBelow skip = skip_into(v);
-    mix_norm_backward(dn, bw.g, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, false, bw.dx0, G(p.resid_mix), N, d,
-                      p.ln_scale, bw.reduce, stream, fold ? &below : nullptr, L.skip >= 0 ? &skip : nullptr);
+    mix_norm_backward(dn, bw.g, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, false, dx0, G(p.resid_mix), N, d,
+                      p.ln_scale, bw.reduce, stream, fold ? &below : nullptr, L.skip >= 0 ? &skip : nullptr,
+                      dx0_pass_of(v));
     return fold;
   }
   PG_CHECK(!mlp_branch_done, "GpuModel: a parallel layer's lanes backward cannot be folded into the layer above");
@@ -344,8 +357,8 @@ bool GpuModel::Impl::backward_layer(int v, bool mlp_branch_done) {
   rmsnorm_backward(dm, b.lane1, nullptr, b.m_rstd, bw.g1, N, d, p.ln_scale, 1.f, true, stream);
   const NormGrad dn = backward_attention(v);
   const SkipBelow skip = skip_into(v);
-  mix_norm_backward(dn, nullptr, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, true, bw.dx0, G(p.resid_mix), N, d,
-                    p.ln_scale, bw.reduce, stream, nullptr, L.skip >= 0 ? &skip : nullptr);
+  mix_norm_backward(dn, nullptr, b.n_rstd, b.x, io.x0, P(p.resid_mix), bw.g, true, dx0, G(p.resid_mix), N, d,
+                    p.ln_scale, bw.reduce, stream, nullptr, L.skip >= 0 ? &skip : nullptr, dx0_pass_of(v));
   return false;
 }
 

@@ -768,18 +768,20 @@ void GpuModel::Impl::backward(const float* weights_device) {
   }
   if (lanes)
     PG_CUDA_CHECK(cudaMemcpyAsync(bw.g1, bw.g, static_cast<size_t>(N) * d * 4, cudaMemcpyDeviceToDevice, stream));
-  PG_CUDA_CHECK(cudaMemsetAsync(bw.dx0, 0, static_cast<size_t>(N) * d * 4, stream));
+  const int nv = static_cast<int>(order.size());
+  // The layers' mix passes write dx0 and fold the last d x into it (dx0_pass_of); only a model without
+  // layers clears it here and adds d x below.
+  if (wants_dx0() && nv == 0) PG_CUDA_CHECK(cudaMemsetAsync(bw.dx0, 0, static_cast<size_t>(N) * d * 4, stream));
   if (bw.dve) PG_CUDA_CHECK(cudaMemsetAsync(bw.dve, 0, static_cast<size_t>(N) * kvd * 4, stream));
   if (bw.dv0) PG_CUDA_CHECK(cudaMemsetAsync(bw.dv0, 0, static_cast<size_t>(N) * kvd * 4, stream));
 
-  const int nv = static_cast<int>(order.size());
   bool mlp_branch_done = false;  // layer v's MLP-branch backward ran in layer v+1's last pass
   for (int v = nv - 1; v >= 0; --v) {
     // The skip into layer v, if any, has its backward in the layer's last pass (skip_into).
     mlp_branch_done = backward_layer(v, mlp_branch_done);
     if (order[static_cast<size_t>(v)].opens_lanes) add_f32(bw.g, bw.g1, N * d, stream);
   }
-  add_f32(bw.dx0, bw.g, N * d, stream);
+  if (wants_dx0() && (nv == 0 || !dx0_pass_of(0).takes_dx)) add_f32(bw.dx0, bw.g, N * d, stream);
   backward_embedding();
 }
 

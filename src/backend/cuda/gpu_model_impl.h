@@ -226,6 +226,10 @@ struct GpuModel::Impl {
   bool mix_takes_branch_below(int v) const;
   // Returns whether its last pass also ran layer v−1's MLP-branch backward (mlp_branch_done for v−1).
   bool backward_layer(int v, bool mlp_branch_done);
+  // Whether the backward forms d x0 (not with a frozen base: nothing below x0 learns), and how layer v's
+  // mix pass treats it.
+  bool wants_dx0() const;
+  Dx0Pass dx0_pass_of(int v) const;
   const float* skip_grad_of(int v) const;
   bool is_skip_source(int v) const;  // a decoder skip reads virtual layer v's output
   bool folds_mlp_branch_below(int v) const;

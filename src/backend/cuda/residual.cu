@@ -348,7 +348,8 @@ template <int kVec, bool kBelow, int kSkip, typename DnT, bool kStaged>
 __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix_norm_backward_kernel(
     const DnT* __restrict__ dn, const float* g_in, const float* __restrict__ rstd, const bf16* __restrict__ x,
     const bf16* __restrict__ x0, const float* __restrict__ mix, float* dx, bool accumulate_dx, float* __restrict__ dx0,
-    float* __restrict__ partials, const BranchBelow below, const SkipBelow skip, int64_t rows, int dim, float scale) {
+    const Dx0Pass dx0_pass, float* __restrict__ partials, const BranchBelow below, const SkipBelow skip, int64_t rows,
+    int dim, float scale) {
   pdl_prologue();
   extern __shared__ float4 slots[];
   const int lane = threadIdx.x & 31;
@@ -395,11 +396,11 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix
     }
     add_norm_backward<kVec>(d, u, rstd[r], scale, dim, lane, t);
     PG_LANE_VECS(k, f0, dim) {
-      float a[8], b[8], o[8], o0[8], p0[8], p1[8], s0[8], s1[8];
+      float a[8], b[8], o[8], o0[8] = {}, p0[8], p1[8], s0[8], s1[8];
       load8(x + r * dim + f0, a);
       load8(x0 + r * dim + f0, b);
       if (accumulate_dx) load8(dx + r * dim + f0, o);
-      load8(dx0 + r * dim + f0, o0);
+      if (dx0 && !dx0_pass.fresh) load8(dx0 + r * dim + f0, o0);  // fresh: 0 + mix[1]⊙t, as after a clearing pass
       m0.get(k, p0);
       m1.get(k, p1);
       acc0.get(k, s0);
@@ -448,8 +449,13 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix
         if (skip_gated) acc_sg.put(k, sg);
         store8(skip.ds + r * dim + f0, dsv);
       }
-      store8(dx + r * dim + f0, o);
-      store8(dx0 + r * dim + f0, o0);
+      if (dx0_pass.takes_dx) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o0[e] += o[e];  // add_f32(dx0, dx)'s addition
+      } else {
+        store8(dx + r * dim + f0, o);
+      }
+      if (dx0) store8(dx0 + r * dim + f0, o0);
     }
   }
   if (!partials) return;
@@ -786,9 +792,10 @@ void mix_norm_forward(const bf16* x, const bf16* x0, const float* mix, bf16* x_i
 void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const bf16* x, const bf16* x0,
                        const float* mix, float* dx, bool accumulate_dx, float* dx0, float* dmix, int64_t rows, int dim,
                        float scale, const ReduceWorkspace& ws, cudaStream_t stream, const BranchBelow* below,
-                       const SkipBelow* skip) {
+                       const SkipBelow* skip, Dx0Pass dx0_pass) {
   check_row_dim(dim, "mix_norm_backward");
   if (rows == 0) return;
+  PG_CUDA_REQUIRE(dx0 || !dx0_pass.takes_dx, "mix_norm_backward: dx can only be added into a given dx0");
   PG_CUDA_REQUIRE(!below || (below->a && below->da), "mix_norm_backward: the branch below needs a and da");
   PG_CUDA_REQUIRE(!skip || (skip->s && skip->w && skip->ds && (!skip->gate || skip->x)),
                   "mix_norm_backward: the skip needs s, w and ds, and x with a gate");
@@ -819,8 +826,8 @@ void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const 
               const size_t smem = kStaged ? staged_smem(dim, n, n, true) : column_smem(dim);
               if constexpr (kStaged) allow_staged_smem<kernel>(staged_smem(kVec * 256, n, n, true));
               launch_kernel(kernel, blocks, kRowThreads, smem, stream, dn_rows, g_in, rstd, x, x0, mix, dx,
-                            accumulate_dx, dx0, partials, below ? *below : BranchBelow{}, skip ? *skip : SkipBelow{},
-                            rows, dim, scale);
+                            accumulate_dx, dx0, dx0_pass, partials, below ? *below : BranchBelow{},
+                            skip ? *skip : SkipBelow{}, rows, dim, scale);
             }
           });
         });

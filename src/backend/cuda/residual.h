@@ -68,16 +68,27 @@ struct SkipBelow {
   float* dgate = nullptr;
 };
 
+// What mix_norm_backward does with dx0 besides dx0 += mix[1]⊙t. fresh: dx0 is not read (dx0 = mix[1]⊙t:
+// the first layer of a backward, so no pass clears it); takes_dx: dx (as it would be stored, after the
+// branch and skip below) is added to dx0 and not stored (the last layer, whose input x is x0: the
+// model's closing dx0 += dx pass, folded in with the same fp32 addition).
+struct Dx0Pass {
+  bool fresh = false;
+  bool takes_dx = false;
+};
+
 // dn: fp32 or bf16 rows (norm_grad.h).
 // t = (g_in ? g_in : 0) + RMSNorm backward of dn (through x_in, recomputed from x and x0 with the
 // forward's roundings: the same bits as the stored x_in, not read back);
-// dx = (accumulate_dx ? dx : 0) + mix[0]⊙t; dx0 += mix[1]⊙t; dmix [2, dim] += [Σ t⊙x, Σ t⊙x0].
+// dx = (accumulate_dx ? dx : 0) + mix[0]⊙t; dx0 += mix[1]⊙t (see Dx0Pass; a null dx0: no x0 gradient);
+// dmix [2, dim] += [Σ t⊙x, Σ t⊙x0].
 // g_in may alias dx (read before written, element by element). below: see BranchBelow; skip: see SkipBelow
 // (not with a below.g_add).
 void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const __nv_bfloat16* x,
                        const __nv_bfloat16* x0, const float* mix, float* dx, bool accumulate_dx, float* dx0,
                        float* dmix, int64_t rows, int dim, float scale, const ReduceWorkspace& ws,
-                       cudaStream_t stream, const BranchBelow* below = nullptr, const SkipBelow* skip = nullptr);
+                       cudaStream_t stream, const BranchBelow* below = nullptr, const SkipBelow* skip = nullptr,
+                       Dx0Pass dx0_pass = {});
 
 // Residual branch (+ RMSNorm of the result when n is given):
 //   out = (x ? x : 0) + branch_scale⊙(σ(gate)⊙a)   (gate null: σ = 1), stored bf16;
