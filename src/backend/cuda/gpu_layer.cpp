@@ -186,6 +186,7 @@ bool GpuModel::Impl::wants_dx0() const { return !frozen; }
 // 0's input is x0 itself, so its d x goes into dx0 in the same pass, unless the lanes open there (their
 // second gradient is added to d x after the layer).
 Dx0Pass GpuModel::Impl::dx0_pass_of(int v) const {
+  if (!wants_dx0()) return {};
   const int last = static_cast<int>(order.size()) - 1;
   return Dx0Pass{v == last, v == 0 && !order[0].opens_lanes};
 }
