@@ -5,6 +5,8 @@
 // of length 0 and 1 anywhere.
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include "backend/cpu/attention.h"
 #include "backend/cpu/gemm.h"
 #include "backend/cpu/head_gate.h"
@@ -209,6 +211,39 @@ TEST_F(AttentionOpsTest, ValuePathMatchesScaledAddAndValueMix) {
       expect_within_naive(tag + "_dve_lambda", d_dlve.download(), dlve_naive, dlve_ref, kF32Bound);
     }
     if (mode.mix) expect_within_naive(tag + "_dvr_lambda", d_dlvr.download(), dlvr_naive, dlvr_ref, kF32Bound);
+
+    // ValueGradStart: fresh accumulators are written, not read (the bits of a pass on cleared ones), and a
+    // null dve leaves dve_lambda's sum as it was.
+    if (mode.v0 || mode.ve) {
+      auto run = [&](float init, cuda::ValueGradStart start, bool with_dve) {
+        const std::vector<float> fill(N * kvd, init);
+        DeviceBuffer<float> acc(fill), dve(fill), dlvr(dlvr_init), dlve(dlve_init);
+        auto out = poisoned_buffer<bf16>(N * ld);
+        cuda::value_backward(d_dva.data(), mode.extra ? d_extra.data() : nullptr, d_raw.data(),
+                             mode.v0 ? d_v0.data() : nullptr, mode.mix ? d_lvr.data() : nullptr,
+                             mode.v0 ? acc.data() : nullptr, mode.dv0_add ? d_add.data() : nullptr,
+                             mode.ve ? d_ve.data() : nullptr, mode.ve ? d_lve.data() : nullptr,
+                             mode.ve && with_dve ? dve.data() : nullptr, mode.mix ? dlvr.data() : nullptr,
+                             mode.ve ? dlve.data() : nullptr, out.data() + 64, ld, shape, tw.ws, nullptr, start);
+        sync_device();
+        return std::vector<std::vector<float>>{acc.download(), dve.download(), dlvr.download(), dlve.download(),
+                                               from_device_bf16(out)};
+      };
+      const auto cleared = run(0.f, {}, true), fresh = run(NAN, {true, true}, true);
+      const char* names[] = {"dv0", "dve", "dvr_lambda", "dve_lambda", "dv_lin"};
+      for (int i = 0; i < 5; ++i) {
+        if ((i == 0 && !mode.v0) || (i == 1 && !mode.ve)) continue;
+        EXPECT_EQ(0, std::memcmp(cleared[i].data(), fresh[i].data(), cleared[i].size() * sizeof(float)))
+            << tag << ": " << names[i] << " of fresh accumulators";
+      }
+      if (mode.ve) {
+        const auto no_dve = run(0.f, {}, false);
+        EXPECT_EQ(no_dve[3], cleared[3]) << tag << ": dve_lambda without dve";
+        EXPECT_EQ(no_dve[1], std::vector<float>(N * kvd, 0.f)) << tag << ": a null dve is not written";
+        EXPECT_EQ(0, std::memcmp(no_dve[4].data(), cleared[4].data(), cleared[4].size() * sizeof(float)))
+            << tag << ": dv_lin without dve";
+      }
+    }
   }
 }
 

@@ -826,6 +826,18 @@ TEST_F(ResidualOpsTest, SmearGateWithinRows) {
     sync_device();
     expect_within_naive(tag + "_dx", ddx.download(), dx_naive, dx_ref, kF32Bound);
     expect_within_naive(tag + "_dgate", ddg.download(), dg_naive, dg_ref, kF32Bound);
+
+    // Without accumulation dx is written, not read: the bits of a pass on a cleared dx.
+    DeviceBuffer<float> cleared(std::vector<float>(n, 0.f)), written(std::vector<float>(n, NAN));
+    DeviceBuffer<float> dg_cleared(dgate_init), dg_written(dgate_init);
+    cuda::smear_backward(ddy.data(), dx.data(), dgate.data(), cleared.data(), dg_cleared.data(), c.rows, c.seq_len,
+                         c.dim, tw.ws, nullptr);
+    cuda::smear_backward(ddy.data(), dx.data(), dgate.data(), written.data(), dg_written.data(), c.rows, c.seq_len,
+                         c.dim, tw.ws, nullptr, /*accumulate=*/false);
+    sync_device();
+    const auto want = cleared.download(), got = written.download();
+    EXPECT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float))) << tag << ": dx written";
+    EXPECT_EQ(dg_cleared.download(), dg_written.download()) << tag << ": dgate";
   }
 }
 

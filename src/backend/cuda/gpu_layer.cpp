@@ -107,12 +107,13 @@ NormGrad GpuModel::Impl::backward_attention(int v) {
   qk_norm_rope_backward(dq, bw.dk, b.qkv, b.qkv + qd, qkv_w, b.q_rstd, b.k_rstd, P(p.q_gain), rope_cos, rope_sin,
                         bw.dqkv, bw.dqkv + qd, qkv_w, G(p.q_gain), QkShape{N, T, H, Hkv, Dh, m.rope_dims}, bw.reduce,
                         stream);
-  const bool ve = p.ve_scale >= 0;
+  const bool ve = uses_ve(v);
   value_backward(bw.dv, p.xsa ? bw.dv_xsa : nullptr, b.v_raw, mix && v > 0 ? layers[0].v_raw : nullptr,
                  mix ? P(p.vr_lambda) : nullptr, mix && v > 0 ? bw.dv0 : nullptr,
                  m.value_residual && v == 0 ? bw.dv0 : nullptr, ve ? io.ve : nullptr, P_or_null(p.ve_scale),
-                 ve ? bw.dve : nullptr, mix ? G(p.vr_lambda) : nullptr, ve ? G(p.ve_scale) : nullptr,
-                 bw.dqkv + qd + kvd, qkv_w, ValueShape{N, kvd}, bw.reduce, stream);
+                 ve && wants_dve() ? bw.dve : nullptr, mix ? G(p.vr_lambda) : nullptr, ve ? G(p.ve_scale) : nullptr,
+                 bw.dqkv + qd + kvd, qkv_w, ValueShape{N, kvd}, bw.reduce, stream,
+                 ValueGradStart{v == first_dv0_layer(), v == first_dve_layer()});
 
   if (!frozen) {
     if (p.qkv_contiguous) {
@@ -181,6 +182,27 @@ NormGrad GpuModel::Impl::backward_mlp(int v) {
 // In the last layer of a selective forward (runs_selected_rows) everything after attention runs on the
 // selected rows only: the norms' inputs are needed for all rows (keys and values), the rest is not.
 bool GpuModel::Impl::wants_dx0() const { return !frozen; }
+
+bool GpuModel::Impl::uses_ve(int v) const {
+  return lp[static_cast<size_t>(order[static_cast<size_t>(v)].physical)].ve_scale >= 0;
+}
+
+// The value embeddings' gradient feeds only their parameters, which a frozen base keeps.
+bool GpuModel::Impl::wants_dve() const { return bw.dve != nullptr && !frozen; }
+
+// The backward runs the layers from the last: the highest that adds into an accumulator writes it instead.
+int GpuModel::Impl::first_dv0_layer() const {
+  for (int v = static_cast<int>(order.size()) - 1; v > 0; --v)
+    if (mixes_values(v)) return v;
+  return -1;
+}
+
+int GpuModel::Impl::first_dve_layer() const {
+  if (!wants_dve()) return -1;
+  for (int v = static_cast<int>(order.size()) - 1; v >= 0; --v)
+    if (uses_ve(v)) return v;
+  return -1;
+}
 
 // Layer nv - 1 is the backward's first: it writes dx0 rather than adding to it (no clearing pass). Layer
 // 0's input is x0 itself, so its d x goes into dx0 in the same pass, unless the lanes open there (their

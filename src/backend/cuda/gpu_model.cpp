@@ -631,8 +631,8 @@ void GpuModel::Impl::backward_embedding() {
   const int n = static_cast<int>(N);
   const float* dnorm = bw.dx0;
   if (m.smear_gate) {
-    PG_CUDA_CHECK(cudaMemsetAsync(bw.dn, 0, static_cast<size_t>(N) * d * 4, stream));
-    smear_backward(bw.dx0, io.x_norm, P(gp.smear_gate), bw.dn, G(gp.smear_gate), B, T, d, bw.reduce, stream);
+    smear_backward(bw.dx0, io.x_norm, P(gp.smear_gate), bw.dn, G(gp.smear_gate), B, T, d, bw.reduce, stream,
+                   /*accumulate=*/false);
     dnorm = bw.dn;
   }
   float* de = bw.dm;
@@ -772,8 +772,11 @@ void GpuModel::Impl::backward(const float* weights_device) {
   // The layers' mix passes write dx0 and fold the last d x into it (dx0_pass_of); only a model without
   // layers clears it here and adds d x below.
   if (wants_dx0() && nv == 0) PG_CUDA_CHECK(cudaMemsetAsync(bw.dx0, 0, static_cast<size_t>(N) * d * 4, stream));
-  if (bw.dve) PG_CUDA_CHECK(cudaMemsetAsync(bw.dve, 0, static_cast<size_t>(N) * kvd * 4, stream));
-  if (bw.dv0) PG_CUDA_CHECK(cudaMemsetAsync(bw.dv0, 0, static_cast<size_t>(N) * kvd * 4, stream));
+  // dve and dv0 likewise: cleared only when no layer writes them (first_dve_layer, first_dv0_layer).
+  if (wants_dve() && first_dve_layer() < 0)
+    PG_CUDA_CHECK(cudaMemsetAsync(bw.dve, 0, static_cast<size_t>(N) * kvd * 4, stream));
+  if (bw.dv0 && first_dv0_layer() < 0)
+    PG_CUDA_CHECK(cudaMemsetAsync(bw.dv0, 0, static_cast<size_t>(N) * kvd * 4, stream));
 
   bool mlp_branch_done = false;  // layer v's MLP-branch backward ran in layer v+1's last pass
   for (int v = nv - 1; v >= 0; --v) {

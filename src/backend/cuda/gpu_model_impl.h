@@ -230,6 +230,12 @@ struct GpuModel::Impl {
   // mix pass treats it.
   bool wants_dx0() const;
   Dx0Pass dx0_pass_of(int v) const;
+  // Whether layer v adds the value embeddings; whether the backward forms their gradient dve (not with a
+  // frozen base); the backward's first layers to add into dv0 and dve (-1: none), which write them.
+  bool uses_ve(int v) const;
+  bool wants_dve() const;
+  int first_dv0_layer() const;
+  int first_dve_layer() const;
   const float* skip_grad_of(int v) const;
   bool is_skip_source(int v) const;  // a decoder skip reads virtual layer v's output
   bool folds_mlp_branch_below(int v) const;

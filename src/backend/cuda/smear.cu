@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kRowThreads) smear_backward_kernel(const float
                                                                      const float* __restrict__ gate,
                                                                      float* __restrict__ dx,
                                                                      float* __restrict__ partials, int64_t tokens,
-                                                                     int64_t seq_len, int dim) {
+                                                                     int64_t seq_len, int dim, bool accumulate) {
   pdl_prologue();
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
@@ -61,10 +61,10 @@ __global__ void __launch_bounds__(kRowThreads) smear_backward_kernel(const float
     for (int k = 0; k < kVec; ++k) {
       const int f0 = (lane + 32 * k) * 8;
       if (f0 >= dim) continue;
-      float d[8], next[8] = {}, o[8];
+      float d[8], next[8] = {}, o[8] = {};
       load8(dy + i * dim + f0, d);
       if (!last) load8(dy + (i + 1) * dim + f0, next);
-      load8(dx + i * dim + f0, o);
+      if (accumulate) load8(dx + i * dim + f0, o);
 #pragma unroll
       for (int e = 0; e < 8; ++e) o[e] += (1.f - g[k][e]) * d[e] + g[k][e] * next[e];
       store8(dx + i * dim + f0, o);
@@ -100,7 +100,7 @@ void smear_forward(const bf16* x, const float* gate, bf16* y, int64_t rows, int6
 }
 
 void smear_backward(const float* dy, const bf16* x, const float* gate, float* dx, float* dgate, int64_t rows,
-                    int64_t seq_len, int dim, const ReduceWorkspace& ws, cudaStream_t stream) {
+                    int64_t seq_len, int dim, const ReduceWorkspace& ws, cudaStream_t stream, bool accumulate) {
   check_row_dim(dim, "smear_backward");
   const int64_t tokens = rows * seq_len;
   if (tokens == 0) return;
@@ -110,7 +110,7 @@ void smear_backward(const float* dy, const bf16* x, const float* gate, float* dx
   dispatch_row_vec(dim, [&](auto vec) {
     launch_kernel(smear_backward_kernel<decltype(vec)::value>, blocks, kRowThreads,
                   static_cast<size_t>(kRowWarps) * dim * sizeof(float), stream, dy, x, gate, dx, partials, tokens,
-                  seq_len, dim);
+                  seq_len, dim, accumulate);
   });
   PG_CUDA_LAUNCH_CHECK();
   if (dgate) finish_partial_sums(ws.data, blocks, {{dgate, dim}}, stream);

@@ -16,8 +16,8 @@ void smear_forward(const __nv_bfloat16* x, const float* gate, __nv_bfloat16* y, 
                    cudaStream_t stream);
 
 // dx (fp32) += (1−g)⊙dy_t + g⊙dy_{t+1} (within the row); dgate += g(1−g)⊙Σ_t dy_t⊙(x_{t−1} − x_t)
-// (null: skipped). dy fp32.
+// (null: skipped). dy fp32. accumulate false: dx is not read (0 + the same sum, as on a cleared dx).
 void smear_backward(const float* dy, const __nv_bfloat16* x, const float* gate, float* dx, float* dgate, int64_t rows,
-                    int64_t seq_len, int dim, const ReduceWorkspace& ws, cudaStream_t stream);
+                    int64_t seq_len, int dim, const ReduceWorkspace& ws, cudaStream_t stream, bool accumulate = true);
 
 }  // namespace pgolf::cuda

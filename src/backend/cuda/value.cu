@@ -54,7 +54,7 @@ __global__ void value_backward_kernel(const bf16* __restrict__ dv_attn, const fl
                                       const float* __restrict__ dv0_add, const bf16* __restrict__ ve,
                                       const float* __restrict__ ve_lambda, float* __restrict__ dve,
                                       bf16* __restrict__ dv_lin, int64_t out_stride, float* __restrict__ partials,
-                                      const ValueShape s) {
+                                      const ValueShape s, const ValueGradStart start) {
   pdl_prologue();
   __shared__ float smem[32];
   const float lve = ve ? *ve_lambda : 0.f;
@@ -73,9 +73,9 @@ __global__ void value_backward_kernel(const bf16* __restrict__ dv_attn, const fl
     if (vr_lambda) {
       load8(v_raw + at, raw);
       if (v0) {
-        float b[8], acc[8];
+        float b[8], acc[8] = {};  // fresh: 0 + λ0·dv, as on a cleared accumulator
         load8(v0 + at, b);
-        load8(dv0_acc + at, acc);
+        if (!start.dv0_fresh) load8(dv0_acc + at, acc);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           sum_v0 += d[e] * b[e];
@@ -102,15 +102,15 @@ __global__ void value_backward_kernel(const bf16* __restrict__ dv_attn, const fl
       for (int e = 0; e < 8; ++e) out[e] += b[e];
     }
     if (ve) {
-      float b[8], acc[8];
+      float b[8], acc[8] = {};
       load8(ve + at, b);
-      load8(dve + at, acc);
+      if (dve && !start.dve_fresh) load8(dve + at, acc);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         sum_ve += out[e] * b[e];
         acc[e] += lve * out[e];
       }
-      store8(dve + at, acc);
+      if (dve) store8(dve + at, acc);
     }
     store8(dv_lin + i * out_stride + c, out);
   }
@@ -139,16 +139,17 @@ void value_forward(const bf16* v_lin, int64_t in_stride, const bf16* ve, const f
 void value_backward(const bf16* dv_attn, const float* dv_extra, const bf16* v_raw, const bf16* v0,
                     const float* vr_lambda, float* dv0_acc, const float* dv0_add, const bf16* ve,
                     const float* ve_lambda, float* dve, float* dvr_lambda, float* dve_lambda, bf16* dv_lin,
-                    int64_t out_stride, const ValueShape& s, const ReduceWorkspace& ws, cudaStream_t stream) {
+                    int64_t out_stride, const ValueShape& s, const ReduceWorkspace& ws, cudaStream_t stream,
+                    ValueGradStart start) {
   PG_CUDA_REQUIRE(s.kv_dim > 0 && s.kv_dim % 8 == 0, "value_backward: kv_dim must be a positive multiple of 8");
   PG_CUDA_REQUIRE(!v0 || dv0_acc, "value_backward: a layer mixing v0 needs the v0 gradient accumulator");
-  PG_CUDA_REQUIRE((ve == nullptr) == (dve == nullptr), "value_backward: ve and dve come together");
+  PG_CUDA_REQUIRE(ve || !dve, "value_backward: dve needs ve");
   if (s.tokens == 0) return;
   const int blocks = grid_of(s);
   const bool want_vr = dvr_lambda != nullptr && vr_lambda != nullptr, want_ve = dve_lambda != nullptr && ve;
   if (want_vr || want_ve) check_reduce_workspace(ws, blocks, 3, "value_backward");
   launch_kernel(value_backward_kernel, blocks, kThreads, 0, stream, dv_attn, dv_extra, v_raw, v0, vr_lambda, dv0_acc,
-                dv0_add, ve, ve_lambda, dve, dv_lin, out_stride, want_vr || want_ve ? ws.data : nullptr, s);
+                dv0_add, ve, ve_lambda, dve, dv_lin, out_stride, want_vr || want_ve ? ws.data : nullptr, s, start);
   PG_CUDA_LAUNCH_CHECK();
   if (!want_vr && !want_ve) return;
   // Without v0 both lambdas receive Σ dv⊙v_raw (the first layer's (λ0+λ1) scale). Every target list

@@ -32,12 +32,17 @@ void value_forward(const __nv_bfloat16* v_lin, int64_t in_stride, const __nv_bfl
 //   dv_raw += dv0_add (the first layer: the v0 gradient the later layers accumulated; may be null);
 //   VE:   dve += λ_ve·dv_raw (fp32), dve_lambda += Σ dv_raw⊙ve;
 // and dv_raw is written (bf16, row stride out_stride) as the gradient of the projection's v columns.
-// Gradient pointers of parameters may be null (frozen).
+// Gradient pointers of parameters may be null (frozen), and so may dve (no VE gradient: the sum for
+// dve_lambda is still formed). `start`: accumulators written rather than added to.
+struct ValueGradStart {
+  bool dv0_fresh = false;  // dv0_acc = λ0·dv, not read: the backward's first layer that adds to it
+  bool dve_fresh = false;  // dve = λ_ve·dv_raw, not read: likewise
+};
 void value_backward(const __nv_bfloat16* dv_attn, const float* dv_extra, const __nv_bfloat16* v_raw,
                     const __nv_bfloat16* v0, const float* vr_lambda, float* dv0_acc, const float* dv0_add,
                     const __nv_bfloat16* ve, const float* ve_lambda, float* dve, float* dvr_lambda, float* dve_lambda,
                     __nv_bfloat16* dv_lin, int64_t out_stride, const ValueShape& shape, const ReduceWorkspace& ws,
-                    cudaStream_t stream);
+                    cudaStream_t stream, ValueGradStart start = {});
 
 size_t value_workspace_floats(const ValueShape& shape);
 
