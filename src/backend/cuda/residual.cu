@@ -396,24 +396,35 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix
     }
     add_norm_backward<kVec>(d, u, rstd[r], scale, dim, lane, t);
     PG_LANE_VECS(k, f0, dim) {
-      float a[8], b[8], o[8], o0[8] = {}, p0[8], p1[8], s0[8], s1[8];
+      float a[8], b[8], o[8], p0[8], s0[8], s1[8];
       load8(x + r * dim + f0, a);
       load8(x0 + r * dim + f0, b);
       if (accumulate_dx) load8(dx + r * dim + f0, o);
-      if (dx0 && !dx0_pass.fresh) load8(dx0 + r * dim + f0, o0);  // fresh: 0 + mix[1]⊙t, as after a clearing pass
       m0.get(k, p0);
-      m1.get(k, p1);
       acc0.get(k, s0);
       acc1.get(k, s1);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         o[e] = (accumulate_dx ? o[e] : 0.f) + p0[e] * t[k][e];
-        o0[e] += p1[e] * t[k][e];
         s0[e] += t[k][e] * a[e];
         s1[e] += t[k][e] * b[e];
       }
       acc0.put(k, s0);
       acc1.put(k, s1);
+      if (dx0) {  // dx0 (+)= mix[1]⊙t here, before the passes below: fewer registers live across them
+        float o0[8] = {}, p1[8];
+        if (!dx0_pass.fresh) load8(dx0 + r * dim + f0, o0);  // fresh: 0 + mix[1]⊙t, as after a clearing pass
+        m1.get(k, p1);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o0[e] += p1[e] * t[k][e];
+        if constexpr (!kBelow && !kSkip) {
+          if (dx0_pass.takes_dx) {  // (only here: refused with a branch or skip below)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) o0[e] += o[e];  // add_f32(dx0, dx)'s addition
+          }
+        }
+        store8(dx0 + r * dim + f0, o0);
+      }
       if constexpr (kBelow) {
         // branch_backward's first pass, on the gradient just formed (the same fp32 operations).
         float av[8], da[8], c[8], sa[8];
@@ -449,13 +460,7 @@ __global__ void __launch_bounds__(kRowThreads, kStaged && kVec == 2 ? 2 : 1) mix
         if (skip_gated) acc_sg.put(k, sg);
         store8(skip.ds + r * dim + f0, dsv);
       }
-      if (dx0_pass.takes_dx) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o0[e] += o[e];  // add_f32(dx0, dx)'s addition
-      } else {
-        store8(dx + r * dim + f0, o);
-      }
-      if (dx0) store8(dx0 + r * dim + f0, o0);
+      if (kBelow || kSkip || !dx0_pass.takes_dx) store8(dx + r * dim + f0, o);
     }
   }
   if (!partials) return;
@@ -796,6 +801,8 @@ void mix_norm_backward(NormGrad dn, const float* g_in, const float* rstd, const 
   check_row_dim(dim, "mix_norm_backward");
   if (rows == 0) return;
   PG_CUDA_REQUIRE(dx0 || !dx0_pass.takes_dx, "mix_norm_backward: dx can only be added into a given dx0");
+  PG_CUDA_REQUIRE(!dx0_pass.takes_dx || (!below && !skip),
+                  "mix_norm_backward: dx goes into dx0 only without a branch or skip below (layer 0 has neither)");
   PG_CUDA_REQUIRE(!below || (below->a && below->da), "mix_norm_backward: the branch below needs a and da");
   PG_CUDA_REQUIRE(!skip || (skip->s && skip->w && skip->ds && (!skip->gate || skip->x)),
                   "mix_norm_backward: the skip needs s, w and ds, and x with a gate");
