@@ -388,15 +388,18 @@ TEST_F(ResidualOpsTest, MixNormBackwardWithTheSkipEqualsBothPasses) {
 // passes (branch_forward, skip_forward, mix_norm_forward): out, in, x_in, n and rstd.
 // Dx0Pass against the passes it replaces, bit for bit: `fresh` (dx0 not read) against a cleared dx0,
 // `takes_dx` (d x added into dx0, not stored) against storing d x and add_f32(dx0, dx), both together, and
-// a null dx0 (no x0 gradient) against the default for everything else. With a plain skip, so that d x is
-// the one after the skip's pass, and for a parallel layer (no g_in, d x accumulated), staged and not.
+// a null dx0 (no x0 gradient) against the default for everything else. With and without a plain skip
+// (takes_dx only without: layer 0 has no skip, and the pass refuses one), for a plain and a parallel layer
+// (no g_in, d x accumulated), staged and not.
 TEST_F(ResidualOpsTest, MixNormBackwardDx0PassesEqualTheSeparatePasses) {
   const RowStagingRestore restore;
   for (const RowCase& c : kCases) {
-    for (const bool lanes : {false, true}) {
+    for (int variant = 0; variant < 4; ++variant) {
+      const bool lanes = variant & 1, with_skip = variant & 2;
       for (const bool staged : {true, false}) {
         cuda::set_row_staging(staged);
-        const std::string tag = case_name(c) + (lanes ? "_lanes" : "_plain") + (staged ? "_staged" : "_registers");
+        const std::string tag = case_name(c) + (lanes ? "_lanes" : "_plain") + (staged ? "_staged" : "_registers") +
+                                (with_skip ? "_skip" : "");
         SCOPED_TRACE(tag);
         const int64_t n = c.rows * c.dim;
         Rng rng(1300 + c.dim + 2 * lanes);
@@ -420,7 +423,8 @@ TEST_F(ResidualOpsTest, MixNormBackwardDx0PassesEqualTheSeparatePasses) {
           const cuda::SkipBelow skip{ds.data(), dw.data(), out_skip_ds.data(), out_dw.data()};
           cuda::mix_norm_backward(ddn.data(), lanes ? nullptr : out_g.data(), drstd.data(), dx.data(), dx0.data(),
                                   dmix.data(), out_g.data(), lanes, dx0_start ? out_dx0.data() : nullptr,
-                                  out_dmix.data(), c.rows, c.dim, 0.6f, tw.ws, nullptr, nullptr, &skip, pass);
+                                  out_dmix.data(), c.rows, c.dim, 0.6f, tw.ws, nullptr, nullptr,
+                                  with_skip ? &skip : nullptr, pass);
           if (add_after) cuda::add_f32(out_dx0.data(), out_g.data(), n, nullptr);
           sync_device();
           return Result{out_g.download(), out_dx0.download(), out_dmix.download(), out_skip_ds.download(),
@@ -443,7 +447,9 @@ TEST_F(ResidualOpsTest, MixNormBackwardDx0PassesEqualTheSeparatePasses) {
           same(got.dx0, want.dx0, "dx0");
           same_grads(got, want);
         }
-        {
+        if (with_skip) {
+          EXPECT_THROW(run(&dx0_init, {false, true}, false), pgolf::Error) << tag << ": takes_dx with a skip";
+        } else {
           SCOPED_TRACE("takes_dx");
           const Result want = run(&dx0_init, {}, true), got = run(&dx0_init, {false, true}, false);
           same(got.dx0, want.dx0, "dx0");
@@ -451,7 +457,7 @@ TEST_F(ResidualOpsTest, MixNormBackwardDx0PassesEqualTheSeparatePasses) {
           same_grads(got, want);
           EXPECT_NE(got.dx0, added.dx0) << tag << ": d x must be added";
         }
-        {
+        if (!with_skip) {
           SCOPED_TRACE("fresh and takes_dx");
           const Result want = run(&zeros, {}, true), got = run(&poison, {true, true}, false);
           same(got.dx0, want.dx0, "dx0");
