@@ -241,6 +241,36 @@ TEST_F(GemmTest, ColumnSlicesWithLeadingDimensions) {
   }
 }
 
+// Autotuned plans (set_gemm_autotune): the first run times the candidates on the call's own D, which
+// with beta != 0 must be put back before the product. Every product, the timed first and the later
+// runs of a plan, stays within the bounds: plain, weight-gradient, batched with gaps, bias.
+TEST_F(GemmTest, AutotunedPlansKeepTheProduct) {
+  struct Restore {
+    bool was = cuda::gemm_autotune();
+    ~Restore() { cuda::set_gemm_autotune(was); }
+  } restore;
+  cuda::set_gemm_autotune(true);
+  for (const GemmOutput output : {GemmOutput::kBf16, GemmOutput::kF32}) {
+    const std::string name = output == GemmOutput::kBf16 ? "bf16" : "f32";
+    GemmRunner runner;
+    GemmShape s;
+    s.m = 1000, s.n = 384, s.k = 512, s.trans_b = true, s.output = output;
+    check_gemm(runner, s, 1.0f, 1.0f, 21, "tuned_" + name + "_beta1");  // built and timed here
+    check_gemm(runner, s, 1.0f, 1.0f, 21, "tuned_" + name + "_beta1_again");
+    check_gemm(runner, s, 0.5f, 0.0f, 22, "tuned_" + name + "_beta0");
+    GemmShape w = s;  // a weight gradient: tokens as k, accumulated
+    w.m = 384, w.n = 512, w.k = 1000, w.trans_a = true, w.trans_b = false;
+    check_gemm(runner, w, 1.0f, 1.0f, 23, "tuned_" + name + "_dw");
+    GemmShape batched = s;
+    batched.m = 64, batched.n = 96, batched.k = 128, batched.batch = 3;
+    batched.stride_a = 64 * 128 + 8, batched.stride_b = 128 * 96 + 16, batched.stride_d = 64 * 96 + 24;
+    check_gemm(runner, batched, 1.0f, 1.0f, 24, "tuned_" + name + "_batched");
+    GemmShape biased = s;
+    biased.epilogue = GemmEpilogue::kBias;
+    check_gemm(runner, biased, 1.0f, 0.0f, 25, "tuned_" + name + "_bias", true);
+  }
+}
+
 TEST_F(GemmTest, InvalidShapeIsAnError) {
   GemmRunner runner;
   GemmShape s;

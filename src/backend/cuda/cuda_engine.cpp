@@ -7,6 +7,7 @@
 #include <iterator>
 
 #include "backend/cuda/cuda_engine_impl.h"
+#include "backend/cuda/gemm.h"
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/residual.h"
 #include "core/error.h"
@@ -67,6 +68,7 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   // Process-wide (launch.cuh), set here so that it holds before the model's first launch.
   set_programmatic_launch(c.get_bool("cuda_pdl"));
   set_row_staging(c.get_bool("cuda_row_staging"));
+  set_gemm_autotune(c.get_bool("cuda_gemm_autotune"));
   return m;
 }
 

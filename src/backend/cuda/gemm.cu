@@ -1,3 +1,5 @@
+#include <algorithm>
+#include <atomic>
 #include <string>
 #include <unordered_map>
 
@@ -72,11 +74,21 @@ struct PlanKeyHash {
   }
 };
 
+std::atomic<bool> g_autotune{false};
+constexpr int kTuneCandidates = 8;    // the heuristic's best that a plan's first run times
+constexpr int kTuneRuns = 5;          // timed runs per candidate (after one untimed)
+constexpr float kTuneMargin = 0.97f;  // a candidate replaces the heuristic's first only when this much faster
+
 // Descriptor, layouts (cuBLAS's first operand = our B, second = our A) and the chosen algorithm.
 struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t layout_first = nullptr, layout_second = nullptr, layout_d = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  // With autotuning: the heuristic's candidates, best first (algo is the first until the plan's first run
+  // times them), and whether that run has happened.
+  cublasLtMatmulAlgo_t candidates[kTuneCandidates]{};
+  int candidate_count = 0;
+  bool tuned = false;
 
   Plan() = default;
   Plan(const Plan&) = delete;
@@ -111,6 +123,9 @@ cublasLtMatrixLayout_t make_layout(cudaDataType_t type, int rows, int cols, int6
 
 }  // namespace
 
+void set_gemm_autotune(bool on) { g_autotune = on; }
+bool gemm_autotune() { return g_autotune; }
+
 struct GemmRunner::Impl {
   cublasLtHandle_t handle = nullptr;
   void* workspace = nullptr;
@@ -118,10 +133,76 @@ struct GemmRunner::Impl {
   std::unordered_map<PlanKey, std::unique_ptr<Plan>, PlanKeyHash> plans;
   double plan_seconds = 0.0;
 
-  const Plan& plan_for(const PlanKey& key);
+  Plan& plan_for(const PlanKey& key);
+  void tune(Plan& plan, const GemmShape& shape, const __nv_bfloat16* a, const __nv_bfloat16* b, void* d,
+            size_t d_bytes, float alpha, float beta, cudaStream_t stream);
 };
 
-const Plan& GemmRunner::Impl::plan_for(const PlanKey& key) {
+// Times the plan's candidates on the call's own operands and keeps the fastest (the median of kTuneRuns)
+// when it beats the heuristic's first by kTuneMargin; ties keep the heuristic's order, so a choice moves
+// only on a clear difference. D is written by every run: with beta != 0 its contents are saved first and
+// put back, so the call then computes what it would have. Not while the stream is being captured (the
+// plan stays untuned and is timed at its next eager run), nor when the copy of D cannot be allocated.
+void GemmRunner::Impl::tune(Plan& plan, const GemmShape& shape, const __nv_bfloat16* a, const __nv_bfloat16* b,
+                            void* d, size_t d_bytes, float alpha, float beta, cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  PG_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;
+  plan.tuned = true;
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t d_elems = static_cast<int64_t>(shape.batch > 1 ? shape.stride_d * (shape.batch - 1) : 0) +
+                          static_cast<int64_t>(shape.m - 1) * (shape.ldd > 0 ? shape.ldd : shape.n) + shape.n;
+  const size_t saved_bytes = beta != 0.f ? static_cast<size_t>(d_elems) * d_bytes : 0;
+  void* saved = nullptr;
+  if (saved_bytes > 0) {
+    if (cudaMalloc(&saved, saved_bytes) != cudaSuccess) {
+      (void)cudaGetLastError();  // out of memory: keep the heuristic's choice
+      return;
+    }
+    PG_CUDA_CHECK(cudaMemcpyAsync(saved, d, saved_bytes, cudaMemcpyDeviceToDevice, stream));
+  }
+  cudaEvent_t start = nullptr, stop = nullptr;
+  PG_CUDA_CHECK(cudaEventCreate(&start));
+  PG_CUDA_CHECK(cudaEventCreate(&stop));
+  const float zero = 0.f;
+  float median[kTuneCandidates] = {};
+  for (int c = 0; c < plan.candidate_count; ++c) {
+    float ms[kTuneRuns];
+    for (int r = -1; r < kTuneRuns; ++r) {
+      PG_CUDA_CHECK(cudaEventRecord(start, stream));
+      const cublasStatus_t st =
+          cublasLtMatmul(handle, plan.desc, &alpha, b, plan.layout_first, a, plan.layout_second, &zero, d,
+                         plan.layout_d, d, plan.layout_d, &plan.candidates[c], workspace, workspace_bytes, stream);
+      PG_CUDA_CHECK(cudaEventRecord(stop, stream));
+      PG_CUDA_CHECK(cudaEventSynchronize(stop));
+      if (st != CUBLAS_STATUS_SUCCESS) {  // a candidate that does not run is not chosen
+        ms[0] = -1.f;
+        break;
+      }
+      if (r >= 0) PG_CUDA_CHECK(cudaEventElapsedTime(&ms[r], start, stop));
+    }
+    if (ms[0] < 0.f) {
+      median[c] = -1.f;
+      continue;
+    }
+    std::sort(ms, ms + kTuneRuns);
+    median[c] = ms[kTuneRuns / 2];
+  }
+  int best = 0;
+  for (int c = 1; c < plan.candidate_count; ++c)
+    if (median[c] >= 0.f && median[0] >= 0.f && median[c] < kTuneMargin * median[best]) best = c;
+  plan.algo = plan.candidates[best];
+  PG_CUDA_CHECK(cudaEventDestroy(start));
+  PG_CUDA_CHECK(cudaEventDestroy(stop));
+  if (saved) {
+    PG_CUDA_CHECK(cudaMemcpyAsync(d, saved, saved_bytes, cudaMemcpyDeviceToDevice, stream));
+    PG_CUDA_CHECK(cudaStreamSynchronize(stream));
+    PG_CUDA_CHECK(cudaFree(saved));
+  }
+  plan_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+Plan& GemmRunner::Impl::plan_for(const PlanKey& key) {
   auto it = plans.find(key);
   if (it != plans.end()) return *it->second;
   const auto t0 = std::chrono::steady_clock::now();
@@ -174,17 +255,21 @@ const Plan& GemmRunner::Impl::plan_for(const PlanKey& key) {
     set_pref(CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes));
   }
 
-  cublasLtMatmulHeuristicResult_t result{};
+  const int wanted = gemm_autotune() ? kTuneCandidates : 1;
+  cublasLtMatmulHeuristicResult_t results[kTuneCandidates]{};
   int found = 0;
   cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->layout_first, plan->layout_second,
-                                                     plan->layout_d, plan->layout_d, pref, 1, &result, &found);
+                                                     plan->layout_d, plan->layout_d, pref, wanted, results, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   PG_CUBLAS_CHECK(st, s);
   if (found == 0) {
     std::string msg = "cuBLASLt has no algorithm for " + shape_text(s);
     raise_error(msg.c_str(), __FILE__, __LINE__);
   }
-  plan->algo = result.algo;
+  plan->algo = results[0].algo;
+  for (int i = 0; i < found; ++i)
+    if (results[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates[plan->candidate_count++] = results[i].algo;
+  plan->tuned = plan->candidate_count < 2;
   plan_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return *plans.emplace(key, std::move(plan)).first->second;
 }
@@ -227,11 +312,12 @@ void GemmRunner::run(const GemmShape& shape, const __nv_bfloat16* a, const __nv_
   PlanKey key{shape, alignment_of(a, shape.batch, shape.stride_a, shape.lda, 2),
               alignment_of(b, shape.batch, shape.stride_b, shape.ldb, 2),
               alignment_of(d, shape.batch, shape.stride_d, shape.ldd, d_bytes)};
-  const Plan& plan = impl_->plan_for(key);
+  Plan& plan = impl_->plan_for(key);
   if (bias) {
     PG_CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), shape);
   }
+  if (!plan.tuned) impl_->tune(plan, shape, a, b, d, d_bytes, alpha, beta, stream);
   PG_CUBLAS_CHECK(cublasLtMatmul(impl_->handle, plan.desc, &alpha, b, plan.layout_first, a, plan.layout_second, &beta,
                                  d, plan.layout_d, d, plan.layout_d, &plan.algo, impl_->workspace,
                                  impl_->workspace_bytes, stream),

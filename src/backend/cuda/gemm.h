@@ -43,6 +43,12 @@ struct GemmShape {
   int64_t lda = 0, ldb = 0, ldd = 0;
 };
 
+// Process-wide: a plan built while this is on asks cuBLASLt's heuristic for several algorithms and its
+// first run times them on the call's operands, keeping the fastest when it is clearly faster (the
+// setting cuda_gemm_autotune). Off: the heuristic's first, as cuBLASLt's own default.
+void set_gemm_autotune(bool on);
+bool gemm_autotune();
+
 class GemmRunner {
  public:
   // `workspace_bytes` of device memory are owned by the runner and offered to every algorithm
