@@ -269,6 +269,22 @@ TEST_F(GemmTest, AutotunedPlansKeepTheProduct) {
     biased.epilogue = GemmEpilogue::kBias;
     check_gemm(runner, biased, 1.0f, 0.0f, 25, "tuned_" + name + "_bias", true);
   }
+  // A choice is the process's: another runner (another model or engine) takes it, the same bits.
+  GemmShape s;
+  s.m = 777, s.n = 640, s.k = 512, s.trans_b = true;
+  Rng rng(26);
+  DeviceBuffer<__nv_bfloat16> da = to_device_bf16(random_bf16_values(int64_t{s.m} * s.k, rng));
+  DeviceBuffer<__nv_bfloat16> db = to_device_bf16(random_bf16_values(int64_t{s.k} * s.n, rng));
+  std::vector<std::vector<float>> outs;
+  for (int r = 0; r < 3; ++r) {
+    GemmRunner runner;
+    DeviceBuffer<__nv_bfloat16> dd(size_t(s.m) * s.n);
+    runner.run(s, da.data(), db.data(), dd.data(), 1.0f, 0.0f, nullptr);
+    PG_CUDA_CHECK(cudaDeviceSynchronize());
+    outs.push_back(from_device_bf16(dd));
+  }
+  EXPECT_EQ(outs[0], outs[1]);
+  EXPECT_EQ(outs[0], outs[2]);
 }
 
 TEST_F(GemmTest, InvalidShapeIsAnError) {

@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 
@@ -75,6 +76,10 @@ struct PlanKeyHash {
 };
 
 std::atomic<bool> g_autotune{false};
+// The algorithm each tuned key chose, for the whole process: every runner (every model, engine and rank
+// thread) then uses the same one for the same product, so two engines of one process give the same bits.
+std::mutex g_tuned_mutex;
+std::unordered_map<PlanKey, cublasLtMatmulAlgo_t, PlanKeyHash> g_tuned;
 constexpr int kTuneCandidates = 8;    // the heuristic's best that a plan's first run times
 constexpr int kTuneRuns = 5;          // timed runs per candidate (after one untimed)
 constexpr float kTuneMargin = 0.97f;  // a candidate replaces the heuristic's first only when this much faster
@@ -134,17 +139,18 @@ struct GemmRunner::Impl {
   double plan_seconds = 0.0;
 
   Plan& plan_for(const PlanKey& key);
-  void tune(Plan& plan, const GemmShape& shape, const __nv_bfloat16* a, const __nv_bfloat16* b, void* d,
+  void tune(Plan& plan, const PlanKey& key, const __nv_bfloat16* a, const __nv_bfloat16* b, void* d,
             size_t d_bytes, float alpha, float beta, cudaStream_t stream);
 };
 
 // Times the plan's candidates on the call's own operands and keeps the fastest (the median of kTuneRuns)
 // when it beats the heuristic's first by kTuneMargin; ties keep the heuristic's order, so a choice moves
-// only on a clear difference. D is written by every run: with beta != 0 its contents are saved first and
+// only on a clear difference. The choice is the process's for this key from then on (g_tuned). D is written by every run: with beta != 0 its contents are saved first and
 // put back, so the call then computes what it would have. Not while the stream is being captured (the
 // plan stays untuned and is timed at its next eager run), nor when the copy of D cannot be allocated.
-void GemmRunner::Impl::tune(Plan& plan, const GemmShape& shape, const __nv_bfloat16* a, const __nv_bfloat16* b,
+void GemmRunner::Impl::tune(Plan& plan, const PlanKey& key, const __nv_bfloat16* a, const __nv_bfloat16* b,
                             void* d, size_t d_bytes, float alpha, float beta, cudaStream_t stream) {
+  const GemmShape& shape = key.shape;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   PG_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) return;
@@ -191,7 +197,10 @@ void GemmRunner::Impl::tune(Plan& plan, const GemmShape& shape, const __nv_bfloa
   int best = 0;
   for (int c = 1; c < plan.candidate_count; ++c)
     if (median[c] >= 0.f && median[0] >= 0.f && median[c] < kTuneMargin * median[best]) best = c;
-  plan.algo = plan.candidates[best];
+  {
+    const std::lock_guard<std::mutex> lock(g_tuned_mutex);
+    plan.algo = g_tuned.emplace(key, plan.candidates[best]).first->second;  // another thread's choice stands
+  }
   PG_CUDA_CHECK(cudaEventDestroy(start));
   PG_CUDA_CHECK(cudaEventDestroy(stop));
   if (saved) {
@@ -270,6 +279,11 @@ Plan& GemmRunner::Impl::plan_for(const PlanKey& key) {
   for (int i = 0; i < found; ++i)
     if (results[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates[plan->candidate_count++] = results[i].algo;
   plan->tuned = plan->candidate_count < 2;
+  if (!plan->tuned) {  // chosen before, by this process
+    const std::lock_guard<std::mutex> lock(g_tuned_mutex);
+    auto chosen = g_tuned.find(key);
+    if (chosen != g_tuned.end()) plan->algo = chosen->second, plan->tuned = true;
+  }
   plan_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return *plans.emplace(key, std::move(plan)).first->second;
 }
@@ -317,7 +331,7 @@ void GemmRunner::run(const GemmShape& shape, const __nv_bfloat16* a, const __nv_
     PG_CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), shape);
   }
-  if (!plan.tuned) impl_->tune(plan, shape, a, b, d, d_bytes, alpha, beta, stream);
+  if (!plan.tuned) impl_->tune(plan, key, a, b, d, d_bytes, alpha, beta, stream);
   PG_CUBLAS_CHECK(cublasLtMatmul(impl_->handle, plan.desc, &alpha, b, plan.layout_first, a, plan.layout_second, &beta,
                                  d, plan.layout_d, d, plan.layout_d, &plan.algo, impl_->workspace,
                                  impl_->workspace_bytes, stream),
