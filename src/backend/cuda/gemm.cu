@@ -145,9 +145,10 @@ struct GemmRunner::Impl {
 
 // Times the plan's candidates on the call's own operands and keeps the fastest (the median of kTuneRuns)
 // when it beats the heuristic's first by kTuneMargin; ties keep the heuristic's order, so a choice moves
-// only on a clear difference. The choice is the process's for this key from then on (g_tuned). D is written by every run: with beta != 0 its contents are saved first and
-// put back, so the call then computes what it would have. Not while the stream is being captured (the
-// plan stays untuned and is timed at its next eager run), nor when the copy of D cannot be allocated.
+// only on a clear difference. The choice is the process's for this key from then on (g_tuned). D is
+// written by every run: with beta != 0 its contents are saved first and put back, so the call then
+// computes what it would have. Not while the stream is being captured (the plan stays untuned and is
+// timed at its next eager run), nor when the copy of D cannot be allocated.
 void GemmRunner::Impl::tune(Plan& plan, const PlanKey& key, const __nv_bfloat16* a, const __nv_bfloat16* b,
                             void* d, size_t d_bytes, float alpha, float beta, cudaStream_t stream) {
   const GemmShape& shape = key.shape;
