@@ -30,7 +30,7 @@ void GpuModel::Impl::forward_attention(int v, bool selected_queries) {
   lora_forward(LoraTarget::V, v, b.n, b.qkv + qd + kvd, qkv_w);
 
   const bool mix = mixes_values(v);
-  value_forward(b.qkv + qd + kvd, qkv_w, p.ve_scale >= 0 ? io.ve : nullptr, P_or_null(p.ve_scale),
+  value_forward(b.qkv + qd + kvd, qkv_w, uses_ve(v) ? io.ve : nullptr, P_or_null(p.ve_scale),
                 mix && v > 0 ? layers[0].v_raw : nullptr, mix ? P(p.vr_lambda) : nullptr, b.v_raw, b.v,
                 ValueShape{N, kvd}, stream);
   const bf16* vals = mix ? b.v : b.v_raw;
@@ -176,11 +176,6 @@ NormGrad GpuModel::Impl::backward_mlp(int v) {
   return dm;
 }
 
-// Plain block:    x_in = mix(x, x0); x_mid = x_in + attn_scale⊙(g_a⊙Attn(n)); out = x_mid + mlp_scale⊙(g_m⊙MLP(m))
-// (out, and the skip into the next layer, computed by the next layer's mix when it is a plain block too)
-// Parallel block: x_in = mix(lane0, x0); (lane0, lane1) = lanes(lane0, lane1, Attn(n), MLP(RMSNorm(lane1)))
-// In the last layer of a selective forward (runs_selected_rows) everything after attention runs on the
-// selected rows only: the norms' inputs are needed for all rows (keys and values), the rest is not.
 bool GpuModel::Impl::wants_dx0() const { return !frozen; }
 
 bool GpuModel::Impl::uses_ve(int v) const {
@@ -213,6 +208,11 @@ Dx0Pass GpuModel::Impl::dx0_pass_of(int v) const {
   return Dx0Pass{v == last, v == 0 && !order[0].opens_lanes};
 }
 
+// Plain block:    x_in = mix(x, x0); x_mid = x_in + attn_scale⊙(g_a⊙Attn(n)); out = x_mid + mlp_scale⊙(g_m⊙MLP(m))
+// (out, and the skip into the next layer, computed by the next layer's mix when it is a plain block too)
+// Parallel block: x_in = mix(lane0, x0); (lane0, lane1) = lanes(lane0, lane1, Attn(n), MLP(RMSNorm(lane1)))
+// In the last layer of a selective forward (runs_selected_rows) everything after attention runs on the
+// selected rows only: the norms' inputs are needed for all rows (keys and values), the rest is not.
 bool GpuModel::Impl::mix_takes_branch_below(int v) const {
   if (v < 1 || v >= static_cast<int>(order.size())) return false;
   const VirtualLayer& L = order[static_cast<size_t>(v)];
