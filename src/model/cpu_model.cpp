@@ -150,7 +150,7 @@ template <typename T>
 void CpuModel<T>::lora_forward(LoraTarget t, int slot, const T* x, std::vector<T>& h, T* y) {
   const auto* a = adapter(t, slot);
   if (!a) return;
-  const cpu::LoraShape s{B_, T_, a->in, a->out, lora_->rank()};
+  const cpu::LoraShape s{B_, T_, a->in, a->out, lora_->rank(), a->a_stride};
   h.resize(static_cast<size_t>(N_ * s.rank));
   const T* base = lora_->params().data();
   cpu::lora_forward(x, base + a->a_offset, base + a->b_offset, h.data(), y, s);
@@ -160,7 +160,7 @@ template <typename T>
 void CpuModel<T>::lora_backward(LoraTarget t, int slot, const T* dy, const T* x, const std::vector<T>& h, T* dx) {
   const auto* a = adapter(t, slot);
   if (!a) return;
-  const cpu::LoraShape s{B_, T_, a->in, a->out, lora_->rank()};
+  const cpu::LoraShape s{B_, T_, a->in, a->out, lora_->rank(), a->a_stride};
   const T* base = lora_->params().data();
   T* grad = lora_->grads().data();
   cpu::lora_backward(dy, x, base + a->a_offset, base + a->b_offset, h.data(), dx, grad + a->a_offset,

@@ -15,18 +15,42 @@ int64_t lora_layout(const ModelConfig& m, const LoraConfig& c, int64_t rows, int
   const std::array<int64_t, kNumLoraTargets> out_dims = {m.q_dim(), m.kv_dim(), m.kv_dim(), d, d, m.vocab_size};
   adapters.assign(static_cast<size_t>(kNumLoraTargets) * slots, LoraAdapterLayout{});
   int64_t total = 0;
-  for (int t = 0; t < kNumLoraTargets; ++t) {
-    if (!c.targets[static_cast<size_t>(t)]) continue;
-    const int n_slots = static_cast<LoraTarget>(t) == LoraTarget::Head ? 1 : slots;
-    for (int s = 0; s < n_slots; ++s) {
-      LoraAdapterLayout& a = adapters[static_cast<size_t>(t) * slots + s];
-      a.in = d;
-      a.out = out_dims[static_cast<size_t>(t)];
-      a.a_offset = total;
-      total += rows * r * a.in;
-      a.b_offset = total;
-      total += rows * a.out * r;
+  // One adapter's B [rows, out, r] next in the array.
+  auto place_b = [&](LoraAdapterLayout& a) {
+    a.b_offset = total;
+    total += rows * a.out * r;
+  };
+  auto adapter = [&](LoraTarget t, int s) -> LoraAdapterLayout& {
+    LoraAdapterLayout& a = adapters[static_cast<size_t>(t) * slots + s];
+    a.in = d;
+    a.out = out_dims[static_cast<size_t>(t)];
+    return a;
+  };
+  for (int s = 0; s < slots; ++s) {
+    std::vector<LoraAdapterLayout*> group;
+    for (LoraTarget t : kLoraGroupTargets)
+      if (c.on(t)) group.push_back(&adapter(t, s));
+    const int g = static_cast<int>(group.size());
+    for (int i = 0; i < g; ++i) {  // A [rows, g, r, in]: row b's g matrices side by side
+      LoraAdapterLayout& a = *group[static_cast<size_t>(i)];
+      a.a_offset = total + i * r * d;
+      a.a_stride = g * r * d;
+      a.group_index = i, a.group_size = g;
     }
+    total += rows * g * r * d;
+    for (LoraAdapterLayout* a : group) place_b(*a);
+    if (c.on(LoraTarget::Mlp)) {
+      LoraAdapterLayout& a = adapter(LoraTarget::Mlp, s);
+      a.a_offset = total, a.a_stride = r * a.in;
+      total += rows * r * a.in;
+      place_b(a);
+    }
+  }
+  if (c.on(LoraTarget::Head)) {
+    LoraAdapterLayout& a = adapter(LoraTarget::Head, 0);
+    a.a_offset = total, a.a_stride = r * a.in;
+    total += rows * r * a.in;
+    place_b(a);
   }
   return total;
 }
@@ -56,7 +80,7 @@ std::vector<LoraRowSegment> lora_row_segments(std::span<const LoraAdapterLayout>
   std::vector<LoraRowSegment> segments;
   for (const LoraAdapterLayout& a : adapters) {
     if (a.a_offset < 0) continue;
-    segments.push_back({a.a_offset, rank * a.in});
+    if (a.group_index == 0) segments.push_back({a.a_offset, a.a_stride});  // the group's A block
     segments.push_back({a.b_offset, a.out * rank});
   }
   return segments;
@@ -67,10 +91,14 @@ void draw_lora_params(std::span<const LoraAdapterLayout> adapters, int64_t rows,
                       std::span<T> params) {
   for (const LoraAdapterLayout& a : adapters) {
     if (a.a_offset < 0) continue;
-    PG_CHECK(a.b_offset + rows * a.out * rank <= static_cast<int64_t>(params.size()),
+    const int64_t per_row = rank * a.in;
+    PG_CHECK(a.b_offset + rows * a.out * rank <= static_cast<int64_t>(params.size()) &&
+                 a.a_offset + (rows - 1) * a.a_stride + per_row <= static_cast<int64_t>(params.size()),
              "draw_lora_params: the layout needs more than {} values", params.size());
     const double bound = 1.0 / std::sqrt(static_cast<double>(a.in));
-    for (int64_t k = 0; k < rows * rank * a.in; ++k) params[a.a_offset + k] = static_cast<T>(rng.uniform(-bound, bound));
+    for (int64_t b = 0; b < rows; ++b)
+      for (int64_t k = 0; k < per_row; ++k)
+        params[a.a_offset + b * a.a_stride + k] = static_cast<T>(rng.uniform(-bound, bound));
     std::fill_n(params.begin() + a.b_offset, rows * a.out * rank, T(0));
   }
 }

@@ -466,5 +466,98 @@ TEST_F(AttentionOpsTest, LoraProductsPerRowOnStridedOutputs) {
   expect_within_naive("lora_dx", d_dx.download(), dx_naive, dx_ref, kF32Bound);
 }
 
+// A group of adapters reading the same x (q, k, v of a layer): their A side by side per row, one product
+// for all their h (rank g·r), each member's y from its column slice of h, and in the backward each
+// member's dB and d h slice, then one product each for the group's dA and dx.
+TEST_F(AttentionOpsTest, LoraGroupProductsEqualTheMembersProducts) {
+  const int rows = 3, T = 41, in = 64, r = 8, y_ld = 96;
+  const std::vector<int> outs = {48, 24, 24}, cols = {0, 48, 72};
+  const int g = static_cast<int>(outs.size());
+  const int64_t N = int64_t{rows} * T, stride = int64_t{g} * r * in;
+  Rng rng(1310);
+  const auto x = random_bf16_values(N * in, rng), A = random_bf16_values(rows * stride, rng, 0.3);
+  std::vector<std::vector<float>> B;
+  for (int o : outs) B.push_back(random_bf16_values(int64_t{rows} * o * r, rng, 0.3));
+  const auto y0 = random_bf16_values(N * y_ld, rng), dy_full = random_bf16_values(N * y_ld, rng);
+  const auto dx0 = random_f32_values(N * in, rng), dA0 = random_f32_values(A.size(), rng);
+  const auto xd = to_double(x), Ad = to_double(A);
+
+  auto d_x = to_device_bf16(x), d_A = to_device_bf16(A), d_y = to_device_bf16(y0), d_dy = to_device_bf16(dy_full);
+  std::vector<DeviceBuffer<bf16>> d_B;
+  for (const auto& b : B) d_B.push_back(to_device_bf16(b));
+  auto h = poisoned_buffer<bf16>(N * g * r), dh = poisoned_buffer<bf16>(N * g * r);
+  DeviceBuffer<float> d_dx(dx0), d_dA(dA0);
+  std::vector<DeviceBuffer<float>> d_dB;
+  std::vector<std::vector<float>> dB0;
+  for (int o : outs) {
+    dB0.push_back(random_f32_values(int64_t{rows} * o * r, rng));
+    d_dB.emplace_back(dB0.back());
+  }
+  cuda::GemmRunner gemm;
+  cuda::LoraGemmShape group{rows, T, in, in, g * r, in, 0};
+  auto member = [&](int i) {
+    cuda::LoraGemmShape s{rows, T, in, outs[static_cast<size_t>(i)], r, in, y_ld};
+    s.a_stride = stride, s.h_ld = int64_t{g} * r;
+    return s;
+  };
+  cuda::lora_hidden(gemm, d_x.data(), d_A.data(), h.data(), group, nullptr);
+  for (int i = 0; i < g; ++i)
+    cuda::lora_apply(gemm, h.data() + i * r, d_B[static_cast<size_t>(i)].data(), d_y.data() + cols[static_cast<size_t>(i)],
+                     member(i), nullptr);
+  for (int i = 0; i < g; ++i)
+    cuda::lora_backward_out(gemm, d_dy.data() + cols[static_cast<size_t>(i)], d_B[static_cast<size_t>(i)].data(),
+                            h.data() + i * r, dh.data() + i * r, d_dB[static_cast<size_t>(i)].data(), member(i), nullptr);
+  cuda::lora_backward_in(gemm, dh.data(), d_x.data(), d_A.data(), d_dA.data(), d_dx.data(), group, nullptr);
+  sync_device();
+  const auto h_got = from_device_bf16(h), y_got = from_device_bf16(d_y);
+
+  // References member by member (cpu::lora_* with the group's row stride of A), in double and in float.
+  std::vector<double> dx_ref(dx0.begin(), dx0.end()), dA_ref(dA0.begin(), dA0.end());
+  std::vector<float> dx_naive = dx0, dA_naive = dA0;
+  for (int i = 0; i < g; ++i) {
+    const int out = outs[static_cast<size_t>(i)], col = cols[static_cast<size_t>(i)];
+    const cpu::LoraShape cs{rows, T, in, out, r, stride};
+    const auto y0_slice = columns(y0, N, y_ld, col, out), dy = columns(dy_full, N, y_ld, col, out);
+    std::vector<double> h_ref(N * r), y_ref(y0_slice.begin(), y0_slice.end());
+    cpu::lora_forward<double>(xd.data(), Ad.data() + i * r * in, to_double(B[static_cast<size_t>(i)]).data(),
+                              h_ref.data(), y_ref.data(), cs);
+    std::vector<float> h_naive(N * r), unused(N * out, 0.f), y_naive = y0_slice;
+    cpu::lora_forward<float>(x.data(), A.data() + i * r * in, B[static_cast<size_t>(i)].data(), h_naive.data(),
+                             unused.data(), cs);
+    h_naive = rounded_bf16(h_naive);
+    for (int b = 0; b < rows; ++b)
+      cpu::gemm<float>(false, true, T, out, r, 1.f, h_naive.data() + b * T * r, r,
+                       B[static_cast<size_t>(i)].data() + b * out * r, r, 1.f, y_naive.data() + b * T * out, out);
+    const std::string tag = "lora_group" + std::to_string(i);
+    expect_within_naive(tag + "_h", columns(h_got, N, g * r, i * r, r), h_naive, h_ref, kBf16Bound);
+    expect_within_naive(tag + "_y", columns(y_got, N, y_ld, col, out), rounded_bf16(y_naive), y_ref, kBf16Bound);
+
+    // Backward from the device's h (bf16): the member's dB exactly as alone, its share of dA and dx.
+    const auto h_used = columns(h_got, N, g * r, i * r, r);
+    std::vector<double> dB_ref(dB0[static_cast<size_t>(i)].begin(), dB0[static_cast<size_t>(i)].end());
+    cpu::lora_backward<double>(to_double(dy).data(), xd.data(), Ad.data() + i * r * in,
+                               to_double(B[static_cast<size_t>(i)]).data(), to_double(h_used).data(), dx_ref.data(),
+                               dA_ref.data() + i * r * in, dB_ref.data(), cs);
+    std::vector<float> dB_naive = dB0[static_cast<size_t>(i)], dh_naive(N * r);
+    for (int b = 0; b < rows; ++b) {
+      const float* dyb = dy.data() + b * T * out;
+      cpu::gemm<float>(true, false, out, r, T, 1.f, dyb, out, h_used.data() + b * T * r, r, 1.f,
+                       dB_naive.data() + b * out * r, r);
+      cpu::gemm<float>(false, false, T, r, out, 1.f, dyb, out, B[static_cast<size_t>(i)].data() + b * out * r, r, 0.f,
+                       dh_naive.data() + b * T * r, r);
+    }
+    dh_naive = rounded_bf16(dh_naive);
+    for (int b = 0; b < rows; ++b) {
+      cpu::gemm<float>(true, false, r, in, T, 1.f, dh_naive.data() + b * T * r, r, x.data() + b * T * in, in, 1.f,
+                       dA_naive.data() + b * stride + i * r * in, in);
+      cpu::gemm<float>(false, false, T, in, r, 1.f, dh_naive.data() + b * T * r, r, A.data() + b * stride + i * r * in,
+                       in, 1.f, dx_naive.data() + b * T * in, in);
+    }
+    expect_within_naive(tag + "_dB", d_dB[static_cast<size_t>(i)].download(), dB_naive, dB_ref, kF32Bound);
+  }
+  expect_within_naive("lora_group_dA", d_dA.download(), dA_naive, dA_ref, kF32Bound);
+  expect_within_naive("lora_group_dx", d_dx.download(), dx_naive, dx_ref, kF32Bound);
+}
+
 }  // namespace
 }  // namespace pgolf::test

@@ -329,14 +329,19 @@ TEST_F(GpuModelTest, LoraAdaptersOnFrozenBase) {
     for (LoraTarget t : {LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O, LoraTarget::Mlp, LoraTarget::Head}) {
       for (int slot = 0; slot < (t == LoraTarget::Head ? 1 : ref.num_virtual_layers()); ++slot) {
         const auto* a = lora.find(t, slot);
-        for (const auto& [offset, count] : {std::pair{a->a_offset, batch.rows * lc.rank * a->in},
-                                           std::pair{a->b_offset, batch.rows * a->out * lc.rank}}) {
-          const std::span<const float> g(got.data() + offset, static_cast<size_t>(count));
-          const std::span<const double> r(lora.grads().data() + offset, static_cast<size_t>(count));
+        // This adapter's A rows (strided in a q/k/v/o group), then its B.
+        for (const auto& [offset, per_row, stride] :
+             {std::tuple{a->a_offset, lc.rank * a->in, a->a_stride},
+              std::tuple{a->b_offset, a->out * lc.rank, a->out * lc.rank}}) {
+          const auto gather = [&](const auto& all) {
+            std::vector<double> out;
+            for (int64_t row = 0; row < batch.rows; ++row)
+              for (int64_t k = 0; k < per_row; ++k) out.push_back(all[static_cast<size_t>(offset + row * stride + k)]);
+            return out;
+          };
+          const std::vector<double> g = gather(got), r = gather(lora.grads());
           const double e = rel_frobenius(g, r);
-          const double floor = rel_frobenius(floor_lora.grads().subspan(static_cast<size_t>(offset),
-                                                                        static_cast<size_t>(count)),
-                                             r);
+          const double floor = rel_frobenius(gather(floor_lora.grads()), r);
           EXPECT_LE(e, grad_bound(floor)) << "LoRA target " << static_cast<int>(t) << " slot " << slot
                                           << " (bf16 floor " << floor << ")";
           worst = std::max(worst, e);

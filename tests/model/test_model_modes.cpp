@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "backend/cpu/fake_quant.h"
+#include "model/lora.h"
 #include "tiny_models.h"
 
 using namespace pgolf;
@@ -217,6 +218,66 @@ TEST(ModelModes, LoraAdaptersArePerRow) {
 // alone, moves the gradients by bf16 roundings (each ≤ 2⁻⁹ relative; ~9 of them on the longest path of
 // this 4-layer model, in quadrature ≤ 3·2⁻⁹ < 1e-2 of the whole gradient vector), and changes nothing when
 // LoRA adapters add to every one of them; an adapter missing on the MLP brings d m's rounding back.
+// lora_layout: every value belongs to exactly one adapter row's A or B; the q/k/v/o adapters present in
+// a slot keep their A side by side per row; the row segments cover exactly the values of rows [0, n).
+TEST(ModelModes, LoraLayoutGroupsTheAttentionAdapters) {
+  const ModelConfig cfg = test::tiny_config("s1560");
+  for (const std::array<bool, kNumLoraTargets>& targets :
+       {std::array<bool, kNumLoraTargets>{true, true, true, true, true, true},
+        std::array<bool, kNumLoraTargets>{true, false, true, false, false, true},
+        std::array<bool, kNumLoraTargets>{false, false, false, true, true, false}}) {
+    LoraConfig lc;
+    lc.rank = 2;
+    lc.targets = targets;
+    const int64_t rows = 3;
+    const int slots = 4;
+    std::vector<LoraAdapterLayout> layout;
+    const int64_t total = lora_layout(cfg, lc, rows, slots, layout);
+    std::vector<int> owner(static_cast<size_t>(total), 0);
+    std::vector<int> row_of(static_cast<size_t>(total), -1);
+    for (const LoraAdapterLayout& a : layout) {
+      if (a.a_offset < 0) continue;
+      for (int64_t b = 0; b < rows; ++b) {
+        for (int64_t k = 0; k < lc.rank * a.in; ++k) {
+          ++owner[static_cast<size_t>(a.a_offset + b * a.a_stride + k)];
+          row_of[static_cast<size_t>(a.a_offset + b * a.a_stride + k)] = static_cast<int>(b);
+        }
+        for (int64_t k = 0; k < a.out * lc.rank; ++k) {
+          ++owner[static_cast<size_t>(a.b_offset + b * a.out * lc.rank + k)];
+          row_of[static_cast<size_t>(a.b_offset + b * a.out * lc.rank + k)] = static_cast<int>(b);
+        }
+      }
+    }
+    for (int64_t i = 0; i < total; ++i) ASSERT_EQ(owner[static_cast<size_t>(i)], 1) << "value " << i;
+    int group = 0;
+    for (LoraTarget t : kLoraGroupTargets) group += lc.on(t) ? 1 : 0;
+    for (int s = 0; s < slots; ++s) {
+      int index = 0;
+      int64_t lead = -1;
+      for (LoraTarget t : kLoraGroupTargets) {
+        const LoraAdapterLayout& a = layout[static_cast<size_t>(t) * slots + s];
+        if (!lc.on(t)) {
+          EXPECT_EQ(a.a_offset, -1);
+          continue;
+        }
+        if (index == 0) lead = a.a_offset;
+        EXPECT_EQ(a.group_index, index);
+        EXPECT_EQ(a.group_size, group);
+        EXPECT_EQ(a.a_stride, group * lc.rank * a.in);
+        EXPECT_EQ(a.a_offset, lead + index * lc.rank * a.in);
+        ++index;
+      }
+    }
+    for (int64_t n = 0; n <= rows; ++n) {
+      std::vector<int> covered(static_cast<size_t>(total), 0);
+      for (const LoraRowSegment& seg : lora_row_segments(layout, lc.rank))
+        for (int64_t k = 0; k < n * seg.per_row; ++k) ++covered[static_cast<size_t>(seg.offset + k)];
+      for (int64_t i = 0; i < total; ++i)
+        ASSERT_EQ(covered[static_cast<size_t>(i)], row_of[static_cast<size_t>(i)] < n ? 1 : 0) << "value " << i << ", n " << n;
+    }
+  }
+}
+
 TEST(ModelModes, Bf16NormGradientsRoundOnlyTheGradientsOneProductWrites) {
   CpuModel<double> model(test::tiny_config("s691"));
   test::perturbed_init(model, 43);

@@ -9,11 +9,11 @@ namespace pgolf::cpu {
 
 template <typename T>
 void lora_forward(const T* x, const T* A, const T* B, T* h, T* y, const LoraShape& s) {
-  const int64_t T_ = s.seq_len, r = s.rank;
+  const int64_t T_ = s.seq_len, r = s.rank, a_stride = s.a_stride > 0 ? s.a_stride : r * s.in;
   for (int64_t b = 0; b < s.rows; ++b) {
     const T* xb = x + b * T_ * s.in;
     T* hb = h + b * T_ * r;
-    gemm<T>(false, true, T_, r, s.in, T(1), xb, s.in, A + b * r * s.in, s.in, T(0), hb, r);
+    gemm<T>(false, true, T_, r, s.in, T(1), xb, s.in, A + b * a_stride, s.in, T(0), hb, r);
     gemm<T>(false, true, T_, s.out, r, T(1), hb, r, B + b * s.out * r, r, T(1), y + b * T_ * s.out, s.out);
   }
 }
@@ -21,15 +21,15 @@ void lora_forward(const T* x, const T* A, const T* B, T* h, T* y, const LoraShap
 template <typename T>
 void lora_backward(const T* dy, const T* x, const T* A, const T* B, const T* h, T* dx, T* dA, T* dB,
                    const LoraShape& s) {
-  const int64_t T_ = s.seq_len, r = s.rank;
+  const int64_t T_ = s.seq_len, r = s.rank, a_stride = s.a_stride > 0 ? s.a_stride : r * s.in;
   std::vector<T> dh(static_cast<size_t>(T_ * r));
   for (int64_t b = 0; b < s.rows; ++b) {
     const T* dyb = dy + b * T_ * s.out;
     const T* Bb = B + b * s.out * r;
-    const T* Ab = A + b * r * s.in;
+    const T* Ab = A + b * a_stride;
     gemm<T>(true, false, s.out, r, T_, T(1), dyb, s.out, h + b * T_ * r, r, T(1), dB + b * s.out * r, r);
     gemm<T>(false, false, T_, r, s.out, T(1), dyb, s.out, Bb, r, T(0), dh.data(), r);
-    gemm<T>(true, false, r, s.in, T_, T(1), dh.data(), r, x + b * T_ * s.in, s.in, T(1), dA + b * r * s.in, s.in);
+    gemm<T>(true, false, r, s.in, T_, T(1), dh.data(), r, x + b * T_ * s.in, s.in, T(1), dA + b * a_stride, s.in);
     if (dx) gemm<T>(false, false, T_, s.in, r, T(1), dh.data(), r, Ab, s.in, T(1), dx + b * T_ * s.in, s.in);
   }
 }

@@ -10,9 +10,10 @@ struct LoraShape {
   int64_t rows = 0;     // batch rows (one adapter pair each)
   int64_t seq_len = 0;  // tokens per row
   int64_t in = 0, out = 0, rank = 0;
+  int64_t a_stride = 0;  // values from row b's A (and dA) to row b + 1's (0: rank·in)
 };
 
-// x [rows·T, in], A [rows, r, in], B [rows, out, r]; h [rows·T, r] = x Aᵀ is saved; y [rows·T, out] +=.
+// x [rows·T, in], A_b [r, in] at A + b·a_stride, B [rows, out, r]; h [rows·T, r] = x Aᵀ is saved; y [rows·T, out] +=.
 template <typename T>
 void lora_forward(const T* x, const T* A, const T* B, T* h, T* y, const LoraShape& s);
 

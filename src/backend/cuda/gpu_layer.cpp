@@ -25,6 +25,7 @@ void GpuModel::Impl::forward_attention(int v, bool selected_queries) {
   LayerBuf& b = layers[static_cast<size_t>(v)];
   const int n = static_cast<int>(N);
   linear(b.n, d, W16(p.w16_qkv), n, d, qkv_w, b.qkv, qkv_w, false, 0.f);
+  lora_group_hidden(v, b.n);  // the q, k, v and o adapters' h in one product (o's is applied later)
   lora_forward(LoraTarget::Q, v, b.n, b.qkv, qkv_w);
   lora_forward(LoraTarget::K, v, b.n, b.qkv + qd, qkv_w);
   lora_forward(LoraTarget::V, v, b.n, b.qkv + qd + kvd, qkv_w);
@@ -136,6 +137,7 @@ NormGrad GpuModel::Impl::backward_attention(int v) {
   lora_backward(LoraTarget::K, v, bw.dqkv + qd, qkv_w, b.n, bw.dn);
   lora_backward(LoraTarget::V, v, bw.dqkv + qd + kvd, qkv_w, b.n, bw.dn);
   lora_backward(LoraTarget::O, v, bw.da, d, b.n, bw.dn);
+  lora_group_backward(v, b.n, bw.dn);
   return dn;
 }
 

@@ -20,6 +20,12 @@ bf16* GpuLora::Impl::hidden_of(LoraTarget target, int slot) const {
   return hidden[static_cast<size_t>(target) * slots + slot];
 }
 
+const LoraAdapterLayout* GpuLora::Impl::group_lead(int slot) const {
+  for (LoraTarget t : kLoraGroupTargets)
+    if (const LoraAdapterLayout* a = find(t, slot)) return a->group_size > 1 ? a : nullptr;
+  return nullptr;
+}
+
 GpuLora::GpuLora(const ModelConfig& model, const LoraConfig& config, int64_t rows, int slots, int64_t seq_len)
     : impl_(std::make_unique<Impl>()) {
   Impl& l = *impl_;
@@ -36,18 +42,35 @@ GpuLora::GpuLora(const ModelConfig& model, const LoraConfig& config, int64_t row
   l.params.fill_bytes(0);
   l.grads.fill_bytes(0);
   const int64_t per_adapter = rows * seq_len * config.rank;
-  int present = 0;
-  for (const LoraAdapterLayout& a : l.adapters) present += a.a_offset >= 0 ? 1 : 0;
+  int present = 0, widest = 1;
+  for (const LoraAdapterLayout& a : l.adapters) {
+    present += a.a_offset >= 0 ? 1 : 0;
+    widest = std::max(widest, a.group_size);
+  }
   l.hidden_storage = DeviceBuffer<bf16>(static_cast<size_t>(present * per_adapter), "LoRA hidden states");
-  l.dh = DeviceBuffer<bf16>(static_cast<size_t>(per_adapter), "LoRA backward scratch");
+  l.dh = DeviceBuffer<bf16>(static_cast<size_t>(widest * per_adapter), "LoRA backward scratch");
+  l.group_input.assign(static_cast<size_t>(slots), nullptr);
   const std::vector<LoraRowSegment> segments = lora_row_segments(l.adapters, config.rank);
   for (const LoraRowSegment& seg : segments) l.max_per_row = std::max(l.max_per_row, seg.per_row);
   l.segment_count = static_cast<int>(segments.size());
   if (!segments.empty()) l.segments = DeviceBuffer<LoraRowSegment>(segments, "LoRA row segments");
+  // A group's h [rows·T, g·rank] takes g adapters' storage; member i's is its columns [i·rank, (i + 1)·rank).
   l.hidden.assign(l.adapters.size(), nullptr);
-  int next = 0;
+  int64_t next = 0;  // values of hidden_storage handed out
+  for (int s = 0; s < slots; ++s) {
+    const LoraAdapterLayout* lead = l.group_lead(s);
+    if (!lead) continue;
+    for (LoraTarget t : kLoraGroupTargets)
+      if (const LoraAdapterLayout* a = l.find(t, s))
+        l.hidden[static_cast<size_t>(a - l.adapters.data())] = l.hidden_storage.data() + next + a->group_index * config.rank;
+    next += lead->group_size * per_adapter;
+  }
   for (size_t i = 0; i < l.adapters.size(); ++i)
-    if (l.adapters[i].a_offset >= 0) l.hidden[i] = l.hidden_storage.data() + (next++) * per_adapter;
+    if (l.adapters[i].a_offset >= 0 && !l.hidden[i]) {
+      l.hidden[i] = l.hidden_storage.data() + next;
+      next += per_adapter;
+    }
+  PG_CHECK(next == present * per_adapter, "GpuLora: {} hidden values handed out of {}", next, present * per_adapter);
 }
 
 void GpuLora::Impl::prepare(int64_t n, cudaStream_t stream) {
@@ -82,12 +105,13 @@ void GpuLora::download_params(std::span<float> out) const {
 }
 void GpuLora::draw(uint64_t seed, cudaStream_t stream) {
   Impl& l = *impl_;
-  // draw_lora_params's order: adapter by adapter, each A's rows·rank·in draws in layout order.
+  // draw_lora_params's order: adapter by adapter, each A's rows·rank·in draws row by row.
   uint64_t first = 0;
   for (const LoraAdapterLayout& a : l.adapters) {
     if (a.a_offset < 0) continue;
-    const int64_t n = l.rows * l.config.rank * a.in;
-    lora_uniform(l.params.data() + a.a_offset, n, seed, first, 1.0 / std::sqrt(static_cast<double>(a.in)), stream);
+    const int64_t per_row = l.config.rank * a.in, n = l.rows * per_row;
+    lora_uniform(l.params.data() + a.a_offset, n, seed, first, 1.0 / std::sqrt(static_cast<double>(a.in)), per_row,
+                 a.a_stride, stream);
     first += static_cast<uint64_t>(n);
     PG_CUDA_CHECK(cudaMemsetAsync(l.params.data() + a.b_offset, 0,
                                   static_cast<size_t>(l.rows * a.out * l.config.rank) * sizeof(float), stream));

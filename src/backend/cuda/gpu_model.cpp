@@ -428,16 +428,51 @@ void GpuModel::Impl::linear_dw(const bf16* dy, int64_t ld_dy, const bf16* x, int
   gemm.run(s, dy, x, dw, 1.f, 1.f, stream);
 }
 
+namespace {
+
+// The products' shape for adapter `ad` over `rows` rows of `seq_len` tokens: its own rank, or with
+// `whole_group` its group's (rank group_size·r over the group's A block).
+LoraGemmShape lora_shape(const LoraAdapterLayout& ad, int rank, int64_t rows, int64_t seq_len, int64_t y_ld,
+                         bool whole_group) {
+  LoraGemmShape s;
+  s.rows = static_cast<int>(rows), s.seq_len = static_cast<int>(seq_len);
+  s.in = static_cast<int>(ad.in), s.out = static_cast<int>(ad.out);
+  s.rank = whole_group ? ad.group_size * rank : rank;
+  s.x_ld = ad.in, s.y_ld = y_ld;
+  s.a_stride = ad.a_stride;
+  s.h_ld = int64_t{ad.group_size} * rank;
+  return s;
+}
+
+}  // namespace
+
 void GpuModel::Impl::lora_forward(LoraTarget target, int slot, const bf16* x, bf16* y, int64_t y_ld,
                                   int64_t row_tokens) {
   if (!lora) return;
   GpuLora::Impl& l = lora->impl();
   const LoraAdapterLayout* ad = l.find(target, slot);
   if (!ad) return;
-  const LoraGemmShape s{static_cast<int>(B), static_cast<int>(row_tokens > 0 ? row_tokens : T), static_cast<int>(ad->in),
-                        static_cast<int>(ad->out), l.config.rank, ad->in, y_ld};
-  cuda::lora_forward(gemm, x, l.params16.data() + ad->a_offset, l.params16.data() + ad->b_offset,
-                     l.hidden_of(target, slot), y, s, stream);
+  const LoraGemmShape s =
+      lora_shape(*ad, l.config.rank, B, row_tokens > 0 ? row_tokens : T, y_ld, /*whole_group=*/false);
+  const bf16* A = l.params16.data() + ad->a_offset;
+  const bf16* B16 = l.params16.data() + ad->b_offset;
+  if (ad->group_size > 1) {
+    PG_CHECK(x == l.group_input[static_cast<size_t>(slot)] && row_tokens <= 0,
+             "GpuModel: a grouped LoRA adapter of layer {} applied to another input than its group's", slot);
+    cuda::lora_apply(gemm, l.hidden_of(target, slot), B16, y, s, stream);
+  } else {
+    cuda::lora_forward(gemm, x, A, B16, l.hidden_of(target, slot), y, s, stream);
+  }
+}
+
+void GpuModel::Impl::lora_group_hidden(int slot, const bf16* x) {
+  if (!lora) return;
+  GpuLora::Impl& l = lora->impl();
+  const LoraAdapterLayout* lead = l.group_lead(slot);
+  if (!lead) return;
+  const LoraGemmShape s = lora_shape(*lead, l.config.rank, B, T, 0, /*whole_group=*/true);
+  cuda::lora_hidden(gemm, x, l.params16.data() + lead->a_offset, l.hidden_at(lead), s, stream);  // member 0's h: the group's
+  l.group_input[static_cast<size_t>(slot)] = x;
 }
 
 void GpuModel::Impl::lora_backward(LoraTarget target, int slot, const bf16* dy, int64_t dy_ld, const bf16* x,
@@ -446,12 +481,33 @@ void GpuModel::Impl::lora_backward(LoraTarget target, int slot, const bf16* dy, 
   GpuLora::Impl& l = lora->impl();
   const LoraAdapterLayout* ad = l.find(target, slot);
   if (!ad) return;
-  LoraGemmShape s{static_cast<int>(B), static_cast<int>(row_tokens > 0 ? row_tokens : T), static_cast<int>(ad->in),
-                  static_cast<int>(ad->out), l.config.rank, ad->in, dy_ld};
+  LoraGemmShape s = lora_shape(*ad, l.config.rank, B, row_tokens > 0 ? row_tokens : T, dy_ld, /*whole_group=*/false);
   s.accumulate = !l.overwrite_grads;
-  cuda::lora_backward(gemm, dy, x, l.params16.data() + ad->a_offset, l.params16.data() + ad->b_offset,
-                      l.hidden_of(target, slot), l.dh.data(), dx, l.grads.data() + ad->a_offset,
-                      l.grads.data() + ad->b_offset, s, stream);
+  const bf16* A = l.params16.data() + ad->a_offset;
+  const bf16* B16 = l.params16.data() + ad->b_offset;
+  float* dA = l.grads.data() + ad->a_offset;
+  float* dB = l.grads.data() + ad->b_offset;
+  if (ad->group_size > 1) {  // d h into the group's scratch columns; lora_group_backward does the rest
+    PG_CHECK(x == l.group_input[static_cast<size_t>(slot)] && row_tokens <= 0,
+             "GpuModel: a grouped LoRA adapter of layer {} differentiated at another input than its group's", slot);
+    cuda::lora_backward_out(gemm, dy, B16, l.hidden_of(target, slot), l.dh.data() + ad->group_index * l.config.rank,
+                            dB, s, stream);
+  } else {
+    cuda::lora_backward(gemm, dy, x, A, B16, l.hidden_of(target, slot), l.dh.data(), dx, dA, dB, s, stream);
+  }
+}
+
+void GpuModel::Impl::lora_group_backward(int slot, const bf16* x, float* dx) {
+  if (!lora) return;
+  GpuLora::Impl& l = lora->impl();
+  const LoraAdapterLayout* lead = l.group_lead(slot);
+  if (!lead) return;
+  PG_CHECK(x == l.group_input[static_cast<size_t>(slot)],
+           "GpuModel: the LoRA group of layer {} differentiated at another input than its forward's", slot);
+  LoraGemmShape s = lora_shape(*lead, l.config.rank, B, T, 0, /*whole_group=*/true);
+  s.accumulate = !l.overwrite_grads;
+  cuda::lora_backward_in(gemm, l.dh.data(), x, l.params16.data() + lead->a_offset, l.grads.data() + lead->a_offset,
+                         dx, s, stream);
 }
 
 void GpuModel::Impl::embedding_grad(const int32_t* ids, const float* dout, int dim, float* dtable, int table_rows) {

@@ -31,8 +31,13 @@ struct GpuLora::Impl {
   int64_t total = 0;
   DeviceBuffer<float> params, grads;
   DeviceBuffer<bf16> params16;
-  std::vector<bf16*> hidden;  // per adapter: h [rows·T, rank] of the last forward (null when absent)
-  DeviceBuffer<bf16> hidden_storage, dh;  // dh: [rows·T, rank] scratch of the backward
+  // Per adapter: h [rows·T, rank] of the last forward (null when absent), a column slice of its
+  // group's [rows·T, group_size·rank] (row stride group_size·rank).
+  std::vector<bf16*> hidden;
+  DeviceBuffer<bf16> hidden_storage, dh;  // dh: [rows·T, largest group_size·rank] scratch of the backward
+  // Per slot: the input the group's lora_group_hidden read in the last forward (its members' products
+  // read the h it wrote), for the checks of the calls that use it.
+  std::vector<const bf16*> group_input;
   // Every adapter matrix as a row segment (A and B of each adapter), for the kernels that touch only
   // the rows a batch uses: a LoRA TTT batch shrinks to the documents with chunks left.
   DeviceBuffer<LoraRowSegment> segments;
@@ -44,6 +49,9 @@ struct GpuLora::Impl {
 
   const LoraAdapterLayout* find(LoraTarget target, int slot) const;
   bf16* hidden_of(LoraTarget target, int slot) const;
+  bf16* hidden_at(const LoraAdapterLayout* adapter) const { return hidden[static_cast<size_t>(adapter - adapters.data())]; }
+  // The first adapter of slot's q/k/v/o group when it has more than one member, else null.
+  const LoraAdapterLayout* group_lead(int slot) const;
   // Casts rows [0, rows) of params to params16 unless they are current.
   void prepare(int64_t rows, cudaStream_t stream);
 };
@@ -269,10 +277,15 @@ struct GpuModel::Impl {
                         bool sole);
   // dW [out, in] (fp32) += dyᵀ · x
   void linear_dw(const bf16* dy, int64_t ld_dy, const bf16* x, int64_t ld_x, int rows, int in, int out, float* dw);
-  // Over the batch's B rows of T tokens, or of `row_tokens` when given (the head's selected rows).
+  // Over the batch's B rows of T tokens, or of `row_tokens` when given (the head's selected rows). A
+  // member of a q/k/v/o group reads the h of lora_group_hidden (called first, on the same x); its
+  // backward leaves d h in the group's scratch for lora_group_backward (called after every member's).
   void lora_forward(LoraTarget target, int slot, const bf16* x, bf16* y, int64_t y_ld, int64_t row_tokens = 0);
   void lora_backward(LoraTarget target, int slot, const bf16* dy, int64_t dy_ld, const bf16* x, float* dx,
                      int64_t row_tokens = 0);
+  // The group's h = x·[A_q; A_k; …]ᵀ in one product; and its dA, dx += d h·[A_q; A_k; …] in one each.
+  void lora_group_hidden(int slot, const bf16* x);
+  void lora_group_backward(int slot, const bf16* x, float* dx);
   // Whether an adapter is attached to target in slot (its lora_backward then adds to dx).
   bool has_lora(LoraTarget target, int slot) const { return lora && lora->impl().find(target, slot); }
   AttentionShape attention_shape() const;

@@ -8,6 +8,7 @@ namespace pgolf::cuda {
 namespace {
 
 int64_t ld_or(int64_t ld, int cols) { return ld > 0 ? ld : cols; }
+int64_t a_stride(const LoraGemmShape& s) { return s.a_stride > 0 ? s.a_stride : int64_t{s.rank} * s.in; }
 
 void check_shape(const LoraGemmShape& s) {
   PG_CUDA_REQUIRE(s.rows > 0 && s.seq_len > 0 && s.rank > 0 && s.in > 0 && s.out > 0,
@@ -25,7 +26,8 @@ GemmShape batched(int m, int n, int k, bool trans_a, bool trans_b, int rows, int
   return g;
 }
 
-__global__ void lora_uniform_kernel(float* dst, int64_t n, uint64_t seed, uint64_t first, double lo, double span) {
+__global__ void lora_uniform_kernel(float* dst, int64_t n, uint64_t seed, uint64_t first, double lo, double span,
+                                    int64_t block, int64_t block_stride) {
   pdl_prologue();
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < n;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -34,7 +36,7 @@ __global__ void lora_uniform_kernel(float* dst, int64_t n, uint64_t seed, uint64
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     z ^= z >> 31;
     const double u = static_cast<double>(z >> 11) * (1.0 / 9007199254740992.0);
-    dst[k] = static_cast<float>(__dadd_rn(lo, __dmul_rn(span, u)));
+    dst[(k / block) * block_stride + k % block] = static_cast<float>(__dadd_rn(lo, __dmul_rn(span, u)));
   }
 }
 
@@ -103,56 +105,85 @@ void write_adam_coeffs(optim::AdamCoeffs* device, const optim::AdamCoeffs& value
   PG_CUDA_CHECK(cudaGetLastError());
 }
 
-void lora_uniform(float* dst, int64_t n, uint64_t seed, uint64_t first, double bound, cudaStream_t stream) {
+void lora_uniform(float* dst, int64_t n, uint64_t seed, uint64_t first, double bound, int64_t block,
+                  int64_t block_stride, cudaStream_t stream) {
   if (n <= 0) return;
+  PG_CUDA_REQUIRE(block > 0 && block_stride >= block, "lora_uniform: blocks must be non-empty and must not overlap");
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 132 * 32);
   // Rng::uniform(lo, hi) = lo + (hi - lo) · u with lo = -bound, hi = bound.
   const double lo = -bound, span = bound - lo;
-  launch_kernel(lora_uniform_kernel, static_cast<unsigned>(blocks), threads, 0, stream, dst, n, seed, first, lo, span);
+  launch_kernel(lora_uniform_kernel, static_cast<unsigned>(blocks), threads, 0, stream, dst, n, seed, first, lo, span,
+                block, block_stride);
   PG_CUDA_CHECK(cudaGetLastError());
+}
+
+void lora_hidden(GemmRunner& gemm, const __nv_bfloat16* x, const __nv_bfloat16* A, __nv_bfloat16* h,
+                 const LoraGemmShape& s, cudaStream_t stream) {
+  check_shape(s);
+  const int64_t x_ld = ld_or(s.x_ld, s.in), h_ld = ld_or(s.h_ld, s.rank), T = s.seq_len;
+  // h_b [T, r] = x_b [T, in] · A_bᵀ
+  GemmShape g = batched(s.seq_len, s.rank, s.in, false, true, s.rows, T * x_ld, a_stride(s), T * h_ld,
+                        GemmOutput::kBf16);
+  g.lda = x_ld, g.ldd = h_ld;
+  gemm.run(g, x, A, h, 1.f, 0.f, stream);
+}
+
+void lora_apply(GemmRunner& gemm, const __nv_bfloat16* h, const __nv_bfloat16* B, __nv_bfloat16* y,
+                const LoraGemmShape& s, cudaStream_t stream) {
+  check_shape(s);
+  const int64_t y_ld = ld_or(s.y_ld, s.out), h_ld = ld_or(s.h_ld, s.rank), T = s.seq_len, r = s.rank;
+  // y_b [T, out] += h_b [T, r] · B_bᵀ
+  GemmShape g = batched(s.seq_len, s.out, s.rank, false, true, s.rows, T * h_ld, int64_t{s.out} * r, T * y_ld,
+                        GemmOutput::kBf16);
+  g.lda = h_ld, g.ldd = y_ld;
+  gemm.run(g, h, B, y, 1.f, 1.f, stream);
 }
 
 void lora_forward(GemmRunner& gemm, const __nv_bfloat16* x, const __nv_bfloat16* A, const __nv_bfloat16* B,
                   __nv_bfloat16* h, __nv_bfloat16* y, const LoraGemmShape& s, cudaStream_t stream) {
+  lora_hidden(gemm, x, A, h, s, stream);
+  lora_apply(gemm, h, B, y, s, stream);
+}
+
+void lora_backward_out(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* B, const __nv_bfloat16* h,
+                       __nv_bfloat16* dh, float* dB, const LoraGemmShape& s, cudaStream_t stream) {
   check_shape(s);
-  const int64_t x_ld = ld_or(s.x_ld, s.in), y_ld = ld_or(s.y_ld, s.out), T = s.seq_len, r = s.rank;
-  // h_b [T, r] = x_b [T, in] · A_bᵀ
-  GemmShape g1 = batched(s.seq_len, s.rank, s.in, false, true, s.rows, T * x_ld, r * s.in, T * r, GemmOutput::kBf16);
-  g1.lda = x_ld;
-  gemm.run(g1, x, A, h, 1.f, 0.f, stream);
-  // y_b [T, out] += h_b [T, r] · B_bᵀ
-  GemmShape g2 = batched(s.seq_len, s.out, s.rank, false, true, s.rows, T * r, int64_t{s.out} * r, T * y_ld,
+  const int64_t y_ld = ld_or(s.y_ld, s.out), h_ld = ld_or(s.h_ld, s.rank), T = s.seq_len, r = s.rank;
+  // dB_b [out, r] += dy_bᵀ [out, T] · h_b [T, r]
+  GemmShape g1 = batched(s.out, s.rank, s.seq_len, true, false, s.rows, T * y_ld, T * h_ld, int64_t{s.out} * r,
+                         GemmOutput::kF32);
+  g1.lda = y_ld, g1.ldb = h_ld;
+  gemm.run(g1, dy, h, dB, 1.f, s.accumulate ? 1.f : 0.f, stream);
+  // dh_b [T, r] = dy_b [T, out] · B_b [out, r]
+  GemmShape g2 = batched(s.seq_len, s.rank, s.out, false, false, s.rows, T * y_ld, int64_t{s.out} * r, T * h_ld,
                          GemmOutput::kBf16);
-  g2.ldd = y_ld;
-  gemm.run(g2, h, B, y, 1.f, 1.f, stream);
+  g2.lda = y_ld, g2.ldd = h_ld;
+  gemm.run(g2, dy, B, dh, 1.f, 0.f, stream);
+}
+
+void lora_backward_in(GemmRunner& gemm, const __nv_bfloat16* dh, const __nv_bfloat16* x, const __nv_bfloat16* A,
+                      float* dA, float* dx, const LoraGemmShape& s, cudaStream_t stream) {
+  check_shape(s);
+  const int64_t x_ld = ld_or(s.x_ld, s.in), h_ld = ld_or(s.h_ld, s.rank), T = s.seq_len;
+  // dA_b [r, in] += dh_bᵀ [r, T] · x_b [T, in]
+  GemmShape g3 = batched(s.rank, s.in, s.seq_len, true, false, s.rows, T * h_ld, T * x_ld, a_stride(s),
+                         GemmOutput::kF32);
+  g3.lda = h_ld, g3.ldb = x_ld, g3.ldd = s.in;
+  gemm.run(g3, dh, x, dA, 1.f, s.accumulate ? 1.f : 0.f, stream);
+  if (!dx) return;
+  // dx_b [T, in] += dh_b [T, r] · A_b [r, in]
+  GemmShape g4 = batched(s.seq_len, s.in, s.rank, false, false, s.rows, T * h_ld, a_stride(s), T * x_ld,
+                         GemmOutput::kF32);
+  g4.lda = h_ld, g4.ldb = s.in, g4.ldd = x_ld;
+  gemm.run(g4, dh, A, dx, 1.f, 1.f, stream);
 }
 
 void lora_backward(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* x, const __nv_bfloat16* A,
                    const __nv_bfloat16* B, const __nv_bfloat16* h, __nv_bfloat16* dh, float* dx, float* dA, float* dB,
                    const LoraGemmShape& s, cudaStream_t stream) {
-  check_shape(s);
-  const int64_t x_ld = ld_or(s.x_ld, s.in), y_ld = ld_or(s.y_ld, s.out), T = s.seq_len, r = s.rank;
-  // dB_b [out, r] += dy_bᵀ [out, T] · h_b [T, r]
-  GemmShape g1 = batched(s.out, s.rank, s.seq_len, true, false, s.rows, T * y_ld, T * r, int64_t{s.out} * r,
-                         GemmOutput::kF32);
-  g1.lda = y_ld;
-  const float beta = s.accumulate ? 1.f : 0.f;
-  gemm.run(g1, dy, h, dB, 1.f, beta, stream);
-  // dh_b [T, r] = dy_b [T, out] · B_b [out, r]
-  GemmShape g2 = batched(s.seq_len, s.rank, s.out, false, false, s.rows, T * y_ld, int64_t{s.out} * r, T * r,
-                         GemmOutput::kBf16);
-  g2.lda = y_ld;
-  gemm.run(g2, dy, B, dh, 1.f, 0.f, stream);
-  // dA_b [r, in] += dh_bᵀ [r, T] · x_b [T, in]
-  GemmShape g3 = batched(s.rank, s.in, s.seq_len, true, false, s.rows, T * r, T * x_ld, r * s.in, GemmOutput::kF32);
-  g3.ldb = x_ld;
-  gemm.run(g3, dh, x, dA, 1.f, beta, stream);
-  if (!dx) return;
-  // dx_b [T, in] += dh_b [T, r] · A_b [r, in]
-  GemmShape g4 = batched(s.seq_len, s.in, s.rank, false, false, s.rows, T * r, r * s.in, T * x_ld, GemmOutput::kF32);
-  g4.ldd = x_ld;
-  gemm.run(g4, dh, A, dx, 1.f, 1.f, stream);
+  lora_backward_out(gemm, dy, B, h, dh, dB, s, stream);
+  lora_backward_in(gemm, dh, x, A, dA, dx, s, stream);
 }
 
 }  // namespace pgolf::cuda

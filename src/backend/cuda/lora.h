@@ -2,6 +2,9 @@
 // A_b [r, in] and B_b [out, r]; for its T tokens y_b += (x_b A_bᵀ) B_bᵀ. Every product is one strided
 // batched cuBLASLt GEMM over the rows. x and y may be column slices of wider matrices (row strides
 // x_ld, y_ld), e.g. y = the q columns of the fused projection output. in, out and rank multiples of 8.
+// Adapters that read the same x (a lora_layout group) store their A_b side by side, [g·r, in] per row:
+// lora_hidden and lora_backward_in with rank g·r then serve the whole group in one product, and each
+// adapter's h is a column slice of the group's (h_ld = g·r).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -21,14 +24,27 @@ struct LoraGemmShape {
   int in = 0, out = 0, rank = 0;
   int64_t x_ld = 0, y_ld = 0;  // row strides of x / dx and y / dy (0: in, out)
   bool accumulate = true;      // the backward adds to dA, dB (false: overwrites them)
+  int64_t a_stride = 0;        // values from row b's A (and dA) to row b + 1's (0: rank·in)
+  int64_t h_ld = 0;            // row stride of h and dh (0: rank)
 };
 
-// h [rows·T, r] = x Aᵀ (saved), y += h Bᵀ (bf16, in place). A [rows, r, in], B [rows, out, r] bf16.
+// h [rows·T, r] = x Aᵀ (bf16): the first half of the forward.
+void lora_hidden(GemmRunner& gemm, const __nv_bfloat16* x, const __nv_bfloat16* A, __nv_bfloat16* h,
+                 const LoraGemmShape& shape, cudaStream_t stream);
+// y += h Bᵀ (bf16, in place). B [rows, out, r] bf16.
+void lora_apply(GemmRunner& gemm, const __nv_bfloat16* h, const __nv_bfloat16* B, __nv_bfloat16* y,
+                const LoraGemmShape& shape, cudaStream_t stream);
+// Both: h = x Aᵀ (saved), y += h Bᵀ.
 void lora_forward(GemmRunner& gemm, const __nv_bfloat16* x, const __nv_bfloat16* A, const __nv_bfloat16* B,
                   __nv_bfloat16* h, __nv_bfloat16* y, const LoraGemmShape& shape, cudaStream_t stream);
 
-// dB_b += dy_bᵀ h_b; dh = dy_b B_b (bf16 scratch [rows·T, r]); dA_b += dhᵀ x_b; dx_b += dh A_b (fp32,
-// may be null). dA, dB fp32 in the A / B layouts; `=` instead of `+=` for them without shape.accumulate.
+// The output side of the backward: dB_b += dy_bᵀ h_b (fp32, in B's layout); dh = dy_b B_b (bf16).
+void lora_backward_out(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* B, const __nv_bfloat16* h,
+                       __nv_bfloat16* dh, float* dB, const LoraGemmShape& shape, cudaStream_t stream);
+// The input side: dA_b += dh_bᵀ x_b (fp32, in A's layout); dx_b += dh_b A_b (fp32, may be null).
+void lora_backward_in(GemmRunner& gemm, const __nv_bfloat16* dh, const __nv_bfloat16* x, const __nv_bfloat16* A,
+                      float* dA, float* dx, const LoraGemmShape& shape, cudaStream_t stream);
+// Both, through the bf16 scratch dh [rows·T, r]. `=` instead of `+=` for dA, dB without shape.accumulate.
 void lora_backward(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* x, const __nv_bfloat16* A,
                    const __nv_bfloat16* B, const __nv_bfloat16* h, __nv_bfloat16* dh, float* dx, float* dA, float* dB,
                    const LoraGemmShape& shape, cudaStream_t stream);
@@ -44,9 +60,11 @@ void lora_rows_adamw(float* p, const float* g, float* m, float* v, __nv_bfloat16
 // *device = value, in stream order.
 void write_adam_coeffs(optim::AdamCoeffs* device, const optim::AdamCoeffs& value, cudaStream_t stream);
 
-// dst[k] = U(-bound, bound) for k in [0, n): the values Rng(seed) gives at its draws first + k
-// (splitmix64 is counter-based: draw j mixes seed + (j + 1)·γ), bit for bit as on the host (the
-// affine map in round-to-nearest double arithmetic, without contraction, then rounded to float).
-void lora_uniform(float* dst, int64_t n, uint64_t seed, uint64_t first, double bound, cudaStream_t stream);
+// Draw k in [0, n) = U(-bound, bound), the value Rng(seed) gives at its draw first + k (splitmix64 is
+// counter-based: draw j mixes seed + (j + 1)·γ), bit for bit as on the host (the affine map in
+// round-to-nearest double arithmetic, without contraction, then rounded to float), stored at
+// dst[(k / block)·block_stride + k % block] (block = block_stride = n: contiguous).
+void lora_uniform(float* dst, int64_t n, uint64_t seed, uint64_t first, double bound, int64_t block,
+                  int64_t block_stride, cudaStream_t stream);
 
 }  // namespace pgolf::cuda
