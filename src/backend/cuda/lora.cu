@@ -118,15 +118,31 @@ void lora_uniform(float* dst, int64_t n, uint64_t seed, uint64_t first, double b
   PG_CUDA_CHECK(cudaGetLastError());
 }
 
+namespace {
+
+// One operand of a batched product: row b's matrix at ptr + b·stride, rows `ld` elements apart.
+struct Operand {
+  const __nv_bfloat16* ptr;
+  int64_t ld, stride;
+};
+
+// D_b [m, n] = op(A_b)·op(B_b) (+ beta·D_b) for the `rows` batch rows.
+void run_batched(GemmRunner& gemm, int m, int n, int k, bool trans_a, bool trans_b, int rows, Operand a, Operand b,
+                 void* d, int64_t ldd, int64_t stride_d, GemmOutput output, float beta, cudaStream_t stream) {
+  GemmShape g = batched(m, n, k, trans_a, trans_b, rows, a.stride, b.stride, stride_d, output);
+  g.lda = a.ld, g.ldb = b.ld, g.ldd = ldd;
+  gemm.run(g, a.ptr, b.ptr, d, 1.f, beta, stream);
+}
+
+}  // namespace
+
 void lora_hidden(GemmRunner& gemm, const __nv_bfloat16* x, const __nv_bfloat16* A, __nv_bfloat16* h,
                  const LoraGemmShape& s, cudaStream_t stream) {
   check_shape(s);
   const int64_t x_ld = ld_or(s.x_ld, s.in), h_ld = ld_or(s.h_ld, s.rank), T = s.seq_len;
   // h_b [T, r] = x_b [T, in] · A_bᵀ
-  GemmShape g = batched(s.seq_len, s.rank, s.in, false, true, s.rows, T * x_ld, a_stride(s), T * h_ld,
-                        GemmOutput::kBf16);
-  g.lda = x_ld, g.ldd = h_ld;
-  gemm.run(g, x, A, h, 1.f, 0.f, stream);
+  run_batched(gemm, s.seq_len, s.rank, s.in, false, true, s.rows, {x, x_ld, T * x_ld}, {A, s.in, a_stride(s)}, h, h_ld,
+              T * h_ld, GemmOutput::kBf16, 0.f, stream);
 }
 
 void lora_apply(GemmRunner& gemm, const __nv_bfloat16* h, const __nv_bfloat16* B, __nv_bfloat16* y,
@@ -134,10 +150,8 @@ void lora_apply(GemmRunner& gemm, const __nv_bfloat16* h, const __nv_bfloat16* B
   check_shape(s);
   const int64_t y_ld = ld_or(s.y_ld, s.out), h_ld = ld_or(s.h_ld, s.rank), T = s.seq_len, r = s.rank;
   // y_b [T, out] += h_b [T, r] · B_bᵀ
-  GemmShape g = batched(s.seq_len, s.out, s.rank, false, true, s.rows, T * h_ld, int64_t{s.out} * r, T * y_ld,
-                        GemmOutput::kBf16);
-  g.lda = h_ld, g.ldd = y_ld;
-  gemm.run(g, h, B, y, 1.f, 1.f, stream);
+  run_batched(gemm, s.seq_len, s.out, s.rank, false, true, s.rows, {h, h_ld, T * h_ld}, {B, r, int64_t{s.out} * r}, y,
+              y_ld, T * y_ld, GemmOutput::kBf16, 1.f, stream);
 }
 
 void lora_forward(GemmRunner& gemm, const __nv_bfloat16* x, const __nv_bfloat16* A, const __nv_bfloat16* B,
@@ -150,33 +164,27 @@ void lora_backward_out(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfl
                        __nv_bfloat16* dh, float* dB, const LoraGemmShape& s, cudaStream_t stream) {
   check_shape(s);
   const int64_t y_ld = ld_or(s.y_ld, s.out), h_ld = ld_or(s.h_ld, s.rank), T = s.seq_len, r = s.rank;
+  const Operand dy_rows{dy, y_ld, T * y_ld};
   // dB_b [out, r] += dy_bᵀ [out, T] · h_b [T, r]
-  GemmShape g1 = batched(s.out, s.rank, s.seq_len, true, false, s.rows, T * y_ld, T * h_ld, int64_t{s.out} * r,
-                         GemmOutput::kF32);
-  g1.lda = y_ld, g1.ldb = h_ld;
-  gemm.run(g1, dy, h, dB, 1.f, s.accumulate ? 1.f : 0.f, stream);
+  run_batched(gemm, s.out, s.rank, s.seq_len, true, false, s.rows, dy_rows, {h, h_ld, T * h_ld}, dB, r,
+              int64_t{s.out} * r, GemmOutput::kF32, s.accumulate ? 1.f : 0.f, stream);
   // dh_b [T, r] = dy_b [T, out] · B_b [out, r]
-  GemmShape g2 = batched(s.seq_len, s.rank, s.out, false, false, s.rows, T * y_ld, int64_t{s.out} * r, T * h_ld,
-                         GemmOutput::kBf16);
-  g2.lda = y_ld, g2.ldd = h_ld;
-  gemm.run(g2, dy, B, dh, 1.f, 0.f, stream);
+  run_batched(gemm, s.seq_len, s.rank, s.out, false, false, s.rows, dy_rows, {B, r, int64_t{s.out} * r}, dh, h_ld,
+              T * h_ld, GemmOutput::kBf16, 0.f, stream);
 }
 
 void lora_backward_in(GemmRunner& gemm, const __nv_bfloat16* dh, const __nv_bfloat16* x, const __nv_bfloat16* A,
                       float* dA, float* dx, const LoraGemmShape& s, cudaStream_t stream) {
   check_shape(s);
   const int64_t x_ld = ld_or(s.x_ld, s.in), h_ld = ld_or(s.h_ld, s.rank), T = s.seq_len;
+  const Operand dh_rows{dh, h_ld, T * h_ld};
   // dA_b [r, in] += dh_bᵀ [r, T] · x_b [T, in]
-  GemmShape g3 = batched(s.rank, s.in, s.seq_len, true, false, s.rows, T * h_ld, T * x_ld, a_stride(s),
-                         GemmOutput::kF32);
-  g3.lda = h_ld, g3.ldb = x_ld, g3.ldd = s.in;
-  gemm.run(g3, dh, x, dA, 1.f, s.accumulate ? 1.f : 0.f, stream);
+  run_batched(gemm, s.rank, s.in, s.seq_len, true, false, s.rows, dh_rows, {x, x_ld, T * x_ld}, dA, s.in, a_stride(s),
+              GemmOutput::kF32, s.accumulate ? 1.f : 0.f, stream);
   if (!dx) return;
   // dx_b [T, in] += dh_b [T, r] · A_b [r, in]
-  GemmShape g4 = batched(s.seq_len, s.in, s.rank, false, false, s.rows, T * h_ld, a_stride(s), T * x_ld,
-                         GemmOutput::kF32);
-  g4.lda = h_ld, g4.ldb = s.in, g4.ldd = x_ld;
-  gemm.run(g4, dh, A, dx, 1.f, 1.f, stream);
+  run_batched(gemm, s.seq_len, s.in, s.rank, false, false, s.rows, dh_rows, {A, s.in, a_stride(s)}, dx, x_ld,
+              T * x_ld, GemmOutput::kF32, 1.f, stream);
 }
 
 void lora_backward(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* x, const __nv_bfloat16* A,
