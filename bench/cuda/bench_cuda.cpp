@@ -148,12 +148,19 @@ void bench_mlp(const Options& o, const Timer& timer) {
     if (!mlp_fused_supported(d, hid)) continue;
     for (const auto& [schedule, name] : {std::pair{MlpSchedule::streamed_operands, "streamed A+B"},
                                         std::pair{MlpSchedule::resident_a, "resident A"}}) {
-      row(fmt::format("mlp up: fused (wgmma, {})", name), shape, timer.median_ms([&] {
-        mlp_fused_forward(x.data(), w.data(), out.data(), post.data(), m, d, hid, slope, timer.stream, schedule);
-      }), flops);
-      row(fmt::format("mlp dpre: fused (wgmma, {})", name), shape, timer.median_ms([&] {
-        mlp_fused_backward(x.data(), w.data(), pre.data(), out.data(), m, d, hid, slope, timer.stream, schedule);
-      }), flops);
+      // The chosen cut of the hidden tiles into runs of their own CTAs, and (where it chooses more than
+      // one run) all tiles in one run, as the kernel did before the cut.
+      const int chosen = mlp_fused_hidden_splits(m, hid, device_info(0).sm_count);
+      for (const int splits : chosen > 1 ? std::vector<int>{chosen, 1} : std::vector<int>{chosen}) {
+        const std::string label = fmt::format("{}, {} run{} of tiles", name, splits, splits > 1 ? "s" : "");
+        row(fmt::format("mlp up: fused (wgmma, {})", label), shape, timer.median_ms([&] {
+          mlp_fused_forward(x.data(), w.data(), out.data(), post.data(), m, d, hid, slope, timer.stream, schedule, splits);
+        }), flops);
+        row(fmt::format("mlp dpre: fused (wgmma, {})", label), shape, timer.median_ms([&] {
+          mlp_fused_backward(x.data(), w.data(), pre.data(), out.data(), m, d, hid, slope, timer.stream, schedule,
+                             splits);
+        }), flops);
+      }
     }
   }
 }

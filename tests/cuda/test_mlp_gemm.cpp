@@ -145,6 +145,68 @@ TEST_F(MlpGemmTest, BackwardMatchesCublasAndPassForEachHiddenSize) {
     check_backward(c);
 }
 
+// Cutting the hidden tiles into runs of their own CTAs (hidden_splits) computes every tile alike: the
+// same bits for any count, 0 (chosen) included, in both schedules. 640 = 5 tiles in runs of 3 and 2; 1536
+// = 12 tiles in 4 runs of 3 (a count of 5 gives those runs too); 300 rows: a partial last block.
+TEST_F(MlpGemmTest, HiddenSplitsAreBitIdentical) {
+  struct SplitCase {
+    Case c;
+    std::vector<int> splits;
+  };
+  for (const SplitCase& sc : {SplitCase{Case{300, 640, 0.5f}, {2, 5, 0}}, SplitCase{Case{1000, 1536, 0.5f}, {4, 5, 12, 0}},
+                              SplitCase{Case{256, 2048, 0.f}, {16, 0}}}) {
+    const Case& c = sc.c;
+    SCOPED_TRACE("rows " + std::to_string(c.rows) + " hidden " + std::to_string(c.hidden));
+    Rng rng(2950 + c.hidden + c.rows);
+    const size_t n = static_cast<size_t>(c.rows) * c.hidden;
+    auto a = to_device_bf16(random_bf16_values(static_cast<size_t>(c.rows) * kDim, rng));
+    auto w = to_device_bf16(random_bf16_values(static_cast<size_t>(c.hidden) * kDim, rng, 1.0 / std::sqrt(kDim)));
+    auto pre_in = to_device_bf16(random_bf16_values(n, rng));
+    for (const auto schedule : {cuda::MlpSchedule::resident_a, cuda::MlpSchedule::streamed_operands}) {
+      std::vector<std::vector<float>> reference;  // pre, post, dpre with one run of all tiles
+      auto run = [&](int splits) {
+        auto pre = poisoned_buffer<bf16>(n), post = poisoned_buffer<bf16>(n), dpre = poisoned_buffer<bf16>(n);
+        cuda::mlp_fused_forward(a.data(), w.data(), pre.data(), post.data(), c.rows, kDim, c.hidden, c.slope, nullptr,
+                                schedule, splits);
+        cuda::mlp_fused_backward(a.data(), w.data(), pre_in.data(), dpre.data(), c.rows, kDim, c.hidden, c.slope,
+                                 nullptr, schedule, splits);
+        sync_device();
+        return std::vector<std::vector<float>>{from_device_bf16(pre), from_device_bf16(post), from_device_bf16(dpre)};
+      };
+      reference = run(1);
+      for (int splits : sc.splits) {
+        SCOPED_TRACE("splits " + std::to_string(splits));
+        const auto got = run(splits);
+        for (int i = 0; i < 3; ++i) {
+          size_t differing = 0, nonzero = 0;
+          for (size_t e = 0; e < n; ++e) {
+            differing += std::memcmp(&got[static_cast<size_t>(i)][e], &reference[static_cast<size_t>(i)][e], sizeof(float)) != 0;
+            nonzero += reference[static_cast<size_t>(i)][e] != 0.f;
+          }
+          EXPECT_EQ(differing, 0u) << (i == 0 ? "pre" : i == 1 ? "post" : "dpre") << " differs from one run of all tiles";
+          EXPECT_GT(nonzero, n / 3) << "output " << i << " mostly zeros: nothing meaningful compared";
+        }
+      }
+    }
+  }
+  auto a = to_device_bf16(std::vector<float>(64 * kDim, 0.f));
+  auto w = to_device_bf16(std::vector<float>(1024 * kDim, 0.f));
+  auto out = poisoned_buffer<bf16>(64 * 1024), post = poisoned_buffer<bf16>(64 * 1024);
+  EXPECT_THROW(cuda::mlp_fused_forward(a.data(), w.data(), out.data(), post.data(), 64, kDim, 1024, 0.5f, nullptr,
+                                       cuda::MlpSchedule::resident_a, 9),
+               Error);
+}
+
+// The chosen count: one run of all tiles for the training and evaluation batches (98,304 and 65,536 rows
+// at hidden 1536 / 2048 / 1024, 132 SMs), several where the row blocks leave most SMs idle.
+TEST(MlpGemmSplits, ChosenCountKeepsLargeBatchesWhole) {
+  for (int64_t rows : {int64_t{98304}, int64_t{65536}})
+    for (int hidden : {1024, 1536, 2048}) EXPECT_EQ(cuda::mlp_fused_hidden_splits(rows, hidden, 132), 1) << rows << " " << hidden;
+  EXPECT_EQ(cuda::mlp_fused_hidden_splits(2048, 2048, 132), 8);   // 16 row blocks: 128 CTAs of 2 tiles
+  EXPECT_EQ(cuda::mlp_fused_hidden_splits(18432, 2048, 132), 4);  // 144 row blocks: 5 waves of 4 tiles
+  EXPECT_EQ(cuda::mlp_fused_hidden_splits(128, 1536, 132), 12);   // 2 row blocks (a cluster): a tile each
+}
+
 // The two schedules issue the same MMAs in the same order and share the epilogue: every output bit
 // must agree. 300 rows: a partial last block whose second warpgroup has no rows; 640: five tiles, so
 // the 6 streamed stages wrap around mid-tile.

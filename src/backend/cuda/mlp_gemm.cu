@@ -1,7 +1,9 @@
 // Fused MLP products on Hopper's warpgroup MMA (wgmma, sm_90a); mlp_gemm.h states what they compute.
 //
 // One CTA of 2 consumer warpgroups, a drain warpgroup and a producer warp owns 128 rows of the input
-// (A = m or df, [rows, 512]) and sweeps every 128-column tile of the hidden dimension. Two schedules
+// (A = m or df, [rows, 512]) and sweeps the 128-column tiles of the hidden dimension: all of them, or
+// with few rows (fewer CTAs than make whole waves on the multiprocessors) one of gridDim.y runs of
+// consecutive tiles (hidden_splits in mlp_gemm.h; every tile's MMAs the same, so the same bits). Two schedules
 // feed the MMAs (MlpSchedule), with the same instructions in the same order, so the same results:
 //   streamed operands: every step's 128 x 64 k-slice of A (L2-resident after the first tile) and of B
 //     (the weight, L2-resident) stream through 6 stages of 32 KB;
@@ -33,6 +35,8 @@
 // tile, as this kernel first did, a warpgroup almost never waited for its previous MMAs but took
 // about twice their time per step (the chunk's shared-memory load latency and ALU work in line with
 // the MMA issue), and its own drain warps made the forward 11 % and the backward 14 % faster.
+#include <cstdint>
+
 #include "backend/cuda/activation.cuh"
 #include "backend/cuda/check.h"
 #include "backend/cuda/device.h"
@@ -88,6 +92,7 @@ struct MlpGemmParams {
   bf16* post;         // forward: post
   int64_t rows;
   int hidden;
+  int tiles_per_split;  // hidden tiles of a CTA: blockIdx.y's run starts at tile blockIdx.y · tiles_per_split
   float slope;
 };
 
@@ -127,7 +132,9 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
   const uint32_t cta_rank = cluster_cta_rank();
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
   const int valid_rows = static_cast<int>(max(int64_t{0}, min(static_cast<int64_t>(kBlockM), p.rows - row0)));
-  const int tiles = p.hidden / kBlockN, steps = tiles * kSteps;
+  // This CTA's run of hidden tiles: [tile0, tile0 + tiles); j below counts within it.
+  const int tile0 = static_cast<int>(blockIdx.y) * p.tiles_per_split;
+  const int tiles = min(p.tiles_per_split, p.hidden / kBlockN - tile0), steps = tiles * kSteps;
 
   constexpr int kStages = kStageCount<kStreamA>;
   const uint32_t base = (smem_address(smem) + (kAtomBytes - 1)) & ~(kAtomBytes - 1);
@@ -166,7 +173,7 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
         if (load_a) tma_load_2d(a_slice(s).base, &p.a_map, k * kStepK, static_cast<int>(row0), full(s));
         // This CTA's half of B's slice: Wfc rows (= n) 128j + 64·rank.., or Wproj columns (= n) there.
         const uint32_t half = stage(s) + cta_rank * kHalfTileBytes;
-        const int n = j * kBlockN + static_cast<int>(cta_rank) * 64;
+        const int n = (tile0 + j) * kBlockN + static_cast<int>(cta_rank) * 64;
         if constexpr (!kBackward) tma_load_2d_multicast(half, &p.b_map, k * kStepK, n, full(s), 0x3);
         else tma_load_2d_multicast(half, &p.b_map, n, k * kStepK, full(s), 0x3);
       }
@@ -179,7 +186,7 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
     auto chunk_offset = [&](int wg, int t, int j, int i) -> int64_t {
       const int chunk_index = t + i * 128, row = chunk_index >> 4, chunk = chunk_index & 15;
       if (row >= valid_rows - 64 * wg) return -1;
-      return (row0 + 64 * wg + row) * p.hidden + j * kBlockN + chunk * 8;
+      return (row0 + 64 * wg + row) * p.hidden + (tile0 + j) * kBlockN + chunk * 8;
     };
     auto load_pre = [&](int wg, int t, int j, int i) {
       const int64_t offset = chunk_offset(wg, t, j, i);
@@ -300,10 +307,36 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// Runs of hidden tiles per row block for `blocks` row blocks of `tiles` tiles on `sms` multiprocessors
+// (one CTA each): the fewest that minimize waves · (tiles a CTA + 1), the 1 standing for a CTA's own
+// start (A's load, the pipeline's fill) and end. Training-sized batches keep 1 run: the most rows per CTA.
+int auto_hidden_splits(int64_t blocks, int tiles, int sms) {
+  if (blocks <= 0 || tiles <= 0 || sms <= 0) return 1;
+  int best = 1;
+  int64_t best_cost = INT64_MAX;
+  for (int splits = 1; splits <= tiles; ++splits) {
+    const int per_split = (tiles + splits - 1) / splits;
+    if ((tiles + per_split - 1) / per_split != splits) continue;  // the same runs as fewer splits
+    const int64_t waves = (blocks * splits + sms - 1) / sms;
+    const int64_t cost = waves * (per_split + 1);
+    if (cost < best_cost) best = splits, best_cost = cost;
+  }
+  return best;
+}
+
+int multiprocessors() {
+  static const int sms = [] {
+    int device = 0;
+    PG_CUDA_CHECK(cudaGetDevice(&device));
+    return device_info(device).sm_count;
+  }();
+  return sms;
+}
+
 // a [rows, 512]; b Wfc [hidden, 512] (forward) or Wproj [512, hidden] (backward).
 template <bool kBackward, bool kStreamA>
 void launch_schedule(const bf16* a, const bf16* b, const bf16* pre, bf16* out, bf16* post, int64_t rows, int dim, int hidden,
-            float slope, const char* what, cudaStream_t stream) {
+            float slope, const char* what, int hidden_splits, cudaStream_t stream) {
   PG_CUDA_REQUIRE(mlp_fused_supported(dim, hidden), what);
   PG_CUDA_REQUIRE(aligned16(a) && aligned16(b) && aligned16(out) && aligned16(pre) && aligned16(post),
                   "mlp_fused: every matrix must be 16-byte aligned");
@@ -322,21 +355,31 @@ void launch_schedule(const bf16* a, const bf16* b, const bf16* pre, bf16* out, b
   p.pre = pre, p.out = out, p.post = post, p.rows = rows, p.hidden = hidden, p.slope = slope;
   // Whole clusters: a CTA past the last row still streams its half of B for its partner.
   const int64_t blocks = ((rows + kBlockM - 1) / kBlockM + kClusterSize - 1) / kClusterSize * kClusterSize;
-  mlp_fused_gemm_kernel<kBackward, kStreamA>
-      <<<static_cast<unsigned>(blocks), kThreads, kSmemBytes<kStreamA>, stream>>>(p);
+  const int tiles = hidden / kBlockN;
+  PG_CUDA_REQUIRE(hidden_splits >= 0 && hidden_splits <= tiles,
+                  "mlp_fused: hidden_splits must be 0 (chosen) or at most the hidden tiles (hidden / 128)");
+  const int splits = hidden_splits > 0 ? hidden_splits : mlp_fused_hidden_splits(rows, hidden, multiprocessors());
+  p.tiles_per_split = (tiles + splits - 1) / splits;
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((tiles + p.tiles_per_split - 1) / p.tiles_per_split));
+  mlp_fused_gemm_kernel<kBackward, kStreamA><<<grid, kThreads, kSmemBytes<kStreamA>, stream>>>(p);
   PG_CUDA_LAUNCH_CHECK();
 }
 
 template <bool kBackward>
 void launch(const bf16* a, const bf16* b, const bf16* pre, bf16* out, bf16* post, int64_t rows, int dim, int hidden,
-            float slope, const char* what, MlpSchedule schedule, cudaStream_t stream) {
+            float slope, const char* what, MlpSchedule schedule, int hidden_splits, cudaStream_t stream) {
   if (schedule == MlpSchedule::streamed_operands)
-    launch_schedule<kBackward, true>(a, b, pre, out, post, rows, dim, hidden, slope, what, stream);
+    launch_schedule<kBackward, true>(a, b, pre, out, post, rows, dim, hidden, slope, what, hidden_splits, stream);
   else
-    launch_schedule<kBackward, false>(a, b, pre, out, post, rows, dim, hidden, slope, what, stream);
+    launch_schedule<kBackward, false>(a, b, pre, out, post, rows, dim, hidden, slope, what, hidden_splits, stream);
 }
 
 }  // namespace
+
+int mlp_fused_hidden_splits(int64_t rows, int hidden, int multiprocessors) {
+  const int64_t blocks = ((rows + kBlockM - 1) / kBlockM + kClusterSize - 1) / kClusterSize * kClusterSize;
+  return auto_hidden_splits(blocks, hidden / kBlockN, multiprocessors);
+}
 
 bool mlp_fused_supported(int dim, int hidden) {
   static const bool hopper = [] {
@@ -350,17 +393,19 @@ bool mlp_fused_supported(int dim, int hidden) {
 }
 
 void mlp_fused_forward(const bf16* m, const bf16* wfc, bf16* pre, bf16* post, int64_t rows, int dim, int hidden,
-                       float slope, cudaStream_t stream, MlpSchedule schedule) {
+                       float slope, cudaStream_t stream, MlpSchedule schedule, int hidden_splits) {
   PG_CUDA_REQUIRE(post != nullptr, "mlp_fused_forward: post is required");
   launch<false>(m, wfc, nullptr, pre, post, rows, dim, hidden, slope,
-                "mlp_fused_forward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", schedule, stream);
+                "mlp_fused_forward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", schedule, hidden_splits,
+                stream);
 }
 
 void mlp_fused_backward(const bf16* df, const bf16* wproj, const bf16* pre, bf16* dpre, int64_t rows, int dim,
-                        int hidden, float slope, cudaStream_t stream, MlpSchedule schedule) {
+                        int hidden, float slope, cudaStream_t stream, MlpSchedule schedule, int hidden_splits) {
   PG_CUDA_REQUIRE(pre != nullptr && dpre != nullptr, "mlp_fused_backward: pre and dpre are required");
   launch<true>(df, wproj, pre, dpre, nullptr, rows, dim, hidden, slope,
-               "mlp_fused_backward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", schedule, stream);
+               "mlp_fused_backward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", schedule, hidden_splits,
+               stream);
 }
 
 }  // namespace pgolf::cuda

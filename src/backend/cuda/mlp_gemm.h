@@ -30,12 +30,19 @@ enum class MlpSchedule {
   streamed_operands,  // A and B slices stream through 6 stages
 };
 
+// hidden_splits: how many runs of consecutive 128-column tiles the hidden dimension is cut into, each
+// run a CTA of its own per 128 rows (bit-identical for every count). 0 chooses: 1 while the row blocks
+// fill whole waves of the multiprocessors (training batches), more for few rows (LoRA TTT's calls of a
+// few thousand tokens), where one CTA per 128 rows would leave most multiprocessors idle.
+// The count hidden_splits = 0 chooses for `rows` rows on a GPU of `multiprocessors` SMs.
+int mlp_fused_hidden_splits(int64_t rows, int hidden, int multiprocessors);
+
 void mlp_fused_forward(const __nv_bfloat16* m, const __nv_bfloat16* wfc, __nv_bfloat16* pre, __nv_bfloat16* post,
                        int64_t rows, int dim, int hidden, float slope, cudaStream_t stream,
-                       MlpSchedule schedule = MlpSchedule::resident_a);
+                       MlpSchedule schedule = MlpSchedule::resident_a, int hidden_splits = 0);
 
 void mlp_fused_backward(const __nv_bfloat16* df, const __nv_bfloat16* wproj, const __nv_bfloat16* pre,
                         __nv_bfloat16* dpre, int64_t rows, int dim, int hidden, float slope, cudaStream_t stream,
-                        MlpSchedule schedule = MlpSchedule::resident_a);
+                        MlpSchedule schedule = MlpSchedule::resident_a, int hidden_splits = 0);
 
 }  // namespace pgolf::cuda
