@@ -6,8 +6,9 @@
 // of the s691 and s1560 layouts with its parts. CUDA events around each call; warm-up, then the
 // median of the repeats.
 //
-//   bench_cuda [--tokens N] [--seq T] [--reps R] [--only gemm|attention|mlp|optim]
-//   (defaults: 98304 tokens, T 2048, 20 repeats, every section)
+//   bench_cuda [--tokens N] [--seq T] [--reps R] [--only gemm|attention|mlp|optim] [--mlp-splits K]
+//   (defaults: 98304 tokens, T 2048, 20 repeats, every section; --mlp-splits also times the fused MLP
+//   kernels with their hidden tiles cut into K runs, beside the count they choose)
 //   bench_cuda --model PRESET [--tokens N] [--seq T] [--reps R] [--profile]   (bench_model.h)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -43,6 +44,7 @@ struct Options {
   std::string only;  // one section, or every section when empty
   std::string model;  // a preset: time GpuModel's forward + backward instead of the kernels
   bool profile = false;
+  int mlp_splits = 0;  // a cut of the fused MLP kernels' hidden tiles to time too (0: none)
 };
 
 Options parse(int argc, char** argv) {
@@ -59,7 +61,8 @@ Options parse(int argc, char** argv) {
     else if (a == "--only" && i + 1 < argc) o.only = argv[++i];
     else if (a == "--model" && i + 1 < argc) o.model = argv[++i];
     else if (a == "--profile") o.profile = true;
-    else fail("bench_cuda: unknown argument '{}' (expected --tokens N, --seq T, --reps R, --only SECTION, --model PRESET, --profile)", a);
+    else if (a == "--mlp-splits") o.mlp_splits = value();
+    else fail("bench_cuda: unknown argument '{}' (expected --tokens N, --seq T, --reps R, --only SECTION, --model PRESET, --profile, --mlp-splits K)", a);
   }
   PG_CHECK(o.tokens > 0 && o.seq > 0 && o.tokens % o.seq == 0 && o.reps > 0,
            "bench_cuda: --tokens must be a positive multiple of --seq, --reps positive");
@@ -151,7 +154,11 @@ void bench_mlp(const Options& o, const Timer& timer) {
       // The chosen cut of the hidden tiles into runs of their own CTAs, and (where it chooses more than
       // one run) all tiles in one run, as the kernel did before the cut.
       const int chosen = mlp_fused_hidden_splits(m, hid, device_info(0).sm_count);
-      for (const int splits : chosen > 1 ? std::vector<int>{chosen, 1} : std::vector<int>{chosen}) {
+      std::vector<int> counts{chosen};
+      if (chosen > 1) counts.push_back(1);
+      if (o.mlp_splits > 0 && o.mlp_splits <= hid / 128 && o.mlp_splits != chosen && o.mlp_splits != 1)
+        counts.push_back(o.mlp_splits);
+      for (const int splits : counts) {
         const std::string label = fmt::format("{}, {} run{} of tiles", name, splits, splits > 1 ? "s" : "");
         row(fmt::format("mlp up: fused (wgmma, {})", label), shape, timer.median_ms([&] {
           mlp_fused_forward(x.data(), w.data(), out.data(), post.data(), m, d, hid, slope, timer.stream, schedule, splits);
