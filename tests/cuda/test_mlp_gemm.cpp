@@ -203,7 +203,9 @@ TEST(MlpGemmSplits, ChosenCountKeepsLargeBatchesWhole) {
   for (int64_t rows : {int64_t{98304}, int64_t{65536}})
     for (int hidden : {1024, 1536, 2048}) EXPECT_EQ(cuda::mlp_fused_hidden_splits(rows, hidden, 132), 1) << rows << " " << hidden;
   EXPECT_EQ(cuda::mlp_fused_hidden_splits(2048, 2048, 132), 8);   // 16 row blocks: 128 CTAs of 2 tiles
-  EXPECT_EQ(cuda::mlp_fused_hidden_splits(18432, 2048, 132), 4);  // 144 row blocks: 5 waves of 4 tiles
+  EXPECT_EQ(cuda::mlp_fused_hidden_splits(18432, 2048, 132), 2);  // 144 row blocks: 3 waves of 8 tiles
+  EXPECT_EQ(cuda::mlp_fused_hidden_splits(36864, 2048, 132), 2);  // 288: 5 waves of 8 against 3 of 16
+  EXPECT_EQ(cuda::mlp_fused_hidden_splits(36864, 1024, 132), 1);  // 288: a tie, so one run
   EXPECT_EQ(cuda::mlp_fused_hidden_splits(128, 1536, 132), 12);   // 2 row blocks (a cluster): a tile each
 }
 
