@@ -1,5 +1,7 @@
 #include "cli/launch.h"
 
+#include <algorithm>
+#include <cstdio>
 #include <vector>
 
 #include "core/error.h"
@@ -51,6 +53,12 @@ std::optional<int> NprocOption::launch_ranks(const std::string& command, const s
   LocalLaunch local;
   local.args = command_line();
   local.nproc = nproc;
+  // --json: rank 0's standard output is the document, passed through without the rank prefix.
+  if (std::find(local.args.begin(), local.args.end(), "--json") != local.args.end())
+    return run_local_ranks(local, rank0_document_sink([](std::string_view line) {
+                             std::fprintf(stdout, "%.*s\n", static_cast<int>(line.size()), line.data());
+                             std::fflush(stdout);
+                           }));
   return run_local_ranks(local);
 }
 

@@ -170,6 +170,14 @@ void print_rank_line(int rank, OutputStream stream, std::string_view line) {
   std::fflush(f);
 }
 
+LineSink rank0_document_sink(std::function<void(std::string_view)> document, LineSink others) {
+  return [document = std::move(document), others = std::move(others)](int rank, OutputStream stream,
+                                                                         std::string_view line) {
+    if (rank == 0 && stream == OutputStream::Out) document(line);
+    else others(rank, OutputStream::Err, line);
+  };
+}
+
 int run_local_ranks(const LocalLaunch& launch, const LineSink& sink) {
   PG_CHECK(launch.nproc >= 1, "launcher: {} processes requested", launch.nproc);
   PG_CHECK(!launch.args.empty(), "launcher: no program arguments");

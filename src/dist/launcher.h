@@ -28,6 +28,11 @@ using LineSink = std::function<void(int rank, OutputStream stream, std::string_v
 // "[rank R] line" on this process's stdout or stderr; the launcher's own lines as "pgolf: line".
 void print_rank_line(int rank, OutputStream stream, std::string_view line);
 
+// For a command whose standard output is one machine-readable document (--json): rank 0's standard
+// output lines go to `document` as they are; every other line goes to `others` on standard error
+// (the other ranks' standard output included), so the document stays parseable.
+LineSink rank0_document_sink(std::function<void(std::string_view)> document, LineSink others = print_rank_line);
+
 // Starts `launch.nproc` ranks with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK=0,
 // MASTER_ADDR=127.0.0.1, MASTER_PORT (a free port) and the NVLink-multicast switches of
 // default_nccl_environment() where the user has not set them. Each rank runs in its own process

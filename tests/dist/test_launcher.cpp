@@ -59,6 +59,26 @@ struct ShellLaunch {
   }
 };
 
+// --json under --nproc: rank 0's standard output is the document, unprefixed; the other ranks' output
+// and every standard-error line go to standard error.
+TEST(Launcher, Rank0DocumentSinkKeepsTheDocumentClean) {
+  std::vector<std::string> document;
+  std::vector<Line> others;
+  const LineSink sink = rank0_document_sink([&](std::string_view line) { document.emplace_back(line); },
+                                            [&](int rank, OutputStream stream, std::string_view line) {
+                                              others.push_back({rank, stream, std::string(line)});
+                                            });
+  sink(0, OutputStream::Out, "{\"a\": 1}");
+  sink(1, OutputStream::Out, "{\"b\": 2}");
+  sink(0, OutputStream::Err, "warning");
+  sink(-1, OutputStream::Err, "launcher note");
+  ASSERT_EQ(document, std::vector<std::string>{"{\"a\": 1}"});
+  ASSERT_EQ(others.size(), 3u);
+  EXPECT_EQ(others[0].rank, 1);
+  EXPECT_EQ(others[0].text, "{\"b\": 2}");
+  for (const Line& l : others) EXPECT_EQ(l.stream, OutputStream::Err) << l.text;
+}
+
 }  // namespace
 
 TEST(Launcher, EveryRankGetsTorchrunsVariablesAndItsOutputIsRelayed) {
