@@ -145,6 +145,45 @@ TEST_F(MlpGemmTest, BackwardMatchesCublasAndPassForEachHiddenSize) {
     check_backward(c);
 }
 
+// The fused kernels' three outputs (pre, post and, with the same weights read as Wproj, dpre) for one
+// case's random inputs, under one schedule and one cut of the hidden tiles.
+struct FusedInputs {
+  DeviceBuffer<bf16> a, w, pre_in;
+  FusedInputs(const Case& c, uint64_t seed) {
+    Rng rng(seed);
+    a = to_device_bf16(random_bf16_values(static_cast<size_t>(c.rows) * kDim, rng));
+    w = to_device_bf16(random_bf16_values(static_cast<size_t>(c.hidden) * kDim, rng, 1.0 / std::sqrt(kDim)));
+    pre_in = to_device_bf16(random_bf16_values(static_cast<size_t>(c.rows) * c.hidden, rng));
+  }
+};
+
+std::vector<std::vector<float>> fused_outputs(const FusedInputs& in, const Case& c, cuda::MlpSchedule schedule,
+                                              int splits) {
+  const size_t n = static_cast<size_t>(c.rows) * c.hidden;
+  auto pre = poisoned_buffer<bf16>(n), post = poisoned_buffer<bf16>(n), dpre = poisoned_buffer<bf16>(n);
+  cuda::mlp_fused_forward(in.a.data(), in.w.data(), pre.data(), post.data(), c.rows, kDim, c.hidden, c.slope, nullptr,
+                          schedule, splits);
+  cuda::mlp_fused_backward(in.a.data(), in.w.data(), in.pre_in.data(), dpre.data(), c.rows, kDim, c.hidden, c.slope,
+                           nullptr, schedule, splits);
+  sync_device();
+  return {from_device_bf16(pre), from_device_bf16(post), from_device_bf16(dpre)};
+}
+
+// Every bit of the three outputs agrees, and they are not mostly zeros (else nothing was compared).
+void expect_same_bits(const std::vector<std::vector<float>>& got, const std::vector<std::vector<float>>& want,
+                      const std::string& what) {
+  for (size_t i = 0; i < 3; ++i) {
+    size_t differing = 0, nonzero = 0;
+    for (size_t e = 0; e < want[i].size(); ++e) {
+      differing += std::memcmp(&got[i][e], &want[i][e], sizeof(float)) != 0;
+      nonzero += want[i][e] != 0.f;
+    }
+    const char* name = i == 0 ? "pre" : i == 1 ? "post" : "dpre";
+    EXPECT_EQ(differing, 0u) << name << " differs " << what;
+    EXPECT_GT(nonzero, want[i].size() / 3) << name << " mostly zeros: nothing meaningful compared";
+  }
+}
+
 // Cutting the hidden tiles into runs of their own CTAs (hidden_splits) computes every tile alike: the
 // same bits for any count, 0 (chosen) included, in both schedules. 640 = 5 tiles in runs of 3 and 2; 1536
 // = 12 tiles in 4 runs of 3 (a count of 5 gives those runs too); 300 rows: a partial last block.
@@ -155,38 +194,13 @@ TEST_F(MlpGemmTest, HiddenSplitsAreBitIdentical) {
   };
   for (const SplitCase& sc : {SplitCase{Case{300, 640, 0.5f}, {2, 5, 0}}, SplitCase{Case{1000, 1536, 0.5f}, {4, 5, 12, 0}},
                               SplitCase{Case{256, 2048, 0.f}, {16, 0}}}) {
-    const Case& c = sc.c;
-    SCOPED_TRACE("rows " + std::to_string(c.rows) + " hidden " + std::to_string(c.hidden));
-    Rng rng(2950 + c.hidden + c.rows);
-    const size_t n = static_cast<size_t>(c.rows) * c.hidden;
-    auto a = to_device_bf16(random_bf16_values(static_cast<size_t>(c.rows) * kDim, rng));
-    auto w = to_device_bf16(random_bf16_values(static_cast<size_t>(c.hidden) * kDim, rng, 1.0 / std::sqrt(kDim)));
-    auto pre_in = to_device_bf16(random_bf16_values(n, rng));
+    SCOPED_TRACE("rows " + std::to_string(sc.c.rows) + " hidden " + std::to_string(sc.c.hidden));
+    const FusedInputs in(sc.c, 2950 + sc.c.hidden + sc.c.rows);
     for (const auto schedule : {cuda::MlpSchedule::resident_a, cuda::MlpSchedule::streamed_operands}) {
-      std::vector<std::vector<float>> reference;  // pre, post, dpre with one run of all tiles
-      auto run = [&](int splits) {
-        auto pre = poisoned_buffer<bf16>(n), post = poisoned_buffer<bf16>(n), dpre = poisoned_buffer<bf16>(n);
-        cuda::mlp_fused_forward(a.data(), w.data(), pre.data(), post.data(), c.rows, kDim, c.hidden, c.slope, nullptr,
-                                schedule, splits);
-        cuda::mlp_fused_backward(a.data(), w.data(), pre_in.data(), dpre.data(), c.rows, kDim, c.hidden, c.slope,
-                                 nullptr, schedule, splits);
-        sync_device();
-        return std::vector<std::vector<float>>{from_device_bf16(pre), from_device_bf16(post), from_device_bf16(dpre)};
-      };
-      reference = run(1);
-      for (int splits : sc.splits) {
-        SCOPED_TRACE("splits " + std::to_string(splits));
-        const auto got = run(splits);
-        for (int i = 0; i < 3; ++i) {
-          size_t differing = 0, nonzero = 0;
-          for (size_t e = 0; e < n; ++e) {
-            differing += std::memcmp(&got[static_cast<size_t>(i)][e], &reference[static_cast<size_t>(i)][e], sizeof(float)) != 0;
-            nonzero += reference[static_cast<size_t>(i)][e] != 0.f;
-          }
-          EXPECT_EQ(differing, 0u) << (i == 0 ? "pre" : i == 1 ? "post" : "dpre") << " differs from one run of all tiles";
-          EXPECT_GT(nonzero, n / 3) << "output " << i << " mostly zeros: nothing meaningful compared";
-        }
-      }
+      const auto reference = fused_outputs(in, sc.c, schedule, 1);  // one run of all tiles
+      for (int splits : sc.splits)
+        expect_same_bits(fused_outputs(in, sc.c, schedule, splits), reference,
+                         "with " + std::to_string(splits) + " runs from one run of all tiles");
     }
   }
   auto a = to_device_bf16(std::vector<float>(64 * kDim, 0.f));
@@ -215,31 +229,9 @@ TEST(MlpGemmSplits, ChosenCountKeepsLargeBatchesWhole) {
 TEST_F(MlpGemmTest, StreamedOperandsScheduleIsBitIdenticalToResidentA) {
   for (const Case& c : {Case{300, 640, 0.5f}, Case{1000, 1536, 0.5f}, Case{256, 2048, 0.f}}) {
     SCOPED_TRACE("rows " + std::to_string(c.rows) + " hidden " + std::to_string(c.hidden));
-    Rng rng(2900 + c.hidden + c.rows);
-    const size_t n = static_cast<size_t>(c.rows) * c.hidden;
-    auto a = to_device_bf16(random_bf16_values(static_cast<size_t>(c.rows) * kDim, rng));
-    auto w = to_device_bf16(random_bf16_values(static_cast<size_t>(c.hidden) * kDim, rng, 1.0 / std::sqrt(kDim)));
-    auto pre_in = to_device_bf16(random_bf16_values(n, rng));
-    std::vector<std::vector<float>> outputs;  // per schedule: pre, post, dpre
-    for (const auto schedule : {cuda::MlpSchedule::streamed_operands, cuda::MlpSchedule::resident_a}) {
-      auto pre = poisoned_buffer<bf16>(n), post = poisoned_buffer<bf16>(n), dpre = poisoned_buffer<bf16>(n);
-      cuda::mlp_fused_forward(a.data(), w.data(), pre.data(), post.data(), c.rows, kDim, c.hidden, c.slope, nullptr,
-                              schedule);
-      // Backward with w read as Wproj [512, hidden] (the same elements, another matrix).
-      cuda::mlp_fused_backward(a.data(), w.data(), pre_in.data(), dpre.data(), c.rows, kDim, c.hidden, c.slope,
-                               nullptr, schedule);
-      sync_device();
-      for (auto* buffer : {&pre, &post, &dpre}) outputs.push_back(from_device_bf16(*buffer));
-    }
-    for (int i = 0; i < 3; ++i) {
-      size_t differing = 0, nonzero = 0;
-      for (size_t e = 0; e < n; ++e) {
-        differing += std::memcmp(&outputs[i][e], &outputs[3 + i][e], sizeof(float)) != 0;
-        nonzero += outputs[i][e] != 0.f;
-      }
-      EXPECT_EQ(differing, 0u) << (i == 0 ? "pre" : i == 1 ? "post" : "dpre") << " differs between the schedules";
-      EXPECT_GT(nonzero, n / 3) << "output " << i << " mostly zeros: nothing meaningful compared";
-    }
+    const FusedInputs in(c, 2900 + c.hidden + c.rows);
+    expect_same_bits(fused_outputs(in, c, cuda::MlpSchedule::streamed_operands, 1),
+                     fused_outputs(in, c, cuda::MlpSchedule::resident_a, 1), "between the schedules");
   }
 }
 
