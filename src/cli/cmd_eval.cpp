@@ -173,6 +173,13 @@ nlohmann::json outcome_json(const EvalOutcome& o) {
                       {"complete", o.complete},
                       {"note", o.note}};
   if (!o.legal) j["label"] = kNotLegalLabel;
+  if (!o.batches.empty()) {
+    nlohmann::json batches = nlohmann::json::array();
+    for (const BatchTiming& b : o.batches)
+      batches.push_back({{"index", b.index}, {"docs", b.docs}, {"calls", b.calls}, {"tokens", b.tokens},
+                         {"seconds", b.seconds}});
+    j["batches"] = batches;  // rank 0's
+  }
   return j;
 }
 

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "data/bpb.h"
 
@@ -12,6 +13,16 @@ namespace pgolf {
 // The label every output of a mode that trains on validation tokens before scoring them carries.
 inline constexpr const char* kNotLegalLabel =
     "NOT LEGAL (non-record: trains on validation tokens before scoring them)";
+
+// One LoRA TTT document batch as this rank ran it: the wall time from its first engine call being
+// queued to its last call's losses being collected (the calls overlap the host's work).
+struct BatchTiming {
+  int64_t index = 0;   // position in the queue
+  int64_t docs = 0;    // rows
+  int64_t calls = 0;   // engine calls (chunk indices, plus extra steps)
+  int64_t tokens = 0;  // positions forwarded: Σ rows · width over the calls
+  double seconds = 0.0;
+};
 
 struct EvalOutcome {
   std::string mode;            // flat | sliding | ttt-sgd | ttt-adamw | ttt-lora | ttt-phased (+ -pre-eval)
@@ -23,6 +34,7 @@ struct EvalOutcome {
   bool legal = true;           // false: trained on validation tokens before scoring them
   bool complete = true;        // false: a wall-clock cap stopped it before every document was scored
   std::string note;            // one line of mode details for the log (rule, stride, chunks, ...)
+  std::vector<BatchTiming> batches;  // LoRA modes: this rank's document batches, in the order it ran them
 
   double val_loss() const { return sums.val_loss(); }
   double val_bpb() const { return sums.val_bpb(); }

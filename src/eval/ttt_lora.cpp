@@ -65,6 +65,7 @@ class LoraQueue {
   // Queue batch `index` (documents `ids`): fresh adapters, then score-and-train chunk by chunk.
   void run_batch(int64_t index, std::span<const int64_t> ids);
   double score_seconds = 0.0, train_seconds = 0.0;
+  std::vector<BatchTiming> timings;
 
  private:
   struct Span {
@@ -120,6 +121,7 @@ void LoraQueue::run_batch(int64_t index, std::span<const int64_t> batch_ids) {
   const PendingCalls drain(engine_);
   const auto t_batch = EvalClock::now();
   double extra_seconds = 0.0;
+  BatchTiming timing{index, rows, 0, 0, 0.0};
   for (int64_t ci = 0; ci < max_chunks; ++ci) {
     Call& call = calls[ci % 2];
     std::vector<Span>& scored = call.scored;
@@ -170,6 +172,8 @@ void LoraQueue::run_batch(int64_t index, std::span<const int64_t> batch_ids) {
     call.width = width;
     call.tokens = batch.tokens();
     engine_.submit_lora(batch, weights);
+    ++timing.calls;
+    timing.tokens += call.tokens;
     if (waiting >= 0) finish(calls[waiting]);
     waiting = static_cast<int>(ci % 2);
     if (o_.grad_steps == 1 || trained.empty()) continue;
@@ -179,12 +183,16 @@ void LoraQueue::run_batch(int64_t index, std::span<const int64_t> batch_ids) {
     for (int64_t g = 1; g < o_.grad_steps; ++g) {
       for (const Span& s : trained) ledger_.require_trainable({s.first_target, s.len});
       engine_.lora_train_step(batch, weights);
+      ++timing.calls;
+      timing.tokens += batch.tokens();
     }
     extra_seconds += seconds_since(t1);
   }
   if (waiting >= 0) finish(calls[waiting]);
   train_seconds += extra_seconds;
-  score_seconds += seconds_since(t_batch) - extra_seconds;
+  timing.seconds = seconds_since(t_batch);
+  score_seconds += timing.seconds - extra_seconds;
+  timings.push_back(timing);
 }
 
 }  // namespace
@@ -229,6 +237,7 @@ EvalOutcome evaluate_ttt_lora(Engine& engine, Communicator& comm, std::span<cons
     }
     out.score_seconds = lora.score_seconds;
     out.train_seconds += lora.train_seconds;
+    out.batches = std::move(lora.timings);
   }
   out.sums = ledger.global_sums(comm);
   out.complete = out.tokens() == out.stream_targets;

@@ -203,6 +203,30 @@ TEST(EvalModes, LoraActiveRowsScoreAsAllRows) {
   EXPECT_EQ(active.outcome.bytes(), all.outcome.bytes());
   expect_rel_near(active.outcome.sums.loss_sum, all.outcome.sums.loss_sum, 1e-6, "active rows");
   EXPECT_LT(active.lora_tokens, all.lora_tokens * 9 / 10) << active.lora_tokens << " vs " << all.lora_tokens;  // 2,320 vs 2,784
+  // The per-batch timings account for every document, call and forwarded position.
+  for (const ModeRun* r : {&all, &active}) {
+    const std::vector<BatchTiming>& b = r->outcome.batches;
+    ASSERT_FALSE(b.empty());
+    int64_t docs = 0, tokens = 0, calls = 0;
+    for (size_t k = 0; k < b.size(); ++k) {
+      EXPECT_EQ(b[k].index, static_cast<int64_t>(k));
+      EXPECT_GT(b[k].seconds, 0.0);
+      docs += b[k].docs, tokens += b[k].tokens, calls += b[k].calls;
+    }
+    EXPECT_EQ(docs, static_cast<int64_t>(find_documents(stream(), kEvalBos).size()));
+    EXPECT_EQ(tokens, r->lora_tokens);
+    // Per batch: one call per chunk index of its longest document, and ttt_grad_steps - 1 extra steps
+    // at every chunk index but the last (some document trains on it).
+    const std::vector<Document> found = find_documents(stream(), kEvalBos);
+    int64_t expected_calls = 0;
+    for (const auto& batch : plan_doc_batches(found, c.get_int("ttt_batch_size"))) {
+      int64_t most = 0;
+      for (int64_t id : batch)
+        most = std::max(most, num_doc_chunks(found[static_cast<size_t>(id)].pred_len(), c.get_int("ttt_chunk_size")));
+      expected_calls += most + (most - 1) * (c.get_int("ttt_grad_steps") - 1);
+    }
+    EXPECT_EQ(calls, expected_calls);
+  }
 }
 
 // The wall-clock cap stops handing out document batches; what is left is reported unscored.
