@@ -41,18 +41,28 @@ ChunkWindow doc_chunk_window(int64_t ci, int64_t pred_len, int64_t chunk, int64_
   return w;
 }
 
-std::vector<std::vector<int64_t>> plan_doc_batches(std::span<const Document> docs, int64_t batch_size) {
+BatchCut parse_batch_cut(const std::string& name) {
+  if (name == "shortest") return BatchCut::Shortest;
+  if (name == "longest") return BatchCut::Longest;
+  fail("ttt_batch_cut = \"{}\": expected shortest or longest", name);
+}
+
+std::vector<std::vector<int64_t>> plan_doc_batches(std::span<const Document> docs, int64_t batch_size, BatchCut cut) {
   PG_CHECK(batch_size > 0, "ttt_batch_size = {} must be positive", batch_size);
   std::vector<int64_t> order(docs.size());
   std::iota(order.begin(), order.end(), int64_t{0});
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return docs[static_cast<size_t>(a)].len < docs[static_cast<size_t>(b)].len; });
+  const size_t n = order.size(), size = static_cast<size_t>(batch_size);
+  // Batch boundaries in `order`: multiples of the size from the cut's end.
+  const size_t first = cut == BatchCut::Shortest ? 0 : n % size;
   std::vector<std::vector<int64_t>> batches;
-  for (size_t i = 0; i < order.size(); i += static_cast<size_t>(batch_size)) {
-    const size_t end = std::min(order.size(), i + static_cast<size_t>(batch_size));
+  for (size_t i = 0; i < n;) {
+    const size_t end = i < first ? first : std::min(n, i + size);
     batches.emplace_back(order.begin() + static_cast<std::ptrdiff_t>(i), order.begin() + static_cast<std::ptrdiff_t>(end));
+    i = end;
   }
-  // Cut from the shortest end, the batches' maximum lengths ascend: hand them out in reverse.
+  // The batches' maximum lengths ascend: hand them out in reverse.
   std::reverse(batches.begin(), batches.end());
   return batches;
 }

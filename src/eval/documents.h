@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 namespace pgolf {
@@ -33,10 +34,21 @@ struct ChunkWindow {
 int64_t num_doc_chunks(int64_t pred_len, int64_t chunk);  // ⌈pred_len / C⌉
 ChunkWindow doc_chunk_window(int64_t ci, int64_t pred_len, int64_t chunk, int64_t ctx);
 
-// The LoRA TTT work queue (#1530/S1560): documents sorted by length (ascending, stable), cut into
-// batches of `batch_size`, the batches handed out longest first (descending max length). Entry j of
-// the result is the j-th batch handed out: its document indices, shortest first.
-std::vector<std::vector<int64_t>> plan_doc_batches(std::span<const Document> docs, int64_t batch_size);
+// Which end of the length order the LoRA TTT batches are cut from, and so which batch is partial.
+//  - Shortest (#1530/S1560): cut from the shortest document up; the partial batch holds the longest.
+//  - Longest (ttt_batch_cut = longest, the default): cut from the longest document down; the partial
+//    batch holds the shortest. Each document's computation is the same either way (own adapters and
+//    moments, lock-step chunks, no coupling between rows); only the grouping, and so the adapters'
+//    draws, differ. The longest documents no longer run alone: a batch takes as many engine calls as
+//    its longest document has chunks, so this saves the calls of the reference's second batch.
+enum class BatchCut { Shortest, Longest };
+BatchCut parse_batch_cut(const std::string& name);  // "shortest" | "longest"
+
+// The LoRA TTT work queue: documents sorted by length (stable), cut into batches of `batch_size` from
+// the end `cut` names, the batches handed out longest first (descending max length). Entry j of the
+// result is the j-th batch handed out: its document indices, shortest first.
+std::vector<std::vector<int64_t>> plan_doc_batches(std::span<const Document> docs, int64_t batch_size,
+                                                   BatchCut cut);
 
 // Phased TTT (#1610 one phase, #1626 several): phase k (0-based) trains on the first
 // P_k = ⌊P·(k+1)/phases⌋ documents of the queue order; its scoring ends after the batch holding

@@ -23,6 +23,7 @@ LoraTttOptions LoraTttOptions::from_config(const Config& c, int bos_id, bool pha
   o.chunk = c.get_int("ttt_chunk_size");
   o.context = c.get_int("ttt_eval_seq_len");
   o.batch_size = c.get_int("ttt_batch_size");
+  o.batch_cut = parse_batch_cut(c.get_string("ttt_batch_cut"));
   o.grad_steps = c.get_int("ttt_grad_steps");
   o.max_seconds = c.get_double("ttt_max_seconds");
   o.active_rows = c.get_bool("ttt_lora_active_rows");
@@ -204,7 +205,7 @@ EvalOutcome evaluate_ttt_lora(Engine& engine, Communicator& comm, std::span<cons
   out.mode = o.phases > 0 ? "ttt-phased" : "ttt-lora";
   out.stream_targets = static_cast<int64_t>(tokens.size()) - 1;
   const std::vector<Document> docs = find_documents(tokens, o.bos_id);
-  const auto queue = plan_doc_batches(docs, o.batch_size);
+  const auto queue = plan_doc_batches(docs, o.batch_size, o.batch_cut);
   const std::vector<PhaseBoundary> phases =
       o.phases > 0 ? plan_phases(o.prefix_docs, o.phases, queue) : std::vector<PhaseBoundary>{};
   ScoringLedger ledger(tokens, tables, ScoringLedger::Policy::ScoreFirst, observer);

@@ -24,6 +24,7 @@
 #include <span>
 
 #include "core/config.h"
+#include "eval/documents.h"
 #include "eval/ledger.h"
 #include "eval/result.h"
 #include "eval/ttt_phased.h"
@@ -38,6 +39,7 @@ struct LoraTttOptions {
   int64_t chunk = 256;      // ttt_chunk_size
   int64_t context = 1024;   // ttt_eval_seq_len
   int64_t batch_size = 64;  // documents per batch
+  BatchCut batch_cut = BatchCut::Longest;  // ttt_batch_cut
   int64_t grad_steps = 1;   // optimizer steps per chunk
   double max_seconds = 0.0; // 0 = no cap
   bool active_rows = true;  // forward only the documents with chunks left (false: every row, as the references)

@@ -159,7 +159,7 @@ TEST(DocumentCounts, PrefixDocumentsCoverTheStreamOnce) {
 TEST(DocumentCounts, QueueIsLongestFirstAndPhasesCutIt) {
   const Prefix p = load_prefix(0);
   const std::vector<Document> docs = find_documents(p.tokens, p.bos);
-  const auto queue = plan_doc_batches(docs, 64);
+  const auto queue = plan_doc_batches(docs, 64, BatchCut::Shortest);
   ASSERT_EQ(queue.size(), (docs.size() + 63) / 64);  // 15 batches, the first (longest) one partial
   EXPECT_EQ(queue.front().size(), docs.size() % 64);
   int64_t prev_max = INT64_MAX, total = 0;
@@ -189,6 +189,46 @@ TEST(DocumentCounts, QueueIsLongestFirstAndPhasesCutIt) {
     EXPECT_LT(before, ph.docs);
     EXPECT_GE(through, ph.docs);
   }
+}
+
+// Cut from the longest document down, the queue's first batch is full and its last holds the
+// remainder, the shortest documents; every document is in one batch, and the batches still go out
+// longest first. On this prefix that is 811 engine calls instead of 1,031 at chunks of 48.
+TEST(DocumentCounts, LongestCutFillsTheLongestBatch) {
+  const Prefix p = load_prefix(0);
+  const std::vector<Document> docs = find_documents(p.tokens, p.bos);
+  const auto shortest = plan_doc_batches(docs, 64, BatchCut::Shortest);
+  const auto longest = plan_doc_batches(docs, 64, BatchCut::Longest);
+  ASSERT_EQ(longest.size(), shortest.size());
+  EXPECT_EQ(longest.front().size(), 64u);
+  EXPECT_EQ(longest.back().size(), docs.size() % 64);
+  std::vector<int> seen(docs.size(), 0);
+  int64_t prev_max = INT64_MAX;
+  for (const auto& batch : longest) {
+    int64_t mx = 0;
+    for (int64_t id : batch) {
+      ++seen[static_cast<size_t>(id)];
+      mx = std::max(mx, docs[static_cast<size_t>(id)].len);
+    }
+    ASSERT_LE(mx, prev_max);
+    prev_max = mx;
+  }
+  for (int s : seen) ASSERT_EQ(s, 1);
+  // Every document of a later batch is no longer than any of an earlier one.
+  for (size_t b = 1; b < longest.size(); ++b)
+    EXPECT_LE(docs[static_cast<size_t>(longest[b].back())].len, docs[static_cast<size_t>(longest[b - 1].front())].len);
+  const auto calls = [&](const std::vector<std::vector<int64_t>>& queue) {
+    int64_t total = 0;
+    for (const auto& batch : queue) {
+      int64_t most = 0;
+      for (int64_t id : batch) most = std::max(most, num_doc_chunks(docs[static_cast<size_t>(id)].pred_len(), 48));
+      total += most;
+    }
+    return total;
+  };
+  EXPECT_EQ(calls(shortest), 1031);
+  EXPECT_EQ(calls(longest), 811);
+  EXPECT_THROW(parse_batch_cut("middle"), std::exception);
 }
 
 TEST(DocumentCounts, ChunkWindowsOfTheReference) {

@@ -219,13 +219,37 @@ TEST(EvalModes, LoraActiveRowsScoreAsAllRows) {
     // at every chunk index but the last (some document trains on it).
     const std::vector<Document> found = find_documents(stream(), kEvalBos);
     int64_t expected_calls = 0;
-    for (const auto& batch : plan_doc_batches(found, c.get_int("ttt_batch_size"))) {
+    for (const auto& batch : plan_doc_batches(found, c.get_int("ttt_batch_size"), parse_batch_cut(c.get_string("ttt_batch_cut")))) {
       int64_t most = 0;
       for (int64_t id : batch)
         most = std::max(most, num_doc_chunks(found[static_cast<size_t>(id)].pred_len(), c.get_int("ttt_chunk_size")));
       expected_calls += most + (most - 1) * (c.get_int("ttt_grad_steps") - 1);
     }
     EXPECT_EQ(calls, expected_calls);
+  }
+}
+
+// The batch cut only groups documents differently: with a learning rate of zero (B = 0 keeps every
+// adapter's output 0) both cuts score the same up to fp32 rounding of batches of another width; with
+// learning, as legally and close.
+TEST(EvalModes, LoraBatchCutsScoreTheSameDocuments) {
+  Config c = eval_test_config();
+  c.set("ttt_batch_size", int64_t{4});
+  for (const double lr : {0.0, 0.01}) {
+    c.set("ttt_lora_lr", lr);
+    c.set("ttt_batch_cut", std::string("shortest"));
+    const ModeRun shortest = run_mode("ttt-lora", c);
+    c.set("ttt_batch_cut", std::string("longest"));
+    const ModeRun longest = run_mode("ttt-lora", c);
+    ASSERT_TRUE(shortest.outcome.complete && longest.outcome.complete);
+    EXPECT_TRUE(shortest.outcome.legal && longest.outcome.legal);
+    EXPECT_EQ(longest.outcome.tokens(), shortest.outcome.tokens());
+    EXPECT_EQ(longest.outcome.bytes(), shortest.outcome.bytes());
+    EXPECT_NE(longest.outcome.batches.front().docs, shortest.outcome.batches.front().docs);
+    if (lr == 0.0)
+      expect_rel_near(longest.outcome.sums.loss_sum, shortest.outcome.sums.loss_sum, 1e-8, "lr 0");
+    else
+      expect_rel_near(longest.outcome.sums.loss_sum, shortest.outcome.sums.loss_sum, 1e-2, "lr 0.01");
   }
 }
 
