@@ -189,6 +189,11 @@ void run_bench(const BenchOptions& o) {
                                {"ms_per_step", idle.pairs[i].total_ms / reps},
                                {"max_us", idle.pairs[i].max_us},
                                {"count_per_step", static_cast<double>(idle.pairs[i].count) / reps}});
+        for (const cuda::IdleGap& g : idle.categories)
+          j["idle_by_category"].push_back({{"before", g.before},
+                                           {"after", g.after},
+                                           {"ms_per_step", g.total_ms / reps},
+                                           {"count_per_step", static_cast<double>(g.count) / reps}});
       } else {
         profile_note = profile.why();
         j["profile_unavailable"] = profile_note;

@@ -94,6 +94,13 @@ struct ModeProfile {
       j["idle"].push_back({{"before", g.before}, {"after", g.after}, {"ms", g.total_ms}, {"count", g.count}});
       if (print) fmt::print("    {:9.1f} ms {:8d}  {} -> {}\n", g.total_ms, g.count, g.before, g.after);
     }
+    if (print) fmt::print("  by kind of work (gemm, attention, other kernels, copies):\n");
+    for (const cuda::IdleGap& g : idle.categories) {
+      j["idle_by_category"].push_back({{"before", g.before}, {"after", g.after}, {"ms", g.total_ms}, {"count", g.count}});
+      if (print)
+        fmt::print("    {:9.1f} ms {:8d}  {:.2f} us each  {} -> {}\n", g.total_ms, g.count,
+                   1e3 * g.total_ms / static_cast<double>(g.count), g.before, g.after);
+    }
     if (engine) {
       const cuda::CudaEngine::HostCounters now = engine->host_counters();
       const long eager = now.graphs.eager - before.graphs.eager, captured = now.graphs.captured - before.graphs.captured,

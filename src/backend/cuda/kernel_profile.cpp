@@ -74,13 +74,24 @@ IdleSummary idle_of(std::vector<Interval> v) {
     }
     if (v[i].end >= busy_end) busy_end = v[i].end, last = &v[i].name;
   }
+  std::map<std::pair<std::string, std::string>, IdleGap> by_category;
   for (auto& [key, g] : by_pair) {
     g.before = key.first;
     g.after = key.second;
     out.pairs.push_back(g);
+    IdleGap& c = by_category[{kernel_category(key.first), kernel_category(key.second)}];
+    c.total_ms += g.total_ms;
+    c.max_us = std::max(c.max_us, g.max_us);
+    c.count += g.count;
   }
-  std::sort(out.pairs.begin(), out.pairs.end(),
-            [](const IdleGap& a, const IdleGap& b) { return a.total_ms > b.total_ms; });
+  for (auto& [key, g] : by_category) {
+    g.before = key.first;
+    g.after = key.second;
+    out.categories.push_back(g);
+  }
+  const auto largest = [](const IdleGap& a, const IdleGap& b) { return a.total_ms > b.total_ms; };
+  std::sort(out.pairs.begin(), out.pairs.end(), largest);
+  std::sort(out.categories.begin(), out.categories.end(), largest);
   return out;
 }
 
@@ -198,6 +209,7 @@ std::vector<KernelTime> KernelProfile::stop() {
 }
 
 const char* kernel_category(const std::string& name) {
+  if (name.rfind("memcpy", 0) == 0 || name == "memset") return "copy";
   for (const char* gemm : {"nvjet", "gemm", "Gemm", "cutlass", "xmma", "gemv"})
     if (name.find(gemm) != std::string::npos) return "gemm";
   if (name.find("attention") != std::string::npos) return "attention";

@@ -27,11 +27,12 @@ struct IdleSummary {
   double total_ms = 0.0;      // time between the first start and the last end with nothing running
   long gaps = 0;              // how many stretches
   std::vector<IdleGap> pairs;  // by pair, largest total first
+  std::vector<IdleGap> categories;  // the same by the pair's kernel_category, largest total first
 };
 
 // The kind of work a kernel does, from its name: "gemm" (cuBLAS/cuBLASLt and the Newton–Schulz
 // products), "attention" (the flash kernels and their prepare/finish passes) or "other" (row,
-// elementwise, loss, optimizer and copy kernels).
+// elementwise, loss, optimizer and copy kernels); "copy" for the memcpy and memset records.
 const char* kernel_category(const std::string& name);
 
 class KernelProfile {
