@@ -67,7 +67,6 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   m.bf16_norm_grads = c.get_bool("cuda_bf16_norm_grads");
   // Process-wide (launch.cuh), set here so that it holds before the model's first launch.
   set_programmatic_launch(c.get_bool("cuda_pdl"));
-  set_row_kernel_carveout(static_cast<int>(c.get_int("cuda_row_carveout")));
   set_row_staging(c.get_bool("cuda_row_staging"));
   set_gemm_autotune(c.get_bool("cuda_gemm_autotune"));
   return m;

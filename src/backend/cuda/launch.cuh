@@ -17,14 +17,6 @@ namespace pgolf::cuda {
 void set_programmatic_launch(bool on);
 bool programmatic_launch();
 
-// Process-wide: the shared-memory carveout (percent of the unified L1/shared storage) preferred by the
-// kernels launch_kernel launches; -1 (the default) leaves it to the driver. The flash attention, fused
-// MLP and cuBLAS kernels between them run with the largest carveout; a row kernel that asks for another
-// one makes the SM change its configuration first.
-void set_row_kernel_carveout(int percent);
-// Applies the carveout to `kernel` at its first launch (once per kernel).
-void prepare_launch(const void* kernel);
-
 __device__ __forceinline__ void pdl_prologue() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -45,7 +37,6 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   config.stream = stream;
   config.attrs = &attribute;
   config.numAttrs = programmatic_launch() ? 1 : 0;
-  prepare_launch(reinterpret_cast<const void*>(kernel));
   PG_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
