@@ -65,6 +65,7 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   m.mlp_fused = mlp == "fused";
   m.fold_dq_finish = c.get_bool("attention_dq_fold");
   m.bf16_norm_grads = c.get_bool("cuda_bf16_norm_grads");
+  m.lora_side_stream = c.get_bool("cuda_lora_side_stream");
   // Process-wide (launch.cuh), set here so that it holds before the model's first launch.
   set_programmatic_launch(c.get_bool("cuda_pdl"));
   set_row_staging(c.get_bool("cuda_row_staging"));

@@ -138,6 +138,7 @@ NormGrad GpuModel::Impl::backward_attention(int v) {
   lora_backward(LoraTarget::V, v, bw.dqkv + qd + kvd, qkv_w, b.n, bw.dn);
   lora_backward(LoraTarget::O, v, bw.da, d, b.n, bw.dn);
   lora_group_backward(v, b.n, bw.dn);
+  side_join();  // the side read dqkv, d a and the LoRA scratch, which the layer below rewrites
   return dn;
 }
 
@@ -175,6 +176,7 @@ NormGrad GpuModel::Impl::backward_mlp(int v) {
   const NormGrad dm =
       norm_grad_dx(bw.dpost, hid, W16(p.w16_fc), n, d, hid, bw.dm, !has_lora(LoraTarget::Mlp, v));
   lora_backward(LoraTarget::Mlp, v, bw.df, d, b.m, bw.dm);
+  side_join();  // the side read d f and the LoRA scratch
   return dm;
 }
 

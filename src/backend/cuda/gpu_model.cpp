@@ -69,6 +69,7 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
   mlp_fused = options.mlp_fused && mlp_fused_supported(d, hid);
   fold_dq_finish = options.fold_dq_finish && Dh == kAttentionHeadDim && !deterministic;
   bf16_norm_grads = options.bf16_norm_grads;
+  lora_side_stream = options.lora_side_stream;
   gate_ld = static_cast<int>(round_up(H, 8));
   PG_CHECK(max_tokens > 0, "GpuModel: max_tokens must be positive, got {}", max_tokens);
   PG_CHECK(!(m.branch_gates && m.parallel_start_layer > 0),
@@ -176,6 +177,9 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
 }
 
 GpuModel::Impl::~Impl() {
+  if (side.fork) cudaEventDestroy(side.fork);
+  if (side.join) cudaEventDestroy(side.join);
+  if (side.stream) cudaStreamDestroy(side.stream);
   if (staging.free) cudaEventDestroy(staging.free);
   if (staging.weights_free) cudaEventDestroy(staging.weights_free);
   if (staging.ids) cudaFreeHost(staging.ids);
@@ -475,6 +479,19 @@ void GpuModel::Impl::lora_group_hidden(int slot, const bf16* x) {
   l.group_input[static_cast<size_t>(slot)] = x;
 }
 
+void GpuModel::Impl::side_fork() {
+  PG_CUDA_CHECK(cudaEventRecord(side.fork, stream));
+  PG_CUDA_CHECK(cudaStreamWaitEvent(side.stream, side.fork, 0));
+  side.open = true;
+}
+
+void GpuModel::Impl::side_join() {
+  if (!side.open) return;
+  PG_CUDA_CHECK(cudaEventRecord(side.join, side.stream));
+  PG_CUDA_CHECK(cudaStreamWaitEvent(stream, side.join, 0));
+  side.open = false;
+}
+
 void GpuModel::Impl::lora_backward(LoraTarget target, int slot, const bf16* dy, int64_t dy_ld, const bf16* x,
                                    float* dx, int64_t row_tokens) {
   if (!lora) return;
@@ -485,16 +502,27 @@ void GpuModel::Impl::lora_backward(LoraTarget target, int slot, const bf16* dy, 
   s.accumulate = !l.overwrite_grads;
   const bf16* A = l.params16.data() + ad->a_offset;
   const bf16* B16 = l.params16.data() + ad->b_offset;
+  const bf16* h = l.hidden_of(target, slot);
   float* dA = l.grads.data() + ad->a_offset;
   float* dB = l.grads.data() + ad->b_offset;
+  const bool side_grads = side_ready();
+  if (side_grads) {  // dB on the side once dy is there; the dh and dx products stay on the stream
+    side_fork();
+    cuda::lora_grad_b(*side.gemm, dy, h, dB, s, side.stream);
+  }
   if (ad->group_size > 1) {  // d h into the group's scratch columns; lora_group_backward does the rest
     PG_CHECK(x == l.group_input[static_cast<size_t>(slot)] && row_tokens <= 0,
              "GpuModel: a grouped LoRA adapter of layer {} differentiated at another input than its group's", slot);
-    cuda::lora_backward_out(gemm, dy, B16, l.hidden_of(target, slot), l.dh.data() + ad->group_index * l.config.rank,
-                            dB, s, stream);
-  } else {
-    cuda::lora_backward(gemm, dy, x, A, B16, l.hidden_of(target, slot), l.dh.data(), dx, dA, dB, s, stream);
+    cuda::lora_backward_out(gemm, dy, B16, h, l.dh.data() + ad->group_index * l.config.rank, side_grads ? nullptr : dB,
+                            s, stream);
+    return;
   }
+  cuda::lora_backward_out(gemm, dy, B16, h, l.dh.data(), side_grads ? nullptr : dB, s, stream);
+  if (side_grads) {  // dA once dh is there
+    side_fork();
+    cuda::lora_grad_a(*side.gemm, l.dh.data(), x, dA, s, side.stream);
+  }
+  cuda::lora_backward_in(gemm, l.dh.data(), x, A, side_grads ? nullptr : dA, dx, s, stream);
 }
 
 void GpuModel::Impl::lora_group_backward(int slot, const bf16* x, float* dx) {
@@ -506,8 +534,14 @@ void GpuModel::Impl::lora_group_backward(int slot, const bf16* x, float* dx) {
            "GpuModel: the LoRA group of layer {} differentiated at another input than its forward's", slot);
   LoraGemmShape s = lora_shape(*lead, l.config.rank, B, T, 0, /*whole_group=*/true);
   s.accumulate = !l.overwrite_grads;
-  cuda::lora_backward_in(gemm, l.dh.data(), x, l.params16.data() + lead->a_offset, l.grads.data() + lead->a_offset,
-                         dx, s, stream);
+  float* dA = l.grads.data() + lead->a_offset;
+  const bool side_grads = side_ready();
+  if (side_grads) {  // the group's dA once every member's dh is there
+    side_fork();
+    cuda::lora_grad_a(*side.gemm, l.dh.data(), x, dA, s, side.stream);
+  }
+  cuda::lora_backward_in(gemm, l.dh.data(), x, l.params16.data() + lead->a_offset, side_grads ? nullptr : dA, dx, s,
+                         stream);
 }
 
 void GpuModel::Impl::embedding_grad(const int32_t* ids, const float* dout, int dim, float* dtable, int table_rows) {
@@ -813,6 +847,7 @@ void GpuModel::Impl::backward(const float* weights_device) {
   const NormGrad dh = norm_grad_dx(io.logits, V, W16(gp.w16_tok_emb), static_cast<int>(R), d, V, bw.dn,
                                     !has_lora(LoraTarget::Head, 0));
   lora_backward(LoraTarget::Head, 0, io.logits, V, io.h, bw.dn, head_selected ? selection.tail : 0);
+  side_join();  // the head's dB and dA read dz (the logits) and the LoRA scratch
   // Through the final norm; with lanes each lane gets half of the mean's gradient. Selected rows: their
   // gradients (in dx0's space, cleared below) put in their places, zeros elsewhere.
   if (head_selected) {
@@ -893,7 +928,16 @@ void GpuModel::set_looping(bool on) {
   impl_->build_plan();
 }
 void GpuModel::set_frozen_base(bool on) { impl_->frozen = on; }
-void GpuModel::set_lora(GpuLora* adapters) { impl_->lora = adapters; }
+void GpuModel::set_lora(GpuLora* adapters) {
+  Impl& m = *impl_;
+  m.lora = adapters;
+  if (adapters && m.lora_side_stream && !m.side_ready()) {
+    PG_CUDA_CHECK(cudaStreamCreateWithFlags(&m.side.stream, cudaStreamNonBlocking));
+    PG_CUDA_CHECK(cudaEventCreateWithFlags(&m.side.fork, cudaEventDisableTiming));
+    PG_CUDA_CHECK(cudaEventCreateWithFlags(&m.side.join, cudaEventDisableTiming));
+    m.side.gemm = std::make_unique<GemmRunner>();
+  }
+}
 int GpuModel::num_virtual_layers() const { return static_cast<int>(impl_->order.size()); }
 int64_t GpuModel::selected_rows() const {
   return impl_->runs_selected_rows() || impl_->selects_head_rows() ? impl_->selection.rows : 0;

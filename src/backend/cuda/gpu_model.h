@@ -49,6 +49,10 @@ struct GpuModelOptions {
   // A norm's input gradient stored bf16 where one GEMM writes it alone (norm_grad.h: the references'
   // autocast precision, half the bytes); false keeps every norm gradient fp32.
   bool bf16_norm_grads = true;
+  // LoRA's weight-gradient products (dA, dB) on a second stream, a branch of the captured graph that
+  // joins the backward at the end of each attention, MLP and head part: off the backward's chain of
+  // dependent launches. The same products, so the same bits.
+  bool lora_side_stream = true;
 };
 
 class GpuModel {

@@ -66,6 +66,7 @@ struct GpuModel::Impl {
   bool mlp_fused = false;      // the fused MLP kernels serve this model (options, shape and device)
   bool fold_dq_finish = false;  // qk_norm_rope_backward reads attention's fp32 dQ sum (options, head dim, mode)
   bool bf16_norm_grads = true;  // norm gradients stored bf16 where one GEMM writes them alone (options)
+  bool lora_side_stream = true;  // LoRA weight gradients on `side` (options)
   int d = 0, qd = 0, kvd = 0, hid = 0, V = 0, H = 0, Hkv = 0, Dh = 0;
   int qkv_w = 0;    // columns of the fused projection output: q_dim + 2·kv_dim
   int gate_ld = 0;  // row stride of the gated-attention logits (H rounded up to 8)
@@ -286,6 +287,18 @@ struct GpuModel::Impl {
   // The group's h = x·[A_q; A_k; …]ᵀ in one product; and its dA, dx += d h·[A_q; A_k; …] in one each.
   void lora_group_hidden(int slot, const bf16* x);
   void lora_group_backward(int slot, const bf16* x, float* dx);
+  // The side stream of the LoRA weight-gradient products: side_fork() makes it wait for the work queued on
+  // `stream` so far (opening a branch), side_join() makes `stream` wait for the side's work (a no-op with
+  // no branch open). Every buffer the side reads stays unchanged until the join at the end of its part.
+  struct {
+    cudaStream_t stream = nullptr;
+    cudaEvent_t fork = nullptr, join = nullptr;
+    std::unique_ptr<GemmRunner> gemm;  // its own cuBLASLt workspace
+    bool open = false;
+  } side;
+  bool side_ready() const { return side.stream != nullptr; }
+  void side_fork();
+  void side_join();
   // Whether an adapter is attached to target in slot (its lora_backward then adds to dx).
   bool has_lora(LoraTarget target, int slot) const { return lora && lora->impl().find(target, slot); }
   AttentionShape attention_shape() const;

@@ -160,31 +160,43 @@ void lora_forward(GemmRunner& gemm, const __nv_bfloat16* x, const __nv_bfloat16*
   lora_apply(gemm, h, B, y, s, stream);
 }
 
+void lora_grad_b(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* h, float* dB,
+                 const LoraGemmShape& s, cudaStream_t stream) {
+  check_shape(s);
+  const int64_t y_ld = ld_or(s.y_ld, s.out), h_ld = ld_or(s.h_ld, s.rank), T = s.seq_len, r = s.rank;
+  // dB_b [out, r] += dy_bᵀ [out, T] · h_b [T, r]
+  run_batched(gemm, s.out, s.rank, s.seq_len, true, false, s.rows, {dy, y_ld, T * y_ld}, {h, h_ld, T * h_ld}, dB, r,
+              int64_t{s.out} * r, GemmOutput::kF32, s.accumulate ? 1.f : 0.f, stream);
+}
+
+void lora_grad_a(GemmRunner& gemm, const __nv_bfloat16* dh, const __nv_bfloat16* x, float* dA,
+                 const LoraGemmShape& s, cudaStream_t stream) {
+  check_shape(s);
+  const int64_t x_ld = ld_or(s.x_ld, s.in), h_ld = ld_or(s.h_ld, s.rank), T = s.seq_len;
+  // dA_b [r, in] += dh_bᵀ [r, T] · x_b [T, in]
+  run_batched(gemm, s.rank, s.in, s.seq_len, true, false, s.rows, {dh, h_ld, T * h_ld}, {x, x_ld, T * x_ld}, dA, s.in,
+              a_stride(s), GemmOutput::kF32, s.accumulate ? 1.f : 0.f, stream);
+}
+
 void lora_backward_out(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* B, const __nv_bfloat16* h,
                        __nv_bfloat16* dh, float* dB, const LoraGemmShape& s, cudaStream_t stream) {
   check_shape(s);
+  if (dB) lora_grad_b(gemm, dy, h, dB, s, stream);
   const int64_t y_ld = ld_or(s.y_ld, s.out), h_ld = ld_or(s.h_ld, s.rank), T = s.seq_len, r = s.rank;
-  const Operand dy_rows{dy, y_ld, T * y_ld};
-  // dB_b [out, r] += dy_bᵀ [out, T] · h_b [T, r]
-  run_batched(gemm, s.out, s.rank, s.seq_len, true, false, s.rows, dy_rows, {h, h_ld, T * h_ld}, dB, r,
-              int64_t{s.out} * r, GemmOutput::kF32, s.accumulate ? 1.f : 0.f, stream);
   // dh_b [T, r] = dy_b [T, out] · B_b [out, r]
-  run_batched(gemm, s.seq_len, s.rank, s.out, false, false, s.rows, dy_rows, {B, r, int64_t{s.out} * r}, dh, h_ld,
-              T * h_ld, GemmOutput::kBf16, 0.f, stream);
+  run_batched(gemm, s.seq_len, s.rank, s.out, false, false, s.rows, {dy, y_ld, T * y_ld}, {B, r, int64_t{s.out} * r},
+              dh, h_ld, T * h_ld, GemmOutput::kBf16, 0.f, stream);
 }
 
 void lora_backward_in(GemmRunner& gemm, const __nv_bfloat16* dh, const __nv_bfloat16* x, const __nv_bfloat16* A,
                       float* dA, float* dx, const LoraGemmShape& s, cudaStream_t stream) {
   check_shape(s);
-  const int64_t x_ld = ld_or(s.x_ld, s.in), h_ld = ld_or(s.h_ld, s.rank), T = s.seq_len;
-  const Operand dh_rows{dh, h_ld, T * h_ld};
-  // dA_b [r, in] += dh_bᵀ [r, T] · x_b [T, in]
-  run_batched(gemm, s.rank, s.in, s.seq_len, true, false, s.rows, dh_rows, {x, x_ld, T * x_ld}, dA, s.in, a_stride(s),
-              GemmOutput::kF32, s.accumulate ? 1.f : 0.f, stream);
+  if (dA) lora_grad_a(gemm, dh, x, dA, s, stream);
   if (!dx) return;
+  const int64_t x_ld = ld_or(s.x_ld, s.in), h_ld = ld_or(s.h_ld, s.rank), T = s.seq_len;
   // dx_b [T, in] += dh_b [T, r] · A_b [r, in]
-  run_batched(gemm, s.seq_len, s.in, s.rank, false, false, s.rows, dh_rows, {A, s.in, a_stride(s)}, dx, x_ld,
-              T * x_ld, GemmOutput::kF32, 1.f, stream);
+  run_batched(gemm, s.seq_len, s.in, s.rank, false, false, s.rows, {dh, h_ld, T * h_ld}, {A, s.in, a_stride(s)}, dx,
+              x_ld, T * x_ld, GemmOutput::kF32, 1.f, stream);
 }
 
 void lora_backward(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* x, const __nv_bfloat16* A,

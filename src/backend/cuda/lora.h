@@ -38,12 +38,20 @@ void lora_apply(GemmRunner& gemm, const __nv_bfloat16* h, const __nv_bfloat16* B
 void lora_forward(GemmRunner& gemm, const __nv_bfloat16* x, const __nv_bfloat16* A, const __nv_bfloat16* B,
                   __nv_bfloat16* h, __nv_bfloat16* y, const LoraGemmShape& shape, cudaStream_t stream);
 
-// The output side of the backward: dB_b += dy_bᵀ h_b (fp32, in B's layout); dh = dy_b B_b (bf16).
+// The output side of the backward: dB_b += dy_bᵀ h_b (fp32, in B's layout; skipped when dB is null);
+// dh = dy_b B_b (bf16).
 void lora_backward_out(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* B, const __nv_bfloat16* h,
                        __nv_bfloat16* dh, float* dB, const LoraGemmShape& shape, cudaStream_t stream);
-// The input side: dA_b += dh_bᵀ x_b (fp32, in A's layout); dx_b += dh_b A_b (fp32, may be null).
+// The input side: dA_b += dh_bᵀ x_b (fp32, in A's layout; skipped when dA is null); dx_b += dh_b A_b
+// (fp32, may be null).
 void lora_backward_in(GemmRunner& gemm, const __nv_bfloat16* dh, const __nv_bfloat16* x, const __nv_bfloat16* A,
                       float* dA, float* dx, const LoraGemmShape& shape, cudaStream_t stream);
+// The weight gradients alone (what the two above skip for a null dB / dA): nothing reads them before the
+// optimizer step, so they may run on another stream.
+void lora_grad_b(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* h, float* dB,
+                 const LoraGemmShape& shape, cudaStream_t stream);
+void lora_grad_a(GemmRunner& gemm, const __nv_bfloat16* dh, const __nv_bfloat16* x, float* dA,
+                 const LoraGemmShape& shape, cudaStream_t stream);
 // Both, through the bf16 scratch dh [rows·T, r]. `=` instead of `+=` for dA, dB without shape.accumulate.
 void lora_backward(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* x, const __nv_bfloat16* A,
                    const __nv_bfloat16* B, const __nv_bfloat16* h, __nv_bfloat16* dh, float* dx, float* dA, float* dB,
