@@ -458,8 +458,12 @@ TEST_F(AttentionOpsTest, LoraProductsPerRowOnStridedOutputs) {
   auto d_dy = to_device_bf16(dy_full), d_h = to_device_bf16(h_naive);
   auto d_dh = poisoned_buffer<bf16>(N * r);
   DeviceBuffer<float> d_dx(dx0), d_dA(dA0), d_dB(dB0);
-  cuda::lora_backward(gemm, d_dy.data() + y_col, d_x.data(), d_A.data(), d_B.data(), d_h.data(), d_dh.data(),
-                      d_dx.data(), d_dA.data(), d_dB.data(), shape, nullptr);
+  // As GpuModel runs it with the side stream: the dh and dx products without the weight gradients,
+  // which lora_grad_b and lora_grad_a form apart.
+  cuda::lora_backward_out(gemm, d_dy.data() + y_col, d_B.data(), d_h.data(), d_dh.data(), nullptr, shape, nullptr);
+  cuda::lora_grad_b(gemm, d_dy.data() + y_col, d_h.data(), d_dB.data(), shape, nullptr);
+  cuda::lora_backward_in(gemm, d_dh.data(), d_x.data(), d_A.data(), nullptr, d_dx.data(), shape, nullptr);
+  cuda::lora_grad_a(gemm, d_dh.data(), d_x.data(), d_dA.data(), shape, nullptr);
   sync_device();
   expect_within_naive("lora_dB", d_dB.download(), dB_naive, dB_ref, kF32Bound);
   expect_within_naive("lora_dA", d_dA.download(), dA_naive, dA_ref, kF32Bound);

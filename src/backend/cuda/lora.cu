@@ -17,15 +17,6 @@ void check_shape(const LoraGemmShape& s) {
                   "LoRA: rank, in and out must be multiples of 8 (16-byte rows for the GEMMs)");
 }
 
-// A batch of `rows` products, one per batch row, with per-row strides.
-GemmShape batched(int m, int n, int k, bool trans_a, bool trans_b, int rows, int64_t stride_a, int64_t stride_b,
-                  int64_t stride_d, GemmOutput output) {
-  GemmShape g;
-  g.m = m, g.n = n, g.k = k, g.trans_a = trans_a, g.trans_b = trans_b, g.output = output;
-  g.batch = rows, g.stride_a = stride_a, g.stride_b = stride_b, g.stride_d = stride_d;
-  return g;
-}
-
 __global__ void lora_uniform_kernel(float* dst, int64_t n, uint64_t seed, uint64_t first, double lo, double span,
                                     int64_t block, int64_t block_stride) {
   pdl_prologue();
@@ -129,7 +120,9 @@ struct Operand {
 // D_b [m, n] = op(A_b)·op(B_b) (+ beta·D_b) for the `rows` batch rows.
 void run_batched(GemmRunner& gemm, int m, int n, int k, bool trans_a, bool trans_b, int rows, Operand a, Operand b,
                  void* d, int64_t ldd, int64_t stride_d, GemmOutput output, float beta, cudaStream_t stream) {
-  GemmShape g = batched(m, n, k, trans_a, trans_b, rows, a.stride, b.stride, stride_d, output);
+  GemmShape g;
+  g.m = m, g.n = n, g.k = k, g.trans_a = trans_a, g.trans_b = trans_b, g.output = output;
+  g.batch = rows, g.stride_a = a.stride, g.stride_b = b.stride, g.stride_d = stride_d;
   g.lda = a.ld, g.ldb = b.ld, g.ldd = ldd;
   gemm.run(g, a.ptr, b.ptr, d, 1.f, beta, stream);
 }
@@ -199,11 +192,5 @@ void lora_backward_in(GemmRunner& gemm, const __nv_bfloat16* dh, const __nv_bflo
               x_ld, T * x_ld, GemmOutput::kF32, 1.f, stream);
 }
 
-void lora_backward(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* x, const __nv_bfloat16* A,
-                   const __nv_bfloat16* B, const __nv_bfloat16* h, __nv_bfloat16* dh, float* dx, float* dA, float* dB,
-                   const LoraGemmShape& s, cudaStream_t stream) {
-  lora_backward_out(gemm, dy, B, h, dh, dB, s, stream);
-  lora_backward_in(gemm, dh, x, A, dA, dx, s, stream);
-}
 
 }  // namespace pgolf::cuda

@@ -47,15 +47,11 @@ void lora_backward_out(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfl
 void lora_backward_in(GemmRunner& gemm, const __nv_bfloat16* dh, const __nv_bfloat16* x, const __nv_bfloat16* A,
                       float* dA, float* dx, const LoraGemmShape& shape, cudaStream_t stream);
 // The weight gradients alone (what the two above skip for a null dB / dA): nothing reads them before the
-// optimizer step, so they may run on another stream.
+// optimizer step, so they may run on another stream. `=` instead of `+=` without shape.accumulate.
 void lora_grad_b(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* h, float* dB,
                  const LoraGemmShape& shape, cudaStream_t stream);
 void lora_grad_a(GemmRunner& gemm, const __nv_bfloat16* dh, const __nv_bfloat16* x, float* dA,
                  const LoraGemmShape& shape, cudaStream_t stream);
-// Both, through the bf16 scratch dh [rows·T, r]. `=` instead of `+=` for dA, dB without shape.accumulate.
-void lora_backward(GemmRunner& gemm, const __nv_bfloat16* dy, const __nv_bfloat16* x, const __nv_bfloat16* A,
-                   const __nv_bfloat16* B, const __nv_bfloat16* h, __nv_bfloat16* dh, float* dx, float* dA, float* dB,
-                   const LoraGemmShape& shape, cudaStream_t stream);
 
 // Over the first `rows` rows of `count` segments (a device table; max_per_row = the largest per_row):
 // out = bf16(in); one AdamW step of p with g and the moments m, v (the same layout), the
