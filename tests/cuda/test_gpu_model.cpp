@@ -366,6 +366,61 @@ TEST_F(GpuModelTest, LoraAdaptersOnFrozenBase) {
 
 // GpuLora::draw makes LoraAdapters::reset's values on the device, bit for bit (the engines' TTT starts
 // from the same adapters), also after other values were there; copy_params_from moves them exactly.
+// LoRA's weight-gradient products on the side stream (dA, dB, joined at the end of each backward part): the
+// same products on the same inputs, so with the deterministic kernels every loss and adapter gradient has
+// the same bits with the side stream on or off. The tiny s1560 stack has the q/k/v/o group and the MLP and
+// head adapters, plain and looping.
+TEST_F(GpuModelTest, LoraSideStreamKeepsTheBits) {
+  for (const bool looping : {false, true}) {
+    SCOPED_TRACE(looping ? "looping" : "plain");
+    const ModelConfig cfg = tiny64_config("s1560");
+    CpuModel<float> init_model(cfg);
+    perturbed_init(init_model, 61);
+    LoraConfig lc;
+    lc.rank = 8;
+    lc.targets = {true, true, true, true, true, true};
+    const Batch batch = batch64(cfg.vocab_size, false, 62);
+    std::vector<float> w(static_cast<size_t>(batch.tokens()), 0.f);
+    for (int t = 20; t < 60; ++t) w[static_cast<size_t>(t)] = 1.f / 40;
+    for (int t = 80 + 30; t < 80 + 70; ++t) w[static_cast<size_t>(t)] = 1.f / 40;
+    std::vector<float> lora_values;
+    std::vector<float> losses[2], grads[2];
+    for (int combo = 0; combo < 2; ++combo) {
+      cuda::GpuModelOptions options{batch.tokens()};
+      options.deterministic = true;
+      options.lora_side_stream = combo == 1;
+      cuda::GpuModel gpu(cfg, options);
+      gpu.load_params(init_model.params());
+      gpu.set_looping(looping);
+      gpu.set_frozen_base(true);
+      cuda::GpuLora glora(cfg, lc, batch.rows, gpu.num_virtual_layers(), batch.seq_len);
+      if (lora_values.empty()) {
+        lora_values.resize(static_cast<size_t>(glora.total()));
+        Rng rng(63);
+        for (float& x : lora_values) x = static_cast<float>(0.05 * rng.normal());  // every path live (B != 0)
+      }
+      glora.upload(lora_values);
+      glora.zero_grad();
+      gpu.set_lora(&glora);
+      gpu.zero_grad();
+      gpu.set_batch(batch);
+      gpu.forward();
+      losses[combo] = gpu.token_losses();
+      gpu.backward(w);
+      grads[combo] = glora.download_grads();
+      size_t nonzero = 0;
+      for (float g : grads[combo]) nonzero += g != 0.f ? 1 : 0;
+      EXPECT_GT(nonzero, grads[combo].size() / 2) << "combo " << combo;
+    }
+    ASSERT_EQ(losses[1].size(), losses[0].size());
+    ASSERT_EQ(grads[1].size(), grads[0].size());
+    EXPECT_EQ(std::memcmp(losses[1].data(), losses[0].data(), losses[0].size() * sizeof(float)), 0) << "losses";
+    size_t differ = 0;
+    for (size_t i = 0; i < grads[0].size(); ++i) differ += std::memcmp(&grads[1][i], &grads[0][i], sizeof(float)) != 0 ? 1 : 0;
+    EXPECT_EQ(differ, 0u) << "of " << grads[0].size() << " adapter gradients";
+  }
+}
+
 TEST_F(GpuModelTest, LoraDrawOnTheDeviceIsTheHostDraw) {
   const ModelConfig cfg = tiny64_config("s1560");
   LoraConfig lc;

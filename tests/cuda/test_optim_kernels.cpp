@@ -12,6 +12,7 @@
 #include "backend/cuda/gpu_ema.h"
 #include "backend/cuda/gpu_optimizer.h"
 #include "backend/cuda/grad_clip.h"
+#include "backend/cuda/lora.h"
 #include "core/error.h"
 #include "optim/averaging.h"
 #include "optim/clip.h"
@@ -62,6 +63,72 @@ TEST_F(OptimKernels, AdamWMatchesTheCpuBitForBit) {
 }
 
 // EMA over a length that is not a multiple of 4 (the vector loop and the tail), five updates.
+// LoRA TTT's AdamW over the first rows of each adapter segment (lora_rows_adamw), and the bf16 copy of
+// those rows (lora_rows_to_bf16), against the CPU rule value by value: with the vector path (segments
+// whose offset and row size are multiples of 4, four values a thread) and without it, with and without a
+// first moment. One segment is left unaligned (offset 2) so that the scalar walk runs beside the
+// vector one in a launch. Values past the rows stay as they were.
+TEST_F(OptimKernels, LoraRowAdamWMatchesTheCpuBitForBit) {
+  struct Restore {
+    bool was = cuda::lora_vector_access();
+    ~Restore() { cuda::set_lora_vector_access(was); }
+  } restore;
+  const std::vector<LoraRowSegment> segments = {{0, 768}, {768 * 6, 96}, {768 * 6 + 96 * 6 + 2, 36}};
+  const int64_t total = 768 * 6 + 96 * 6 + 2 + 36 * 6 + 5, rows = 5, max_per_row = 768;
+  Rng rng(77);
+  std::vector<float> p0(static_cast<size_t>(total)), g(p0.size()), m0(p0.size()), v0(p0.size());
+  fill_normal(p0, rng, 0.5);
+  fill_normal(g, rng, 1e-3);
+  fill_normal(m0, rng, 1e-3);
+  for (float& x : v0) x = static_cast<float>(1e-6 * std::fabs(rng.normal()));
+  const optim::AdamCoeffs c = optim::adam_coeffs(1e-4, 0.9, 0.999, 0.5, 1e-10, 3);
+  for (const bool with_m : {true, false}) {
+    // The CPU rule over the rows of every segment.
+    std::vector<float> p = p0, m = m0, v = v0;
+    for (const LoraRowSegment& seg : segments)
+      for (int64_t k = seg.offset; k < seg.offset + rows * seg.per_row; ++k) {
+        float mk = with_m ? m[static_cast<size_t>(k)] : 0.f;
+        optim::adamw_update(p[static_cast<size_t>(k)], g[static_cast<size_t>(k)], mk, v[static_cast<size_t>(k)], c);
+        if (with_m) m[static_cast<size_t>(k)] = mk;
+      }
+    for (const bool vec : {true, false}) {
+      cuda::set_lora_vector_access(vec);
+      cuda::DeviceBuffer<float> dp(p0), dg(g), dm(m0), dv(v0);
+      cuda::DeviceBuffer<__nv_bfloat16> d16(p0.size());
+      PG_CUDA_CHECK(cudaMemset(d16.data(), 0xff, p0.size() * 2));  // NaN: must be overwritten in the rows
+      cuda::DeviceBuffer<LoraRowSegment> dseg(segments);
+      cuda::DeviceBuffer<optim::AdamCoeffs> dc(std::vector<optim::AdamCoeffs>{c});
+      cuda::lora_rows_adamw(dp.data(), dg.data(), with_m ? dm.data() : nullptr, dv.data(), d16.data(), dc.data(),
+                            dseg.data(), static_cast<int>(segments.size()), rows, max_per_row, nullptr);
+      PG_CUDA_CHECK(cudaDeviceSynchronize());
+      const std::string what = std::string(vec ? "vector" : "scalar") + (with_m ? ", first moment" : ", no first moment");
+      EXPECT_EQ(bit_mismatches(dp.download(), p), 0u) << "p, " << what;
+      EXPECT_EQ(bit_mismatches(dv.download(), v), 0u) << "v, " << what;
+      if (with_m) {
+        EXPECT_EQ(bit_mismatches(dm.download(), m), 0u) << "m, " << what;
+      }
+      // The bf16 copies: written by the step, and by the cast pass from the new values.
+      std::vector<uint16_t> bits(p0.size());
+      cuda::DeviceBuffer<__nv_bfloat16> cast(p0.size());
+      PG_CUDA_CHECK(cudaMemset(cast.data(), 0xff, p0.size() * 2));
+      cuda::lora_rows_to_bf16(dp.data(), cast.data(), dseg.data(), static_cast<int>(segments.size()), rows, max_per_row,
+                              nullptr);
+      for (cuda::DeviceBuffer<__nv_bfloat16>* copy : {&d16, &cast}) {
+        PG_CUDA_CHECK(cudaMemcpy(bits.data(), copy->data(), bits.size() * 2, cudaMemcpyDeviceToHost));
+        size_t wrong = 0;
+        std::vector<bool> in_rows(p0.size(), false);
+        for (const LoraRowSegment& seg : segments)
+          for (int64_t k = seg.offset; k < seg.offset + rows * seg.per_row; ++k) in_rows[static_cast<size_t>(k)] = true;
+        for (size_t k = 0; k < bits.size(); ++k) {
+          const uint16_t want = in_rows[k] ? f32_to_bf16_bits(p[k]) : uint16_t{0xffff};
+          wrong += bits[k] != want ? 1 : 0;
+        }
+        EXPECT_EQ(wrong, 0u) << "bf16 copies, " << what << (copy == &d16 ? " (the step's)" : " (the cast's)");
+      }
+    }
+  }
+}
+
 TEST_F(OptimKernels, EmaMatchesTheCpuBitForBitAndSavesTheSameTensors) {
   const ParamLayout layout(
       {{"a", {1000, 1001}, ParamGroup::Matrix, InitKind::Zeros}, {"b", {3}, ParamGroup::Scalar, InitKind::Zeros}});

@@ -61,6 +61,11 @@ void lora_rows_to_bf16(const float* in, __nv_bfloat16* out, const LoraRowSegment
                        int64_t max_per_row, cudaStream_t stream);
 void lora_rows_adamw(float* p, const float* g, float* m, float* v, __nv_bfloat16* p16, const optim::AdamCoeffs* coeffs,
                      const LoraRowSegment* segments, int count, int64_t rows, int64_t max_per_row, cudaStream_t stream);
+// Process-wide, on by default: the two passes above walk segments whose offsets and row sizes are
+// multiples of 4 four values a thread (vector loads and stores; the same arithmetic, the same bits). Off:
+// one value a thread, as a reference for the tests.
+void set_lora_vector_access(bool on);
+bool lora_vector_access();
 // *device = value, in stream order.
 void write_adam_coeffs(optim::AdamCoeffs* device, const optim::AdamCoeffs& value, cudaStream_t stream);
 
