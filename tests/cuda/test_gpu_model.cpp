@@ -364,8 +364,6 @@ TEST_F(GpuModelTest, LoraAdaptersOnFrozenBase) {
   }
 }
 
-// GpuLora::draw makes LoraAdapters::reset's values on the device, bit for bit (the engines' TTT starts
-// from the same adapters), also after other values were there; copy_params_from moves them exactly.
 // LoRA's weight-gradient products on the side stream (dA, dB, joined at the end of each backward part): the
 // same products on the same inputs, so with the deterministic kernels every loss and adapter gradient has
 // the same bits with the side stream on or off. The tiny s1560 stack has the q/k/v/o group and the MLP and
@@ -421,6 +419,8 @@ TEST_F(GpuModelTest, LoraSideStreamKeepsTheBits) {
   }
 }
 
+// GpuLora::draw makes LoraAdapters::reset's values on the device, bit for bit (the engines' TTT starts
+// from the same adapters), also after other values were there; copy_params_from moves them exactly.
 TEST_F(GpuModelTest, LoraDrawOnTheDeviceIsTheHostDraw) {
   const ModelConfig cfg = tiny64_config("s1560");
   LoraConfig lc;
