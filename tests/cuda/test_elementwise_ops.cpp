@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "backend/cpu/activation.h"
 #include "backend/cpu/embedding.h"
@@ -214,7 +215,8 @@ TEST_F(ElementwiseOpsTest, SoftcapCrossEntropyForwardBackward) {
     int64_t n;
     int vocab;
   };
-  for (const CeCase c : {CeCase{133, 1024}, CeCase{37, 8192}, CeCase{3001, 64}}) {
+  // Rows of 1,024 / 8,192 / 64 logits take the block-per-row kernel, 40,000 the warp-per-row one.
+  for (const CeCase c : {CeCase{133, 1024}, CeCase{37, 8192}, CeCase{3001, 64}, CeCase{5, 40000}}) {
     const std::string tag = std::to_string(c.n) + "x" + std::to_string(c.vocab);
     SCOPED_TRACE(tag);
     const float cap = 30.f;
@@ -259,8 +261,28 @@ TEST_F(ElementwiseOpsTest, SoftcapCrossEntropyForwardBackward) {
       cuda::softcap_ce_backward(d_z.data(), d_lse.data(), d_t.data(), uniform ? nullptr : d_w.data(), 1.f / c.n,
                                 dz.data(), c.n, c.vocab, cap, nullptr);
       sync_device();
-      expect_within_naive(tag + (uniform ? "_dz_uniform" : "_dz"), from_device_bf16(dz), rounded_bf16(dz_naive), dz_ref,
+      const std::vector<float> dz_separate = from_device_bf16(dz);
+      expect_within_naive(tag + (uniform ? "_dz_uniform" : "_dz"), dz_separate, rounded_bf16(dz_naive), dz_ref,
                           kBf16Bound);
+
+      // The forward that forms dz too (in place over a copy of z): the same losses and lse as the plain
+      // forward, and the separate backward's dz from that lse, bit for bit.
+      auto z_inout = to_device_bf16(z);
+      auto loss2 = poisoned_buffer<float>(c.n), lse2 = poisoned_buffer<float>(c.n);
+      const cuda::CeGradient grad{z_inout.data(), uniform ? nullptr : d_w.data(), 1.f / c.n};
+      cuda::softcap_ce_forward(z_inout.data(), d_t.data(), loss2.data(), lse2.data(), c.n, c.vocab, cap, nullptr,
+                               &grad);
+      DeviceBuffer<float> d_lse_dev(lse.download());
+      cuda::softcap_ce_backward(d_z.data(), d_lse_dev.data(), d_t.data(), uniform ? nullptr : d_w.data(), 1.f / c.n,
+                                dz.data(), c.n, c.vocab, cap, nullptr);
+      sync_device();
+      const auto same_bits = [&](const char* what, const std::vector<float>& a, const std::vector<float>& b) {
+        ASSERT_EQ(a.size(), b.size()) << what;
+        EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << what << (uniform ? " (uniform)" : "");
+      };
+      same_bits("fused forward: losses", loss2.download(), losses);
+      same_bits("fused forward: lse", lse2.download(), lse.download());
+      same_bits("fused forward: dz", from_device_bf16(z_inout), from_device_bf16(dz));
     }
   }
 }

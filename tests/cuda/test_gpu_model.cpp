@@ -419,6 +419,91 @@ TEST_F(GpuModelTest, LoraSideStreamKeepsTheBits) {
   }
 }
 
+// forward_for_backward forms the logits' gradient in the loss pass (softcap_ce_forward's CeGradient): the
+// losses and every gradient are the bits of a plain forward and backward, with uniform weights (training,
+// tiny stacks, s1560 looping) and with token weights (LoRA on a frozen base). Misuse is refused.
+TEST_F(GpuModelTest, HeadGradientInTheForwardKeepsTheBits) {
+  auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  for (const std::string stack : {"baseline", "s691", "s1560"}) {
+    SCOPED_TRACE(stack);
+    const ModelConfig cfg = tiny64_config(stack);
+    CpuModel<float> init(cfg);
+    perturbed_init(init, 81);
+    const Batch batch = batch64(128, true, 82);
+    std::vector<float> losses[2], grads[2];
+    for (int fused = 0; fused < 2; ++fused) {
+      cuda::GpuModelOptions o{batch.tokens()};
+      o.deterministic = true;
+      cuda::GpuModel gpu(cfg, o);
+      gpu.load_params(init.params());
+      gpu.set_looping(stack == "s1560");
+      gpu.zero_grad();
+      gpu.set_batch(batch);
+      if (fused) {
+        gpu.forward_for_backward(false);
+        EXPECT_THROW(gpu.logits(), Error) << "the logits hold their gradient";
+      } else {
+        gpu.forward();
+      }
+      losses[fused] = gpu.token_losses();
+      gpu.backward();
+      ParamSet<float> g(gpu.layout());
+      gpu.store_grads(g);
+      grads[fused].assign(g.all().begin(), g.all().end());
+      if (fused) {  // a weighted backward after a forward for uniform weights
+        gpu.forward_for_backward(false);
+        EXPECT_THROW(gpu.backward_weighted(), Error);
+      }
+    }
+    EXPECT_TRUE(same_bits(losses[0], losses[1])) << "losses";
+    EXPECT_TRUE(same_bits(grads[0], grads[1])) << "gradients";
+  }
+  // LoRA on a frozen base, token weights set before the forward.
+  const ModelConfig cfg = tiny64_config("s1560");
+  CpuModel<float> init(cfg);
+  perturbed_init(init, 83);
+  LoraConfig lc;
+  lc.rank = 8;
+  lc.targets = {true, true, true, true, true, true};
+  const Batch batch = batch64(cfg.vocab_size, false, 84);
+  std::vector<float> w(static_cast<size_t>(batch.tokens()), 0.f);
+  for (int t = 20; t < 60; ++t) w[static_cast<size_t>(t)] = 1.f / 40;
+  std::vector<float> values, losses[2], grads[2];
+  for (int fused = 0; fused < 2; ++fused) {
+    cuda::GpuModelOptions o{batch.tokens()};
+    o.deterministic = true;
+    cuda::GpuModel gpu(cfg, o);
+    gpu.load_params(init.params());
+    gpu.set_frozen_base(true);
+    cuda::GpuLora glora(cfg, lc, batch.rows, gpu.num_virtual_layers(), batch.seq_len);
+    if (values.empty()) {
+      values.resize(static_cast<size_t>(glora.total()));
+      Rng rng(85);
+      for (float& x : values) x = static_cast<float>(0.05 * rng.normal());
+    }
+    glora.upload(values);
+    glora.zero_grad();
+    gpu.set_lora(&glora);
+    gpu.set_batch(batch);
+    if (fused) {
+      gpu.set_token_weights(w);
+      gpu.forward_for_backward(true);
+      EXPECT_THROW(gpu.set_token_weights(w), Error) << "weights after the forward that used them";
+      losses[fused] = gpu.token_losses();
+      gpu.backward_weighted();
+    } else {
+      gpu.forward();
+      losses[fused] = gpu.token_losses();
+      gpu.backward(w);
+    }
+    grads[fused] = glora.download_grads();
+  }
+  EXPECT_TRUE(same_bits(losses[0], losses[1])) << "LoRA losses";
+  EXPECT_TRUE(same_bits(grads[0], grads[1])) << "LoRA adapter gradients";
+}
+
 // GpuLora::draw makes LoraAdapters::reset's values on the device, bit for bit (the engines' TTT starts
 // from the same adapters), also after other values were there; copy_params_from moves them exactly.
 TEST_F(GpuModelTest, LoraDrawOnTheDeviceIsTheHostDraw) {

@@ -273,7 +273,7 @@ void CudaEngine::set_qat(bool on) {
 
 void CudaEngine::Impl::enqueue_micro(bool first) {
   if (first) model.zero_grad();
-  model.forward();
+  model.forward_for_backward(false);
   accumulate_loss(model.device_loss(), loss_sum.data(), first, stream());
   model.backward();
 }

@@ -79,7 +79,7 @@ double CudaEngine::ttt_step(const Batch& batch, double lr_scale) {
                           std::to_string(model.num_virtual_layers()) + (m.qat ? " qat" : "");
   m.graphs.run(key, stream, [&] {
     model.zero_grad();
-    model.forward();
+    model.forward_for_backward(false);
     accumulate_loss(model.device_loss(), m.loss_sum.data(), true, stream);
     model.backward();
     float* g = model.grads();
@@ -190,8 +190,8 @@ void CudaEngine::Impl::lora_step(const Batch& batch, std::span<const float> toke
                           std::to_string(model.selected_rows()) + " cap" + std::to_string(adapters.seq_len()) +
                           (train ? " train" : "");
   graphs.run(key, stream(), [&] {
-    model.forward();
-    if (!train) return;
+    if (!train) return model.forward();
+    model.forward_for_backward(true);
     model.backward_weighted();
     adapters.adamw_rows(rows, s.opt.beta1 != 0.0 ? s.exp_avg.data() : nullptr, s.exp_avg_sq.data(), s.coeffs.data(),
                         stream());

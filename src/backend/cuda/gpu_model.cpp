@@ -646,6 +646,8 @@ bool GpuModel::Impl::runs_selected_rows() const { return selection.requested && 
 bool GpuModel::Impl::selects_head_rows() const { return selection.requested && !train && lora && selection.tail > 0; }
 
 void GpuModel::Impl::upload_token_weights(std::span<const float> weights) {
+  PG_CHECK(head_grad == HeadGrad::None,
+           "GpuModel: token weights set after a forward_for_backward, whose gradient used the ones before");
   PG_CHECK(static_cast<int64_t>(weights.size()) == N, "GpuModel::backward: {} token weights for {} tokens",
            weights.size(), N);
   PG_CUDA_CHECK(cudaEventSynchronize(staging.weights_free));
@@ -748,8 +750,9 @@ void GpuModel::Impl::backward_embedding() {
 
 // ---- forward and backward over the plan -----------------------------------------------------------
 
-void GpuModel::Impl::forward() {
+void GpuModel::Impl::forward(HeadGrad grad) {
   PG_CHECK(batch_set, "GpuModel::forward: no batch (call set_batch first)");
+  head_grad = HeadGrad::None;
   build_plan();
   const int nv = static_cast<int>(order.size());
   if (lora) {
@@ -763,6 +766,11 @@ void GpuModel::Impl::forward() {
   // A selective eval forward (no backward may follow) stores only what the forward itself reads on.
   selective_forward = runs_selected_rows();
   head_selected = selects_head_rows();
+  PG_CHECK(grad == HeadGrad::None || (has_targets && !selective_forward),
+           "GpuModel::forward_for_backward: the batch has no targets, or selects rows for an evaluation (no "
+           "backward may follow)");
+  PG_CHECK(grad != HeadGrad::Uniform || !head_selected,
+           "GpuModel::forward_for_backward: a LoRA forward of selected rows needs token weights");
   forward_embedding();
 
   const int E = static_cast<int>(plan.encoder.size());
@@ -815,15 +823,21 @@ void GpuModel::Impl::forward() {
   lora_forward(LoraTarget::Head, 0, io.h, io.logits, V, head_selected ? selection.tail : 0);
   if (has_targets) {
     const float cap = static_cast<float>(cfg.logit_softcap);
+    // With grad, dz overwrites the logits here (as the backward's pass would): the backward's weights.
+    const CeGradient dz{io.logits,
+                        grad == HeadGrad::Weighted ? (head_selected ? selection.weights : io.weights) : nullptr,
+                        static_cast<float>(1.0 / static_cast<double>(N))};
+    const CeGradient* ce_grad = grad == HeadGrad::None ? nullptr : &dz;
     if (selective_forward || head_selected) {
-      softcap_ce_forward(io.logits, selection.targets, selection.losses, io.lse, R, V, cap, stream);
+      softcap_ce_forward(io.logits, selection.targets, selection.losses, io.lse, R, V, cap, stream, ce_grad);
       scatter_losses(selection.losses, selection.index, R, io.losses, N, stream);
       mean_loss(selection.losses, R, io.loss, stream);
     } else {
-      softcap_ce_forward(io.logits, io.targets, io.losses, io.lse, N, V, cap, stream);
+      softcap_ce_forward(io.logits, io.targets, io.losses, io.lse, N, V, cap, stream, ce_grad);
       mean_loss(io.losses, N, io.loss, stream);
     }
   }
+  head_grad = grad;
   forward_done = true;
 }
 
@@ -834,15 +848,22 @@ void GpuModel::Impl::backward(const float* weights_device) {
                                "with losses_from); a backward needs a training-mode forward");
   PG_CHECK(!head_selected || weights_device == io.weights,
            "GpuModel::backward: a LoRA forward of selected rows needs token weights (zero outside the selection)");
+  const HeadGrad expected = weights_device ? HeadGrad::Weighted : HeadGrad::Uniform;
+  PG_CHECK(head_grad == HeadGrad::None || head_grad == expected,
+           "GpuModel::backward: the forward formed the logits' gradient for {} weights",
+           head_grad == HeadGrad::Weighted ? "the token" : "uniform");
+  const bool dz_done = head_grad != HeadGrad::None;
+  head_grad = HeadGrad::None;
   forward_done = false;
   const bool lanes = order.back().parallel;
   // The head's rows: all N, or the R selected ones (their weights; the other rows' gradients are 0).
   const int64_t R = head_selected ? selection.rows : N;
   const int32_t* targets = head_selected ? selection.targets : io.targets;
   const float* weights = head_selected ? selection.weights : weights_device;
-  // dz overwrites the logits; dh = dz · tok_emb, dtok_emb += dzᵀ h.
-  softcap_ce_backward(io.logits, io.lse, targets, weights, static_cast<float>(1.0 / static_cast<double>(N)), io.logits,
-                      R, V, static_cast<float>(cfg.logit_softcap), stream);
+  // dz overwrites the logits (unless the forward wrote it); dh = dz · tok_emb, dtok_emb += dzᵀ h.
+  if (!dz_done)
+    softcap_ce_backward(io.logits, io.lse, targets, weights, static_cast<float>(1.0 / static_cast<double>(N)),
+                        io.logits, R, V, static_cast<float>(cfg.logit_softcap), stream);
   linear_dw(io.logits, V, io.h, d, static_cast<int>(R), d, V, G(gp.tok_emb));
   const NormGrad dh = norm_grad_dx(io.logits, V, W16(gp.w16_tok_emb), static_cast<int>(R), d, V, bw.dn,
                                     !has_lora(LoraTarget::Head, 0));
@@ -945,6 +966,9 @@ int64_t GpuModel::selected_rows() const {
 
 void GpuModel::set_batch(const Batch& batch) { impl_->set_batch(batch); }
 void GpuModel::forward() { impl_->forward(); }
+void GpuModel::forward_for_backward(bool weighted) {
+  impl_->forward(weighted ? Impl::HeadGrad::Weighted : Impl::HeadGrad::Uniform);
+}
 void GpuModel::backward() { impl_->backward(nullptr); }
 void GpuModel::backward(std::span<const float> token_weights) {
   set_token_weights(token_weights);
@@ -1031,6 +1055,8 @@ std::vector<float> GpuModel::final_norm_output() const {
 
 std::vector<float> GpuModel::logits() const {
   PG_CHECK(impl_->forward_done, "GpuModel::logits: no forward since the last backward (which overwrote them)");
+  PG_CHECK(impl_->head_grad == Impl::HeadGrad::None,
+           "GpuModel::logits: the last forward (forward_for_backward) overwrote them with their gradient");
   PG_CHECK(!impl_->selective_forward, "GpuModel::logits: the last forward computed the selected rows' logits only");
   std::vector<float> z = impl_->download_bf16(impl_->io.logits, impl_->N * impl_->V);
   const float cap = static_cast<float>(impl_->cfg.logit_softcap);

@@ -104,6 +104,11 @@ class GpuModel {
   // the next forward does either (modes and batch as now), else 0.
   int64_t selected_rows() const;
   void backward();  // gradients of the mean loss of the last forward (needs targets)
+  // The forward of a step whose backward follows at once: the loss's gradient with respect to the logits
+  // is formed in the same pass over them (which it overwrites), and the backward starts after it. The
+  // backward must be backward() (weighted = false) or backward_weighted() with the token weights set
+  // before this call (weighted = true); logits() refuses until the next plain forward.
+  void forward_for_backward(bool weighted);
   // Gradients of Σ_i weights[i]·loss_i (host weights are uploaded first).
   void backward(std::span<const float> token_weights);
   // The same in two parts: the upload (before a captured region), then the backward that reads it.

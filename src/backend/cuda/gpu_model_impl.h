@@ -225,7 +225,11 @@ struct GpuModel::Impl {
   void upload_selection(const Batch& batch, const std::vector<int32_t>& cu);
   void prepare_weights();
   void refresh_weights();
-  void forward();
+  // The loss's gradient with respect to the logits formed by the forward (forward_for_backward), and for
+  // which weights: the backward then skips that pass.
+  enum class HeadGrad { None, Uniform, Weighted };
+  HeadGrad head_grad = HeadGrad::None;
+  void forward(HeadGrad grad = HeadGrad::None);
   void backward(const float* weights_device);
   void forward_embedding();
   void backward_embedding();
