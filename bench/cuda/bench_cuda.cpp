@@ -2,11 +2,12 @@
 // cuBLASLt products of the linear layers (forward, input gradient, fp32 weight gradient) at
 // M = tokens per step, flash attention forward and backward (dense rows and variable-length
 // documents; on Hopper also the wgmma forward), the MLP's first product and its gradient with the
-// activation (cuBLASLt + the separate pass against the fused Hopper kernels), and the optimizer step
+// activation (cuBLASLt + the separate pass against the fused Hopper kernels), the soft-capped
+// cross-entropy (loss, backward, both in one pass), and the optimizer step
 // of the s691 and s1560 layouts with its parts. CUDA events around each call; warm-up, then the
 // median of the repeats.
 //
-//   bench_cuda [--tokens N] [--seq T] [--reps R] [--only gemm|attention|mlp|optim] [--mlp-splits K]
+//   bench_cuda [--tokens N] [--seq T] [--reps R] [--only gemm|attention|mlp|ce|optim] [--mlp-splits K]
 //   (defaults: 98304 tokens, T 2048, 20 repeats, every section; --mlp-splits also times the fused MLP
 //   kernels with their hidden tiles cut into K runs, beside the count they choose)
 //   bench_cuda --model PRESET [--tokens N] [--seq T] [--reps R] [--profile]   (bench_model.h)
@@ -28,6 +29,7 @@
 #include "backend/cuda/device.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/mlp_gemm.h"
+#include "backend/cuda/softcap_ce.h"
 #include "bench_model.h"
 #include "core/error.h"
 #include "core/half.h"
@@ -66,8 +68,9 @@ Options parse(int argc, char** argv) {
   }
   PG_CHECK(o.tokens > 0 && o.seq > 0 && o.tokens % o.seq == 0 && o.reps > 0,
            "bench_cuda: --tokens must be a positive multiple of --seq, --reps positive");
-  PG_CHECK(o.only.empty() || o.only == "gemm" || o.only == "attention" || o.only == "mlp" || o.only == "optim",
-           "bench_cuda: --only takes gemm, attention, mlp or optim, got '{}'", o.only);
+  PG_CHECK(o.only.empty() || o.only == "gemm" || o.only == "attention" || o.only == "mlp" || o.only == "ce" ||
+               o.only == "optim",
+           "bench_cuda: --only takes gemm, attention, mlp, ce or optim, got '{}'", o.only);
   return o;
 }
 
@@ -169,6 +172,38 @@ void bench_mlp(const Options& o, const Timer& timer) {
         }), flops);
       }
     }
+  }
+}
+
+// The soft-capped cross-entropy over the head's logits (cap 30): the loss pass, the separate backward,
+// and the loss pass that writes dz too (softcap_ce_forward with a CeGradient). The shape column gives
+// the DRAM bytes each must move as GB/s at the measured time.
+void bench_ce(const Options& o, const Timer& timer) {
+  const int64_t m = o.tokens;
+  const float cap = 30.f;
+  for (const int vocab : {1024, 8192}) {
+    const size_t n = size_t(m) * vocab;
+    auto z = random_bf16(n, 21);
+    DeviceBuffer<__nv_bfloat16> dz(n);
+    std::vector<int32_t> t(static_cast<size_t>(m));
+    Rng rng(22);
+    for (int32_t& x : t) x = static_cast<int32_t>(rng.below(uint64_t(vocab)));
+    DeviceBuffer<int32_t> targets(t);
+    DeviceBuffer<float> losses(static_cast<size_t>(m)), lse(static_cast<size_t>(m));
+    const double bytes = 2.0 * double(n);  // one bf16 [M, V] read or write
+    const auto print = [&](const char* name, double ms, double moved) {
+      row(fmt::format("softcap CE {}", name), fmt::format("M={} V={} {:.0f} GB/s", m, vocab, moved / (ms * 1e6)), ms, 0);
+    };
+    print("loss", timer.median_ms([&] {
+      softcap_ce_forward(z.data(), targets.data(), losses.data(), lse.data(), m, vocab, cap, timer.stream);
+    }), bytes);
+    print("backward", timer.median_ms([&] {
+      softcap_ce_backward(z.data(), lse.data(), targets.data(), nullptr, 1.f / m, dz.data(), m, vocab, cap, timer.stream);
+    }), 2 * bytes);
+    const CeGradient grad{dz.data(), nullptr, 1.f / m};
+    print("loss + dz", timer.median_ms([&] {
+      softcap_ce_forward(z.data(), targets.data(), losses.data(), lse.data(), m, vocab, cap, timer.stream, &grad);
+    }), 2 * bytes);
   }
 }
 
@@ -280,6 +315,7 @@ int run(int argc, char** argv) {
     bench_attention("varlen 1..T", docs, hopper, timer);
   }
   if (section("mlp")) bench_mlp(o, timer);
+  if (section("ce")) bench_ce(o, timer);
   if (section("optim")) bench_optimizer(timer);
   PG_CUDA_CHECK(cudaStreamDestroy(stream));
   return 0;
