@@ -364,11 +364,12 @@ TEST_F(GpuModelTest, LoraAdaptersOnFrozenBase) {
   }
 }
 
-// LoRA's weight-gradient products on the side stream (dA, dB, joined at the end of each backward part): the
-// same products on the same inputs, so with the deterministic kernels every loss and adapter gradient has
-// the same bits with the side stream on or off. The tiny s1560 stack has the q/k/v/o group and the MLP and
+// LoRA's weight-gradient products on the side stream (dA, dB, joined at the end of each backward part), and
+// the head's dz formed by the forward (forward_for_backward with the token weights set first): the same
+// operations on the same inputs, so with the deterministic kernels every loss and adapter gradient has the
+// same bits as the plain forward and backward. The tiny s1560 stack has the q/k/v/o group and the MLP and
 // head adapters, plain and looping.
-TEST_F(GpuModelTest, LoraSideStreamKeepsTheBits) {
+TEST_F(GpuModelTest, LoraSideStreamAndFusedHeadKeepTheBits) {
   for (const bool looping : {false, true}) {
     SCOPED_TRACE(looping ? "looping" : "plain");
     const ModelConfig cfg = tiny64_config("s1560");
@@ -382,8 +383,8 @@ TEST_F(GpuModelTest, LoraSideStreamKeepsTheBits) {
     for (int t = 20; t < 60; ++t) w[static_cast<size_t>(t)] = 1.f / 40;
     for (int t = 80 + 30; t < 80 + 70; ++t) w[static_cast<size_t>(t)] = 1.f / 40;
     std::vector<float> lora_values;
-    std::vector<float> losses[2], grads[2];
-    for (int combo = 0; combo < 2; ++combo) {
+    std::vector<float> losses[3], grads[3];
+    for (int combo = 0; combo < 3; ++combo) {  // plain, side stream, dz in the forward
       cuda::GpuModelOptions options{batch.tokens()};
       options.deterministic = true;
       options.lora_side_stream = combo == 1;
@@ -402,26 +403,38 @@ TEST_F(GpuModelTest, LoraSideStreamKeepsTheBits) {
       gpu.set_lora(&glora);
       gpu.zero_grad();
       gpu.set_batch(batch);
-      gpu.forward();
-      losses[combo] = gpu.token_losses();
-      gpu.backward(w);
+      if (combo == 2) {
+        gpu.set_token_weights(w);
+        gpu.forward_for_backward(true);
+        EXPECT_THROW(gpu.set_token_weights(w), Error) << "weights after the forward that used them";
+        losses[combo] = gpu.token_losses();
+        gpu.backward_weighted();
+      } else {
+        gpu.forward();
+        losses[combo] = gpu.token_losses();
+        gpu.backward(w);
+      }
       grads[combo] = glora.download_grads();
       size_t nonzero = 0;
       for (float g : grads[combo]) nonzero += g != 0.f ? 1 : 0;
       EXPECT_GT(nonzero, grads[combo].size() / 2) << "combo " << combo;
     }
-    ASSERT_EQ(losses[1].size(), losses[0].size());
-    ASSERT_EQ(grads[1].size(), grads[0].size());
-    EXPECT_EQ(std::memcmp(losses[1].data(), losses[0].data(), losses[0].size() * sizeof(float)), 0) << "losses";
-    size_t differ = 0;
-    for (size_t i = 0; i < grads[0].size(); ++i) differ += std::memcmp(&grads[1][i], &grads[0][i], sizeof(float)) != 0 ? 1 : 0;
-    EXPECT_EQ(differ, 0u) << "of " << grads[0].size() << " adapter gradients";
+    for (int combo = 1; combo < 3; ++combo) {
+      SCOPED_TRACE(combo == 1 ? "side stream" : "dz in the forward");
+      ASSERT_EQ(losses[combo].size(), losses[0].size());
+      ASSERT_EQ(grads[combo].size(), grads[0].size());
+      EXPECT_EQ(std::memcmp(losses[combo].data(), losses[0].data(), losses[0].size() * sizeof(float)), 0) << "losses";
+      size_t differ = 0;
+      for (size_t i = 0; i < grads[0].size(); ++i)
+        differ += std::memcmp(&grads[combo][i], &grads[0][i], sizeof(float)) != 0 ? 1 : 0;
+      EXPECT_EQ(differ, 0u) << "of " << grads[0].size() << " adapter gradients";
+    }
   }
 }
 
 // forward_for_backward forms the logits' gradient in the loss pass (softcap_ce_forward's CeGradient): the
-// losses and every gradient are the bits of a plain forward and backward, with uniform weights (training,
-// tiny stacks, s1560 looping) and with token weights (LoRA on a frozen base). Misuse is refused.
+// losses and every gradient are the bits of a plain forward and backward with uniform weights (training,
+// tiny stacks, s1560 looping; with token weights: LoraSideStreamAndFusedHeadKeepTheBits). Misuse is refused.
 TEST_F(GpuModelTest, HeadGradientInTheForwardKeepsTheBits) {
   auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
@@ -460,48 +473,6 @@ TEST_F(GpuModelTest, HeadGradientInTheForwardKeepsTheBits) {
     EXPECT_TRUE(same_bits(losses[0], losses[1])) << "losses";
     EXPECT_TRUE(same_bits(grads[0], grads[1])) << "gradients";
   }
-  // LoRA on a frozen base, token weights set before the forward.
-  const ModelConfig cfg = tiny64_config("s1560");
-  CpuModel<float> init(cfg);
-  perturbed_init(init, 83);
-  LoraConfig lc;
-  lc.rank = 8;
-  lc.targets = {true, true, true, true, true, true};
-  const Batch batch = batch64(cfg.vocab_size, false, 84);
-  std::vector<float> w(static_cast<size_t>(batch.tokens()), 0.f);
-  for (int t = 20; t < 60; ++t) w[static_cast<size_t>(t)] = 1.f / 40;
-  std::vector<float> values, losses[2], grads[2];
-  for (int fused = 0; fused < 2; ++fused) {
-    cuda::GpuModelOptions o{batch.tokens()};
-    o.deterministic = true;
-    cuda::GpuModel gpu(cfg, o);
-    gpu.load_params(init.params());
-    gpu.set_frozen_base(true);
-    cuda::GpuLora glora(cfg, lc, batch.rows, gpu.num_virtual_layers(), batch.seq_len);
-    if (values.empty()) {
-      values.resize(static_cast<size_t>(glora.total()));
-      Rng rng(85);
-      for (float& x : values) x = static_cast<float>(0.05 * rng.normal());
-    }
-    glora.upload(values);
-    glora.zero_grad();
-    gpu.set_lora(&glora);
-    gpu.set_batch(batch);
-    if (fused) {
-      gpu.set_token_weights(w);
-      gpu.forward_for_backward(true);
-      EXPECT_THROW(gpu.set_token_weights(w), Error) << "weights after the forward that used them";
-      losses[fused] = gpu.token_losses();
-      gpu.backward_weighted();
-    } else {
-      gpu.forward();
-      losses[fused] = gpu.token_losses();
-      gpu.backward(w);
-    }
-    grads[fused] = glora.download_grads();
-  }
-  EXPECT_TRUE(same_bits(losses[0], losses[1])) << "LoRA losses";
-  EXPECT_TRUE(same_bits(grads[0], grads[1])) << "LoRA adapter gradients";
 }
 
 // GpuLora::draw makes LoraAdapters::reset's values on the device, bit for bit (the engines' TTT starts
