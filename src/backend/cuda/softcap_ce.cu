@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "backend/cuda/check.h"
+#include "backend/cuda/device.h"
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/softcap_ce.h"
@@ -214,10 +215,9 @@ void launch_rows(const bf16* z, const int32_t* targets, float* losses, float* ls
     const size_t most = size_t(kBlockRow ? kMaxRowVocab : kMaxWarpRowVocab) * sizeof(float) * (kBlockRow ? 1 : kWarps);
     PG_CUDA_CHECK(cudaFuncSetAttribute(softcap_ce_rows_kernel<kBlockRow>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(most)));
-    int device = 0, count = 0;
+    int device = 0;
     PG_CUDA_CHECK(cudaGetDevice(&device));
-    PG_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    return count;
+    return device_info(device).sm_count;
   }();
   int per_sm = 0;
   PG_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, softcap_ce_rows_kernel<kBlockRow>, kWarps * 32,
