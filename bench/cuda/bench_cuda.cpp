@@ -7,7 +7,7 @@
 // of the s691 and s1560 layouts with its parts. CUDA events around each call; warm-up, then the
 // median of the repeats.
 //
-//   bench_cuda [--tokens N] [--seq T] [--reps R] [--only gemm|attention|mlp|ce|optim] [--mlp-splits K]
+//   bench_cuda [--tokens N] [--seq T] [--reps R] [--only gemm|attention|mlp|qkv|ce|optim] [--mlp-splits K]
 //   (defaults: 98304 tokens, T 2048, 20 repeats, every section; --mlp-splits also times the fused MLP
 //   kernels with their hidden tiles cut into K runs, beside the count they choose)
 //   bench_cuda --model PRESET [--tokens N] [--seq T] [--reps R] [--profile]   (bench_model.h)
@@ -29,6 +29,7 @@
 #include "backend/cuda/device.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/mlp_gemm.h"
+#include "backend/cuda/qk_norm_rope.h"
 #include "backend/cuda/softcap_ce.h"
 #include "bench_model.h"
 #include "core/error.h"
@@ -68,9 +69,9 @@ Options parse(int argc, char** argv) {
   }
   PG_CHECK(o.tokens > 0 && o.seq > 0 && o.tokens % o.seq == 0 && o.reps > 0,
            "bench_cuda: --tokens must be a positive multiple of --seq, --reps positive");
-  PG_CHECK(o.only.empty() || o.only == "gemm" || o.only == "attention" || o.only == "mlp" || o.only == "ce" ||
+  PG_CHECK(o.only.empty() || o.only == "gemm" || o.only == "attention" || o.only == "mlp" || o.only == "qkv" || o.only == "ce" ||
                o.only == "optim",
-           "bench_cuda: --only takes gemm, attention, mlp, ce or optim, got '{}'", o.only);
+           "bench_cuda: --only takes gemm, attention, mlp, qkv, ce or optim, got '{}'", o.only);
   return o;
 }
 
@@ -173,6 +174,38 @@ void bench_mlp(const Options& o, const Timer& timer) {
       }
     }
   }
+}
+
+// The attention's input product at s691's shape (8 q heads, 4 kv heads of 64, RoPE on 16, T = --seq):
+// cuBLASLt with the separate QK-norm + RoPE pass, against the fused kernel with that pass in its
+// epilogue, writing qkv's q and k columns (training) or not (an evaluation forward).
+void bench_qkv(const Options& o, const Timer& timer) {
+  const int64_t m = o.tokens;
+  const int d = 512;
+  const QkShape s{m, o.seq, 8, 4, 64, 16};
+  const int cols = (s.heads + 2 * s.kv_heads) * 64;
+  auto x = random_bf16(size_t(m) * d, 31), w = random_bf16(size_t(cols) * d, 32);
+  DeviceBuffer<__nv_bfloat16> qkv(size_t(m) * cols), q(size_t(m) * s.heads * 64), k(size_t(m) * s.kv_heads * 64);
+  DeviceBuffer<float> q_rstd(size_t(m) * s.heads), k_rstd(size_t(m) * s.kv_heads), gain(std::vector<float>(8, 1.f));
+  DeviceBuffer<float> table(std::vector<float>(size_t(o.seq) * 8, 0.5f));
+  const double flops = 2.0 * m * d * double(cols);
+  const std::string shape = fmt::format("M={} d={} qkv={}", m, d, cols);
+  GemmRunner runner;
+  const double product =
+      timer.median_ms([&] { linear_forward(runner, x.data(), w.data(), qkv.data(), m, d, cols, timer.stream); });
+  const double pass = timer.median_ms([&] {
+    qk_norm_rope_forward(qkv.data(), qkv.data() + 512, cols, gain.data(), table.data(), table.data(), q.data(), k.data(),
+                         q_rstd.data(), k_rstd.data(), s, timer.stream);
+  });
+  row("qkv: cuBLAS n·Wqkvᵀ", shape, product, flops);
+  row("qkv: QK-norm + RoPE pass", shape, pass, 0);
+  row("qkv: cuBLAS + pass", shape, product + pass, flops);
+  if (!qkv_fused_supported(d, s)) return;
+  for (const bool lin : {true, false})
+    row(fmt::format("qkv: fused (wgmma){}", lin ? "" : ", no q/k columns"), shape, timer.median_ms([&] {
+          qkv_fused_forward(x.data(), w.data(), qkv.data(), lin, gain.data(), table.data(), table.data(), q.data(),
+                            k.data(), q_rstd.data(), k_rstd.data(), s, d, timer.stream);
+        }), flops);
 }
 
 // The soft-capped cross-entropy over the head's logits (cap 30): the loss pass, the separate backward,
@@ -315,6 +348,7 @@ int run(int argc, char** argv) {
     bench_attention("varlen 1..T", docs, hopper, timer);
   }
   if (section("mlp")) bench_mlp(o, timer);
+  if (section("qkv")) bench_qkv(o, timer);
   if (section("ce")) bench_ce(o, timer);
   if (section("optim")) bench_optimizer(timer);
   PG_CUDA_CHECK(cudaStreamDestroy(stream));

@@ -9,6 +9,7 @@
 
 #include "core/safetensors.h"
 #include "backend/cuda/launch.cuh"
+#include "backend/cuda/mlp_gemm.h"
 #include "cuda_test_util.h"
 #include "gpu_model_check.h"
 #include "model/golden_config.h"
@@ -155,6 +156,61 @@ TEST_F(GpuModelTest, ProgrammaticLaunchKeepsTheBits) {
       for (float g : on.grads) norm += static_cast<double>(g) * g;
       EXPECT_GT(norm, 0.0) << c.name << ": no gradient at all";
     }
+  }
+}
+
+// The QKV product with QK-norm + RoPE in its epilogue (GpuModelOptions::qkv_product fused) against cuBLASLt and
+// the separate pass, at full width (the only width it serves): s691 (RoPE on 16 of 64), baseline (on all
+// 64) and s1560 looping, forward and backward in train mode. The kernel test (MlpGemmTest) shows that
+// q, k and the rstds are the separate pass's bits on the product it computes; here the product's
+// summation order (the same as cuBLASLt's where both run the k-steps in order, as on the H100) may only
+// move the losses and gradients by rounding noise, where a wrong head, position or column would move
+// them by their own size.
+TEST_F(GpuModelTest, FusedQkvProductMatchesTheSeparatePasses) {
+  struct Result {
+    std::vector<float> grads, losses;
+  };
+  auto run = [](const ModelConfig& cfg, const ParamSet<float>& params, const Batch& batch, bool looping, bool fused) {
+    cuda::GpuModelOptions o;
+    o.max_tokens = batch.tokens();
+    o.deterministic = true;
+    o.qkv_product = fused ? cuda::QkvProduct::fused : cuda::QkvProduct::separate;
+    cuda::GpuModel gpu(cfg, o);
+    gpu.load_params(params);
+    gpu.set_looping(looping);
+    gpu.zero_grad();
+    gpu.set_batch(batch);
+    gpu.forward();
+    gpu.backward();
+    Result r;
+    r.losses = gpu.token_losses();
+    ParamSet<float> grads(gpu.layout());
+    gpu.store_grads(grads);
+    r.grads.assign(grads.all().begin(), grads.all().end());
+    return r;
+  };
+  for (const std::string stack : {"s691", "baseline", "s1560"}) {
+    SCOPED_TRACE(stack);
+    const ModelConfig cfg = ModelConfig::from_config(Config::load(stack));
+    ASSERT_TRUE(cuda::qkv_fused_supported(cfg.model_dim, cuda::QkShape{0, 1, cfg.num_heads, cfg.num_kv_heads,
+                                                                        cfg.head_dim, cfg.rope_dims}));
+    CpuModel<float> init(cfg);
+    perturbed_init(init, 81);
+    const Batch batch = random_rows(cfg.vocab_size, 2, 1024, 82);
+    const Result off = run(cfg, init.params(), batch, stack == "s1560", false);
+    const Result on = run(cfg, init.params(), batch, stack == "s1560", true);
+    ASSERT_EQ(off.losses.size(), on.losses.size());
+    ASSERT_EQ(off.grads.size(), on.grads.size());
+    double loss_off = 0, loss_on = 0, diff2 = 0, norm2 = 0;
+    for (size_t i = 0; i < on.losses.size(); ++i) loss_off += off.losses[i], loss_on += on.losses[i];
+    for (size_t i = 0; i < on.grads.size(); ++i) {
+      const double d = static_cast<double>(on.grads[i]) - off.grads[i];
+      diff2 += d * d;
+      norm2 += static_cast<double>(off.grads[i]) * off.grads[i];
+    }
+    EXPECT_NEAR(loss_on / on.losses.size(), loss_off / off.losses.size(), 1e-3 * std::fabs(loss_off / off.losses.size()));
+    EXPECT_GT(norm2, 0.0);
+    EXPECT_LT(std::sqrt(diff2 / norm2), 2e-2) << "gradients moved by more than rounding noise";
   }
 }
 

@@ -17,6 +17,7 @@
 #include "backend/cuda/activation.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/mlp_gemm.h"
+#include "backend/cuda/qk_norm_rope.h"
 #include "core/error.h"
 #include "core/half.h"
 #include "op_test_util.h"
@@ -243,6 +244,144 @@ TEST_F(MlpGemmTest, RejectsShapesItDoesNotServe) {
   EXPECT_THROW(cuda::mlp_fused_forward(a.data(), w.data(), out.data(), post.data(), 64, 256, 1024, 0.5f, nullptr),
                Error);
   EXPECT_THROW(cuda::mlp_fused_backward(a.data(), w.data(), out.data(), post.data(), 64, kDim, 1000, 0.5f, nullptr),
+               Error);
+}
+
+// ---- The QKV product with QK-norm, RoPE and the q gain in its epilogue (qkv_fused_forward) ----------
+
+struct QkvCase {
+  int rows, heads, kv_heads, rope_dims, seq_len;
+};
+
+struct QkvInputs {
+  QkvCase c;
+  int cols;
+  std::vector<float> n, w;
+  DeviceBuffer<bf16> d_n, d_w;
+  DeviceBuffer<float> gain, cos, sin;
+  cuda::QkShape shape() const { return {c.rows, c.seq_len, c.heads, c.kv_heads, 64, c.rope_dims}; }
+  QkvInputs(const QkvCase& c_, uint64_t seed) : c(c_), cols((c_.heads + 2 * c_.kv_heads) * 64) {
+    Rng rng(seed);
+    n = random_bf16_values(static_cast<size_t>(c.rows) * kDim, rng);
+    w = random_bf16_values(static_cast<size_t>(cols) * kDim, rng, 1.0 / std::sqrt(kDim));
+    d_n = to_device_bf16(n), d_w = to_device_bf16(w);
+    gain = DeviceBuffer<float>(params_near(static_cast<size_t>(c.heads), rng, 1.5, 0.5), "gain");
+    // Any table: the epilogue must apply the one it is given exactly as the separate pass does.
+    const size_t table = static_cast<size_t>(c.seq_len) * std::max(1, c.rope_dims / 2);
+    cos = DeviceBuffer<float>(random_f32_values(table, rng, 0.7), "cos");
+    sin = DeviceBuffer<float>(random_f32_values(table, rng, 0.7), "sin");
+  }
+};
+
+struct QkvOutputs {
+  std::vector<float> qkv, q, k, q_rstd, k_rstd;
+};
+
+QkvOutputs qkv_fused_outputs(const QkvInputs& in, bool write_qk_lin, cuda::MlpSchedule schedule, int splits) {
+  const QkvCase& c = in.c;
+  auto qkv = poisoned_buffer<bf16>(static_cast<size_t>(c.rows) * in.cols);
+  auto q = poisoned_buffer<bf16>(static_cast<size_t>(c.rows) * c.heads * 64);
+  auto k = poisoned_buffer<bf16>(static_cast<size_t>(c.rows) * c.kv_heads * 64);
+  auto q_rstd = poisoned_buffer<float>(static_cast<size_t>(c.rows) * c.heads);
+  auto k_rstd = poisoned_buffer<float>(static_cast<size_t>(c.rows) * c.kv_heads);
+  cuda::qkv_fused_forward(in.d_n.data(), in.d_w.data(), qkv.data(), write_qk_lin, in.gain.data(), in.cos.data(),
+                          in.sin.data(), q.data(), k.data(), q_rstd.data(), k_rstd.data(), in.shape(), kDim, nullptr,
+                          schedule, splits);
+  sync_device();
+  return {from_device_bf16(qkv), from_device_bf16(q), from_device_bf16(k), q_rstd.download(), k_rstd.download()};
+}
+
+size_t differing_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  size_t differing = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) differing += std::memcmp(&a[i], &b[i], sizeof(float)) != 0;
+  return differing;
+}
+
+// qkv within the summation-order bound of cuBLASLt's product; q, k and the rstds exactly what
+// qk_norm_rope_forward makes of the fused kernel's own qkv; without the q and k columns of qkv the same
+// q, k, rstds and v columns, and qkv's q and k columns untouched. 300 rows: a partial last row block;
+// s691's heads (8 q, 4 kv, RoPE on 16 of 64), the baseline's (RoPE on all 64), none, and 6 + 2 heads
+// (q in three tiles) with RoPE on 32.
+TEST_F(MlpGemmTest, QkvProductWithQkNormRopeMatchesTheSeparatePasses) {
+  for (const QkvCase& c : {QkvCase{300, 8, 4, 16, 128}, QkvCase{200, 8, 4, 64, 64}, QkvCase{256, 4, 2, 0, 100},
+                           QkvCase{1000, 6, 2, 32, 1000}}) {
+    SCOPED_TRACE("rows " + std::to_string(c.rows) + " heads " + std::to_string(c.heads) + "/" +
+                 std::to_string(c.kv_heads) + " rope " + std::to_string(c.rope_dims));
+    ASSERT_TRUE(cuda::qkv_fused_supported(kDim, cuda::QkShape{c.rows, c.seq_len, c.heads, c.kv_heads, 64, c.rope_dims}));
+    const QkvInputs in(c, 3100 + c.rows + c.heads);
+    const QkvOutputs got = qkv_fused_outputs(in, true, cuda::MlpSchedule::resident_a, 0);
+
+    // The product against cuBLASLt's.
+    auto qkv_ref = poisoned_buffer<bf16>(got.qkv.size());
+    cuda::GemmRunner gemm;
+    cuda::linear_forward(gemm, in.d_n.data(), in.d_w.data(), qkv_ref.data(), c.rows, kDim, in.cols, nullptr);
+    sync_device();
+    const auto want_qkv = from_device_bf16(qkv_ref);
+    const auto abs_sums = abs_product_sums(in.n, in.w, c.rows, in.cols, kDim, 1);
+    size_t bad = 0, differing = 0;
+    for (size_t i = 0; i < want_qkv.size(); ++i) {
+      if (!(std::fabs(got.qkv[i] - want_qkv[i]) <= product_bound(abs_sums[i], want_qkv[i]))) ++bad;
+      differing += got.qkv[i] != want_qkv[i];
+    }
+    EXPECT_EQ(bad, 0u) << "qkv outside the summation-order bound";
+    EXPECT_LT(differing, want_qkv.size() / 10) << "qkv differs from cuBLAS's in more than a tenth of the elements";
+
+    // The separate pass on the fused kernel's qkv.
+    const auto qkv_dev = to_device_bf16(got.qkv);
+    auto q = poisoned_buffer<bf16>(got.q.size()), k = poisoned_buffer<bf16>(got.k.size());
+    auto q_rstd = poisoned_buffer<float>(got.q_rstd.size()), k_rstd = poisoned_buffer<float>(got.k_rstd.size());
+    cuda::qk_norm_rope_forward(qkv_dev.data(), qkv_dev.data() + c.heads * 64, in.cols, in.gain.data(), in.cos.data(),
+                               in.sin.data(), q.data(), k.data(), q_rstd.data(), k_rstd.data(), in.shape(), nullptr);
+    sync_device();
+    EXPECT_EQ(differing_bits(got.q, from_device_bf16(q)), 0u) << "q";
+    EXPECT_EQ(differing_bits(got.k, from_device_bf16(k)), 0u) << "k";
+    EXPECT_EQ(differing_bits(got.q_rstd, q_rstd.download()), 0u) << "q_rstd";
+    EXPECT_EQ(differing_bits(got.k_rstd, k_rstd.download()), 0u) << "k_rstd";
+    size_t nonzero = 0;
+    for (float x : got.q) nonzero += x != 0.f && std::isfinite(x);
+    EXPECT_GT(nonzero, got.q.size() / 2) << "q mostly zeros or unwritten: nothing meaningful compared";
+
+    // Without qkv's q and k columns.
+    const QkvOutputs lean = qkv_fused_outputs(in, false, cuda::MlpSchedule::resident_a, 0);
+    EXPECT_EQ(differing_bits(lean.q, got.q) + differing_bits(lean.k, got.k), 0u) << "q, k without qkv's q and k";
+    EXPECT_EQ(differing_bits(lean.q_rstd, got.q_rstd) + differing_bits(lean.k_rstd, got.k_rstd), 0u);
+    size_t v_differing = 0, qk_written = 0;
+    const int qk_cols = (c.heads + c.kv_heads) * 64;
+    for (int r = 0; r < c.rows; ++r)
+      for (int col = 0; col < in.cols; ++col) {
+        const size_t i = static_cast<size_t>(r) * in.cols + col;
+        if (col < qk_cols) qk_written += !std::isnan(lean.qkv[i]);
+        else v_differing += std::memcmp(&lean.qkv[i], &got.qkv[i], sizeof(float)) != 0;
+      }
+    EXPECT_EQ(v_differing, 0u) << "v's columns";
+    EXPECT_EQ(qk_written, 0u) << "q and k columns of qkv written although write_qk_lin is false";
+
+    // The other schedule and cuts of the tiles: the same bits.
+    for (const auto& [schedule, splits] : {std::pair{cuda::MlpSchedule::streamed_operands, 1},
+                                          std::pair{cuda::MlpSchedule::resident_a, 3}}) {
+      const QkvOutputs other = qkv_fused_outputs(in, true, schedule, splits);
+      EXPECT_EQ(differing_bits(other.qkv, got.qkv) + differing_bits(other.q, got.q) + differing_bits(other.k, got.k) +
+                    differing_bits(other.q_rstd, got.q_rstd) + differing_bits(other.k_rstd, got.k_rstd),
+                0u)
+          << "schedule " << static_cast<int>(schedule) << ", " << splits << " runs";
+    }
+  }
+}
+
+TEST_F(MlpGemmTest, QkvProductRejectsShapesItDoesNotServe) {
+  EXPECT_TRUE(cuda::qkv_fused_supported(kDim, cuda::QkShape{0, 2048, 8, 4, 64, 16}));
+  EXPECT_FALSE(cuda::qkv_fused_supported(256, cuda::QkShape{0, 2048, 8, 4, 64, 16}));  // dim
+  EXPECT_FALSE(cuda::qkv_fused_supported(kDim, cuda::QkShape{0, 2048, 8, 4, 32, 16}));  // head_dim
+  EXPECT_FALSE(cuda::qkv_fused_supported(kDim, cuda::QkShape{0, 2048, 7, 4, 64, 16}));  // odd heads
+  EXPECT_FALSE(cuda::qkv_fused_supported(kDim, cuda::QkShape{0, 2048, 8, 3, 64, 16}));  // odd kv heads
+  EXPECT_FALSE(cuda::qkv_fused_supported(kDim, cuda::QkShape{0, 2048, 8, 4, 64, 24}));  // RoPE partners apart
+  EXPECT_FALSE(cuda::qkv_fused_supported(kDim, cuda::QkShape{0, 2048, 8, 4, 64, 48}));  // 24 apart
+  DeviceBuffer<bf16> a(64 * kDim), w(1024 * kDim), qkv(64 * 1024), q(64 * 512), k(64 * 256);
+  DeviceBuffer<float> rstd(64 * 8), gain(8), table(2048 * 12);
+  EXPECT_THROW(cuda::qkv_fused_forward(a.data(), w.data(), qkv.data(), true, gain.data(), table.data(), table.data(),
+                                       q.data(), k.data(), rstd.data(), rstd.data(), cuda::QkShape{64, 2048, 8, 4, 64, 24},
+                                       kDim, nullptr),
                Error);
 }
 

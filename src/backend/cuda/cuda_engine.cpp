@@ -63,6 +63,9 @@ GpuModelOptions model_options(const Config& c, const CudaEngineOptions& o) {
   const std::string mlp = c.get_string("mlp_gemm");
   PG_CHECK(mlp == "fused" || mlp == "cublas", "mlp_gemm = '{}': expected fused | cublas", mlp);
   m.mlp_fused = mlp == "fused";
+  const std::string qkv = c.get_string("qkv_gemm");
+  PG_CHECK(qkv == "eval" || qkv == "fused" || qkv == "cublas", "qkv_gemm = '{}': expected eval | fused | cublas", qkv);
+  m.qkv_product = qkv == "fused" ? QkvProduct::fused : qkv == "eval" ? QkvProduct::evaluation : QkvProduct::separate;
   m.fold_dq_finish = c.get_bool("attention_dq_fold");
   m.bf16_norm_grads = c.get_bool("cuda_bf16_norm_grads");
   m.lora_side_stream = c.get_bool("cuda_lora_side_stream");

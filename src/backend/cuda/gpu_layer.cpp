@@ -24,7 +24,16 @@ void GpuModel::Impl::forward_attention(int v, bool selected_queries) {
   const LayerParams& p = lp[static_cast<size_t>(L.physical)];
   LayerBuf& b = layers[static_cast<size_t>(v)];
   const int n = static_cast<int>(N);
-  linear(b.n, d, W16(p.w16_qkv), n, d, qkv_w, b.qkv, qkv_w, false, 0.f);
+  const QkShape qk_shape{N, T, H, Hkv, Dh, m.rope_dims};
+  // The fused product leaves qkv's q and k columns out where no backward reads them, and serves no
+  // adapter that adds to q or k before their norm.
+  const bool fused = qkv_fused && (selective_forward || qkv_fused_everywhere) && !has_lora(LoraTarget::Q, v) &&
+                     !has_lora(LoraTarget::K, v);
+  if (fused)
+    qkv_fused_forward(b.n, W16(p.w16_qkv), b.qkv, !selective_forward, P(p.q_gain), rope_cos, rope_sin, b.q, b.k,
+                      b.q_rstd, b.k_rstd, qk_shape, d, stream);
+  else
+    linear(b.n, d, W16(p.w16_qkv), n, d, qkv_w, b.qkv, qkv_w, false, 0.f);
   lora_group_hidden(v, b.n);  // the q, k, v and o adapters' h in one product (o's is applied later)
   lora_forward(LoraTarget::Q, v, b.n, b.qkv, qkv_w);
   lora_forward(LoraTarget::K, v, b.n, b.qkv + qd, qkv_w);
@@ -35,8 +44,9 @@ void GpuModel::Impl::forward_attention(int v, bool selected_queries) {
                 mix && v > 0 ? layers[0].v_raw : nullptr, mix ? P(p.vr_lambda) : nullptr, b.v_raw, b.v,
                 ValueShape{N, kvd}, stream);
   const bf16* vals = mix ? b.v : b.v_raw;
-  qk_norm_rope_forward(b.qkv, b.qkv + qd, qkv_w, P(p.q_gain), rope_cos, rope_sin, b.q, b.k, b.q_rstd, b.k_rstd,
-                       QkShape{N, T, H, Hkv, Dh, m.rope_dims}, stream);
+  if (!fused)
+    qk_norm_rope_forward(b.qkv, b.qkv + qd, qkv_w, P(p.q_gain), rope_cos, rope_sin, b.q, b.k, b.q_rstd, b.k_rstd,
+                         qk_shape, stream);
 
   AttentionShape shape = attention_shape();
   if (selected_queries) shape.query_begin = selection.query_begin;

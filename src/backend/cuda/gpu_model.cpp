@@ -67,6 +67,9 @@ GpuModel::Impl::Impl(const ModelConfig& config, const GpuModelOptions& options)
   H = m.num_heads, Hkv = m.num_kv_heads, Dh = m.head_dim;
   qkv_w = qd + 2 * kvd;
   mlp_fused = options.mlp_fused && mlp_fused_supported(d, hid);
+  qkv_fused = options.qkv_product != QkvProduct::separate &&
+              qkv_fused_supported(d, QkShape{0, 1, H, Hkv, Dh, m.rope_dims});
+  qkv_fused_everywhere = options.qkv_product == QkvProduct::fused;
   fold_dq_finish = options.fold_dq_finish && Dh == kAttentionHeadDim && !deterministic;
   bf16_norm_grads = options.bf16_norm_grads;
   lora_side_stream = options.lora_side_stream;

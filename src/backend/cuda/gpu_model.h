@@ -35,6 +35,12 @@ namespace pgolf::cuda {
 
 class GpuLora;
 
+enum class QkvProduct {
+  separate,    // cuBLASLt, then qk_norm_rope_forward
+  evaluation,  // fused in selective evaluation forwards (Batch::losses_from), separate elsewhere
+  fused,       // fused in every forward
+};
+
 struct GpuModelOptions {
   int64_t max_tokens = 0;      // the largest batch (rows · seq_len) set_batch will be given
   bool deterministic = false;  // backward without atomics: the embedding and attention dQ kernels that
@@ -43,6 +49,12 @@ struct GpuModelOptions {
   // The MLP's first product and its gradient with the activation in the epilogue (mlp_gemm.h) where
   // the shape and device allow; otherwise cuBLASLt and the separate activation passes.
   bool mlp_fused = true;
+  // Where the attention's input product runs with QK-norm, RoPE and the q gain in its epilogue
+  // (mlp_gemm.h, qkv_fused_forward), if the shape and device allow and no LoRA adapter adds to q or k;
+  // elsewhere cuBLASLt and qk_norm_rope_forward. Measured on an H100 (bench_cuda --only qkv, 98,304
+  // rows): 0.277 against 0.300 ms where qkv's q and k columns are not written (a selective evaluation
+  // forward, which no backward follows), 0.311 where they are (a training forward).
+  QkvProduct qkv_product = QkvProduct::evaluation;
   // The attention backward leaves dQ as its fp32 sum and qk_norm_rope_backward rounds it (no finish
   // pass, no bf16 dq round trip; the same bits). Flash kernels only, not in deterministic mode.
   bool fold_dq_finish = true;

@@ -64,6 +64,8 @@ struct GpuModel::Impl {
   bool deterministic = false;
   AttentionTuning attention;  // flash attention kernels, with `deterministic`
   bool mlp_fused = false;      // the fused MLP kernels serve this model (options, shape and device)
+  bool qkv_fused = false;      // the QKV product with QK-norm + RoPE in its epilogue serves it (the same)
+  bool qkv_fused_everywhere = false;  // ... in every forward, not only the selective evaluation ones
   bool fold_dq_finish = false;  // qk_norm_rope_backward reads attention's fp32 dQ sum (options, head dim, mode)
   bool bf16_norm_grads = true;  // norm gradients stored bf16 where one GEMM writes them alone (options)
   bool lora_side_stream = true;  // LoRA weight gradients on `side` (options)

@@ -36,12 +36,14 @@
 // about twice their time per step (the chunk's shared-memory load latency and ALU work in line with
 // the MMA issue), and its own drain warps made the forward 11 % and the backward 14 % faster.
 #include <cstdint>
+#include <type_traits>
 
 #include "backend/cuda/activation.cuh"
 #include "backend/cuda/check.h"
 #include "backend/cuda/device.h"
 #include "backend/cuda/mlp_gemm.h"
 #include "backend/cuda/mma.cuh"
+#include "backend/cuda/qk_rope.cuh"
 #include "backend/cuda/tensor_map.h"
 #include "backend/cuda/tma.cuh"
 #include "backend/cuda/wgmma.cuh"
@@ -84,16 +86,38 @@ template <bool kStreamA>
 constexpr int kSmemBytes = kOperandBytes<kStreamA> + 2 * kStagingBytes + 2 * kStageCount<kStreamA> * 8 + kAtomBytes;
 static_assert(kSmemBytes<true> <= 227 * 1024 && kSmemBytes<false> <= 227 * 1024, "over Hopper's 227 KB per CTA");
 
+// What the drain warpgroup makes of a staged tile.
+enum class Epilogue {
+  mlp_forward,   // pre and post = act(pre)
+  mlp_backward,  // dpre = bf16(dpost · f'(pre))
+  qkv_forward,   // qkv, and for the q and k heads QK-norm, RoPE and gain into q and k (qkv_gemm.h)
+};
+
+// The QKV product's epilogue: the q heads fill columns [0, q_cols), the k heads [q_cols, q_cols + k_cols)
+// (both multiples of 128: whole tiles), v the rest. Head dimension 64.
+struct QkvEpilogue {
+  bf16* q;        // [rows, heads, 64]
+  bf16* k;        // [rows, kv_heads, 64]
+  float* q_rstd;  // [rows, heads]
+  float* k_rstd;  // [rows, kv_heads]
+  const float* gain;                        // [heads]
+  const float* rope_cos;                    // [seq_len, half]
+  const float* rope_sin;
+  int q_cols, k_cols, heads, kv_heads, seq_len, half;
+  bool write_qk_lin;  // the q and k columns of qkv too (the backward reads them); v's always
+};
+
 struct MlpGemmParams {
   CUtensorMap a_map;  // A [rows, 512], boxes of 128 rows x 64
   CUtensorMap b_map;  // Wfc [hidden, 512] or Wproj [512, hidden], boxes of 64 x 64
   const bf16* pre;    // backward: [rows, hidden]
-  bf16* out;          // forward: pre; backward: dpre
+  bf16* out;          // forward: pre; backward: dpre; qkv: qkv
   bf16* post;         // forward: post
   int64_t rows;
   int hidden;
   int tiles_per_split;  // hidden tiles of a CTA: blockIdx.y's run starts at tile blockIdx.y · tiles_per_split
   float slope;
+  QkvEpilogue qkv;
 };
 
 __device__ __forceinline__ void st_shared_u32(uint32_t address, uint32_t v) {
@@ -123,10 +147,119 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t v) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
 
-template <bool kBackward, bool kStreamA>
+// The drain of the QKV product's staged tile of consumer warpgroup wg: qkv's chunks as they are, and for
+// a q or k tile each head vector normalized, rotated and scaled as qk_norm_rope_forward does, written to
+// q or k with its rstd. A thread takes a pair of 8-element chunks of one head at a time, the chunks c and
+// c + h8 of RoPE's pairs (h8 = half/8; 4 without RoPE), so that every rotation is local; the 4 lanes of
+// a quad hold one head of one row. Bit for bit the separate pass: each chunk's sum of squares in its
+// order, the head's total as that pass's butterfly over its 8 lanes forms it (((s0 + s4) + (s2 + s6)) +
+// ((s1 + s5) + (s3 + s7)), the same on every lane), then the same products. The tile's kind is the same
+// for the whole warpgroup; rows past the last compute on zeros and store nothing.
+template <int kH8, bool kRope>
+__device__ __forceinline__ void drain_qkv_tile(const MlpGemmParams& p, uint32_t staging0, uint32_t staging1, int t,
+                                               int64_t row_base, int valid, int col0) {
+  const QkvEpilogue& e = p.qkv;
+  const bool is_q = col0 < e.q_cols, is_k = !is_q && col0 < e.q_cols + e.k_cols;
+  if (!(is_q || is_k)) {
+    const int chunk = t & 15;
+    const SwizzledTile64 staging{chunk < 8 ? staging0 : staging1};
+    bf16* const lin = p.out + row_base * p.hidden + col0 + chunk * 8;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int row = (t >> 4) + 8 * i;
+      const uint4 raw = ld_shared_v4(staging.chunk_address(row, chunk & 7));
+      if (row < valid) *reinterpret_cast<uint4*>(lin + static_cast<int64_t>(row) * p.hidden) = raw;
+    }
+    return;
+  }
+  // Item t + 128i: row (t >> 3) + 16i, head (t >> 2) & 1 of the tile, quad lane qq = t & 3.
+  const int qq = t & 3, local_head = (t >> 2) & 1;
+  const SwizzledTile64 staging{local_head == 0 ? staging0 : staging1};
+  static_assert(kH8 == 1 || kH8 == 2 || kH8 == 4, "RoPE partners 8, 16 or 32 elements apart");
+  constexpr int kLb = kH8 == 1 ? 0 : kH8 == 2 ? 1 : 2;  // the chunk-index bit that is local
+  const int half = e.half;
+  const int ca = ((qq >> kLb) << (kLb + 1)) | (qq & (kH8 - 1)), cb = ca + kH8;  // the pair's chunks
+  const bool rotates = kRope && ca < kH8;
+  const int head = (col0 - (is_q ? 0 : e.q_cols)) / 64 + local_head;
+  const int heads = is_q ? e.heads : e.kv_heads;
+  const float g = is_q ? e.gain[head] : 1.f;
+  bf16* const out = (is_q ? e.q : e.k) + (row_base * heads + head) * 64;
+  float* const rstd = (is_q ? e.q_rstd : e.k_rstd) + row_base * heads + head;
+  bf16* const lin = p.out + row_base * p.hidden + col0 + local_head * 64;
+  const uint32_t token0 = static_cast<uint32_t>(row_base + (t >> 3)), seq_len = static_cast<uint32_t>(e.seq_len);
+  // One step of the separate pass's butterfly over the chunk index, bit kBit: x ← x + x of chunk c ^ kBit,
+  // for both of this lane's chunks; the local bit adds the pair, another is a lane xor within the quad.
+  auto step = [](float& xa, float& xb, auto bit) {
+    constexpr int kBit = decltype(bit)::value;
+    if constexpr (kBit == kH8) {
+      const float sum_a = xa + xb, sum_b = xb + xa;
+      xa = sum_a, xb = sum_b;
+    } else {
+      constexpr int kLaneXor = kBit < kH8 ? kBit : kBit / 2;  // the bit with the local one taken out
+      xa += __shfl_xor_sync(0xffffffffu, xa, kLaneXor);
+      xb += __shfl_xor_sync(0xffffffffu, xb, kLaneXor);
+    }
+  };
+#pragma unroll 2
+  for (int i = 0; i < 4; ++i) {
+    const int row = (t >> 3) + 16 * i;
+    const bool live = row < valid;
+    float c[8] = {}, sn[8] = {};
+    if (rotates) {
+      const uint32_t pos = (token0 + 16u * i) % seq_len;
+      load8(e.rope_cos + static_cast<int64_t>(pos) * half + 8 * ca, c);
+      load8(e.rope_sin + static_cast<int64_t>(pos) * half + 8 * ca, sn);
+    }
+    const uint4 raw_a = ld_shared_v4(staging.chunk_address(row, ca));
+    const uint4 raw_b = ld_shared_v4(staging.chunk_address(row, cb));
+    if (live && e.write_qk_lin) {
+      *reinterpret_cast<uint4*>(lin + static_cast<int64_t>(row) * p.hidden + 8 * ca) = raw_a;
+      *reinterpret_cast<uint4*>(lin + static_cast<int64_t>(row) * p.hidden + 8 * cb) = raw_b;
+    }
+    float a[8], b[8];
+    const uint32_t* ia = &raw_a.x;
+    const uint32_t* ib = &raw_b.x;
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const float2 fa = unpack_bf16(ia[x]), fb = unpack_bf16(ib[x]);
+      a[2 * x] = fa.x, a[2 * x + 1] = fa.y, b[2 * x] = fb.x, b[2 * x + 1] = fb.y;
+    }
+    float sa = 0.f, sb = 0.f;
+#pragma unroll
+    for (int x = 0; x < 8; ++x) sa += a[x] * a[x];
+#pragma unroll
+    for (int x = 0; x < 8; ++x) sb += b[x] * b[x];
+    step(sa, sb, std::integral_constant<int, 4>{});
+    step(sa, sb, std::integral_constant<int, 2>{});
+    step(sa, sb, std::integral_constant<int, 1>{});
+    const float inv = 1.f / sqrtf(sa / 64.f + kRmsNormEpsF);
+#pragma unroll
+    for (int x = 0; x < 8; ++x) a[x] *= inv, b[x] *= inv;
+    if (rotates) {
+      float ra[8], rb[8];
+#pragma unroll
+      for (int x = 0; x < 8; ++x) {
+        ra[x] = rotated(a[x], b[x], c[x], sn[x], true);
+        rb[x] = rotated(b[x], a[x], c[x], sn[x], false);
+      }
+#pragma unroll
+      for (int x = 0; x < 8; ++x) a[x] = ra[x], b[x] = rb[x];
+    }
+#pragma unroll
+    for (int x = 0; x < 8; ++x) a[x] *= g, b[x] *= g;
+    if (live) {
+      store8(out + static_cast<int64_t>(row) * heads * 64 + 8 * ca, a);
+      store8(out + static_cast<int64_t>(row) * heads * 64 + 8 * cb, b);
+      if (qq == 0) rstd[static_cast<int64_t>(row) * heads] = inv;
+    }
+  }
+}
+
+template <Epilogue kEpi, bool kStreamA>
 __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads, 1)
     mlp_fused_gemm_kernel(const __grid_constant__ MlpGemmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kBackward = kEpi == Epilogue::mlp_backward;
   extern __shared__ unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warpgroup = warp >> 2;
   const uint32_t cta_rank = cluster_cta_rank();
@@ -226,6 +359,24 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
     // The backward's pre chunks of the tile are prefetched to L2 before the waits, and each
     // warpgroup's 8 loaded before its own.
     const int t = tid - kConsumerThreads;
+    if constexpr (kEpi == Epilogue::qkv_forward) {
+      for (int j = 0; j < tiles; ++j) {
+#pragma unroll
+        for (int wg = 0; wg < 2; ++wg) {
+          named_barrier_sync(kStagedBarrier + wg, kHandoffThreads);
+          const uint32_t s0 = staging_half(wg, 0).base, s1 = staging_half(wg, 1).base;
+          const int64_t rb = row0 + 64 * wg;
+          const int valid = valid_rows - 64 * wg, col0 = (tile0 + j) * kBlockN;
+          switch (p.qkv.half) {
+            case 8: drain_qkv_tile<1, true>(p, s0, s1, t, rb, valid, col0); break;
+            case 16: drain_qkv_tile<2, true>(p, s0, s1, t, rb, valid, col0); break;
+            case 32: drain_qkv_tile<4, true>(p, s0, s1, t, rb, valid, col0); break;
+            default: drain_qkv_tile<4, false>(p, s0, s1, t, rb, valid, col0); break;  // no RoPE (checked)
+          }
+          if (j + 1 < tiles) named_barrier_arrive(kDrainedBarrier + wg, kHandoffThreads);
+        }
+      }
+    } else {
     for (int j = 0; j < tiles; ++j) {
       if constexpr (kBackward) {
 #pragma unroll
@@ -248,6 +399,7 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
         for (int i = 0; i < 8; ++i) drain_chunk(wg, t, j, i, pre_chunk[i]);
         if (j + 1 < tiles) named_barrier_arrive(kDrainedBarrier + wg, kHandoffThreads);
       }
+    }
     }
   } else {
     // The tile's accumulators rounded to bf16 (pre, or dpost) at their fragment positions of the staging
@@ -336,26 +488,28 @@ int multiprocessors() {
   return sms;
 }
 
-// a [rows, 512]; b Wfc [hidden, 512] (forward) or Wproj [512, hidden] (backward).
-template <bool kBackward, bool kStreamA>
-void launch_schedule(const bf16* a, const bf16* b, const bf16* pre, bf16* out, bf16* post, int64_t rows, int dim, int hidden,
-            float slope, const char* what, int hidden_splits, cudaStream_t stream) {
-  PG_CUDA_REQUIRE(mlp_fused_supported(dim, hidden), what);
-  PG_CUDA_REQUIRE(aligned16(a) && aligned16(b) && aligned16(out) && aligned16(pre) && aligned16(post),
+// a [rows, 512]; b Wfc [hidden, 512] or Wqkv [hidden, 512] (forward) or Wproj [512, hidden] (backward);
+// p holds the epilogue's pointers and scalars, the maps and the grid are set here.
+template <Epilogue kEpi, bool kStreamA>
+void launch_schedule(const bf16* a, const bf16* b, MlpGemmParams p, const char* what, int hidden_splits,
+                     cudaStream_t stream) {
+  constexpr bool kBackward = kEpi == Epilogue::mlp_backward;
+  const int64_t rows = p.rows;
+  const int hidden = p.hidden;
+  PG_CUDA_REQUIRE(mlp_fused_supported(kDim, hidden), what);
+  PG_CUDA_REQUIRE(aligned16(a) && aligned16(b) && aligned16(p.out) && aligned16(p.pre) && aligned16(p.post),
                   "mlp_fused: every matrix must be 16-byte aligned");
   PG_CUDA_REQUIRE(rows >= 0 && rows < (int64_t{1} << 31), "mlp_fused: rows must be in [0, 2^31)");
   if (rows == 0) return;
   static const bool configured = [] {
-    PG_CUDA_CHECK(cudaFuncSetAttribute(mlp_fused_gemm_kernel<kBackward, kStreamA>,
+    PG_CUDA_CHECK(cudaFuncSetAttribute(mlp_fused_gemm_kernel<kEpi, kStreamA>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes<kStreamA>));
     return true;
   }();
   (void)configured;
-  MlpGemmParams p;
   p.a_map = swizzled_tensor_map(a, kDim, static_cast<uint64_t>(rows), kBlockM);
   p.b_map = kBackward ? swizzled_tensor_map(b, static_cast<uint64_t>(hidden), kDim, 64)
                       : swizzled_tensor_map(b, kDim, static_cast<uint64_t>(hidden), 64);
-  p.pre = pre, p.out = out, p.post = post, p.rows = rows, p.hidden = hidden, p.slope = slope;
   // Whole clusters: a CTA past the last row still streams its half of B for its partner.
   const int64_t blocks = ((rows + kBlockM - 1) / kBlockM + kClusterSize - 1) / kClusterSize * kClusterSize;
   const int tiles = hidden / kBlockN;
@@ -364,17 +518,23 @@ void launch_schedule(const bf16* a, const bf16* b, const bf16* pre, bf16* out, b
   const int splits = hidden_splits > 0 ? hidden_splits : mlp_fused_hidden_splits(rows, hidden, multiprocessors());
   p.tiles_per_split = (tiles + splits - 1) / splits;
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((tiles + p.tiles_per_split - 1) / p.tiles_per_split));
-  mlp_fused_gemm_kernel<kBackward, kStreamA><<<grid, kThreads, kSmemBytes<kStreamA>, stream>>>(p);
+  mlp_fused_gemm_kernel<kEpi, kStreamA><<<grid, kThreads, kSmemBytes<kStreamA>, stream>>>(p);
   PG_CUDA_LAUNCH_CHECK();
 }
 
-template <bool kBackward>
-void launch(const bf16* a, const bf16* b, const bf16* pre, bf16* out, bf16* post, int64_t rows, int dim, int hidden,
-            float slope, const char* what, MlpSchedule schedule, int hidden_splits, cudaStream_t stream) {
+template <Epilogue kEpi>
+void launch(const bf16* a, const bf16* b, const MlpGemmParams& p, const char* what, MlpSchedule schedule,
+            int hidden_splits, cudaStream_t stream) {
   if (schedule == MlpSchedule::streamed_operands)
-    launch_schedule<kBackward, true>(a, b, pre, out, post, rows, dim, hidden, slope, what, hidden_splits, stream);
+    launch_schedule<kEpi, true>(a, b, p, what, hidden_splits, stream);
   else
-    launch_schedule<kBackward, false>(a, b, pre, out, post, rows, dim, hidden, slope, what, hidden_splits, stream);
+    launch_schedule<kEpi, false>(a, b, p, what, hidden_splits, stream);
+}
+
+MlpGemmParams mlp_params(const bf16* pre, bf16* out, bf16* post, int64_t rows, int hidden, float slope) {
+  MlpGemmParams p{};
+  p.pre = pre, p.out = out, p.post = post, p.rows = rows, p.hidden = hidden, p.slope = slope;
+  return p;
 }
 
 }  // namespace
@@ -398,17 +558,47 @@ bool mlp_fused_supported(int dim, int hidden) {
 void mlp_fused_forward(const bf16* m, const bf16* wfc, bf16* pre, bf16* post, int64_t rows, int dim, int hidden,
                        float slope, cudaStream_t stream, MlpSchedule schedule, int hidden_splits) {
   PG_CUDA_REQUIRE(post != nullptr, "mlp_fused_forward: post is required");
-  launch<false>(m, wfc, nullptr, pre, post, rows, dim, hidden, slope,
-                "mlp_fused_forward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", schedule, hidden_splits,
-                stream);
+  PG_CUDA_REQUIRE(dim == kDim, "mlp_fused_forward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU");
+  launch<Epilogue::mlp_forward>(m, wfc, mlp_params(nullptr, pre, post, rows, hidden, slope),
+                                "mlp_fused_forward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", schedule,
+                                hidden_splits, stream);
 }
 
 void mlp_fused_backward(const bf16* df, const bf16* wproj, const bf16* pre, bf16* dpre, int64_t rows, int dim,
                         int hidden, float slope, cudaStream_t stream, MlpSchedule schedule, int hidden_splits) {
   PG_CUDA_REQUIRE(pre != nullptr && dpre != nullptr, "mlp_fused_backward: pre and dpre are required");
-  launch<true>(df, wproj, pre, dpre, nullptr, rows, dim, hidden, slope,
-               "mlp_fused_backward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", schedule, hidden_splits,
-               stream);
+  PG_CUDA_REQUIRE(dim == kDim, "mlp_fused_backward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU");
+  launch<Epilogue::mlp_backward>(df, wproj, mlp_params(pre, dpre, nullptr, rows, hidden, slope),
+                                 "mlp_fused_backward: needs dim 512, hidden a multiple of 128 and an sm_90 GPU", schedule,
+                                 hidden_splits, stream);
+}
+
+bool qkv_fused_supported(int dim, const QkShape& s) {
+  const int qkv_cols = (s.heads + 2 * s.kv_heads) * 64;
+  return mlp_fused_supported(dim, qkv_cols) && s.head_dim == 64 && s.heads > 0 && s.heads % 2 == 0 &&
+         s.kv_heads > 0 && s.kv_heads % 2 == 0 &&
+         (s.rope_dims == 0 || s.rope_dims == 16 || s.rope_dims == 32 || s.rope_dims == 64) &&
+         s.seq_len > 0;
+}
+
+void qkv_fused_forward(const bf16* n, const bf16* wqkv, bf16* qkv, bool write_qk_lin, const float* gain,
+                       const float* rope_cos, const float* rope_sin, bf16* q, bf16* k, float* q_rstd, float* k_rstd,
+                       const QkShape& s, int dim, cudaStream_t stream, MlpSchedule schedule, int hidden_splits) {
+  static constexpr const char* kWhat =
+      "qkv_fused_forward: needs dim 512, head_dim 64, even heads and kv_heads, rope_dims 0, 16, 32 or 64 and an "
+      "sm_90 GPU";
+  PG_CUDA_REQUIRE(qkv_fused_supported(dim, s), kWhat);
+  PG_CUDA_REQUIRE(qkv && q && k && q_rstd && k_rstd && gain, "qkv_fused_forward: qkv, q, k, the rstds and the gain are required");
+  PG_CUDA_REQUIRE(s.rope_dims == 0 || (rope_cos && rope_sin), "qkv_fused_forward: RoPE needs its cos and sin tables");
+  PG_CUDA_REQUIRE(aligned16(q) && aligned16(k), "qkv_fused_forward: q and k must be 16-byte aligned");
+  MlpGemmParams p{};
+  p.out = qkv, p.rows = s.tokens, p.hidden = (s.heads + 2 * s.kv_heads) * 64;
+  QkvEpilogue& e = p.qkv;
+  e.q = q, e.k = k, e.q_rstd = q_rstd, e.k_rstd = k_rstd, e.gain = gain, e.rope_cos = rope_cos, e.rope_sin = rope_sin;
+  e.q_cols = s.heads * 64, e.k_cols = s.kv_heads * 64, e.heads = s.heads, e.kv_heads = s.kv_heads;
+  e.seq_len = static_cast<int>(s.seq_len), e.half = s.rope_dims / 2, e.write_qk_lin = write_qk_lin;
+  PG_CUDA_REQUIRE(s.seq_len < (int64_t{1} << 31), kWhat);
+  launch<Epilogue::qkv_forward>(n, wqkv, p, kWhat, schedule, hidden_splits, stream);
 }
 
 }  // namespace pgolf::cuda

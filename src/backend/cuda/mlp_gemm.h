@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "backend/cuda/qk_norm_rope.h"
+
 namespace pgolf::cuda {
 
 // Whether the fused kernels serve this shape on the current device: dim 512, hidden a positive
@@ -44,5 +46,21 @@ void mlp_fused_forward(const __nv_bfloat16* m, const __nv_bfloat16* wfc, __nv_bf
 void mlp_fused_backward(const __nv_bfloat16* df, const __nv_bfloat16* wproj, const __nv_bfloat16* pre,
                         __nv_bfloat16* dpre, int64_t rows, int dim, int hidden, float slope, cudaStream_t stream,
                         MlpSchedule schedule = MlpSchedule::resident_a, int hidden_splits = 0);
+
+// The attention's input product on the same kernel, with the per-head preparation of q and k in its
+// epilogue:
+//   qkv = bf16(n · Wqkvᵀ) [rows, (H + 2·Hkv)·64]  (columns: q heads, k heads, v heads)
+//   q, k, q_rstd, k_rstd = qk_norm_rope_forward(qkv's q and k columns)   (qk_norm_rope.h)
+// The epilogue runs the separate pass's fp32 operations on the kernel's own rounded qkv, so q, k and the
+// rstds are that pass's bits on this qkv; qkv itself equals cuBLASLt's up to the summation order. With
+// write_qk_lin false only v's columns of qkv are written (nothing reads q's and k's without a backward).
+// Served (qkv_fused_supported): an sm_90 GPU, dim 512, head_dim 64, even H and Hkv (q and k in whole
+// 128-column tiles), rope_dims 0, 16, 32 or 64 (a lane holds both chunks of each RoPE pair).
+bool qkv_fused_supported(int dim, const QkShape& shape);
+
+void qkv_fused_forward(const __nv_bfloat16* n, const __nv_bfloat16* wqkv, __nv_bfloat16* qkv, bool write_qk_lin,
+                       const float* gain, const float* rope_cos, const float* rope_sin, __nv_bfloat16* q,
+                       __nv_bfloat16* k, float* q_rstd, float* k_rstd, const QkShape& shape, int dim,
+                       cudaStream_t stream, MlpSchedule schedule = MlpSchedule::resident_a, int hidden_splits = 0);
 
 }  // namespace pgolf::cuda

@@ -19,13 +19,14 @@
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/kernel_util.cuh"
 #include "backend/cuda/qk_norm_rope.h"
+#include "backend/cuda/qk_rope.cuh"
 
 #include <numeric>
 
 namespace pgolf::cuda {
 namespace {
 
-constexpr int kLanesPerVec = 8;                             // 8 lanes × 8 elements ≥ head_dim
+constexpr int kLanesPerVec = kQkGroupLanes;                 // 8 lanes × 8 elements ≥ head_dim
 constexpr int kMaxVecsPerBlock = 64;                        // head vectors in flight per block
 constexpr int kThreads = kMaxVecsPerBlock * kLanesPerVec;  // 512 at most
 constexpr int kWarps = kThreads / 32;
@@ -51,19 +52,6 @@ __device__ __forceinline__ HeadRow head_row(int r, const QkShape& s) {
   return {token, slot - s.heads, false, token * s.kv_heads + slot - s.heads};
 }
 
-// Sum over the 8 lanes of a group (aligned groups of a warp; every lane of the warp calls it).
-__device__ __forceinline__ float group_sum(float x) {
-#pragma unroll
-  for (int offset = kLanesPerVec / 2; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-// [a, b] ← [a·c + b·s, a·(−s) + b·c] for a = element j < half and b = its partner j + half: `own` is
-// a (first) or b, `partner` the other.
-__device__ __forceinline__ float rotated(float own, float partner, float c, float sn, bool first) {
-  return first ? own * c + partner * sn : partner * (-sn) + own * c;
-}
-
 // The lane's 8 elements (first element j0 = 8·(lane mod 8)) ← R(θ)·v or Rᵀ(θ)·v on the rotated pairs
 // (j, j + half), j < half; the other elements keep their value. `row` is the warp's exchange area
 // (32 · kExchangeStride floats); the whole warp calls it.
@@ -84,25 +72,6 @@ __device__ __forceinline__ void rotate_exchange(float (&v)[8], float* row, int j
     v[e] = rotated(v[e], partner, cos_row[pair], transpose ? -sin_row[pair] : sin_row[pair], j < half);
   }
   __syncwarp();  // the row is rewritten by the next call
-}
-
-// The same rotation for half a multiple of 8: element j0 + e pairs with element e of the lane
-// half/8 further (j0 < half) or back (half ≤ j0 < 2·half); cos/sin come as two 16-byte loads each.
-__device__ __forceinline__ void rotate_shuffle(float (&v)[8], int j0, const float* cos_row, const float* sin_row,
-                                               int half, bool transpose) {
-  const int lane = threadIdx.x & 31;
-  const bool rotates = j0 < 2 * half, first = j0 < half;
-  const int partner_lane = !rotates ? lane : first ? lane + half / 8 : lane - half / 8;
-  float partner[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) partner[e] = __shfl_sync(0xffffffffu, v[e], partner_lane);
-  if (!rotates) return;
-  const int pair0 = first ? j0 : j0 - half;
-  float c[8], sn[8];
-  load8(cos_row + pair0, c);
-  load8(sin_row + pair0, sn);
-#pragma unroll
-  for (int e = 0; e < 8; ++e) v[e] = rotated(v[e], partner[e], c[e], transpose ? -sn[e] : sn[e], first);
 }
 
 __device__ __forceinline__ void rotate(float (&v)[8], float* row, int j0, const float* cos_row, const float* sin_row,
@@ -133,12 +102,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm)
     const int pos = hr.token % static_cast<int>(s.seq_len);
     float v[8] = {};
     if (active) load8((hr.is_q ? q_lin : k_lin) + hr.token * in_stride + hr.head * Dh + j0, v);
-    float ss = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) ss += v[e] * v[e];
-    const float inv = 1.f / sqrtf(group_sum(ss) / static_cast<float>(Dh) + kRmsNormEpsF);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] *= inv;
+    const float inv = qk_normalize(v, Dh);
     rotate(v, exchange[threadIdx.x >> 5], j0, rope_cos + pos * half, rope_sin + pos * half, half, false);
     if (!active) continue;
     const float g = hr.is_q ? gain[hr.head] : 1.f;
