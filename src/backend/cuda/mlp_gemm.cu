@@ -232,7 +232,7 @@ __device__ __forceinline__ void drain_qkv_tile(const MlpGemmParams& p, uint32_t 
     step(sa, sb, std::integral_constant<int, 4>{});
     step(sa, sb, std::integral_constant<int, 2>{});
     step(sa, sb, std::integral_constant<int, 1>{});
-    const float inv = 1.f / sqrtf(sa / 64.f + kRmsNormEpsF);
+    const float inv = qk_inv_rms_of_sum(sa, 64);
 #pragma unroll
     for (int x = 0; x < 8; ++x) a[x] *= inv, b[x] *= inv;
     if (rotates) {

@@ -59,13 +59,18 @@ __device__ __forceinline__ void rotate_shuffle(float (&v)[8], int j0, const floa
   rotate_pairs(v, partner, c, sn, first, transpose);
 }
 
+// The saved rstd of a head vector whose squares sum to `sum`: 1/sqrt(sum/head_dim + eps).
+__device__ __forceinline__ float qk_inv_rms_of_sum(float sum, int head_dim) {
+  return 1.f / sqrtf(sum / static_cast<float>(head_dim) + kRmsNormEpsF);
+}
+
 // The head vector's RMSNorm (over `head_dim` values; lanes past it hold zeros): the sum of squares'
 // inverse root inv = 1/sqrt(mean(v²) + eps), the saved rstd, the same on every lane of the group.
 __device__ __forceinline__ float qk_inv_rms(const float (&v)[8], int head_dim) {
   float ss = 0.f;
 #pragma unroll
   for (int e = 0; e < 8; ++e) ss += v[e] * v[e];
-  return 1.f / sqrtf(group_sum(ss) / static_cast<float>(head_dim) + kRmsNormEpsF);
+  return qk_inv_rms_of_sum(group_sum(ss), head_dim);
 }
 
 // v ← v·inv, inv returned. Every lane of the warp calls it.
