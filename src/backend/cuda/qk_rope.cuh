@@ -25,29 +25,13 @@ __device__ __forceinline__ float rotated(float own, float partner, float c, floa
   return first ? own * c + partner * sn : partner * (-sn) + own * c;
 }
 
-// Rotates the pairs of the lane's 8 elements [j0, j0 + 8) with `partner` (element e of the lane that
-// holds each one's partner: half/8 lanes further when j0 < half, back when half ≤ j0 < 2·half) and the
-// angle's cos and sin for the first element of each pair (pair0 = j0 or j0 − half). Only lanes with
-// j0 < 2·half call it.
-__device__ __forceinline__ void rotate_pairs(float (&v)[8], const float (&partner)[8], const float (&c)[8],
-                                             const float (&sn)[8], bool first, bool transpose) {
-#pragma unroll
-  for (int e = 0; e < 8; ++e) v[e] = rotated(v[e], partner[e], c[e], transpose ? -sn[e] : sn[e], first);
-}
-
-// The lane whose elements pair with this lane's in RoPE's half split (itself if none do).
-__device__ __forceinline__ int rope_partner_lane(int lane, int j0, int half) {
-  const bool rotates = j0 < 2 * half, first = j0 < half;
-  return !rotates ? lane : first ? lane + half / 8 : lane - half / 8;
-}
-
 // The same rotation for half a multiple of 8: element j0 + e pairs with element e of the lane
 // half/8 further (j0 < half) or back (half ≤ j0 < 2·half); cos/sin come as two 16-byte loads each.
 __device__ __forceinline__ void rotate_shuffle(float (&v)[8], int j0, const float* cos_row, const float* sin_row,
                                                int half, bool transpose) {
   const int lane = threadIdx.x & 31;
   const bool rotates = j0 < 2 * half, first = j0 < half;
-  const int partner_lane = rope_partner_lane(lane, j0, half);
+  const int partner_lane = !rotates ? lane : first ? lane + half / 8 : lane - half / 8;
   float partner[8];
 #pragma unroll
   for (int e = 0; e < 8; ++e) partner[e] = __shfl_sync(0xffffffffu, v[e], partner_lane);
@@ -56,7 +40,8 @@ __device__ __forceinline__ void rotate_shuffle(float (&v)[8], int j0, const floa
   float c[8], sn[8];
   load8(cos_row + pair0, c);
   load8(sin_row + pair0, sn);
-  rotate_pairs(v, partner, c, sn, first, transpose);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = rotated(v[e], partner[e], c[e], transpose ? -sn[e] : sn[e], first);
 }
 
 // The saved rstd of a head vector whose squares sum to `sum`: 1/sqrt(sum/head_dim + eps).
