@@ -1,7 +1,8 @@
-// Device helpers for the per-head QK-norm and RoPE of qk_norm_rope.cu, shared with the QKV product
-// whose epilogue applies them (mlp_gemm.cu), so that both compute the same fp32 operations in the same
-// order: the same bits. A head vector of up to 64 values is held by a group of kQkGroupLanes = 8
-// aligned lanes of a warp, lane t of the group holding elements [8t, 8t + 8).
+// Device helpers for the per-head QK-norm and RoPE of qk_norm_rope.cu. The QKV product whose epilogue
+// applies them (mlp_gemm.cu) holds a head in another lane layout but calls the same element math
+// (`rotated`, `qk_inv_rms_of_sum`), so that both compute the same fp32 operations: the same bits. In
+// qk_norm_rope.cu a head vector of up to 64 values is held by a group of kQkGroupLanes = 8 aligned lanes
+// of a warp, lane t of the group holding elements [8t, 8t + 8).
 #pragma once
 
 #include <cuda_runtime.h>
