@@ -147,6 +147,15 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t v) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
 
+// The drains' global stores: st.global.cs (streaming: the lines are the first L2 evicts), so that the
+// outputs, written once and read by a later kernel, leave L2 to A and the weight that the CTAs re-read.
+__device__ __forceinline__ void store_streaming(bf16* dst, const uint4& v) { __stcs(reinterpret_cast<uint4*>(dst), v); }
+__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
+  uint4 raw;
+  raw.x = pack_bf16(v[0], v[1]), raw.y = pack_bf16(v[2], v[3]), raw.z = pack_bf16(v[4], v[5]), raw.w = pack_bf16(v[6], v[7]);
+  return raw;
+}
+
 // The drain of the QKV product's staged tile of consumer warpgroup wg: qkv's chunks as they are, and for
 // a q or k tile each head vector normalized, rotated and scaled as qk_norm_rope_forward does, written to
 // q or k with its rstd. A thread takes a pair of 8-element chunks of one head at a time, the chunks c and
@@ -168,7 +177,7 @@ __device__ __forceinline__ void drain_qkv_tile(const MlpGemmParams& p, uint32_t 
     for (int i = 0; i < 8; ++i) {
       const int row = (t >> 4) + 8 * i;
       const uint4 raw = ld_shared_v4(staging.chunk_address(row, chunk & 7));
-      if (row < valid) *reinterpret_cast<uint4*>(lin + static_cast<int64_t>(row) * p.hidden) = raw;
+      if (row < valid) store_streaming(lin + static_cast<int64_t>(row) * p.hidden, raw);
     }
     return;
   }
@@ -213,8 +222,8 @@ __device__ __forceinline__ void drain_qkv_tile(const MlpGemmParams& p, uint32_t 
     const uint4 raw_a = ld_shared_v4(staging.chunk_address(row, ca));
     const uint4 raw_b = ld_shared_v4(staging.chunk_address(row, cb));
     if (live && e.write_qk_lin) {
-      *reinterpret_cast<uint4*>(lin + static_cast<int64_t>(row) * p.hidden + 8 * ca) = raw_a;
-      *reinterpret_cast<uint4*>(lin + static_cast<int64_t>(row) * p.hidden + 8 * cb) = raw_b;
+      store_streaming(lin + static_cast<int64_t>(row) * p.hidden + 8 * ca, raw_a);
+      store_streaming(lin + static_cast<int64_t>(row) * p.hidden + 8 * cb, raw_b);
     }
     float a[8], b[8];
     const uint32_t* ia = &raw_a.x;
@@ -248,8 +257,8 @@ __device__ __forceinline__ void drain_qkv_tile(const MlpGemmParams& p, uint32_t 
 #pragma unroll
     for (int x = 0; x < 8; ++x) a[x] *= g, b[x] *= g;
     if (live) {
-      store8(out + static_cast<int64_t>(row) * heads * 64 + 8 * ca, a);
-      store8(out + static_cast<int64_t>(row) * heads * 64 + 8 * cb, b);
+      store_streaming(out + static_cast<int64_t>(row) * heads * 64 + 8 * ca, pack8(a));
+      store_streaming(out + static_cast<int64_t>(row) * heads * 64 + 8 * cb, pack8(b));
       if (qq == 0) rstd[static_cast<int64_t>(row) * heads] = inv;
     }
   }
@@ -338,13 +347,13 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
       uint4 result;
       uint32_t* out = &result.x;
       if constexpr (!kBackward) {
-        if (p.out) *reinterpret_cast<uint4*>(p.out + offset) = v;  // pre: null when no backward follows
+        if (p.out) store_streaming(p.out + offset, v);  // pre: null when no backward follows
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float2 x = unpack_bf16(in[e]);
           out[e] = pack_bf16(leaky_relu_sq_value(x.x, p.slope), leaky_relu_sq_value(x.y, p.slope));
         }
-        *reinterpret_cast<uint4*>(p.post + offset) = result;
+        store_streaming(p.post + offset, result);
       } else {
         const uint32_t* pre = &pre_value.x;
 #pragma unroll
@@ -352,7 +361,7 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
           const float2 d = unpack_bf16(in[e]), x = unpack_bf16(pre[e]);
           out[e] = pack_bf16(leaky_relu_sq_gradient(d.x, x.x, slope_sq), leaky_relu_sq_gradient(d.y, x.y, slope_sq));
         }
-        *reinterpret_cast<uint4*>(p.out + offset) = result;
+        store_streaming(p.out + offset, result);
       }
     };
     // Tile j of each consumer warpgroup once it is staged, while the consumers compute tile j + 1.
