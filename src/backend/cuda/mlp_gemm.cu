@@ -25,9 +25,9 @@
 // Epilogue per tile and consumer warpgroup, through a 64 x 128 bf16 staging tile of its own: when the
 // tile's MMAs are done, its accumulators rounded to bf16 (pre in the forward, dpost in the backward)
 // go to the staging tile at their fragment positions, and the drain warpgroup takes them out in
-// 16-byte chunks (coalesced, 8 per thread and consumer warpgroup) while the consumers compute the
-// next tile; a named barrier pair per consumer warpgroup hands the staging tile over (staged) and
-// back (drained).
+// 16-byte chunks (coalesced streaming stores, 8 per thread and consumer warpgroup) while the
+// consumers compute the next tile; a named barrier pair per consumer warpgroup hands the staging tile
+// over (staged) and back (drained).
 // A chunk of the forward is written as pre and, activated, as post; one of the backward becomes dpre =
 // bf16(dpost · f'(pre)) with pre's chunk (prefetched to L2 as the drain of the tile begins) loaded
 // before the tile is staged. dpost itself is never written. The drain has warps of its own because
