@@ -152,7 +152,8 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t v) {
 __device__ __forceinline__ void store_streaming(bf16* dst, const uint4& v) { __stcs(reinterpret_cast<uint4*>(dst), v); }
 __device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
   uint4 raw;
-  raw.x = pack_bf16(v[0], v[1]), raw.y = pack_bf16(v[2], v[3]), raw.z = pack_bf16(v[4], v[5]), raw.w = pack_bf16(v[6], v[7]);
+  raw.x = pack_bf16(v[0], v[1]), raw.y = pack_bf16(v[2], v[3]);
+  raw.z = pack_bf16(v[4], v[5]), raw.w = pack_bf16(v[6], v[7]);
   return raw;
 }
 
